@@ -1,0 +1,45 @@
+# fot: build, test and benchmark targets (GNU make).
+#
+#   make test    create .venv if needed, then run the test suite offline
+#   make bench   run the prefill benchmark
+#   make .venv   only create/refresh the virtual environment
+#   make clean   remove the environment and build outputs
+#
+# The CPU build of torch is pinned and installed first: installing torch unpinned,
+# or letting another package pull it in, fetches a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+EXTRAS := dev,faiss,train,eval
+PYTEST_ARGS ?=
+
+# Tests and benchmarks never touch the network: a hub call would stall before failing.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+
+.DEFAULT_GOAL := test
+.PHONY: .venv venv test bench clean
+
+.venv venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs whenever setup.py changes.
+$(STAMP): setup.py | $(PY)
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+test: $(STAMP)
+	$(OFFLINE) TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(OFFLINE) $(PY) benchmarks/prefill.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

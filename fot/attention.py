@@ -1,0 +1,275 @@
+"""All attention math of fot, as pure functions.
+
+Shape legend: B batch, T query tokens, S local keys, M memory slots, N query heads, G KV heads,
+R = N // G query heads per KV head, H head dim, D model dim.
+
+Semantics (LongLLaMA memory attention). A memory layer's queries attend to their local keys (causal and
+padding mask) and to every memory key (memory padding mask only). The scores of both are concatenated,
+scaled by 1/sqrt(H) and go through ONE fp32 softmax over [local | memory]; there is no gate. A masked score
+is -1e6 (not -inf), as in the reference, so a row whose every key is masked attends uniformly instead of
+producing NaN. Memory keys are stored before RoPE, i.e. "as if at position 0".
+
+``reference_memory_attention`` states these semantics literally (it materialises the score matrix, with the
+reference's (heads, queries) grouping). ``fused_memory_attention`` is the fast path: the local part and
+each block of memory are attended separately with a fused kernel that also returns the log-sum-exp (LSE),
+and the partial results are merged exactly by their LSEs. Memory is visited block by block in the compute
+dtype, so a bf16 memory is never cast to fp32 as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MASKED_SCORE = -1e6  # the reference clamps masked scores to max(score + mask, -1e6)
+MEMORY_BLOCK = 8192  # memory slots per fused call when the memory dtype differs from the compute dtype
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """Inverse frequencies of LLaMA's rotary embedding, fp32 [H/2]."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def rope_cos_sin(positions_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos and sin [T, H] for integer positions, computed in fp32 and cast to ``dtype``."""
+    freqs_TH2 = positions_T.to(torch.float32)[:, None] * inv_freq.to(positions_T.device)[None, :]
+    emb_TH = torch.cat((freqs_TH2, freqs_TH2), dim=-1)
+    return emb_TH.cos().to(dtype), emb_TH.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_BXTH: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, heads, T, H] by the angles of ``cos``/``sin`` [T, H] (LLaMA's half-split layout)."""
+    return x_BXTH * cos_TH + rotate_half(x_BXTH) * sin_TH
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class LocalKV:
+    """The local keys a chunk of queries attends to.
+
+    ``k_BGSH`` are rotated keys (positions 0..S-1 of the local window), ``v_BGSH`` values. The T queries sit
+    at the last T positions (offset S - T): query t sees local keys 0 .. S - T + t. ``valid_BS`` marks
+    non-padding keys (None: all valid).
+    """
+
+    k_BGSH: torch.Tensor
+    v_BGSH: torch.Tensor
+    valid_BS: torch.Tensor | None
+
+
+@dataclass
+class MemoryKV:
+    """Memory keys (pre-RoPE), values and validity. ``valid_BM`` None means every slot is valid."""
+
+    k_BGMH: torch.Tensor
+    v_BGMH: torch.Tensor
+    valid_BM: torch.Tensor | None
+
+    @property
+    def size(self) -> int:
+        return self.k_BGMH.shape[-2]
+
+
+def local_visibility(T: int, local: LocalKV) -> torch.Tensor:
+    """Bool [B or 1, 1, T, S]: True where query t may attend local key s (causal with offset, and padding)."""
+    S = local.k_BGSH.shape[-2]
+    device = local.k_BGSH.device
+    q_pos_T1 = torch.arange(S - T, S, device=device)[:, None]
+    causal_TS = torch.arange(S, device=device)[None, :] <= q_pos_T1
+    visible_B1TS = causal_TS[None, None]
+    if local.valid_BS is not None:
+        visible_B1TS = visible_B1TS & local.valid_BS[:, None, None, :]
+    return visible_B1TS
+
+
+# ----------------------------------------------------------------------------- reference
+def reference_memory_attention(
+    q_BNTH: torch.Tensor,
+    local: LocalKV,
+    memory: MemoryKV | None,
+    grouping: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The spec: one fp32 softmax over [local | memory] scores, computed literally.
+
+    Scores are computed in the query dtype (memory is cast to it), masked scores are set to -1e6, the softmax
+    runs in fp32 and its probabilities are cast back to the query dtype before multiplying the values. With
+    ``grouping=(h, q)`` at most h heads and q queries are processed at once, which bounds the score matrix
+    and does not change the result.
+
+    Args:
+        q_BNTH: rotated queries.
+        local: local keys/values; the T queries are the last T local positions.
+        memory: memory keys/values, or None.
+        grouping: optional (heads, queries) block sizes.
+
+    Returns:
+        [B, N, T, H] in the query dtype.
+    """
+    B, N, T, H = q_BNTH.shape
+    G = local.k_BGSH.shape[1]
+    R = N // G
+    dtype = q_BNTH.dtype
+    k_BNSH = local.k_BGSH.repeat_interleave(R, dim=1)
+    v_BNSH = local.v_BGSH.repeat_interleave(R, dim=1)
+    visible_B1TS = local_visibility(T, local)
+    if memory is not None and memory.size > 0:
+        k_mem_BNMH = memory.k_BGMH.repeat_interleave(R, dim=1).to(dtype)
+        v_mem_BNMH = memory.v_BGMH.repeat_interleave(R, dim=1).to(dtype)
+    else:
+        memory = None
+    step_h, step_q = grouping if grouping is not None else (N, T)
+    out_BNTH = torch.empty_like(q_BNTH)
+    for h0 in range(0, N, step_h):
+        hs = slice(h0, min(h0 + step_h, N))
+        for t0 in range(0, T, step_q):
+            ts = slice(t0, min(t0 + step_q, T))
+            q = q_BNTH[:, hs, ts]
+            scores = torch.matmul(q, k_BNSH[:, hs].transpose(2, 3)) / math.sqrt(H)
+            scores = scores.masked_fill(~visible_B1TS[:, :, ts], MASKED_SCORE)
+            values = v_BNSH[:, hs]
+            if memory is not None:
+                mem_scores = torch.matmul(q, k_mem_BNMH[:, hs].transpose(2, 3)) / math.sqrt(H)
+                if memory.valid_BM is not None:
+                    mem_scores = mem_scores.masked_fill(~memory.valid_BM[:, None, None, :], MASKED_SCORE)
+                scores = torch.cat([scores, mem_scores], dim=-1)
+                values = torch.cat([values, v_mem_BNMH[:, hs]], dim=-2)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+            out_BNTH[:, hs, ts] = torch.matmul(probs, values)
+    return out_BNTH
+
+
+# ----------------------------------------------------------------------------- fused path
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, MASKED_SCORE)
+
+
+def attention_with_lse(q, k, v, bias=None, is_causal=False):
+    """Softmax attention returning (out [B, X, T, H], lse fp32 [B, X, T]).
+
+    ``bias`` is an additive float mask broadcastable to [B, X, T, S]. On CPU this is PyTorch's fused
+    flash-attention kernel; elsewhere a matmul implementation with an fp32 softmax (the Triton kernels
+    replace it on CUDA).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
+        )
+        return out, lse
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if is_causal:
+        T, S = q.shape[-2], k.shape[-2]
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), MASKED_SCORE)
+    if bias is not None:
+        scores = scores + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).to(v.dtype)
+    return torch.matmul(probs, v), lse
+
+
+def merge_lse(out_a, lse_a, out_b, lse_b):
+    """Merge two partial softmax attentions over disjoint key sets by their log-sum-exps (fp32)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse)[..., None]
+    w_b = torch.exp(lse_b - lse)[..., None]
+    return out_a.float() * w_a + out_b.float() * w_b, lse
+
+
+def _local_part(q_BNTH: torch.Tensor, local: LocalKV):
+    B, N, T, H = q_BNTH.shape
+    G = local.k_BGSH.shape[1]
+    S = local.k_BGSH.shape[-2]
+    k_BNSH = local.k_BGSH if G == N else local.k_BGSH.repeat_interleave(N // G, dim=1)
+    v_BNSH = local.v_BGSH if G == N else local.v_BGSH.repeat_interleave(N // G, dim=1)
+    if S == T and local.valid_BS is None:
+        return attention_with_lse(q_BNTH, k_BNSH, v_BNSH, is_causal=True)
+    bias = _additive(local_visibility(T, local), q_BNTH.dtype)
+    return attention_with_lse(q_BNTH, k_BNSH, v_BNSH, bias=bias)
+
+
+def _memory_part(q_BGXH: torch.Tensor, memory: MemoryKV, block: int):
+    """Attend [B, G, X, H] queries (X = R*T, grouped by KV head) to all memory, block by block."""
+    dtype = q_BGXH.dtype
+    M = memory.size
+    same_dtype = memory.k_BGMH.dtype == dtype
+    step = M if same_dtype and memory.valid_BM is None else block
+    out = lse = None
+    for m0 in range(0, M, step):
+        ms = slice(m0, min(m0 + step, M))
+        k = memory.k_BGMH[:, :, ms].to(dtype)
+        v = memory.v_BGMH[:, :, ms].to(dtype)
+        bias = None
+        if memory.valid_BM is not None:
+            bias = _additive(memory.valid_BM[:, None, None, ms], dtype)
+        o_blk, lse_blk = attention_with_lse(q_BGXH, k, v, bias=bias)
+        if out is None:
+            out, lse = o_blk, lse_blk
+        else:
+            out, lse = merge_lse(out, lse, o_blk, lse_blk)
+    return out, lse
+
+
+def fused_memory_attention(
+    q_BNTH: torch.Tensor,
+    local: LocalKV,
+    memory: MemoryKV | None,
+    grouping: tuple[int, int] | None = None,
+    block: int = MEMORY_BLOCK,
+) -> torch.Tensor:
+    """Fast path of ``reference_memory_attention`` (same arguments and result, up to rounding).
+
+    Local attention and memory attention are computed by a fused kernel with LSE and merged exactly. Memory
+    queries are regrouped per KV head ([B, G, R*T, H]) so GQA memory is never repeated. ``grouping`` splits
+    the work into (heads, queries) blocks, bounding peak memory the way the reference's grouping does.
+    """
+    B, N, T, H = q_BNTH.shape
+    if grouping is not None and (grouping[0] < N or grouping[1] < T):
+        step_h, step_q = grouping
+        G = local.k_BGSH.shape[1]
+        R = N // G
+        step_h = max(R, step_h - step_h % R)  # keep whole KV groups together
+        out = torch.empty_like(q_BNTH)
+        for h0 in range(0, N, step_h):
+            hs = slice(h0, min(h0 + step_h, N))
+            gs = slice(h0 // R, hs.stop // R)
+            sub_local = LocalKV(local.k_BGSH[:, gs], local.v_BGSH[:, gs], local.valid_BS)
+            sub_mem = None if memory is None else MemoryKV(memory.k_BGMH[:, gs], memory.v_BGMH[:, gs], memory.valid_BM)
+            for t0 in range(0, T, step_q):
+                ts = slice(t0, min(t0 + step_q, T))
+                S = local.k_BGSH.shape[-2]
+                # queries t0.. of the chunk see local keys up to offset S - T + t
+                trimmed = S - T + ts.stop
+                part_local = LocalKV(
+                    sub_local.k_BGSH[:, :, :trimmed],
+                    sub_local.v_BGSH[:, :, :trimmed],
+                    None if local.valid_BS is None else local.valid_BS[:, :trimmed],
+                )
+                out[:, hs, ts] = fused_memory_attention(q_BNTH[:, hs, ts], part_local, sub_mem, None, block)
+        return out
+    out_BNTH, lse_BNT = _local_part(q_BNTH, local)
+    if memory is None or memory.size == 0:
+        return out_BNTH
+    G = memory.k_BGMH.shape[1]
+    R = N // G
+    q_BGXH = q_BNTH.reshape(B, G, R * T, H)  # heads of one KV group are adjacent
+    mem_out, mem_lse = _memory_part(q_BGXH, memory, block)
+    merged, _ = merge_lse(out_BNTH, lse_BNT, mem_out.reshape(B, N, T, H), mem_lse.reshape(B, N, T))
+    return merged.to(q_BNTH.dtype)
+
+
+def memory_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str, grouping=None) -> torch.Tensor:
+    """Dispatch to the implementation named by ``impl`` ("reference" or "sdpa")."""
+    if impl == "reference":
+        return reference_memory_attention(q_BNTH, local, memory, grouping)
+    if impl == "sdpa":
+        return fused_memory_attention(q_BNTH, local, memory, grouping)
+    raise ValueError(f"unknown attention implementation {impl!r}; use 'sdpa' or 'reference'.")

@@ -1,0 +1,227 @@
+"""Long-input and generation state: the local window of every layer plus the memory of memory layers.
+
+Shape legend: B batch, G KV heads, S local tokens, T new tokens, H head dim.
+
+``LongLlamaCache`` is a transformers ``Cache`` so ``generate`` can carry it, reorder it for beam search and
+repeat it for multiple return sequences. All writes to state go through it, from the model's layer loop,
+never from inside an attention forward: attention only *stages* a chunk's keys into free slots of the local
+buffer (idempotent, so activation checkpointing may re-run it) and the model commits them afterwards.
+
+Local windows keep both the raw (pre-RoPE) keys, which memory needs, and the keys rotated at positions
+relative to the start of the local window, which local attention needs. Positions restart at 0 whenever the
+window start moves (eviction), so rotated keys are recomputed from the raw ones then, once per eviction.
+
+Cache policy when a chunk of T tokens would overflow the window (S + T > W):
+  * "flush" (the reference): the whole local window moves to memory in memory layers and is dropped in the
+    others; the local context restarts with the new chunk.
+  * "slide" (default): the oldest tokens are evicted so that the local window keeps its most recent
+    min(L, W - T) tokens (L = last_context_length). Evicted tokens move to memory in memory layers and are
+    dropped in the others, which therefore always keep at least L tokens of context instead of restarting
+    from one. Evictions happen once every W - L tokens, not every token.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from .attention import LocalKV, apply_rope, rope_cos_sin
+from .config import CACHE_POLICIES, LongLlamaConfig
+from .memory import MemoryStore
+
+INITIAL_LOCAL_CAPACITY = 256
+
+
+class LocalWindow:
+    """The local keys/values of one layer, in buffers that grow geometrically up to the window length."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.raw_k = self.rot_k = self.v = None  # [B, G, capacity, H]
+        self.valid = None  # [B, capacity] bool
+        self.length = 0
+        self.all_valid = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.raw_k is None else self.raw_k.shape[2]
+
+    def _grow(self, needed: int, like: torch.Tensor) -> None:
+        B, G, _, H = like.shape
+        capacity = max(INITIAL_LOCAL_CAPACITY, self.capacity)
+        while capacity < needed:
+            capacity *= 2
+        capacity = max(min(capacity, self.window), needed)
+        buffers = [like.new_empty((B, G, capacity, H)) for _ in range(3)]
+        valid = torch.ones((B, capacity), dtype=torch.bool, device=like.device)
+        if self.length:
+            for new, old in zip(buffers, (self.raw_k, self.rot_k, self.v)):
+                new[:, :, : self.length] = old[:, :, : self.length]
+            valid[:, : self.length] = self.valid[:, : self.length]
+        self.raw_k, self.rot_k, self.v = buffers
+        self.valid = valid
+
+    def stage(self, k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT) -> LocalKV:
+        """Write a chunk into the slots after the committed prefix; return views of prefix + chunk."""
+        T = k_raw_BGTH.shape[2]
+        end = self.length + T
+        if self.raw_k is not None and (self.raw_k.dtype != k_raw_BGTH.dtype or self.raw_k.shape[0] != k_raw_BGTH.shape[0]):
+            raise ValueError(
+                "the cache was filled with a different batch size or dtype than this input; start a new cache."
+            )
+        if end > self.capacity:
+            self._grow(end, k_raw_BGTH)
+        self.raw_k[:, :, self.length : end] = k_raw_BGTH.detach()
+        self.rot_k[:, :, self.length : end] = k_rot_BGTH.detach()
+        self.v[:, :, self.length : end] = v_BGTH.detach()
+        self.valid[:, self.length : end] = True if valid_BT is None else valid_BT
+        any_padding = not self.all_valid or (valid_BT is not None and not bool(valid_BT.all()))
+        valid = self.valid[:, :end] if any_padding else None
+        if k_rot_BGTH.requires_grad or v_BGTH.requires_grad:
+            # Training: the chunk's own keys must keep their gradients, so concatenate instead of viewing.
+            k_rot = torch.cat([self.rot_k[:, :, : self.length], k_rot_BGTH], dim=2)
+            v = torch.cat([self.v[:, :, : self.length], v_BGTH], dim=2)
+            return LocalKV(k_rot, v, valid)
+        return LocalKV(self.rot_k[:, :, :end], self.v[:, :, :end], valid)
+
+    def commit(self, T: int, valid_BT) -> None:
+        self.length += T
+        if valid_BT is not None and not bool(valid_BT.all()):
+            self.all_valid = False
+
+    def evict(self, keep: int, inv_freq: torch.Tensor | None):
+        """Drop all but the last ``keep`` tokens; return the evicted (raw_k, v, valid) for memory."""
+        n_out = self.length - keep
+        evicted = (
+            self.raw_k[:, :, :n_out].clone(),
+            self.v[:, :, :n_out].clone(),
+            self.valid[:, :n_out].clone(),
+        )
+        if keep:
+            for buf in (self.raw_k, self.v):
+                buf[:, :, :keep] = buf[:, :, n_out : self.length].clone()
+            self.valid[:, :keep] = self.valid[:, n_out : self.length].clone()
+            raw = self.raw_k[:, :, :keep]
+            if inv_freq is None:
+                self.rot_k[:, :, :keep] = raw
+            else:
+                cos, sin = rope_cos_sin(torch.arange(keep, device=raw.device), inv_freq, raw.dtype)
+                self.rot_k[:, :, :keep] = apply_rope(raw, cos, sin)
+        self.length = keep
+        self.all_valid = bool(self.valid[:, :keep].all()) if keep else True
+        return evicted
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.raw_k is None:
+            return
+        index = index.to(self.raw_k.device)
+        self.raw_k, self.rot_k, self.v = (t.index_select(0, index) for t in (self.raw_k, self.rot_k, self.v))
+        self.valid = self.valid.index_select(0, index)
+
+
+class LongLlamaCache(Cache):
+    """State of a LongLLaMA model across windows and generation steps.
+
+    Args:
+        config: the model config (window length, memory layers, memory dtype, cache policy).
+        cache_policy: overrides ``config.cache_policy`` ("slide" or "flush").
+    """
+
+    def __init__(self, config: LongLlamaConfig, cache_policy: str | None = None):
+        super().__init__(layers=[])
+        policy = cache_policy or config.cache_policy
+        if policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy={policy!r} is unknown; use one of {CACHE_POLICIES}.")
+        self.policy = policy
+        self.window = config.max_position_embeddings
+        self.mem_layers = tuple(config.mem_layers)
+        self.locals = [LocalWindow(self.window) for _ in range(config.num_hidden_layers)]
+        self.memories = {i: MemoryStore(config.mem_torch_dtype) for i in config.mem_layers}
+        self.seen_tokens = 0
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self.locals)
+
+    def __repr__(self) -> str:
+        return (
+            f"LongLlamaCache(policy={self.policy!r}, seen_tokens={self.seen_tokens}, local={self.local_length}, "
+            f"memory={self.memory_length})"
+        )
+
+    @property
+    def local_length(self) -> int:
+        return self.locals[0].length
+
+    @property
+    def memory_length(self) -> int:
+        return next(iter(self.memories.values())).length if self.memories else 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (memory + local), which is what ``generate`` needs to slice new input ids."""
+        return self.seen_tokens
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError("LongLlamaCache cannot be cropped: tokens already moved to memory cannot be taken back.")
+
+    # ------------------------------------------------------------------ writes (model loop only)
+    def make_room(self, T: int, last_context_length: int, inv_freqs: list[torch.Tensor | None]) -> None:
+        """Evict local tokens (policy-dependent) so that a chunk of T tokens fits in the window."""
+        S = self.local_length
+        if S == 0 or S + T <= self.window:
+            return
+        keep = 0 if self.policy == "flush" else min(S, last_context_length, self.window - T)
+        for idx, local in enumerate(self.locals):
+            k_raw, v, valid = local.evict(keep, inv_freqs[idx])
+            if idx in self.memories:
+                self.memories[idx].append(k_raw, v, valid)
+
+    def commit(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT, to_memory: bool) -> None:
+        """After layer ``layer_idx`` attended a chunk: keep it locally, or move it straight to memory."""
+        if to_memory:
+            if layer_idx in self.memories:
+                self.memories[layer_idx].append(k_raw_BGTH, v_BGTH, valid_BT)
+        else:
+            self.locals[layer_idx].commit(k_raw_BGTH.shape[2], valid_BT)
+
+    # ------------------------------------------------------------------ batch surgery
+    def _select(self, index: torch.Tensor) -> None:
+        for local in self.locals:
+            local.select_batch(index)
+        for store in self.memories.values():
+            store.select_batch(index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self._batch_size()
+        if batch is not None:
+            self._select(torch.arange(batch).repeat_interleave(repeats))
+
+    def _batch_size(self) -> int | None:
+        for local in self.locals:
+            if local.raw_k is not None:
+                return local.raw_k.shape[0]
+        for store in self.memories.values():
+            if store.k_BGMH is not None:
+                return store.k_BGMH.shape[0]
+        return None
+
+    def reset(self) -> None:
+        for i in range(len(self.locals)):
+            self.locals[i] = LocalWindow(self.window)
+        for i in self.memories:
+            self.memories[i] = MemoryStore(self.memories[i].dtype)
+        self.seen_tokens = 0

@@ -1,0 +1,201 @@
+"""LongLlamaConfig: Hugging Face LLaMA fields, the reference LongLLaMA ``mem_*`` fields, and ours.
+
+A published LongLLaMA ``config.json`` (``model_type`` "longllama", an ``auto_map`` pointing at remote code,
+``rope_scaling: null``, every ``mem_*`` key) loads unchanged: ``auto_map`` is kept as plain metadata and
+ignored, because ``import fot`` registers our classes for ``model_type`` "longllama" with the Auto* factories.
+
+Validation raises ``ValueError`` naming the field, the offending value and the fix. It runs when the config
+is built and again when a model is built from it (``from_pretrained`` keyword overrides are applied to the
+config after construction, so the model re-checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.configuration_utils import PreTrainedConfig
+
+MEM_DTYPES = ("float32", "float16", "bfloat16")
+CACHE_POLICIES = ("slide", "flush")
+
+
+class LongLlamaConfig(PreTrainedConfig):
+    r"""Configuration of a LongLLaMA / Focused Transformer decoder.
+
+    Standard LLaMA fields keep their Hugging Face names and meanings (``vocab_size``, ``hidden_size``,
+    ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``,
+    ``rms_norm_eps``, ``rope_parameters`` ...). The reference LongLLaMA fields, with its defaults:
+
+    Args:
+        max_position_embeddings: the window length W. Long inputs are cut into windows of W tokens.
+        last_context_length: L, the number of trailing tokens of an input that form the last window (the
+            local cache for generation). Overridable per ``forward``/``generate`` call.
+        mem_layers: indices of the memory layers.
+        mem_positionals: if False, memory layers use no RoPE at all (neither local nor memory keys).
+        mem_dtype: storage dtype of memory keys and values ("float32", "float16" or "bfloat16").
+        mem_attention_grouping: ``(heads, queries)`` block sizes that bound the score matrix of a memory layer,
+            or None for no bound. Grouping never changes the result.
+        torch_attention: the reference's switch to use ``scaled_dot_product_attention``. Kept for
+            compatibility; this implementation always uses its fused CPU/GPU path unless
+            ``attn_impl="reference"``.
+        gradient_checkpoint_every_ith: with gradient checkpointing on, checkpoint every i-th layer.
+
+    Our additions:
+
+    Args:
+        mem_top_k: None means dense attention over all memory (the reference behaviour); an int selects the
+            top-k memory keys per query (kNN memory).
+        mem_max_tokens: None means unbounded memory; an int caps the memory per layer.
+        cache_policy: what happens when the local cache of generation would exceed W. "slide" (default)
+            evicts the oldest tokens so the most recent ``last_context_length`` tokens stay local, and moves
+            the evicted ones to memory in memory layers. "flush" is the reference's policy: the whole local
+            cache moves to memory (memory layers) or is dropped (other layers).
+        attn_impl: "auto" (fused SDPA/LSE path, chosen once and logged), "sdpa" (the fused path) or
+            "reference" (the naive one-softmax implementation the fused path is tested against).
+    """
+
+    model_type = "longllama"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # The reference LongLLaMA fields.
+    last_context_length: int = 1024
+    mem_layers: list[int] | None = None
+    mem_positionals: bool = True
+    mem_dtype: str = "bfloat16"
+    mem_attention_grouping: Any = None
+    torch_attention: bool = False
+    gradient_checkpoint_every_ith: int = 1
+    # Ours.
+    mem_top_k: int | None = None
+    mem_max_tokens: int | None = None
+    cache_policy: str = "slide"
+    attn_impl: str = "auto"
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
+        if isinstance(self.mem_attention_grouping, list):
+            self.mem_attention_grouping = tuple(self.mem_attention_grouping)
+        super().__post_init__(**kwargs)
+        self.validate_longllama()
+
+    # ------------------------------------------------------------------ validation
+    def validate_longllama(self) -> None:
+        """Check every LongLLaMA-specific field; raise ``ValueError`` with the fix on the first problem."""
+        self._validate_heads()
+        self._validate_memory_layers()
+        self._validate_lengths()
+        self._validate_mem_fields()
+        self._validate_rope()
+
+    def _validate_heads(self) -> None:
+        if self.hidden_size % self.num_attention_heads != 0 and self.head_dim * self.num_attention_heads != self.hidden_size:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not num_attention_heads={self.num_attention_heads} x "
+                f"head_dim={self.head_dim}; set head_dim or choose a head count that divides hidden_size."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
+                f"{self.num_attention_heads} (grouped-query attention); pick a divisor."
+            )
+
+    def _validate_memory_layers(self) -> None:
+        n = self.num_hidden_layers
+        for layer in self.mem_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ValueError(f"mem_layers must hold layer indices (ints), got {layer!r} in {self.mem_layers}.")
+            if not 0 <= layer < n:
+                raise ValueError(
+                    f"mem_layers contains {layer}, but the model has num_hidden_layers={n}; memory layers must "
+                    f"be in [0, {n - 1}]."
+                )
+        if len(set(self.mem_layers)) != len(self.mem_layers):
+            raise ValueError(f"mem_layers={self.mem_layers} lists a layer twice; list each memory layer once.")
+
+    def _validate_lengths(self) -> None:
+        w, lcl = self.max_position_embeddings, self.last_context_length
+        if not isinstance(w, int) or w <= 0:
+            raise ValueError(f"max_position_embeddings (the window length) must be a positive int, got {w!r}.")
+        validate_last_context_length(lcl, w)
+        if not isinstance(self.gradient_checkpoint_every_ith, int) or self.gradient_checkpoint_every_ith < 1:
+            raise ValueError(
+                f"gradient_checkpoint_every_ith must be an int >= 1, got {self.gradient_checkpoint_every_ith!r}."
+            )
+
+    def _validate_mem_fields(self) -> None:
+        if self.mem_dtype not in MEM_DTYPES:
+            raise ValueError(f"mem_dtype={self.mem_dtype!r} is not supported; use one of {', '.join(MEM_DTYPES)}.")
+        grouping = self.mem_attention_grouping
+        if grouping is not None:
+            ok = (
+                isinstance(grouping, tuple)
+                and len(grouping) == 2
+                and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grouping)
+            )
+            if not ok:
+                raise ValueError(
+                    f"mem_attention_grouping={grouping!r} must be None or a pair of positive ints "
+                    "(heads, queries), e.g. (1, 2048)."
+                )
+        for name in ("mem_top_k", "mem_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be None or a positive int.")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy={self.cache_policy!r} is unknown; use one of {CACHE_POLICIES}.")
+        if self.attn_impl not in ("auto", "sdpa", "reference"):
+            raise ValueError(f"attn_impl={self.attn_impl!r} is unknown; use 'auto', 'sdpa' or 'reference'.")
+
+    def _validate_rope(self) -> None:
+        params = self.rope_parameters or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"rope_parameters/rope_scaling of type {rope_type!r} is not supported: LongLLaMA's memory keys are "
+                "stored as if at position 0 and its windows restart positions, so RoPE scaling does not apply. "
+                "Remove rope_scaling (set it to null)."
+            )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def rope_theta(self) -> float:
+        return float((self.rope_parameters or {}).get("rope_theta", 10000.0))
+
+    @property
+    def mem_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.mem_dtype)
+
+
+def validate_last_context_length(last_context_length: Any, window: int) -> None:
+    """Raise ``ValueError`` unless ``0 < last_context_length <= window``."""
+    if isinstance(last_context_length, bool) or not isinstance(last_context_length, int) or last_context_length <= 0:
+        raise ValueError(f"last_context_length must be a positive int, got {last_context_length!r}.")
+    if last_context_length > window:
+        raise ValueError(
+            f"last_context_length={last_context_length} exceeds max_position_embeddings={window} (the window); "
+            f"use a value <= {window}."
+        )

@@ -1,0 +1,338 @@
+"""LongLlamaModel and LongLlamaForCausalLM: windowing of long inputs, loss, generation, Auto* registration.
+
+Windowing of an input of N new tokens (W = ``max_position_embeddings``, L = ``last_context_length``):
+  1. The first max(N - L, 0) tokens are cut into windows of W tokens counted from the start of the input;
+     the last of these may be short.
+  2. When the local cache is empty, each such window attends causally to itself and (memory layers) to the
+     whole memory, then its keys/values are appended to memory, so a window sees itself only locally.
+  3. The final L tokens form the last window, which becomes the local cache (e.g. N=1500, W=2048, L=1024
+     gives 476 + 1024).
+  4. With a non-empty local cache (generation, or a call continuing a cache), every chunk first makes room
+     according to the cache policy (see ``fot.cache``) and is then appended to the local window.
+Logits cover all N tokens (or the last ``logits_to_keep``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+
+from .attention import rope_cos_sin, rope_inv_freq
+from .cache import LongLlamaCache
+from .config import CACHE_POLICIES, LongLlamaConfig, validate_last_context_length
+from .model import LongLlamaDecoderLayer, LongLlamaRMSNorm
+
+logger = logging.getLogger(__name__)
+
+# forward() keyword arguments that transformers may send and that carry nothing for this model
+_IGNORED_KWARGS = ("cache_position", "num_items_in_batch")
+
+
+@dataclass
+class LongLlamaModelOutput(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: LongLlamaCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def plan_chunks(n_tokens: int, window: int, last_context_length: int) -> list[tuple[int, int]]:
+    """Split N tokens into windows of W over the first max(N - L, 0) tokens, then the last L tokens."""
+    mem_len = max(n_tokens - last_context_length, 0)
+    chunks = [(s, min(s + window, mem_len)) for s in range(0, mem_len, window)]
+    chunks.append((mem_len, n_tokens))
+    return chunks
+
+
+def resolve_attn_impl(config: LongLlamaConfig, device: torch.device) -> str:
+    """Turn ``attn_impl="auto"`` into a concrete implementation (logged by the caller)."""
+    if config.attn_impl != "auto":
+        return config.attn_impl
+    return "sdpa"
+
+
+class LongLlamaPreTrainedModel(PreTrainedModel):
+    config_class = LongLlamaConfig
+    config: LongLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LongLlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+
+class LongLlamaModel(LongLlamaPreTrainedModel):
+    """The decoder stack: embeddings, ``num_hidden_layers`` layers (some with memory), final norm."""
+
+    def __init__(self, config: LongLlamaConfig):
+        config.validate_longllama()
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self._impl_logged = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    # ------------------------------------------------------------------ helpers
+    def _attn_impl(self, device) -> str:
+        impl = resolve_attn_impl(self.config, device)
+        if self.config.attn_impl == "auto" and self._impl_logged != impl:
+            logger.info("fot: attn_impl='auto' chose %r on %s", impl, device.type)
+            self._impl_logged = impl
+        return impl
+
+    def _inv_freqs(self, device) -> list[torch.Tensor | None]:
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=device)
+        return [inv_freq if layer.self_attn.use_rope else None for layer in self.layers]
+
+    def _check_unsupported(self) -> None:
+        cfg = self.config
+        if cfg.mem_layers and (cfg.mem_top_k is not None or cfg.mem_max_tokens is not None):
+            raise NotImplementedError(
+                f"mem_top_k={cfg.mem_top_k} / mem_max_tokens={cfg.mem_max_tokens}: top-k (kNN) lookup and bounded "
+                "memory are not implemented in this version; set both to None for dense attention over all memory."
+            )
+
+    # ------------------------------------------------------------------ one chunk through all layers
+    def _run_chunk(self, x_BTD, cache: LongLlamaCache, valid_BT, to_memory: bool, impl: str, inv_freqs):
+        offset = cache.local_length
+        T = x_BTD.shape[1]
+        inv_freq = next((f for f in inv_freqs if f is not None), None)
+        rope = None
+        if inv_freq is not None:
+            rope = rope_cos_sin(torch.arange(offset, offset + T, device=x_BTD.device), inv_freq, x_BTD.dtype)
+        grouping = self.config.mem_attention_grouping
+        hidden = [x_BTD]
+        for idx, layer in enumerate(self.layers):
+            local = cache.locals[idx]
+            memory = cache.memories[idx].view() if idx in cache.memories else None
+            args = (x_BTD, rope, local, memory, valid_BT, impl, grouping)
+            every = self.config.gradient_checkpoint_every_ith
+            if self.gradient_checkpointing and self.training and idx % every == 0:
+                x_BTD, k_raw, v = self._gradient_checkpointing_func(layer.__call__, *args)
+            else:
+                x_BTD, k_raw, v = layer(*args)
+            cache.commit(idx, k_raw, v, valid_BT, to_memory)
+            hidden.append(x_BTD)
+        return x_BTD, hidden
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LongLlamaCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        last_context_length: int | None = None,
+        cache_policy: str | None = None,
+        **kwargs,
+    ) -> LongLlamaModelOutput:
+        """Run an input of any length through windows; see the module docstring for the semantics.
+
+        Args:
+            input_ids: [B, N] token ids (or ``inputs_embeds`` [B, N, D]).
+            attention_mask: [B, N] or [B, seen + N] (1 = token, 0 = padding). Only its last N columns are read;
+                the padding of earlier tokens is already remembered by the cache.
+            past_key_values: a ``LongLlamaCache`` to continue from; a fresh one is made when None.
+            use_cache: return the cache (default ``config.use_cache``).
+            last_context_length: overrides ``config.last_context_length`` for this call.
+            cache_policy: overrides the cache's policy ("slide" or "flush").
+        """
+        self._validate_call(input_ids, inputs_embeds, position_ids, output_attentions, past_key_values, kwargs)
+        self._check_unsupported()
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        L = cfg.last_context_length if last_context_length is None else last_context_length
+        validate_last_context_length(L, cfg.max_position_embeddings)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, N, _ = inputs_embeds.shape
+        cache = past_key_values if past_key_values is not None else LongLlamaCache(cfg)
+        if cache_policy is not None:
+            if cache_policy not in CACHE_POLICIES:
+                raise ValueError(f"cache_policy={cache_policy!r} is unknown; use one of {CACHE_POLICIES}.")
+            cache.policy = cache_policy
+        valid_BN = self._new_token_validity(attention_mask, B, N, cache.seen_tokens)
+        impl = self._attn_impl(inputs_embeds.device)
+        inv_freqs = self._inv_freqs(inputs_embeds.device)
+        fresh = cache.local_length == 0
+        chunks = plan_chunks(N, cfg.max_position_embeddings, L)
+        outputs, all_hidden = [], []
+        for i, (s, e) in enumerate(chunks):
+            if e == s:
+                continue
+            to_memory = fresh and i < len(chunks) - 1
+            if not to_memory:
+                cache.make_room(e - s, L, inv_freqs)
+            valid = None if valid_BN is None else valid_BN[:, s:e]
+            x, hidden = self._run_chunk(inputs_embeds[:, s:e], cache, valid, to_memory, impl, inv_freqs)
+            cache.seen_tokens += e - s
+            outputs.append(x)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        last = self.norm(torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0])
+        hidden_states = None
+        if output_hidden_states:
+            per_layer = [torch.cat(h, dim=1) for h in zip(*all_hidden)]
+            hidden_states = tuple(per_layer[:-1]) + (last,)
+        return LongLlamaModelOutput(
+            last_hidden_state=last, past_key_values=cache if use_cache else None, hidden_states=hidden_states
+        )
+
+    @staticmethod
+    def _validate_call(input_ids, inputs_embeds, position_ids, output_attentions, cache, kwargs) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds.")
+        if position_ids is not None:
+            raise ValueError(
+                "position_ids are not accepted: LongLLaMA positions are offsets inside the local window and are "
+                "derived from the cache. Call the model without position_ids."
+            )
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: attention maps are never materialised.")
+        if cache is not None and not isinstance(cache, LongLlamaCache):
+            raise TypeError(
+                f"past_key_values must be a fot.LongLlamaCache, got {type(cache).__name__}; pass None to start "
+                "a new one, or the past_key_values returned by a previous call."
+            )
+        unknown = set(kwargs) - set(_IGNORED_KWARGS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+        n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if n == 0:
+            raise ValueError("the input is empty (0 tokens).")
+
+    @staticmethod
+    def _new_token_validity(attention_mask, B: int, N: int, seen: int):
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (N, seen + N):
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, new tokens] or [batch, seen + new tokens] = [{B}, {N}] or "
+                f"[{B}, {seen + N}], got {tuple(attention_mask.shape)}."
+            )
+        valid = attention_mask[:, -N:].bool()
+        return None if bool(valid.all()) else valid
+
+
+class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
+    """LongLLaMA with a language-modelling head; ``generate`` works across memory."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.model = LongLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LongLlamaCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        last_context_length: int | None = None,
+        cache_policy: str | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (and loss with ``labels``) for an input of any length; see ``LongLlamaModel.forward``.
+
+        ``labels`` [B, N] use -100 for ignored positions and are shifted inside (token t predicts t + 1).
+        ``logits_to_keep`` > 0 computes logits only for the last that many tokens (generation uses 1).
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            last_context_length=last_context_length,
+            cache_policy=cache_policy,
+            **kwargs,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need logits for every token; do not combine them with logits_to_keep.")
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+        if return_dict is False:
+            return result.to_tuple()
+        return result
+
+    # ------------------------------------------------------------------ generation
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Give ``generate`` a ``LongLlamaCache`` (transformers would otherwise build a DynamicCache)."""
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            if not isinstance(cache, LongLlamaCache):
+                raise TypeError(f"past_key_values must be a fot.LongLlamaCache, got {type(cache).__name__}.")
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["past_key_values"] = LongLlamaCache(self.config, cache_policy=model_kwargs.get("cache_policy"))
+
+
+def register_auto_classes() -> None:
+    """Register ``model_type="longllama"`` with AutoConfig / AutoModel / AutoModelForCausalLM (idempotent)."""
+    for register in (
+        lambda: AutoConfig.register("longllama", LongLlamaConfig),
+        lambda: AutoModel.register(LongLlamaConfig, LongLlamaModel),
+        lambda: AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM),
+    ):
+        try:
+            register()
+        except ValueError as err:  # already registered by an earlier import of the same classes
+            if "already" not in str(err):
+                raise

@@ -1,0 +1,37 @@
+"""Packaging for fot, the Focused Transformer / LongLLaMA implementation.
+
+The Triton kernels live in the top-level kernels/ directory but install as
+fot.kernels: a top-level package named "kernels" would shadow an unrelated PyPI
+package of that name, which transformers probes for at import time.
+train/ and eval/ are command-line scripts run from a checkout; they are not installed.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fot",
+    version="0.1.0",
+    description="Focused Transformer and LongLLaMA for PyTorch and Hugging Face transformers 5",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fot", "fot.*"]) + ["fot.kernels"],
+    package_dir={"fot.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "safetensors",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "faiss": ["faiss-cpu>=1.8"],
+        "faiss-gpu": ["faiss-gpu"],
+        "triton": ["triton"],
+        "train": ["datasets", "sentencepiece", "protobuf", "wandb", "pyyaml", "tqdm"],
+        "eval": ["matplotlib"],
+        "dev": ["pytest", "pytest-xdist", "psutil", "matplotlib", "sentencepiece", "protobuf", "pyyaml"],
+    },
+)
