@@ -30,7 +30,7 @@ from .model import LongLlamaDecoderLayer, LongLlamaRMSNorm
 logger = logging.getLogger(__name__)
 
 # forward() keyword arguments that transformers may send and that carry nothing for this model
-_IGNORED_KWARGS = ("cache_position", "num_items_in_batch")
+_IGNORED_KWARGS = ("cache_position", "num_items_in_batch", "position_ids")
 
 
 @dataclass
@@ -133,7 +133,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         past_key_values: LongLlamaCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
@@ -155,7 +154,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             last_context_length: overrides ``config.last_context_length`` for this call.
             cache_policy: overrides the cache's policy ("slide" or "flush").
         """
-        self._validate_call(input_ids, inputs_embeds, position_ids, output_attentions, past_key_values, kwargs)
+        self._validate_call(input_ids, inputs_embeds, output_attentions, past_key_values, kwargs)
         self._check_unsupported()
         cfg = self.config
         use_cache = cfg.use_cache if use_cache is None else use_cache
@@ -197,10 +196,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         )
 
     @staticmethod
-    def _validate_call(input_ids, inputs_embeds, position_ids, output_attentions, cache, kwargs) -> None:
+    def _validate_call(input_ids, inputs_embeds, output_attentions, cache, kwargs) -> None:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
-        if position_ids is not None:
+        if kwargs.get("position_ids") is not None:
             raise ValueError(
                 "position_ids are not accepted: LongLLaMA positions are offsets inside the local window and are "
                 "derived from the cache. Call the model without position_ids."
@@ -260,7 +259,6 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         past_key_values: LongLlamaCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -281,7 +279,6 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
