@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from .attention import rope_cos_sin, rope_inv_freq
@@ -319,6 +320,20 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         if generation_config.use_cache is False:
             return
         model_kwargs["past_key_values"] = LongLlamaCache(self.config, cache_policy=model_kwargs.get("cache_policy"))
+
+    # transformers treats max_position_embeddings as a hard context limit; for LongLLaMA it is only the window
+    # length, so generation must neither cap its default length at it nor warn when a sequence passes it.
+    def _prepare_generated_length(self, generation_config, has_default_max_length, *args, **kwargs):
+        if has_default_max_length and generation_config.max_new_tokens is None:
+            generation_config.max_new_tokens = generation_config.max_length
+        return super()._prepare_generated_length(generation_config, has_default_max_length, *args, **kwargs)
+
+    def _get_stopping_criteria(self, *args, **kwargs):
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for criterion in criteria:
+            if isinstance(criterion, MaxLengthCriteria):
+                criterion.max_position_embeddings = None
+        return criteria
 
 
 def register_auto_classes() -> None:
