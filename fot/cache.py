@@ -4,8 +4,11 @@ Shape legend: B batch, G KV heads, S local tokens, T new tokens, H head dim.
 
 ``LongLlamaCache`` is a transformers ``Cache`` so ``generate`` can carry it, reorder it for beam search and
 repeat it for multiple return sequences. All writes to state go through it, from the model's layer loop,
-never from inside an attention forward: attention only *stages* a chunk's keys into free slots of the local
-buffer (idempotent, so activation checkpointing may re-run it) and the model commits them afterwards.
+never from inside an attention forward. In inference, attention stages a chunk's keys in the free slots after
+the committed prefix (so decoding reads views and never re-copies the window); with autograd on it extends a
+frozen snapshot by concatenation, so activation checkpointing recomputes exactly. Either way the model's layer
+loop commits the chunk afterwards. Buffers written while autograd is on are copied first (copy-on-write), so
+views saved for backward stay valid.
 
 Local windows keep both the raw (pre-RoPE) keys, which memory needs, and the keys rotated at positions
 relative to the start of the local window, which local attention needs. Positions restart at 0 whenever the
@@ -27,7 +30,7 @@ from transformers.cache_utils import Cache
 
 from .attention import LocalKV, apply_rope, rope_cos_sin
 from .config import CACHE_POLICIES, LongLlamaConfig
-from .memory import MemoryStore
+from .memory import MemoryStore, copy_on_write
 
 INITIAL_LOCAL_CAPACITY = 256
 
@@ -61,33 +64,49 @@ class LocalWindow:
         self.raw_k, self.rot_k, self.v = buffers
         self.valid = valid
 
-    def stage(self, k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT) -> LocalKV:
-        """Write a chunk into the slots after the committed prefix; return views of prefix + chunk."""
-        T = k_raw_BGTH.shape[2]
-        end = self.length + T
-        if self.raw_k is not None and (self.raw_k.dtype != k_raw_BGTH.dtype or self.raw_k.shape[0] != k_raw_BGTH.shape[0]):
+    def _check_input(self, k_BGTH: torch.Tensor) -> None:
+        if self.raw_k is not None and (self.raw_k.dtype != k_BGTH.dtype or self.raw_k.shape[0] != k_BGTH.shape[0]):
             raise ValueError(
                 "the cache was filled with a different batch size or dtype than this input; start a new cache."
             )
+
+    def _any_padding(self, valid_BT) -> bool:
+        return not self.all_valid or (valid_BT is not None and not bool(valid_BT.all()))
+
+    def extend(self, k_rot_BGTH, v_BGTH, valid_BT) -> LocalKV:
+        """Inference: stage a chunk in the free slots after the committed prefix and return views of
+        prefix + chunk, so decoding never re-copies the window. Rewriting the same slots is harmless."""
+        self._check_input(k_rot_BGTH)
+        end = self.length + k_rot_BGTH.shape[2]
+        if end > self.capacity:
+            self._grow(end, k_rot_BGTH)
+        self.rot_k[:, :, self.length : end] = k_rot_BGTH
+        self.v[:, :, self.length : end] = v_BGTH
+        self.valid[:, self.length : end] = True if valid_BT is None else valid_BT
+        valid = self.valid[:, :end] if self._any_padding(valid_BT) else None
+        return LocalKV(self.rot_k[:, :, :end], self.v[:, :, :end], valid)
+
+    def snapshot(self) -> "LocalSnapshot":
+        """Training: a frozen view of the committed prefix; extending it never writes to the cache, so a
+        checkpointed layer recomputes exactly what it computed in its forward."""
+        n = self.length
+        if n == 0:
+            return LocalSnapshot(None, None, None)
+        return LocalSnapshot(self.rot_k[:, :, :n], self.v[:, :, :n], None if self.all_valid else self.valid[:, :n])
+
+    def commit(self, k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT) -> None:
+        """Append a chunk that was attended to the window."""
+        self._check_input(k_raw_BGTH)
+        end = self.length + k_raw_BGTH.shape[2]
         if end > self.capacity:
             self._grow(end, k_raw_BGTH)
+        self.raw_k, self.rot_k, self.v, self.valid = copy_on_write(self.raw_k, self.rot_k, self.v, self.valid)
         self.raw_k[:, :, self.length : end] = k_raw_BGTH.detach()
         self.rot_k[:, :, self.length : end] = k_rot_BGTH.detach()
         self.v[:, :, self.length : end] = v_BGTH.detach()
         self.valid[:, self.length : end] = True if valid_BT is None else valid_BT
-        any_padding = not self.all_valid or (valid_BT is not None and not bool(valid_BT.all()))
-        valid = self.valid[:, :end] if any_padding else None
-        if k_rot_BGTH.requires_grad or v_BGTH.requires_grad:
-            # Training: the chunk's own keys must keep their gradients, so concatenate instead of viewing.
-            k_rot = torch.cat([self.rot_k[:, :, : self.length], k_rot_BGTH], dim=2)
-            v = torch.cat([self.v[:, :, : self.length], v_BGTH], dim=2)
-            return LocalKV(k_rot, v, valid)
-        return LocalKV(self.rot_k[:, :, :end], self.v[:, :, :end], valid)
-
-    def commit(self, T: int, valid_BT) -> None:
-        self.length += T
-        if valid_BT is not None and not bool(valid_BT.all()):
-            self.all_valid = False
+        self.all_valid = not self._any_padding(valid_BT)
+        self.length = end
 
     def evict(self, keep: int, inv_freq: torch.Tensor | None):
         """Drop all but the last ``keep`` tokens; return the evicted (raw_k, v, valid) for memory."""
@@ -98,6 +117,7 @@ class LocalWindow:
             self.valid[:, :n_out].clone(),
         )
         if keep:
+            self.raw_k, self.rot_k, self.v, self.valid = copy_on_write(self.raw_k, self.rot_k, self.v, self.valid)
             for buf in (self.raw_k, self.v):
                 buf[:, :, :keep] = buf[:, :, n_out : self.length].clone()
             self.valid[:, :keep] = self.valid[:, n_out : self.length].clone()
@@ -117,6 +137,26 @@ class LocalWindow:
         index = index.to(self.raw_k.device)
         self.raw_k, self.rot_k, self.v = (t.index_select(0, index) for t in (self.raw_k, self.rot_k, self.v))
         self.valid = self.valid.index_select(0, index)
+
+
+class LocalSnapshot:
+    """The committed prefix of a local window (or nothing), extended by concatenation (autograd-safe)."""
+
+    def __init__(self, k_rot_BGSH, v_BGSH, valid_BS):
+        self.k_rot_BGSH, self.v_BGSH, self.valid_BS = k_rot_BGSH, v_BGSH, valid_BS
+
+    def extend(self, k_rot_BGTH, v_BGTH, valid_BT) -> LocalKV:
+        if self.k_rot_BGSH is None:
+            return LocalKV(k_rot_BGTH, v_BGTH, valid_BT)
+        k = torch.cat([self.k_rot_BGSH, k_rot_BGTH], dim=2)
+        v = torch.cat([self.v_BGSH, v_BGTH], dim=2)
+        valid = None
+        if self.valid_BS is not None or valid_BT is not None:
+            B, S, T = k.shape[0], self.k_rot_BGSH.shape[2], k_rot_BGTH.shape[2]
+            prefix = self.valid_BS if self.valid_BS is not None else k.new_ones((B, S), dtype=torch.bool)
+            new = valid_BT if valid_BT is not None else k.new_ones((B, T), dtype=torch.bool)
+            valid = torch.cat([prefix, new], dim=1)
+        return LocalKV(k, v, valid)
 
 
 class LongLlamaCache(Cache):
@@ -184,13 +224,18 @@ class LongLlamaCache(Cache):
             if idx in self.memories:
                 self.memories[idx].append(k_raw, v, valid)
 
-    def commit(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT, to_memory: bool) -> None:
+    def local_for_attention(self, layer_idx: int):
+        """What a layer's attention extends with its chunk: the window itself (inference) or a snapshot."""
+        local = self.locals[layer_idx]
+        return local.snapshot() if torch.is_grad_enabled() else local
+
+    def commit(self, layer_idx: int, k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT, to_memory: bool) -> None:
         """After layer ``layer_idx`` attended a chunk: keep it locally, or move it straight to memory."""
         if to_memory:
             if layer_idx in self.memories:
                 self.memories[layer_idx].append(k_raw_BGTH, v_BGTH, valid_BT)
         else:
-            self.locals[layer_idx].commit(k_raw_BGTH.shape[2], valid_BT)
+            self.locals[layer_idx].commit(k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT)
 
     # ------------------------------------------------------------------ batch surgery
     def _select(self, index: torch.Tensor) -> None:

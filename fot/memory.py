@@ -16,6 +16,14 @@ from .attention import MemoryKV
 INITIAL_CAPACITY = 1024
 
 
+def copy_on_write(*tensors: torch.Tensor):
+    """Buffers about to be written in place. With autograd on, earlier views of them may be saved for
+    backward (as attention inputs), so the write goes to a fresh copy instead; in inference it is in place."""
+    if torch.is_grad_enabled():
+        return tuple(t.clone() for t in tensors)
+    return tensors
+
+
 class MemoryStore:
     """Append-only (key, value, valid) memory of one layer for a batch.
 
@@ -62,6 +70,7 @@ class MemoryStore:
         if self.length + T > self.capacity:
             self._grow(self.length + T, k_BGTH)
         end = self.length + T
+        self.k_BGMH, self.v_BGMH, self.valid_BM = copy_on_write(self.k_BGMH, self.v_BGMH, self.valid_BM)
         self.k_BGMH[:, :, self.length : end] = k_BGTH.detach()
         self.v_BGMH[:, :, self.length : end] = v_BGTH.detach()
         if valid_BT is not None:

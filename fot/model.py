@@ -14,7 +14,6 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .attention import LocalKV, MemoryKV, apply_rope, memory_attention
-from .cache import LocalWindow
 from .config import LongLlamaConfig
 
 
@@ -65,16 +64,17 @@ class LongLlamaAttention(nn.Module):
         self,
         x_BTD: torch.Tensor,
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
-        local: LocalWindow,
+        local,
         memory: MemoryKV | None,
         valid_BT: torch.Tensor | None,
         impl: str,
         grouping: tuple[int, int] | None,
     ):
-        """Attend a chunk; stage its keys in ``local`` (the caller commits them).
+        """Attend a chunk. ``local`` is a ``LocalWindow`` (inference) or ``LocalSnapshot`` (training); the
+        caller commits the returned keys/values to the cache.
 
         Returns:
-            (output [B, T, D], raw keys [B, G, T, H] before RoPE, values [B, G, T, H]).
+            (output [B, T, D], (raw keys before RoPE, rotated keys, values), each [B, G, T, H]).
         """
         B, T, _ = x_BTD.shape
         q_BNTH = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -86,10 +86,10 @@ class LongLlamaAttention(nn.Module):
             k_rot_BGTH = apply_rope(k_BGTH, cos_TH, sin_TH)
         else:
             k_rot_BGTH = k_BGTH
-        local_kv: LocalKV = local.stage(k_BGTH, k_rot_BGTH, v_BGTH, valid_BT)
+        local_kv: LocalKV = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
         out_BNTH = memory_attention(q_BNTH, local_kv, memory if self.is_memory_layer else None, impl, grouping)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(out_BTD), k_BGTH, v_BGTH
+        return self.o_proj(out_BTD), (k_BGTH, k_rot_BGTH, v_BGTH)
 
 
 class LongLlamaDecoderLayer(nn.Module):
@@ -101,9 +101,9 @@ class LongLlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x_BTD, rope_cos_sin, local, memory, valid_BT, impl, grouping):
-        attn_BTD, k_raw, v = self.self_attn(
+        attn_BTD, kv = self.self_attn(
             self.input_layernorm(x_BTD), rope_cos_sin, local, memory, valid_BT, impl, grouping
         )
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-        return x_BTD, k_raw, v
+        return x_BTD, kv

@@ -117,15 +117,15 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         grouping = self.config.mem_attention_grouping
         hidden = [x_BTD]
         for idx, layer in enumerate(self.layers):
-            local = cache.locals[idx]
+            local = cache.local_for_attention(idx)
             memory = cache.memories[idx].view() if idx in cache.memories else None
             args = (x_BTD, rope, local, memory, valid_BT, impl, grouping)
             every = self.config.gradient_checkpoint_every_ith
             if self.gradient_checkpointing and self.training and idx % every == 0:
-                x_BTD, k_raw, v = self._gradient_checkpointing_func(layer.__call__, *args)
+                x_BTD, kv = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
-                x_BTD, k_raw, v = layer(*args)
-            cache.commit(idx, k_raw, v, valid_BT, to_memory)
+                x_BTD, kv = layer(*args)
+            cache.commit(idx, *kv, valid_BT, to_memory)
             hidden.append(x_BTD)
         return x_BTD, hidden
 

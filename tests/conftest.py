@@ -1,0 +1,12 @@
+"""Test-session setup: offline hub, Triton interpreter on CPU, two threads (the CI machine has 2 cores)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any kernel definition
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)

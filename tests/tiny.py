@@ -1,0 +1,76 @@
+"""Tiny configs and models shared by the tests (float64 by default so comparisons with the spec are tight)."""
+
+from __future__ import annotations
+
+import torch
+
+import fot
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    last_context_length=32,
+    mem_layers=[1],
+    mem_dtype="float32",
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,  # no early stop: generation always runs max_new_tokens
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(**overrides) -> fot.LongLlamaConfig:
+    return fot.LongLlamaConfig(**{**TINY, **overrides})
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> torch.nn.Module:
+    """Re-draw every weight so attention is far from uniform and norm weights are not all ones.
+
+    The HF default init (std 0.02) gives near-uniform attention, which would hide position and masking bugs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return model
+
+
+def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> fot.LongLlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = fot.LongLlamaForCausalLM(tiny_config(**overrides))
+    randomize_(model, seed)
+    return model.to(dtype).eval()
+
+
+def tokens(B: int, N: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(3, vocab, (B, N), generator=g)
+
+
+def left_pad_mask(lengths: list[int], N: int) -> torch.Tensor:
+    """[B, N] int mask with ``N - lengths[b]`` leading zeros in row b."""
+    return torch.stack([torch.arange(N) >= N - n for n in lengths]).long()
+
+
+# Float64 models differ from the float64 spec only by fot's fp32 softmax and fp32 RoPE tables (measured
+# ~5e-6 on logits of magnitude ~5); bugs move logits by O(0.1..1).
+TOL64 = 5e-5
+TOL32 = 5e-4
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor, valid_BN: torch.Tensor | None = None) -> float:
+    """Max |actual - expected| over [B, N, ...] positions where ``valid_BN`` is true (all when None)."""
+    diff = (actual.to(torch.float64) - expected.to(torch.float64)).abs()
+    if valid_BN is not None:
+        diff = diff[valid_BN.bool()]
+    return diff.max().item()
