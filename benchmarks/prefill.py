@@ -6,6 +6,12 @@ peak RSS is its own. Prints seconds, tokens/s, the on/off ratio and peak RSS.
 
     python benchmarks/prefill.py                    # N in 4K, 16K, 32K
     python benchmarks/prefill.py --tokens 4096 --mem-dtype bfloat16 --attn-impl reference
+
+Side by side with the original LongLLaMA implementation (optional; it needs transformers <= 4.51, so it runs
+in its own interpreter): point ``--reference-src`` at a directory holding its ``configuration_longllama.py``,
+``modeling_longllama.py`` and ``longllama_utils.py`` as a package, and ``--reference-python`` at a Python
+that has torch and transformers 4.51 installed. Its "default" and "SDPA" (torch_attention) modes are timed
+on the same config, input length and thread count, and the table gains their columns and our speed-up.
 """
 
 from __future__ import annotations
@@ -51,6 +57,39 @@ def run_case(tokens: int, mem: bool, mem_dtype: str, attn_impl: str, repeats: in
     return {"tokens": tokens, "mem": mem, "seconds": min(times), "peak_rss_mib": peak_kib / 1024}
 
 
+# Runs inside the reference's interpreter: builds its model on the bench config and times one forward.
+REFERENCE_TIMER = """
+import json, os, sys, time, importlib
+import torch
+src = sys.argv[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(src)))
+pkg = os.path.basename(os.path.abspath(src))
+cfg_mod = importlib.import_module(pkg + ".configuration_longllama")
+model_mod = importlib.import_module(pkg + ".modeling_longllama")
+tokens, torch_attention, mem_dtype = int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+bench = json.loads(sys.argv[5])
+torch.set_num_threads(1)
+torch.manual_seed(0)
+config = cfg_mod.LongLlamaConfig(**bench, mem_layers=[2, 3], mem_dtype=mem_dtype, torch_attention=torch_attention)
+model = model_mod.LongLlamaForCausalLM(config).eval()
+ids = torch.randint(0, bench["vocab_size"], (1, tokens))
+with torch.no_grad():
+    model(ids[:, :1024], use_cache=False)
+    start = time.perf_counter()
+    model(ids, use_cache=False)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+
+
+def spawn_reference(tokens: int, torch_attention: bool, args) -> dict:
+    cmd = [
+        args.reference_python, "-c", REFERENCE_TIMER, args.reference_src, str(tokens),
+        str(int(torch_attention)), args.mem_dtype, json.dumps(BENCH),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def spawn(tokens: int, mem: bool, args) -> dict:
     cmd = [
         sys.executable, __file__, "--case", str(tokens), "--mem", str(int(mem)),
@@ -69,25 +108,45 @@ def main() -> None:
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mem", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--reference-src", help="package directory of the original LongLLaMA model code")
+    parser.add_argument("--reference-python", help="interpreter with torch and transformers<=4.51 for it")
+    parser.add_argument(
+        "--reference-max-default", type=int, default=16384,
+        help="skip the reference's slow default mode above this many tokens",
+    )  # fmt: skip
     args = parser.parse_args()
+    if bool(args.reference_src) != bool(args.reference_python):
+        parser.error("--reference-src and --reference-python go together")
     if args.case is not None:
         print(json.dumps(run_case(args.case, bool(args.mem), args.mem_dtype, args.attn_impl, args.repeats)))
         return
 
     print(f"prefill, 1 thread, fp32 weights, mem_dtype={args.mem_dtype}, attn_impl={args.attn_impl}")
     header = f"{'tokens':>7} | {'mem on s':>9} {'tok/s':>8} {'RSS MiB':>8} | {'mem off s':>9} {'tok/s':>8} {'RSS MiB':>8} | {'on/off':>6}"
+    if args.reference_src:
+        header += f" | {'ref default s':>13} {'ref SDPA s':>10} | {'speed-up vs ref best':>20}"
     print(header)
     print("-" * len(header))
     rows = []
     for tokens in args.tokens:
         on, off = spawn(tokens, True, args), spawn(tokens, False, args)
         ratio = on["seconds"] / off["seconds"]
-        print(
+        line = (
             f"{tokens:>7} | {on['seconds']:>9.2f} {tokens / on['seconds']:>8.0f} {on['peak_rss_mib']:>8.0f} | "
-            f"{off['seconds']:>9.2f} {tokens / off['seconds']:>8.0f} {off['peak_rss_mib']:>8.0f} | {ratio:>6.2f}",
-            flush=True,
+            f"{off['seconds']:>9.2f} {tokens / off['seconds']:>8.0f} {off['peak_rss_mib']:>8.0f} | {ratio:>6.2f}"
         )
-        rows.append({"on": on, "off": off, "ratio": ratio})
+        row = {"on": on, "off": off, "ratio": ratio}
+        if args.reference_src:
+            sdpa = spawn_reference(tokens, True, args)["seconds"]
+            default = None
+            if tokens <= args.reference_max_default:
+                default = spawn_reference(tokens, False, args)["seconds"]
+            best = sdpa if default is None else min(sdpa, default)
+            shown = "skipped" if default is None else f"{default:.2f}"
+            line += f" | {shown:>13} {sdpa:>10.2f} | {best / on['seconds']:>19.2f}x"
+            row.update(reference_default=default, reference_sdpa=sdpa, speedup=best / on["seconds"])
+        print(line, flush=True)
+        rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -74,3 +74,21 @@ def max_err(actual: torch.Tensor, expected: torch.Tensor, valid_BN: torch.Tensor
     if valid_BN is not None:
         diff = diff[valid_BN.bool()]
     return diff.max().item()
+
+
+def mean_err(actual: torch.Tensor, expected: torch.Tensor, valid_BN: torch.Tensor | None = None) -> float:
+    diff = (actual.to(torch.float64) - expected.to(torch.float64)).abs()
+    if valid_BN is not None:
+        diff = diff[valid_BN.bool()]
+    return diff.mean().item()
+
+
+# With a bf16 memory, fot's fp32 RMSNorm/RoPE/softmax noise (~1e-7) occasionally lands a key or value on the
+# other side of a bf16 rounding boundary than the spec's (one ulp = 2^-8 relative), moving a few logits by up
+# to ~3e-4. Such rare flips barely move the mean error, while skipping the rounding altogether moves it ~50x.
+BF16_MAX = 2e-3
+BF16_MEAN = 3e-5
+
+
+def close_with_bf16_memory(actual, expected, valid_BN=None) -> bool:
+    return max_err(actual, expected, valid_BN) < BF16_MAX and mean_err(actual, expected, valid_BN) < BF16_MEAN
