@@ -150,6 +150,8 @@ class LongLlamaConfig(PreTrainedConfig):
         if self.mem_dtype not in MEM_DTYPES:
             raise ValueError(f"mem_dtype={self.mem_dtype!r} is not supported; use one of {', '.join(MEM_DTYPES)}.")
         grouping = self.mem_attention_grouping
+        if isinstance(grouping, list):  # JSON and YAML give lists
+            grouping = self.mem_attention_grouping = tuple(grouping)
         if grouping is not None:
             ok = (
                 isinstance(grouping, tuple)
