@@ -218,6 +218,40 @@ def _memory_part(q_BGXH: torch.Tensor, memory: MemoryKV, block: int):
     return out, lse
 
 
+def differentiable_memory_attention(q_BNTH: torch.Tensor, local: LocalKV, memory: MemoryKV | None) -> torch.Tensor:
+    """``reference_memory_attention`` as one SDPA call over [local ; memory], for training.
+
+    The fused kernel's log-sum-exp output carries no gradient, so an LSE merge cannot be trained through;
+    here the keys are concatenated and one ``scaled_dot_product_attention`` (with its own backward) computes
+    the single softmax. Gradients reach q, the local keys/values and memory keys/values that require grad
+    (the crossbatch objective's additional contexts).
+    """
+    T = q_BNTH.shape[-2]
+    dtype = q_BNTH.dtype
+    bias = _additive(local_visibility(T, local), dtype)  # [B or 1, 1, T, S]
+    k, v = local.k_BGSH, local.v_BGSH
+    if memory is not None and memory.size > 0:
+        k = torch.cat([k.expand(memory.k_BGMH.shape[0], -1, -1, -1), memory.k_BGMH.to(dtype)], dim=2)
+        v = torch.cat([v.expand(memory.v_BGMH.shape[0], -1, -1, -1), memory.v_BGMH.to(dtype)], dim=2)
+        B, M = k.shape[0], memory.size
+        if memory.valid_BM is not None:
+            mem_bias = _additive(memory.valid_BM[:, None, None, :].expand(B, 1, T, M), dtype)
+        else:
+            mem_bias = bias.new_zeros((B, 1, T, M))
+        bias = torch.cat([bias.expand(B, 1, T, -1), mem_bias], dim=-1)
+    G, N = k.shape[1], q_BNTH.shape[1]
+    return F.scaled_dot_product_attention(q_BNTH, k, v, attn_mask=bias, enable_gqa=G != N)
+
+
+def _needs_grad(q_BNTH: torch.Tensor, local: LocalKV, memory: MemoryKV | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [q_BNTH, local.k_BGSH, local.v_BGSH]
+    if memory is not None:
+        tensors += [memory.k_BGMH, memory.v_BGMH]
+    return any(t.requires_grad for t in tensors)
+
+
 def fused_memory_attention(
     q_BNTH: torch.Tensor,
     local: LocalKV,
@@ -230,7 +264,10 @@ def fused_memory_attention(
     Local attention and memory attention are computed by a fused kernel with LSE and merged exactly. Memory
     queries are regrouped per KV head ([B, G, R*T, H]) so GQA memory is never repeated. ``grouping`` splits
     the work into (heads, queries) blocks, bounding peak memory the way the reference's grouping does.
+    When a gradient is needed, the computation goes through ``differentiable_memory_attention`` instead.
     """
+    if _needs_grad(q_BNTH, local, memory):
+        return differentiable_memory_attention(q_BNTH, local, memory)
     B, N, T, H = q_BNTH.shape
     if grouping is not None and (grouping[0] < N or grouping[1] < T):
         step_h, step_q = grouping
