@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 
 from .attention import LocalKV, MemoryKV, apply_rope, memory_attention
 from .config import LongLlamaConfig
+from .crossbatch import CrossBatchPlan
 
 
 class LongLlamaRMSNorm(nn.Module):
@@ -69,8 +70,10 @@ class LongLlamaAttention(nn.Module):
         valid_BT: torch.Tensor | None,
         impl: str,
         grouping: tuple[int, int] | None,
+        crossbatch: CrossBatchPlan | None = None,
     ):
-        """Attend a chunk. ``local`` is a ``LocalWindow`` (inference) or ``LocalSnapshot`` (training); the
+        """Attend a chunk. In training with ``crossbatch``, memory layers attend to the other rows' raw keys
+        (position 0) and values named by the plan, in the same softmax, instead of to a memory. ``local`` is a ``LocalWindow`` (inference) or ``LocalSnapshot`` (training); the
         caller commits the returned keys/values to the cache.
 
         Returns:
@@ -87,6 +90,8 @@ class LongLlamaAttention(nn.Module):
         else:
             k_rot_BGTH = k_BGTH
         local_kv: LocalKV = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
+        if crossbatch is not None and self.is_memory_layer:
+            memory = crossbatch.gather(k_BGTH, v_BGTH, valid_BT)
         out_BNTH = memory_attention(q_BNTH, local_kv, memory if self.is_memory_layer else None, impl, grouping)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out_BTD), (k_BGTH, k_rot_BGTH, v_BGTH)
@@ -100,9 +105,9 @@ class LongLlamaDecoderLayer(nn.Module):
         self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x_BTD, rope_cos_sin, local, memory, valid_BT, impl, grouping):
+    def forward(self, x_BTD, rope_cos_sin, local, memory, valid_BT, impl, grouping, crossbatch=None):
         attn_BTD, kv = self.self_attn(
-            self.input_layernorm(x_BTD), rope_cos_sin, local, memory, valid_BT, impl, grouping
+            self.input_layernorm(x_BTD), rope_cos_sin, local, memory, valid_BT, impl, grouping, crossbatch
         )
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))

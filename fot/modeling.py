@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from .attention import rope_cos_sin, rope_inv_freq
 from .cache import LongLlamaCache
 from .config import CACHE_POLICIES, LongLlamaConfig, validate_last_context_length
+from .crossbatch import CrossBatchPlan
 from .model import LongLlamaDecoderLayer, LongLlamaRMSNorm
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             )
 
     # ------------------------------------------------------------------ one chunk through all layers
-    def _run_chunk(self, x_BTD, cache: LongLlamaCache, valid_BT, to_memory: bool, impl: str, inv_freqs):
+    def _run_chunk(
+        self, x_BTD, cache: LongLlamaCache, valid_BT, to_memory: bool, impl: str, inv_freqs, keep_hidden: bool,
+        crossbatch: CrossBatchPlan | None = None,
+    ):
         offset = cache.local_length
         T = x_BTD.shape[1]
         inv_freq = next((f for f in inv_freqs if f is not None), None)
@@ -115,18 +119,20 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if inv_freq is not None:
             rope = rope_cos_sin(torch.arange(offset, offset + T, device=x_BTD.device), inv_freq, x_BTD.dtype)
         grouping = self.config.mem_attention_grouping
-        hidden = [x_BTD]
+        hidden = [x_BTD] if keep_hidden else None
         for idx, layer in enumerate(self.layers):
             local = cache.local_for_attention(idx)
             memory = cache.memories[idx].view() if idx in cache.memories else None
-            args = (x_BTD, rope, local, memory, valid_BT, impl, grouping)
+            args = (x_BTD, rope, local, memory, valid_BT, impl, grouping, crossbatch)
             every = self.config.gradient_checkpoint_every_ith
             if self.gradient_checkpointing and self.training and idx % every == 0:
                 x_BTD, kv = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
                 x_BTD, kv = layer(*args)
-            cache.commit(idx, *kv, valid_BT, to_memory)
-            hidden.append(x_BTD)
+            if crossbatch is None:  # a crossbatch step keeps no state
+                cache.commit(idx, *kv, valid_BT, to_memory)
+            if keep_hidden:
+                hidden.append(x_BTD)
         return x_BTD, hidden
 
     # ------------------------------------------------------------------ forward
@@ -142,6 +148,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         return_dict: bool | None = None,
         last_context_length: int | None = None,
         cache_policy: str | None = None,
+        crossbatch: CrossBatchPlan | None = None,
         **kwargs,
     ) -> LongLlamaModelOutput:
         """Run an input of any length through windows; see the module docstring for the semantics.
@@ -154,10 +161,15 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             use_cache: return the cache (default ``config.use_cache``).
             last_context_length: overrides ``config.last_context_length`` for this call.
             cache_policy: overrides the cache's policy ("slide" or "flush").
+            crossbatch: training only. Every row is one window (N <= W); memory layers attend to the other
+                rows named by the plan (see ``fot.crossbatch``) instead of a memory. No cache is used.
         """
         self._validate_call(input_ids, inputs_embeds, output_attentions, past_key_values, kwargs)
         self._check_unsupported()
         cfg = self.config
+        if crossbatch is not None:
+            self._validate_crossbatch(crossbatch, past_key_values, use_cache, inputs_embeds, input_ids)
+            use_cache = False
         use_cache = cfg.use_cache if use_cache is None else use_cache
         L = cfg.last_context_length if last_context_length is None else last_context_length
         validate_last_context_length(L, cfg.max_position_embeddings)
@@ -172,9 +184,30 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         valid_BN = self._new_token_validity(attention_mask, B, N, cache.seen_tokens)
         impl = self._attn_impl(inputs_embeds.device)
         inv_freqs = self._inv_freqs(inputs_embeds.device)
+        if crossbatch is not None:
+            crossbatch = crossbatch.to(inputs_embeds.device)
+            x, hidden = self._run_chunk(
+                inputs_embeds, cache, valid_BN, False, impl, inv_freqs, bool(output_hidden_states), crossbatch
+            )
+            chunk_hidden = [hidden]
+        else:
+            x, chunk_hidden = self._run_windows(
+                inputs_embeds, cache, valid_BN, L, impl, inv_freqs, bool(output_hidden_states)
+            )
+        last = self.norm(x)
+        hidden_states = None
+        if output_hidden_states:
+            per_layer = [torch.cat(h, dim=1) for h in zip(*chunk_hidden)]
+            hidden_states = tuple(per_layer[:-1]) + (last,)
+        return LongLlamaModelOutput(
+            last_hidden_state=last, past_key_values=cache if use_cache else None, hidden_states=hidden_states
+        )
+
+    def _run_windows(self, x_BND, cache: LongLlamaCache, valid_BN, L: int, impl: str, inv_freqs, keep_hidden: bool):
+        """Windowing (module docstring): returns the pre-norm output [B, N, D] and per-chunk hidden states."""
         fresh = cache.local_length == 0
-        chunks = plan_chunks(N, cfg.max_position_embeddings, L)
-        outputs, all_hidden = [], []
+        chunks = plan_chunks(x_BND.shape[1], self.config.max_position_embeddings, L)
+        outputs, chunk_hidden = [], []
         for i, (s, e) in enumerate(chunks):
             if e == s:
                 continue
@@ -182,19 +215,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             if not to_memory:
                 cache.make_room(e - s, L, inv_freqs)
             valid = None if valid_BN is None else valid_BN[:, s:e]
-            x, hidden = self._run_chunk(inputs_embeds[:, s:e], cache, valid, to_memory, impl, inv_freqs)
+            x, hidden = self._run_chunk(x_BND[:, s:e], cache, valid, to_memory, impl, inv_freqs, keep_hidden)
             cache.seen_tokens += e - s
             outputs.append(x)
-            if output_hidden_states:
-                all_hidden.append(hidden)
-        last = self.norm(torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0])
-        hidden_states = None
-        if output_hidden_states:
-            per_layer = [torch.cat(h, dim=1) for h in zip(*all_hidden)]
-            hidden_states = tuple(per_layer[:-1]) + (last,)
-        return LongLlamaModelOutput(
-            last_hidden_state=last, past_key_values=cache if use_cache else None, hidden_states=hidden_states
-        )
+            chunk_hidden.append(hidden)
+        return (torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]), chunk_hidden
 
     @staticmethod
     def _validate_call(input_ids, inputs_embeds, output_attentions, cache, kwargs) -> None:
@@ -218,6 +243,17 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if n == 0:
             raise ValueError("the input is empty (0 tokens).")
+
+    def _validate_crossbatch(self, plan: CrossBatchPlan, cache, use_cache, inputs_embeds, input_ids) -> None:
+        B, N = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if cache is not None or use_cache:
+            raise ValueError("crossbatch training keeps no cache: pass past_key_values=None and use_cache=False.")
+        if N > self.config.max_position_embeddings:
+            raise ValueError(
+                f"with crossbatch every row is one window, but rows have {N} tokens > max_position_embeddings="
+                f"{self.config.max_position_embeddings}; cut documents into windows of at most that length."
+            )
+        plan.validate(B)
 
     @staticmethod
     def _new_token_validity(attention_mask, B: int, N: int, seen: int):
@@ -269,6 +305,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         last_context_length: int | None = None,
         cache_policy: str | None = None,
+        crossbatch: CrossBatchPlan | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -287,6 +324,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             last_context_length=last_context_length,
             cache_policy=cache_policy,
+            crossbatch=crossbatch,
             **kwargs,
         )
         hidden = out.last_hidden_state

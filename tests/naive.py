@@ -49,8 +49,8 @@ class Spec:
         self.tied = get("tie_word_embeddings")
 
 
-def weights_f64(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to(F64).clone() for k, v in model.state_dict().items()}
+def weights_f64(model, requires_grad: bool = False) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(F64).clone().requires_grad_(requires_grad) for k, v in model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -168,7 +168,8 @@ class NaiveLongLlama:
         return x @ head.T
 
     def _to_memory(self, st: Layer, k, v, valid):
-        rnd = lambda t: t.to(self.s.mem_dtype).to(F64)  # noqa: E731  memory is stored in mem_dtype
+        # memory is stored in mem_dtype and is not differentiable (only the current chunk carries gradients)
+        rnd = lambda t: t.detach().to(self.s.mem_dtype).to(F64)  # noqa: E731
         st.mk, st.mv = torch.cat([st.mk, rnd(k)], 2), torch.cat([st.mv, rnd(v)], 2)
         st.mvalid = torch.cat([st.mvalid, valid], 1)
 

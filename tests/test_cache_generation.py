@@ -85,6 +85,7 @@ def test_memory_store_keeps_exact_content_and_grows_geometrically(dtype):
         ("slide", "sdpa", {}),
         ("flush", "reference", {"num_key_value_heads": 2, "mem_dtype": "bfloat16"}),
         ("slide", "reference", {"num_key_value_heads": 2, "mem_dtype": "bfloat16", "mem_layers": [0, 2]}),
+        ("slide", "sdpa", {"mem_positionals": False, "mem_layers": [0, 1]}),
     ],
 )
 def test_token_by_token_decoding_equals_spec(policy, impl, overrides):
@@ -116,6 +117,20 @@ def test_token_by_token_decoding_equals_spec(policy, impl, overrides):
         assert 64 in locals_seen and 1 in locals_seen
     else:
         assert 64 in locals_seen and 33 in locals_seen and min(locals_seen) == 33
+
+
+def test_local_window_buffers_grow_past_their_initial_capacity():
+    # W = 320 > the local buffer's initial 256 slots: decoding must grow it without losing content.
+    model = tiny_model(max_position_embeddings=320, last_context_length=250, num_hidden_layers=2, mem_layers=[1])
+    ids, cont = tokens(1, 300, seed=30), tokens(1, 75, seed=31)
+    naive = naive_for(model, "slide")
+    cache = fot.LongLlamaCache(model.config)
+    with torch.no_grad():
+        assert max_err(model(ids, past_key_values=cache).logits, naive.prefill(ids)) < TOL64
+        for t in range(cont.shape[1]):
+            tok = cont[:, t : t + 1]
+            assert max_err(model(tok, past_key_values=cache).logits, naive.step(tok)) < TOL64, f"step {t}"
+    assert cache.memory_length == naive.memory_length > 50  # the slide happened too
 
 
 @pytest.mark.parametrize("policy", ["flush", "slide"])
@@ -306,10 +321,11 @@ def test_last_context_length_passed_to_generate():
     ids = tokens(1, 100, seed=27)
     with torch.no_grad():
         one = model.generate(ids, max_new_tokens=1, do_sample=False, last_context_length=16, return_dict_in_generate=True)
-        out = model.generate(ids, max_new_tokens=30, do_sample=False, last_context_length=16, cache_policy="slide")
+        # 16 + 55 > W = 64: the slide after step 48 keeps the override's 16 tokens, not the config's 32
+        out = model.generate(ids, max_new_tokens=55, do_sample=False, last_context_length=16, cache_policy="slide")
     cache = one.past_key_values
     assert (cache.local_length, cache.memory_length) == (16, 84)
-    assert torch.equal(out[:, 100:], naive_greedy(model, ids, 30, "slide", last_context_length=16))
+    assert torch.equal(out[:, 100:], naive_greedy(model, ids, 55, "slide", last_context_length=16))
 
 
 # ----------------------------------------------------------------------------- errors

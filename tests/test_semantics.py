@@ -181,3 +181,41 @@ def test_spec_state_matches_cache_sizes_after_prefill():
         assert max_err(mem.k_BGMH, naive.layers[layer].mk) < TOL64
         assert max_err(mem.v_BGMH, naive.layers[layer].mv) < TOL64
     assert 1 not in cache.memories
+
+
+def test_bfloat16_model_fast_path_within_budget_of_reference():
+    # STYLE's budget at model level: in bf16, sdpa's error against the float64 spec is at most twice the
+    # reference implementation's error in bf16 (plus a small floor).
+    ids = tokens(1, 200, seed=11)
+    errors = {}
+    for impl in ("sdpa", "reference"):
+        model = tiny_model(dtype=torch.bfloat16, mem_dtype="bfloat16", mem_layers=[0, 1], attn_impl=impl)
+        with torch.no_grad():
+            errors[impl] = max_err(model(ids).logits, naive_logits(model, model.config, ids))
+    assert errors["sdpa"] <= 2 * errors["reference"] + 1e-2, errors
+    assert errors["reference"] < 1.0  # bf16 is coarse, but still the same function
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_equal_spec_gradients(checkpointing):
+    """Training through windows: memory is not differentiable, the current window is."""
+    model = tiny_model(mem_layers=[0, 2])
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    ids = tokens(2, 150, seed=12)
+    model(ids, labels=ids).loss.backward()
+    weights = weights_f64(model, requires_grad=True)
+    logits = NaiveLongLlama(weights, Spec(model.config)).prefill(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    grads = dict(model.named_parameters())
+    checked = 0
+    for name, w in weights.items():
+        expected = w.grad
+        got = grads[name].grad
+        assert got is not None, name
+        scale = expected.abs().max().item()
+        assert (got - expected).abs().max().item() <= 1e-4 * max(scale, 1.0), name
+        checked += 1
+    assert checked == len(grads)

@@ -1,0 +1,132 @@
+"""Crossbatch training contexts: which batch rows a memory layer's queries may additionally attend to.
+
+Shape legend: B batch rows, C additional contexts per row, G KV heads, T tokens per row, H head dim.
+
+Layout ("k-packing"): k consecutive batch rows hold consecutive windows of one document, so row i with
+in-pack offset o = i mod k is window o of its document. In training, a memory layer's queries of row i attend
+causally to row i and, fully and differentiably, in the same softmax, to the keys/values of other rows of the
+batch: rows of the same document before it (positives) and rows of other documents (negatives). Those keys
+are the raw (pre-RoPE) projections, i.e. "at position 0", exactly as memory keys are at inference.
+
+A ``CrossBatchPlan`` lists, for every row, C source rows and whether each is active. Two builders:
+
+* ``reference_layout(batch, pack, crossbatch_range, stepping)``: the LongLLaMA layout. Row i looks at rows
+  i-1 ... i-R. With stepping, row offset o gets min(o * ceil((R + 1) / (k - 1)) + 1, R + 1) - 1 contexts
+  (k=4, R=3: 0, 2, 3, 3 contexts = (positives, negatives) (0,0), (1,1), (2,1), (3,0)). Rows never look
+  below row 0 (no wrap-around: the leak mask).
+* ``paper_layout(batch, pack, d)``: the FoT paper's crossbatch dimension d: each row that has a previous
+  window gets that window (1 positive) plus the same-offset previous windows of the next d - 1 documents
+  (negatives); the first window of a document gets no contexts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .attention import MemoryKV
+
+
+@dataclass
+class CrossBatchPlan:
+    """Additional contexts of every row.
+
+    Attributes:
+        sources_BC: int64 [B, C], the batch row of each context (any valid row when inactive).
+        active_BC: bool [B, C], whether the row attends to that context.
+        positive_BC: bool [B, C], whether an active context is of the same document (for logging).
+    """
+
+    sources_BC: torch.Tensor
+    active_BC: torch.Tensor
+    positive_BC: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.sources_BC.shape[0]
+
+    @property
+    def num_contexts(self) -> int:
+        return self.sources_BC.shape[1]
+
+    def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positives per row, negatives per row), int64 [B] each."""
+        pos = (self.active_BC & self.positive_BC).sum(1)
+        return pos, self.active_BC.sum(1) - pos
+
+    def to(self, device) -> "CrossBatchPlan":
+        return CrossBatchPlan(self.sources_BC.to(device), self.active_BC.to(device), self.positive_BC.to(device))
+
+    def validate(self, batch_size: int) -> None:
+        if self.sources_BC.shape != self.active_BC.shape or self.sources_BC.dim() != 2:
+            raise ValueError("CrossBatchPlan: sources_BC and active_BC must both be [batch, contexts].")
+        if self.batch_size != batch_size:
+            raise ValueError(f"CrossBatchPlan is for a batch of {self.batch_size} rows, the input has {batch_size}.")
+        if self.num_contexts and (self.sources_BC.min() < 0 or self.sources_BC.max() >= batch_size):
+            raise ValueError(f"CrossBatchPlan: source rows must be in [0, {batch_size - 1}].")
+        rows = torch.arange(batch_size, device=self.sources_BC.device)[:, None]
+        if bool((self.active_BC & (self.sources_BC == rows)).any()):
+            raise ValueError("CrossBatchPlan: a row cannot be its own additional context.")
+
+    def gather(self, k_raw_BGTH: torch.Tensor, v_BGTH: torch.Tensor, valid_BT: torch.Tensor | None) -> MemoryKV:
+        """The additional keys/values of every row as a differentiable ``MemoryKV`` [B, G, C*T, H]."""
+        B, G, T, H = k_raw_BGTH.shape
+        C = self.num_contexts
+        flat = self.sources_BC.reshape(-1)
+        k_BCGTH = k_raw_BGTH.index_select(0, flat).view(B, C, G, T, H)
+        v_BCGTH = v_BGTH.index_select(0, flat).view(B, C, G, T, H)
+        k_BGXH = k_BCGTH.permute(0, 2, 1, 3, 4).reshape(B, G, C * T, H)
+        v_BGXH = v_BCGTH.permute(0, 2, 1, 3, 4).reshape(B, G, C * T, H)
+        valid_BCT = self.active_BC[:, :, None].expand(B, C, T)
+        if valid_BT is not None:
+            valid_BCT = valid_BCT & valid_BT.index_select(0, flat).view(B, C, T)
+        return MemoryKV(k_BGXH, v_BGXH, valid_BCT.reshape(B, C * T))
+
+
+def _check_layout(batch_size: int, pack: int) -> None:
+    if pack <= 0 or batch_size <= 0:
+        raise ValueError(f"batch size ({batch_size}) and pack ({pack}) must be positive.")
+    if batch_size % pack:
+        raise ValueError(
+            f"batch size {batch_size} is not a multiple of the document pack k={pack}: every document occupies "
+            f"k consecutive rows; use a batch size divisible by {pack}."
+        )
+
+
+def reference_layout(batch_size: int, pack: int, crossbatch_range: int, stepping: bool = True) -> CrossBatchPlan:
+    """LongLLaMA's layout: row i may look at rows i-1 ... i-R (see the module docstring)."""
+    _check_layout(batch_size, pack)
+    if crossbatch_range < 0:
+        raise ValueError(f"crossbatch range R must be >= 0, got {crossbatch_range}.")
+    R = crossbatch_range
+    rows = torch.arange(batch_size)[:, None]
+    offsets = torch.arange(1, R + 1)[None, :]
+    sources = rows - offsets  # [B, R]
+    step = math.ceil((R + 1) / max(pack - 1, 1))
+    in_pack = rows % pack
+    if pack == 1 or not stepping:
+        n_visible = torch.full_like(rows, R + 1)
+    else:
+        n_visible = torch.clamp(in_pack * step + 1, max=R + 1)
+    n_visible = torch.minimum(n_visible, rows + 1)  # never below row 0
+    active = offsets < n_visible  # context c (offset c+1) is visible when c + 1 < n_visible
+    positive = offsets <= in_pack  # the previous rows of the same document
+    return CrossBatchPlan(sources.clamp(min=0), active, positive & active)
+
+
+def paper_layout(batch_size: int, pack: int, d: int) -> CrossBatchPlan:
+    """The paper's crossbatch dimension d: 1 positive + (d - 1) negatives for rows with a previous window."""
+    _check_layout(batch_size, pack)
+    n_docs = batch_size // pack
+    if d < 1 or d > n_docs:
+        raise ValueError(f"crossbatch d={d} must be in [1, number of documents in the batch = {n_docs}].")
+    rows = torch.arange(batch_size)[:, None]
+    in_pack, doc = rows % pack, rows // pack
+    others = torch.arange(d)[None, :]  # 0: own document, m > 0: the m-th next document
+    source_doc = (doc + others) % n_docs
+    sources = source_doc * pack + (in_pack - 1).clamp(min=0)
+    active = (in_pack > 0).expand(-1, d)
+    positive = (others == 0).expand(batch_size, -1)
+    return CrossBatchPlan(sources, active, positive & active)

@@ -1,0 +1,140 @@
+"""LongLlamaConfig: validation errors name the field; reference defaults; published config.json loads."""
+
+import json
+
+import pytest
+from transformers import AutoConfig
+
+import fot
+from tests.reference_format import reference_config_dict
+from tests.tiny import TINY, tiny_config
+
+REFERENCE_DEFAULTS = {
+    "max_position_embeddings": 2048,
+    "last_context_length": 1024,
+    "mem_layers": [],
+    "mem_positionals": True,
+    "mem_dtype": "bfloat16",
+    "mem_attention_grouping": None,
+    "torch_attention": False,
+    "gradient_checkpoint_every_ith": 1,
+    "mem_top_k": None,
+    "mem_max_tokens": None,
+}
+
+
+def test_reference_defaults():
+    cfg = fot.LongLlamaConfig()
+    assert cfg.model_type == "longllama"
+    for name, value in REFERENCE_DEFAULTS.items():
+        assert getattr(cfg, name) == value, name
+        assert type(getattr(cfg, name)) is type(value), name
+    assert cfg.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize(
+    "field, overrides",
+    [
+        ("mem_layers", {"mem_layers": [5]}),
+        ("mem_layers", {"mem_layers": [3]}),
+        ("mem_layers", {"mem_layers": [-1]}),
+        ("mem_layers", {"mem_layers": [1, 1]}),
+        ("mem_layers", {"mem_layers": ["1"]}),
+        ("last_context_length", {"last_context_length": 65}),
+        ("last_context_length", {"last_context_length": 0}),
+        ("last_context_length", {"last_context_length": -4}),
+        ("mem_dtype", {"mem_dtype": "float64"}),
+        ("mem_dtype", {"mem_dtype": "int8"}),
+        ("rope_scaling", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+        ("rope_scaling", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+        ("rope_scaling", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}),
+        ("mem_attention_grouping", {"mem_attention_grouping": (0, 2)}),
+        ("mem_attention_grouping", {"mem_attention_grouping": (1,)}),
+        ("mem_attention_grouping", {"mem_attention_grouping": "ab"}),
+        ("mem_attention_grouping", {"mem_attention_grouping": (1.5, 2)}),
+        ("mem_attention_grouping", {"mem_attention_grouping": (2, -1)}),
+        ("mem_top_k", {"mem_top_k": 0}),
+        ("mem_max_tokens", {"mem_max_tokens": -1}),
+        ("cache_policy", {"cache_policy": "lru"}),
+        ("attn_impl", {"attn_impl": "flash"}),
+        ("num_key_value_heads", {"num_key_value_heads": 3}),
+        ("gradient_checkpoint_every_ith", {"gradient_checkpoint_every_ith": 0}),
+    ],
+)
+def test_validation_errors_name_the_field(field, overrides):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_valid_edge_values_are_accepted():
+    cfg = tiny_config(mem_layers=[0, 2], last_context_length=64, mem_attention_grouping=[2, 3], mem_top_k=1)
+    assert cfg.mem_attention_grouping == (2, 3)  # JSON lists become tuples
+    assert tiny_config(last_context_length=1).last_context_length == 1
+
+
+def test_reference_format_config_json_loads_without_remote_code(tmp_path):
+    raw = reference_config_dict(mem_layers=[0, 2], last_context_length=24, mem_attention_grouping=[1, 16])
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    assert type(cfg) is fot.LongLlamaConfig
+    expected = {
+        "mem_layers": [0, 2],
+        "last_context_length": 24,
+        "max_position_embeddings": 64,
+        "mem_attention_grouping": (1, 16),
+        "mem_dtype": "bfloat16",
+        "mem_positionals": True,
+        "torch_attention": False,
+        "gradient_checkpoint_every_ith": 1,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,  # the reference has no GQA: defaults to the head count
+        "num_hidden_layers": 3,
+        "vocab_size": 128,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "head_dim": 16,
+        "rope_theta": 10000.0,
+        "cache_policy": "slide",
+        "mem_top_k": None,
+    }
+    for name, value in expected.items():
+        assert getattr(cfg, name) == value, name
+    # the saved config round-trips, auto_map and all
+    cfg.save_pretrained(tmp_path / "again")
+    again = AutoConfig.from_pretrained(tmp_path / "again")
+    for name, value in expected.items():
+        assert getattr(again, name) == value, name
+
+
+def test_reference_format_with_rope_scaling_is_rejected(tmp_path):
+    raw = reference_config_dict(rope_scaling={"type": "linear", "factor": 4.0})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="rope_scaling"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_model_build_revalidates_mutated_config():
+    cfg = tiny_config()
+    cfg.mem_layers = [7]
+    with pytest.raises(ValueError, match="mem_layers"):
+        fot.LongLlamaForCausalLM(cfg)
+    cfg = tiny_config()
+    cfg.last_context_length = TINY["max_position_embeddings"] + 1
+    with pytest.raises(ValueError, match="last_context_length"):
+        fot.LongLlamaModel(cfg)
+
+
+def test_mem_top_k_is_not_silently_ignored():
+    # Top-k memory is declared but not implemented: using it must raise, not fall back to dense attention.
+    import torch
+
+    model = fot.LongLlamaForCausalLM(tiny_config(mem_top_k=4))
+    with pytest.raises(NotImplementedError, match="mem_top_k"):
+        model(torch.ones(1, 8, dtype=torch.long))
