@@ -344,3 +344,51 @@ def test_forward_rejects_foreign_caches_and_position_ids():
         model(ids, last_context_length=65)
     with pytest.raises(ValueError, match="cache_policy"):
         fot.LongLlamaCache(model.config, cache_policy="lru")
+
+
+def test_generate_continues_a_prefilled_cache():
+    # Multi-turn use: the cache already holds all but the last prompt token; generate feeds only the rest.
+    model = tiny_model(mem_layers=[1, 2])
+    ids = tokens(1, 120, seed=32)
+    cache = fot.LongLlamaCache(model.config, cache_policy="flush")
+    with torch.no_grad():
+        model(ids[:, :-1], past_key_values=cache)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=40, do_sample=False)
+    naive = naive_for(model, "flush")
+    naive.prefill(ids[:, :-1])
+    logits = naive.step(ids[:, -1:])[:, -1]
+    expected = []
+    for _ in range(40):
+        tok = logits.float().argmax(-1, keepdim=True)
+        expected.append(tok)
+        logits = naive.step(tok)[:, -1]
+    assert torch.equal(out[:, 120:], torch.cat(expected, dim=1))
+    assert cache.seen_tokens == 159
+
+
+def test_cache_batch_surgery_equals_running_the_selected_rows():
+    model = tiny_model(mem_layers=[0, 1])
+    ids, cont = tokens(2, 110, seed=33), tokens(2, 40, seed=34)
+    with torch.no_grad():
+        cache = fot.LongLlamaCache(model.config, cache_policy="flush")
+        model(ids, past_key_values=cache)
+        cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+        cache.reorder_cache(torch.tensor([3, 0, 2, 1]))  # rows 1, 0, 1, 0
+        cache.batch_select_indices(torch.tensor([1, 2]))  # rows 0, 1
+        order = torch.tensor([0, 1])
+        fresh = fot.LongLlamaCache(model.config, cache_policy="flush")
+        model(ids[order], past_key_values=fresh)
+        for t in range(0, 40, 5):  # crosses the flush at local 64
+            chunk = cont[:, t : t + 5]
+            assert torch.equal(
+                model(chunk, past_key_values=cache).logits, model(chunk, past_key_values=fresh).logits
+            )
+    # and a non-trivial permutation: rows swapped
+    with torch.no_grad():
+        swapped = fot.LongLlamaCache(model.config)
+        model(ids, past_key_values=swapped)
+        swapped.reorder_cache(torch.tensor([1, 0]))
+        logits = model(cont, past_key_values=swapped).logits
+    naive = naive_for(model, "slide")
+    naive.prefill(ids.flip(0))
+    assert max_err(logits, naive_continue(naive, cont)) < TOL64  # row 0 continues ids[1], row 1 ids[0]

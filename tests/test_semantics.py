@@ -199,12 +199,17 @@ def test_bfloat16_model_fast_path_within_budget_of_reference():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradients_equal_spec_gradients(checkpointing):
     """Training through windows: memory is not differentiable, the current window is."""
-    model = tiny_model(mem_layers=[0, 2])
+    model = tiny_model(mem_layers=[0, 2], gradient_checkpoint_every_ith=2)
     model.train()
+    calls = []
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
+        inner = model.model._gradient_checkpointing_func
+        model.model._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or inner(*a, **k)
     ids = tokens(2, 150, seed=12)
     model(ids, labels=ids).loss.backward()
+    # 3 windows (64, 54, 32 tokens) x layers 0 and 2 (every 2nd layer) are checkpointed
+    assert len(calls) == (6 if checkpointing else 0)
     weights = weights_f64(model, requires_grad=True)
     logits = NaiveLongLlama(weights, Spec(model.config)).prefill(ids)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
