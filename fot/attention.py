@@ -303,10 +303,85 @@ def fused_memory_attention(
     return merged.to(q_BNTH.dtype)
 
 
-def memory_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str, grouping=None) -> torch.Tensor:
-    """Dispatch to the implementation named by ``impl`` ("reference" or "sdpa")."""
-    if impl == "reference":
+# ----------------------------------------------------------------------------- top-k memory
+def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype):
+    """Keys and values of the retrieved slots, [B, N, T, K, H] in ``dtype`` (slot -1 gives slot 0, masked later).
+
+    Query head n reads KV head n // R, so GQA memory is gathered, never repeated whole.
+    """
+    B, N, T, K = idx_BNTK.shape
+    G, M, H = memory.k_BGMH.shape[1:]
+    R = N // G
+    flat = idx_BNTK.clamp(min=0).reshape(B, G, R * T * K)  # query heads of one KV head are adjacent
+    k = memory.k_BGMH.gather(2, flat[..., None].expand(-1, -1, -1, H)).to(dtype)
+    v = memory.v_BGMH.gather(2, flat[..., None].expand(-1, -1, -1, H)).to(dtype)
+    return k.view(B, N, T, K, H), v.view(B, N, T, K, H)
+
+
+def reference_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK: torch.Tensor) -> torch.Tensor:
+    """The kNN-memory spec: each query attends to its local keys and to its own retrieved memory slots
+    (``idx`` [B, N, T, K], -1 = none), all in one fp32 softmax; scores scaled by 1/sqrt(H), a masked local
+    key scores -1e6, a missing (-1) or invalid retrieved slot is excluded."""
+    B, N, T, H = q_BNTH.shape
+    G = local.k_BGSH.shape[1]
+    dtype = q_BNTH.dtype
+    k_loc = local.k_BGSH.repeat_interleave(N // G, dim=1)
+    v_loc = local.v_BGSH.repeat_interleave(N // G, dim=1)
+    s_loc = torch.matmul(q_BNTH, k_loc.transpose(2, 3)) / math.sqrt(H)
+    s_loc = s_loc.masked_fill(~local_visibility(T, local), MASKED_SCORE)
+    k_sel, v_sel = gather_memory(memory, idx_BNTK, dtype)
+    s_sel = torch.einsum("bnth,bntkh->bntk", q_BNTH, k_sel) / math.sqrt(H)
+    s_sel = s_sel.masked_fill(~_retrieved_ok(memory, idx_BNTK), float("-inf"))
+    probs = torch.softmax(torch.cat([s_loc, s_sel], dim=-1), dim=-1, dtype=torch.float32).to(dtype)
+    S = s_loc.shape[-1]
+    return torch.matmul(probs[..., :S], v_loc) + torch.einsum("bntk,bntkh->bnth", probs[..., S:], v_sel)
+
+
+def _retrieved_ok(memory: MemoryKV, idx_BNTK: torch.Tensor) -> torch.Tensor:
+    ok = idx_BNTK >= 0
+    if memory.valid_BM is not None:
+        B = idx_BNTK.shape[0]
+        valid = memory.valid_BM.gather(1, idx_BNTK.clamp(min=0).reshape(B, -1)).view_as(idx_BNTK)
+        ok = ok & valid
+    return ok
+
+
+def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK, query_block: int = 128):
+    """Fast path of ``reference_topk_attention``: fused local attention with LSE, retrieved slots gathered
+    ``query_block`` queries at a time (bounding the [B, N, T, K, H] gather), merged by LSE."""
+    if _needs_grad(q_BNTH, local, memory):
+        return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
+    B, N, T, H = q_BNTH.shape
+    out_loc, lse_loc = _local_part(q_BNTH, local)
+    out = torch.empty_like(q_BNTH)
+    scale = 1.0 / math.sqrt(H)
+    for t0 in range(0, T, query_block):
+        ts = slice(t0, min(t0 + query_block, T))
+        q = q_BNTH[:, :, ts]
+        idx = idx_BNTK[:, :, ts]
+        k_sel, v_sel = gather_memory(memory, idx, q.dtype)
+        s = torch.einsum("bnth,bntkh->bntk", q, k_sel).float() * scale
+        s = s.masked_fill(~_retrieved_ok(memory, idx), float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None].clamp(min=-1e30)).to(q.dtype)
+        o_sel = torch.einsum("bntk,bntkh->bnth", p, v_sel)
+        merged, _ = merge_lse(out_loc[:, :, ts], lse_loc[:, :, ts], o_sel, lse)
+        out[:, :, ts] = merged.to(q.dtype)
+    return out
+
+
+def memory_attention(
+    q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str, grouping=None, idx_BNTK=None
+) -> torch.Tensor:
+    """Dispatch to the implementation named by ``impl`` ("reference" or "sdpa"); with ``idx_BNTK`` (top-k
+    retrieved slots) to the kNN-memory attention."""
+    if idx_BNTK is not None:
+        if impl == "reference":
+            return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
+        if impl == "sdpa":
+            return fused_topk_attention(q_BNTH, local, memory, idx_BNTK)
+    elif impl == "reference":
         return reference_memory_attention(q_BNTH, local, memory, grouping)
-    if impl == "sdpa":
+    elif impl == "sdpa":
         return fused_memory_attention(q_BNTH, local, memory, grouping)
     raise ValueError(f"unknown attention implementation {impl!r}; use 'sdpa' or 'reference'.")

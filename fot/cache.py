@@ -28,9 +28,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from .attention import LocalKV, apply_rope, rope_cos_sin
+from .attention import LocalKV, MemoryKV, apply_rope, rope_cos_sin
 from .config import CACHE_POLICIES, LongLlamaConfig
 from .memory import MemoryStore, copy_on_write
+from .search import KeySearch, make_search
 
 INITIAL_LOCAL_CAPACITY = 256
 
@@ -159,6 +160,24 @@ class LocalSnapshot:
         return LocalKV(k, v, valid)
 
 
+class MemoryReader:
+    """Read-only access to one memory layer's store for attention: the dense view, or top-k retrieval."""
+
+    def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None):
+        self.store, self.search, self.top_k = store, search, top_k
+
+    def view(self) -> MemoryKV | None:
+        return self.store.view()
+
+    def retrieve(self, q_BNTH: torch.Tensor) -> torch.Tensor:
+        """Top-k slot indices [B, N, T, K] (-1 = none) for rotated queries, searched per KV head."""
+        B, N, T, H = q_BNTH.shape
+        G = self.store.k_BGMH.shape[1]
+        q_BGXH = q_BNTH.reshape(B, G, (N // G) * T, H)  # query heads of one KV head are adjacent
+        idx_BGXK = self.search.search(q_BGXH, self.store, self.top_k)
+        return idx_BGXK.reshape(B, N, T, self.top_k)
+
+
 class LongLlamaCache(Cache):
     """State of a LongLLaMA model across windows and generation steps.
 
@@ -176,8 +195,19 @@ class LongLlamaCache(Cache):
         self.window = config.max_position_embeddings
         self.mem_layers = tuple(config.mem_layers)
         self.locals = [LocalWindow(self.window) for _ in range(config.num_hidden_layers)]
-        self.memories = {i: MemoryStore(config.mem_torch_dtype) for i in config.mem_layers}
+        self.config = config
+        self.top_k = config.mem_top_k
+        self.memories: dict[int, MemoryStore] = {}
+        self.searches: dict[int, KeySearch] = {}
+        self._new_memories()
         self.seen_tokens = 0
+
+    def _new_memories(self) -> None:
+        cfg = self.config
+        for i in cfg.mem_layers:
+            self.memories[i] = MemoryStore(cfg.mem_torch_dtype, cfg.mem_max_tokens, name=f"memory layer {i}")
+            if cfg.mem_top_k is not None:
+                self.searches[i] = make_search(cfg.mem_index, cfg.mem_nprobe)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -222,7 +252,36 @@ class LongLlamaCache(Cache):
         for idx, local in enumerate(self.locals):
             k_raw, v, valid = local.evict(keep, inv_freqs[idx])
             if idx in self.memories:
-                self.memories[idx].append(k_raw, v, valid)
+                self.append_memory(idx, k_raw, v, valid)
+
+    def append_memory(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT) -> None:
+        """Write to a memory layer's store and keep its search index current."""
+        store = self.memories[layer_idx]
+        filled_before = store.length
+        slots = store.append(k_raw_BGTH, v_BGTH, valid_BT)
+        search = self.searches.get(layer_idx)
+        if search is not None and slots.numel():
+            evicted = filled_before + slots.numel() > store.length
+            search.update(store, slots, evicted)
+
+    def memory_reader(self, layer_idx: int) -> MemoryReader | None:
+        if layer_idx not in self.memories:
+            return None
+        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k)
+
+    def clear_memory(self, rows=None) -> None:
+        """Forget what batch ``rows`` (all when None) have in memory; the local windows are kept."""
+        for store in self.memories.values():
+            store.clear(rows)
+        # Search indexes keep the cleared slots; every backend filters retrieved slots by validity.
+
+    def memory_bytes(self) -> dict[str, int]:
+        """RAM of the memory: the minimum (filled keys + values), what is allocated, and the index's own."""
+        return {
+            "keys_values": sum(s.nbytes() for s in self.memories.values()),
+            "allocated": sum(s.allocated_bytes() for s in self.memories.values()),
+            "index": sum(s.nbytes() for s in self.searches.values()),
+        }
 
     def local_for_attention(self, layer_idx: int):
         """What a layer's attention extends with its chunk: the window itself (inference) or a snapshot."""
@@ -233,7 +292,7 @@ class LongLlamaCache(Cache):
         """After layer ``layer_idx`` attended a chunk: keep it locally, or move it straight to memory."""
         if to_memory:
             if layer_idx in self.memories:
-                self.memories[layer_idx].append(k_raw_BGTH, v_BGTH, valid_BT)
+                self.append_memory(layer_idx, k_raw_BGTH, v_BGTH, valid_BT)
         else:
             self.locals[layer_idx].commit(k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT)
 
@@ -243,6 +302,8 @@ class LongLlamaCache(Cache):
             local.select_batch(index)
         for store in self.memories.values():
             store.select_batch(index)
+        for search in self.searches.values():
+            search.select_batch(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -267,6 +328,5 @@ class LongLlamaCache(Cache):
     def reset(self) -> None:
         for i in range(len(self.locals)):
             self.locals[i] = LocalWindow(self.window)
-        for i in self.memories:
-            self.memories[i] = MemoryStore(self.memories[i].dtype)
+        self._new_memories()
         self.seen_tokens = 0

@@ -18,6 +18,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 MEM_DTYPES = ("float32", "float16", "bfloat16")
 CACHE_POLICIES = ("slide", "flush")
+MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf")
 
 
 class LongLlamaConfig(PreTrainedConfig):
@@ -44,9 +45,13 @@ class LongLlamaConfig(PreTrainedConfig):
     Our additions:
 
     Args:
-        mem_top_k: None means dense attention over all memory (the reference behaviour); an int selects the
-            top-k memory keys per query (kNN memory).
-        mem_max_tokens: None means unbounded memory; an int caps the memory per layer.
+        mem_top_k: None means dense attention over all memory (the reference behaviour); an int K makes every
+            query attend to its own top-K memory slots by inner product (kNN memory), in the same softmax.
+        mem_index: how top-K slots are found: "exact" (matmul + topk), "faiss-flat" (FAISS brute force) or
+            "faiss-ivf" (FAISS IVF-Flat, approximate). See ``fot.search``.
+        mem_nprobe: inverted lists visited per query by "faiss-ivf".
+        mem_max_tokens: None means unbounded memory; an int caps the memory per layer, evicting the oldest
+            tokens first (FIFO).
         cache_policy: what happens when the local cache of generation would exceed W. "slide" (default)
             evicts the oldest tokens so the most recent ``last_context_length`` tokens stay local, and moves
             the evicted ones to memory in memory layers. "flush" is the reference's policy: the whole local
@@ -87,6 +92,8 @@ class LongLlamaConfig(PreTrainedConfig):
     gradient_checkpoint_every_ith: int = 1
     # Ours.
     mem_top_k: int | None = None
+    mem_index: str = "exact"
+    mem_nprobe: int = 32
     mem_max_tokens: int | None = None
     cache_policy: str = "slide"
     attn_impl: str = "auto"
@@ -163,7 +170,9 @@ class LongLlamaConfig(PreTrainedConfig):
                     f"mem_attention_grouping={grouping!r} must be None or a pair of positive ints "
                     "(heads, queries), e.g. (1, 2048)."
                 )
-        for name in ("mem_top_k", "mem_max_tokens"):
+        if self.mem_index not in MEM_INDEXES:
+            raise ValueError(f"mem_index={self.mem_index!r} is unknown; use one of {', '.join(MEM_INDEXES)}.")
+        for name in ("mem_top_k", "mem_max_tokens", "mem_nprobe"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}={value!r} must be None or a positive int.")

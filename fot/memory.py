@@ -2,9 +2,12 @@
 
 Shape legend: B batch, G KV heads, M memory slots, T tokens appended, H head dim.
 
-Storage is preallocated and grows geometrically (x2), so appending N tokens one window at a time costs O(N)
-copying in total instead of the O(N^2) of concatenating on every append. Keys and values are stored in
-``dtype`` (the config's ``mem_dtype``); readers get views of the filled prefix and cast block by block.
+Storage is preallocated and grows geometrically (x1.25), so appending N tokens one window at a time costs
+O(N) copying in total instead of the O(N^2) of concatenating on every append, while the allocated size stays
+within 1.25x of what is filled. With ``max_tokens`` the store is a ring of that many slots: new tokens
+overwrite the oldest ones (FIFO eviction). Dense attention is a softmax over a *set*, so slot order does not
+matter; readers get views of the filled slots and cast block by block. Keys and values are stored in
+``dtype`` (the config's ``mem_dtype``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from .attention import MemoryKV
 
 INITIAL_CAPACITY = 1024
+GROWTH = 1.25
 
 
 def copy_on_write(*tensors: torch.Tensor):
@@ -25,29 +29,32 @@ def copy_on_write(*tensors: torch.Tensor):
 
 
 class MemoryStore:
-    """Append-only (key, value, valid) memory of one layer for a batch.
+    """(key, value, valid) memory of one layer for a batch; append-only, or a FIFO ring with ``max_tokens``.
 
     Args:
         dtype: storage dtype of keys and values.
+        max_tokens: capacity; None for unbounded.
+        name: how errors refer to this store (e.g. "memory layer 6").
     """
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, max_tokens: int | None = None, name: str = "memory"):
         self.dtype = dtype
+        self.max_tokens = max_tokens
+        self.name = name
         self.k_BGMH: torch.Tensor | None = None
         self.v_BGMH: torch.Tensor | None = None
         self.valid_BM: torch.Tensor | None = None
-        self.length = 0
+        self.length = 0  # filled slots
+        self.next_slot = 0  # where the next token goes (== length until a bounded store wraps)
+        self.total_appended = 0
         self.all_valid = True  # lets readers skip the mask when no padding ever entered memory
 
     @property
     def capacity(self) -> int:
         return 0 if self.k_BGMH is None else self.k_BGMH.shape[2]
 
-    def _grow(self, needed: int, like: torch.Tensor) -> None:
+    def _allocate(self, capacity: int, like: torch.Tensor) -> None:
         B, G, _, H = like.shape
-        capacity = max(INITIAL_CAPACITY, self.capacity)
-        while capacity < needed:
-            capacity *= 2
         k = like.new_empty((B, G, capacity, H), dtype=self.dtype)
         v = like.new_empty((B, G, capacity, H), dtype=self.dtype)
         valid = torch.ones((B, capacity), dtype=torch.bool, device=like.device)
@@ -57,29 +64,92 @@ class MemoryStore:
             valid[:, : self.length] = self.valid_BM[:, : self.length]
         self.k_BGMH, self.v_BGMH, self.valid_BM = k, v, valid
 
-    def append(self, k_BGTH: torch.Tensor, v_BGTH: torch.Tensor, valid_BT: torch.Tensor | None) -> None:
-        """Append T slots. ``k`` must already be pre-RoPE ("as if at position 0")."""
+    def _reserve(self, needed: int, like: torch.Tensor) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(INITIAL_CAPACITY, self.capacity)
+        while capacity < needed:
+            capacity = int(capacity * GROWTH) + 1
+        if self.max_tokens is not None:
+            capacity = min(capacity, self.max_tokens)
+        self._allocate(capacity, like)
+
+    def _check(self, k_BGTH: torch.Tensor, v_BGTH: torch.Tensor) -> None:
+        if self.k_BGMH is not None and (
+            k_BGTH.shape[0] != self.k_BGMH.shape[0] or k_BGTH.shape[1::2] != self.k_BGMH.shape[1::2]
+        ):
+            raise ValueError(
+                f"{self.name} holds [batch={self.k_BGMH.shape[0]}, kv heads={self.k_BGMH.shape[1]}, head dim="
+                f"{self.k_BGMH.shape[3]}] but got keys of shape {tuple(k_BGTH.shape)}; start a new cache for a "
+                "different batch or model."
+            )
+        if not (bool(torch.isfinite(k_BGTH).all()) and bool(torch.isfinite(v_BGTH).all())):
+            raise ValueError(
+                f"non-finite keys or values (NaN/inf) are being written to {self.name}; check the model's "
+                "weights and inputs, or use a wider dtype (fp16 overflows easily)."
+            )
+
+    def append(self, k_BGTH: torch.Tensor, v_BGTH: torch.Tensor, valid_BT: torch.Tensor | None) -> torch.Tensor:
+        """Append T slots; ``k`` must already be pre-RoPE ("as if at position 0").
+
+        Returns:
+            the int64 slot indices written (for search indexes to update), in append order.
+        """
         T = k_BGTH.shape[2]
         if T == 0:
-            return
-        if self.k_BGMH is not None and k_BGTH.shape[0] != self.k_BGMH.shape[0]:
-            raise ValueError(
-                f"memory holds a batch of {self.k_BGMH.shape[0]} rows but {k_BGTH.shape[0]} were appended; "
-                "start a new cache for a different batch size."
-            )
-        if self.length + T > self.capacity:
-            self._grow(self.length + T, k_BGTH)
-        end = self.length + T
+            return torch.empty(0, dtype=torch.long)
+        self._check(k_BGTH, v_BGTH)
+        if self.max_tokens is not None and T > self.max_tokens:  # only the newest max_tokens survive
+            k_BGTH, v_BGTH = k_BGTH[:, :, -self.max_tokens :], v_BGTH[:, :, -self.max_tokens :]
+            valid_BT = None if valid_BT is None else valid_BT[:, -self.max_tokens :]
+            self.total_appended += T - self.max_tokens
+            T = self.max_tokens
+        bounded_full = self.max_tokens is not None and self.length + T > self.max_tokens
+        self._reserve(self.max_tokens if bounded_full else self.length + T, k_BGTH)
+        slots = (self.next_slot + torch.arange(T)) % self.capacity if bounded_full else None
         self.k_BGMH, self.v_BGMH, self.valid_BM = copy_on_write(self.k_BGMH, self.v_BGMH, self.valid_BM)
-        self.k_BGMH[:, :, self.length : end] = k_BGTH.detach()
-        self.v_BGMH[:, :, self.length : end] = v_BGTH.detach()
-        if valid_BT is not None:
-            self.valid_BM[:, self.length : end] = valid_BT
-            self.all_valid = self.all_valid and bool(valid_BT.all())
-        self.length = end
+        if slots is None:
+            slots = torch.arange(self.next_slot, self.next_slot + T)
+            sl = slice(self.next_slot, self.next_slot + T)
+            self.k_BGMH[:, :, sl] = k_BGTH.detach()
+            self.v_BGMH[:, :, sl] = v_BGTH.detach()
+            self.valid_BM[:, sl] = True if valid_BT is None else valid_BT
+        else:
+            idx = slots.to(self.k_BGMH.device)
+            self.k_BGMH.index_copy_(2, idx, k_BGTH.detach().to(self.dtype))
+            self.v_BGMH.index_copy_(2, idx, v_BGTH.detach().to(self.dtype))
+            new_valid = torch.ones_like(self.valid_BM[:, :T]) if valid_BT is None else valid_BT
+            self.valid_BM.index_copy_(1, idx, new_valid)
+        self.length = min(self.length + T, self.capacity) if bounded_full else self.length + T
+        self.next_slot = int(slots[-1]) + 1
+        if self.max_tokens is not None and self.next_slot >= self.max_tokens:
+            self.next_slot = 0
+        self.total_appended += T
+        self._refresh_all_valid(valid_BT, overwrote=bounded_full)
+        return slots
+
+    def _refresh_all_valid(self, valid_BT, overwrote: bool) -> None:
+        if overwrote:  # evicted padding may have been the only padding
+            self.all_valid = bool(self.valid_BM[:, : self.length].all())
+        elif valid_BT is not None and not bool(valid_BT.all()):
+            self.all_valid = False
+
+    def clear(self, rows=None) -> None:
+        """Forget the memory of batch ``rows`` (all rows when None): their slots become invalid."""
+        if self.valid_BM is None:
+            return
+        if rows is None:
+            self.valid_BM[:, : self.length] = False
+        else:
+            rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.valid_BM.device).reshape(-1)
+            B = self.valid_BM.shape[0]
+            if rows_t.numel() and (int(rows_t.min()) < 0 or int(rows_t.max()) >= B):
+                raise ValueError(f"clear(rows={rows}): rows must be in [0, {B - 1}].")
+            self.valid_BM[rows_t, : self.length] = False
+        self.all_valid = False
 
     def view(self) -> MemoryKV | None:
-        """The filled prefix as a ``MemoryKV`` (views, no copy), or None when empty."""
+        """The filled slots as a ``MemoryKV`` (views, no copy), or None when empty."""
         if self.length == 0:
             return None
         n = self.length
@@ -97,7 +167,44 @@ class MemoryStore:
         self.valid_BM = self.valid_BM.index_select(0, index)
 
     def nbytes(self) -> int:
+        """Bytes of the filled keys and values (the minimum a dense memory needs)."""
         if self.k_BGMH is None:
             return 0
         per_slot = self.k_BGMH[:, :, :1].numel() * self.k_BGMH.element_size() * 2
         return per_slot * self.length
+
+    def allocated_bytes(self) -> int:
+        """Bytes actually held: key/value buffers at capacity plus the validity mask."""
+        if self.k_BGMH is None:
+            return 0
+        kv = 2 * self.k_BGMH.numel() * self.k_BGMH.element_size()
+        return kv + self.valid_BM.numel() * self.valid_BM.element_size()
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict[str, torch.Tensor]:
+        """The filled part as tensors (slot order preserved), for saving."""
+        n = self.length
+        if n == 0:
+            return {}
+        return {"k": self.k_BGMH[:, :, :n].contiguous(), "v": self.v_BGMH[:, :, :n].contiguous(),
+                "valid": self.valid_BM[:, :n].contiguous()}  # fmt: skip
+
+    def load_state(self, tensors: dict[str, torch.Tensor], next_slot: int, total_appended: int) -> None:
+        self.k_BGMH = self.v_BGMH = self.valid_BM = None
+        self.length = 0
+        if tensors:
+            k = tensors["k"]
+            if k.dtype != self.dtype:
+                raise ValueError(f"{self.name}: saved memory is {k.dtype}, the model stores {self.dtype}.")
+            n = k.shape[2]
+            if self.max_tokens is not None and n > self.max_tokens:
+                raise ValueError(f"{self.name}: saved memory has {n} slots, more than mem_max_tokens={self.max_tokens}.")
+            capacity = n if self.max_tokens is None else self.max_tokens
+            self._allocate(max(capacity, 1), k)
+            self.k_BGMH[:, :, :n] = k
+            self.v_BGMH[:, :, :n] = tensors["v"]
+            self.valid_BM[:, :n] = tensors["valid"]
+            self.length = n
+        self.next_slot = next_slot
+        self.total_appended = total_appended
+        self.all_valid = self.length == 0 or bool(self.valid_BM[:, : self.length].all())

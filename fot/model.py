@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .attention import LocalKV, MemoryKV, apply_rope, memory_attention
+from .attention import LocalKV, apply_rope, memory_attention
 from .config import LongLlamaConfig
 from .crossbatch import CrossBatchPlan
 
@@ -66,15 +66,19 @@ class LongLlamaAttention(nn.Module):
         x_BTD: torch.Tensor,
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
         local,
-        memory: MemoryKV | None,
+        memory,
         valid_BT: torch.Tensor | None,
         impl: str,
         grouping: tuple[int, int] | None,
         crossbatch: CrossBatchPlan | None = None,
     ):
-        """Attend a chunk. In training with ``crossbatch``, memory layers attend to the other rows' raw keys
-        (position 0) and values named by the plan, in the same softmax, instead of to a memory. ``local`` is a ``LocalWindow`` (inference) or ``LocalSnapshot`` (training); the
-        caller commits the returned keys/values to the cache.
+        """Attend a chunk.
+
+        ``local`` is a ``LocalWindow`` (inference) or ``LocalSnapshot`` (training). ``memory`` is a
+        ``MemoryReader`` (memory layers) or None: dense attention to its whole view, or, with ``mem_top_k``,
+        to each query's retrieved slots. In training with ``crossbatch``, memory layers instead attend to the
+        other rows' raw keys (position 0) and values named by the plan, in the same softmax. The caller
+        commits the returned keys/values to the cache.
 
         Returns:
             (output [B, T, D], (raw keys before RoPE, rotated keys, values), each [B, G, T, H]).
@@ -90,9 +94,14 @@ class LongLlamaAttention(nn.Module):
         else:
             k_rot_BGTH = k_BGTH
         local_kv: LocalKV = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
-        if crossbatch is not None and self.is_memory_layer:
-            memory = crossbatch.gather(k_BGTH, v_BGTH, valid_BT)
-        out_BNTH = memory_attention(q_BNTH, local_kv, memory if self.is_memory_layer else None, impl, grouping)
+        mem_kv, idx_BNTK = None, None
+        if self.is_memory_layer and crossbatch is not None:
+            mem_kv = crossbatch.gather(k_BGTH, v_BGTH, valid_BT)
+        elif self.is_memory_layer and memory is not None:
+            mem_kv = memory.view()
+            if mem_kv is not None and memory.top_k is not None:
+                idx_BNTK = memory.retrieve(q_BNTH)
+        out_BNTH = memory_attention(q_BNTH, local_kv, mem_kv, impl, grouping, idx_BNTK)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out_BTD), (k_BGTH, k_rot_BGTH, v_BGTH)
 

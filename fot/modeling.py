@@ -99,14 +99,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=device)
         return [inv_freq if layer.self_attn.use_rope else None for layer in self.layers]
 
-    def _check_unsupported(self) -> None:
-        cfg = self.config
-        if cfg.mem_layers and (cfg.mem_top_k is not None or cfg.mem_max_tokens is not None):
-            raise NotImplementedError(
-                f"mem_top_k={cfg.mem_top_k} / mem_max_tokens={cfg.mem_max_tokens}: top-k (kNN) lookup and bounded "
-                "memory are not implemented in this version; set both to None for dense attention over all memory."
-            )
-
     # ------------------------------------------------------------------ one chunk through all layers
     def _run_chunk(
         self, x_BTD, cache: LongLlamaCache, valid_BT, to_memory: bool, impl: str, inv_freqs, keep_hidden: bool,
@@ -122,7 +114,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         hidden = [x_BTD] if keep_hidden else None
         for idx, layer in enumerate(self.layers):
             local = cache.local_for_attention(idx)
-            memory = cache.memories[idx].view() if idx in cache.memories else None
+            memory = cache.memory_reader(idx)
             args = (x_BTD, rope, local, memory, valid_BT, impl, grouping, crossbatch)
             every = self.config.gradient_checkpoint_every_ith
             if self.gradient_checkpointing and self.training and idx % every == 0:
@@ -165,7 +157,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 rows named by the plan (see ``fot.crossbatch``) instead of a memory. No cache is used.
         """
         self._validate_call(input_ids, inputs_embeds, output_attentions, past_key_values, kwargs)
-        self._check_unsupported()
         cfg = self.config
         if crossbatch is not None:
             self._validate_crossbatch(crossbatch, past_key_values, use_cache, inputs_embeds, input_ids)

@@ -11,7 +11,10 @@ Accessors:
                                                never raises, imports triton only if it is installed
     load_memory_attention() -> module          the kernel module; RuntimeError naming the reason if
                                                triton is not installed
-    memory_attention(...)                      lazy alias of fot.kernels.memory_attention.memory_attention
+
+There is deliberately no package-level ``memory_attention`` alias: importing the submodule
+``fot.kernels.memory_attention`` rebinds that package attribute to the module, so an alias here would
+silently change meaning. Call ``load_memory_attention().memory_attention(...)``.
 
 Under the CPU interpreter, TRITON_INTERPRET=1 must be in the environment before the kernel module
 is first imported: triton decides interpreted vs compiled when the kernels are defined.
@@ -43,7 +46,3 @@ def unavailable_reason(device) -> str | None:
         return "the triton package is not installed (pip install 'fot[triton]')"
     return load_memory_attention().unavailable_reason(device)
 
-
-def memory_attention(*args, **kwargs):
-    """Lazy alias of ``fot.kernels.memory_attention.memory_attention`` (same arguments)."""
-    return load_memory_attention().memory_attention(*args, **kwargs)

@@ -24,7 +24,8 @@ Algorithm (FlashAttention-2 forward, Triton tutorial 06 layout):
          query row has its own keys, and this part is bandwidth bound anyway);
       3. only if some row of the block is still fully masked: the causally hidden local tiles.
     Backward (FlashAttention-2): delta = rowsum(dout * out) - dlse (so the lse is differentiable too);
-      * dq kernel, same grid as forward: recomputes p from the saved lse; in RETRIEVED mode it also
+      * dq kernel, same grid as forward: recomputes p = exp(s - m) / l from the saved row max m and row
+        sum l (not from the lse, which fp32 cannot hold exactly for a fully masked row); in RETRIEVED mode it also
         scatters dk_mem / dv_mem with fp32 atomic adds (duplicates across queries are summed);
       * dk/dv kernel, program = (tile of BLOCK_L keys, one (b, g)), loops over the R query heads of
         the group and the query blocks: local keys (causal; earlier query blocks only when a row is
@@ -49,9 +50,10 @@ Launcher API (what fot.attention dispatches to):
                      idx=None, *, return_lse=False, config=None) -> out  or  (out, lse)
         differentiable in q, k_loc, v_loc, k_mem, v_mem (and through lse); idx=None means dense memory,
         k_mem=None or M == 0 means no memory.
-    memory_attention_fwd(...same arguments...) -> (out, lse)          no autograd
+    memory_attention_fwd(...same arguments...) -> (out, lse, stats)   no autograd; stats [2, B, N, T]
+                                                                      = softmax row max and row sum
     memory_attention_bwd(dout, dlse, q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx,
-                         out, lse, *, mem_grad, config=None) -> (dq, dk_loc, dv_loc, dk_mem, dv_mem)
+                         out, stats, *, mem_grad, config=None) -> (dq, dk_loc, dv_loc, dk_mem, dv_mem)
     default_config(head_dim, retrieved, device) -> KernelConfig
     unavailable_reason(device) -> str | None       why the kernel cannot run on ``device`` (None: it can)
 """
@@ -163,7 +165,7 @@ def _retrieved_tile(q, idx_base, stride_it, start, offs_t, T, K, km_base, vm_bas
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _fwd_kernel(
-    Q, KL, VL, LVALID, KM, VM, MVALID, IDX, OUT, LSE,
+    Q, KL, VL, LVALID, KM, VM, MVALID, IDX, OUT, LSE, MROW, LROW,
     stride_qb, stride_qn, stride_qt,
     stride_klb, stride_klg, stride_kls,
     stride_vlb, stride_vlg, stride_vls,
@@ -230,12 +232,17 @@ def _fwd_kernel(
     out = acc / l_i[:, None]
     o_ptrs = OUT + b * stride_ob + n * stride_on + offs_t[:, None] * stride_ot + offs_h[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_h < H)[None, :])
-    tl.store(LSE + pid_bn.to(tl.int64) * T + offs_t, (m_i + tl.log(l_i)).to(LSE.dtype.element_ty), mask=row_ok)
+    row = pid_bn.to(tl.int64) * T + offs_t
+    tl.store(LSE + row, (m_i + tl.log(l_i)).to(LSE.dtype.element_ty), mask=row_ok)
+    # the backward uses (m, l), not the lse: for a fully masked row, lse = -1e6 + log(count) is not
+    # representable in fp32 to better than 0.06, while s - m = 0 is exact
+    tl.store(MROW + row, m_i, mask=row_ok)
+    tl.store(LROW + row, l_i, mask=row_ok)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, KL, VL, LVALID, KM, VM, MVALID, IDX, DO, LSE, DELTA, DQ, DKM, DVM,
+    Q, KL, VL, LVALID, KM, VM, MVALID, IDX, DO, MROW, LROW, DELTA, DQ, DKM, DVM,
     stride_qb, stride_qn, stride_qt,
     stride_klb, stride_klg, stride_kls,
     stride_vlb, stride_vlg, stride_vls,
@@ -262,7 +269,8 @@ def _bwd_dq_kernel(
     h_ok = offs_h < H
     q = _load_rows(Q + b * stride_qb + n * stride_qn, offs_t, stride_qt, T, offs_h, H, ACC)
     do = _load_rows(DO + b * stride_dob + n * stride_don, offs_t, stride_dot, T, offs_h, H, ACC)
-    lse = tl.load(LSE + pid_bn.to(tl.int64) * T + offs_t, mask=row_ok, other=0.0).to(ACC)
+    m_row = tl.load(MROW + pid_bn.to(tl.int64) * T + offs_t, mask=row_ok, other=0.0)
+    inv_l = 1.0 / tl.load(LROW + pid_bn.to(tl.int64) * T + offs_t, mask=row_ok, other=1.0)
     delta = tl.load(DELTA + pid_bn.to(tl.int64) * T + offs_t, mask=row_ok, other=0.0).to(ACC)
     q_pos = S - T + offs_t
     kl_base = KL + b * stride_klb + g * stride_klg
@@ -278,7 +286,7 @@ def _bwd_dq_kernel(
     for start in range(0, hi, BLOCK_S):
         s, visible, k, v = _local_tile(q, start, q_pos, kl_base, vl_base, lv_base, stride_kls, stride_vls, S,
                                        offs_h, H, sm_scale, HAS_LVALID, BLOCK_S, ACC, PREC)
-        p = tl.exp(s - lse[:, None])
+        p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
         dq += tl.dot(ds, k, input_precision=PREC, out_dtype=ACC)
@@ -286,7 +294,7 @@ def _bwd_dq_kernel(
         for start in range(0, M, BLOCK_M):
             s, visible, k, v = _dense_tile(q, start, km_base, vm_base, mv_base, stride_kmm, stride_vmm, M, offs_h,
                                            H, sm_scale, HAS_MVALID, BLOCK_M, ACC, PREC)
-            p = tl.exp(s - lse[:, None])
+            p = tl.exp(s - m_row[:, None]) * inv_l[:, None]
             dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
             ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
             dq += tl.dot(ds, k, input_precision=PREC, out_dtype=ACC)
@@ -298,7 +306,7 @@ def _bwd_dq_kernel(
             s, visible, k, v, idx = _retrieved_tile(q, idx_base, stride_it, start, offs_t, T, K, km_base, vm_base,
                                                     mv_base, stride_kmm, stride_vmm, M, offs_h, H, sm_scale,
                                                     HAS_MVALID, BLOCK_K, ACC)
-            p = tl.exp(s - lse[:, None])  # absent entries: exp(-inf) = 0
+            p = tl.exp(s - m_row[:, None]) * inv_l[:, None]  # absent entries: exp(-inf) = 0
             dp = tl.sum(do[:, None, :] * v, 2)
             ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
             dq += tl.sum(ds[:, :, None] * k, 1)
@@ -314,7 +322,7 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, DO, LSE, DELTA, KX, VX, VALID, DK, DV,
+    Q, DO, MROW, LROW, DELTA, KX, VX, VALID, DK, DV,
     stride_qb, stride_qn, stride_qt,
     stride_dob, stride_don, stride_dot,
     stride_kb, stride_kg, stride_kl,
@@ -353,19 +361,20 @@ def _bwd_dkdv_kernel(
         for tb in range(0, tl.cdiv(T, BLOCK_T)):
             offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
             row_ok = offs_t < T
-            lse = tl.load(LSE + bn * T + offs_t, mask=row_ok, other=0.0).to(ACC)
+            m_row = tl.load(MROW + bn * T + offs_t, mask=row_ok, other=0.0)
             needed = tb >= first_tb
             if IS_LOCAL:  # blocks before the causal start matter only to fully masked rows
-                needed = needed | (tl.min(tl.where(row_ok, lse, 0.0)) < _FULLY_MASKED)
+                needed = needed | (tl.min(m_row) < _FULLY_MASKED)
             if needed:
                 q = _load_rows(q_base, offs_t, stride_qt, T, offs_h, H, ACC)
                 do = _load_rows(do_base, offs_t, stride_dot, T, offs_h, H, ACC)
                 delta = tl.load(DELTA + bn * T + offs_t, mask=row_ok, other=0.0).to(ACC)
+                inv_l = 1.0 / tl.load(LROW + bn * T + offs_t, mask=row_ok, other=1.0)
                 qk_t = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=ACC) * sm_scale  # [BLOCK_L, BLOCK_T]
                 visible = key_ok[:, None]
                 if IS_LOCAL:
                     visible = visible & (offs_l[:, None] <= (L - T + offs_t)[None, :])
-                p_t = tl.exp(tl.where(visible, qk_t, _MASKED) - lse[None, :])
+                p_t = tl.exp(tl.where(visible, qk_t, _MASKED) - m_row[None, :]) * inv_l[None, :]
                 p_t = tl.where(l_ok[:, None] & row_ok[None, :], p_t, 0.0)
                 dv += tl.dot(p_t, do, input_precision=PREC, out_dtype=ACC)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)
@@ -508,22 +517,27 @@ def _as_bytes(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor
 
 def memory_attention_fwd(q, k_loc, v_loc, k_mem=None, v_mem=None, local_valid=None, mem_valid=None, idx=None,
                          *, config: KernelConfig | None = None):
-    """Forward only. Returns (out [B, N, T, H] in q's dtype, lse [B, N, T] fp32; fp64 for fp64 inputs)."""
+    """Forward only. Returns (out, lse, stats).
+
+    out [B, N, T, H] in q's dtype; lse [B, N, T] fp32 (fp64 for fp64 inputs); stats [2, B, N, T] same
+    dtype: the softmax row max and row sum of exponentials, which ``memory_attention_bwd`` needs.
+    """
     mode, M = _check_inputs(q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx)
     B, N, T, H = q.shape
     G, S = k_loc.shape[1], k_loc.shape[2]
     acc, prec, lse_dtype = _acc_types(q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, N, T), dtype=lse_dtype, device=q.device)
+    stats = torch.empty((2, B, N, T), dtype=lse_dtype, device=q.device)
     if T == 0 or B * N == 0:
-        return out, lse
+        return out, lse, stats
     cfg = config or default_config(H, mode == MEM_RETRIEVED, q.device)
     km = k_mem if mode != MEM_NONE else q
     vm = v_mem if mode != MEM_NONE else q
     ix = idx if mode == MEM_RETRIEVED else q
     grid = (triton.cdiv(T, cfg.block_t), B * N)
     _fwd_kernel[grid](
-        q, k_loc, v_loc, _as_bytes(local_valid, q), km, vm, _as_bytes(mem_valid, q), ix, out, lse,
+        q, k_loc, v_loc, _as_bytes(local_valid, q), km, vm, _as_bytes(mem_valid, q), ix, out, lse, stats[0], stats[1],
         *_strides(q, 3), *_strides(k_loc, 3), *_strides(v_loc, 3),
         *_strides(k_mem if mode else None, 3), *_strides(v_mem if mode else None, 3),
         *_strides(idx if mode == MEM_RETRIEVED else None, 3), *_strides(out, 3),
@@ -533,10 +547,10 @@ def memory_attention_fwd(q, k_loc, v_loc, k_mem=None, v_mem=None, local_valid=No
         BLOCK_T=cfg.block_t, BLOCK_S=cfg.block_s, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_H=_block_h(H),
         ACC=acc, PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse
+    return out, lse, stats
 
 
-def memory_attention_bwd(dout, dlse, q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, out, lse,
+def memory_attention_bwd(dout, dlse, q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, out, stats,
                          *, mem_grad: bool, config: KernelConfig | None = None):
     """Gradients (dq, dk_loc, dv_loc, dk_mem, dv_mem); the memory ones are None unless ``mem_grad``.
 
@@ -554,7 +568,7 @@ def memory_attention_bwd(dout, dlse, q, k_loc, v_loc, k_mem, v_mem, local_valid,
     if dlse is not None:
         delta = delta - dlse.to(lse_dtype)
     delta = delta.contiguous()
-    lse = lse.contiguous()
+    m_row, l_row = stats[0].contiguous(), stats[1].contiguous()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk_loc = torch.empty_like(k_loc, memory_format=torch.contiguous_format)
     dv_loc = torch.empty_like(v_loc, memory_format=torch.contiguous_format)
@@ -576,7 +590,7 @@ def memory_attention_bwd(dout, dlse, q, k_loc, v_loc, k_mem, v_mem, local_valid,
     K = 0 if idx is None else idx.shape[3]
     common = dict(BLOCK_H=_block_h(H), ACC=acc, PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _bwd_dq_kernel[(triton.cdiv(T, cfg.block_t), B * N)](
-        q, k_loc, v_loc, _as_bytes(local_valid, q), km, vm, _as_bytes(mem_valid, q), ix, dout, lse, delta, dq,
+        q, k_loc, v_loc, _as_bytes(local_valid, q), km, vm, _as_bytes(mem_valid, q), ix, dout, m_row, l_row, delta, dq,
         dk_mem if scatter else q, dv_mem if scatter else q,
         *_strides(q, 3), *_strides(k_loc, 3), *_strides(v_loc, 3),
         *_strides(k_mem if mode else None, 3), *_strides(v_mem if mode else None, 3),
@@ -593,7 +607,7 @@ def memory_attention_bwd(dout, dlse, q, k_loc, v_loc, k_mem, v_mem, local_valid,
         key_sets.append((k_mem, v_mem, mem_valid, dk_mem, dv_mem, M, False))
     for kx, vx, valid, dk, dv, L, is_local in key_sets:
         _bwd_dkdv_kernel[(triton.cdiv(L, cfg.block_s), B * G)](
-            q, dout, lse, delta, kx, vx, _as_bytes(valid, q), dk, dv,
+            q, dout, m_row, l_row, delta, kx, vx, _as_bytes(valid, q), dk, dv,
             *_strides(q, 3), *_strides(dout, 3), *_strides(kx, 3), *_strides(vx, 3),
             *_strides(dk, 3), *_strides(dv, 3), *_strides(valid, 1),
             N, G, R, T, L, H, 1.0 / math.sqrt(H),
@@ -612,17 +626,18 @@ class MemoryAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, config):
-        out, lse = memory_attention_fwd(q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, config=config)
-        ctx.save_for_backward(q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, out, lse)
+        out, lse, stats = memory_attention_fwd(q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx,
+                                               config=config)
+        ctx.save_for_backward(q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, out, stats)
         ctx.config = config
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, out, lse = ctx.saved_tensors
+        q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, out, stats = ctx.saved_tensors
         mem_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         dq, dk, dv, dk_mem, dv_mem = memory_attention_bwd(
-            dout, dlse, q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, out, lse,
+            dout, dlse, q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx, out, stats,
             mem_grad=mem_grad, config=ctx.config,
         )
         return dq, dk, dv, dk_mem, dv_mem, None, None, None, None

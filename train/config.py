@@ -1,0 +1,437 @@
+"""Run configuration: typed dataclasses, YAML files, dotted command-line overrides, validation.
+
+A run config is a YAML mapping with these top-level keys (every one optional except what the run needs):
+
+    checkpoint: null | DIR | HUB_ID     # start from a checkpoint instead of random weights
+    preset: null | NAME                 # a named architecture (train/presets.py), applied before `model:`
+    model: {LongLlamaConfig fields}     # architecture / overrides of the checkpoint's config (e.g. mem_layers)
+    data: DataConfig
+    crossbatch: CrossbatchConfig
+    optim: OptimConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+    run: RunConfig
+    log: LogConfig
+
+Command-line overrides are ``--section.key=value`` (``--checkpoint=DIR`` for top-level keys); values are parsed
+as YAML, so ``--model.mem_layers=[2,3]`` and ``--run.resume=true`` work. Unknown keys and values of the wrong
+type raise ``ValueError`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where documents come from and how they are cut into rows.
+
+    Attributes:
+        source: "synthetic" (generated, no files), "files" (local text/json/jsonl/parquet via ``datasets``) or
+            "hub" (a dataset name on the Hugging Face hub; needs network).
+        paths: file paths or globs for ``source: files``.
+        format: "auto" (from the file extension), "text", "json" (also jsonl) or "parquet".
+        hub_name / hub_config / split: the hub dataset for ``source: hub`` (``split`` also names the split of
+            local files).
+        text_field: the column holding a document's text.
+        text_sample_by: for .txt files, what one document is: a whole file, a paragraph or a line.
+        tokenizer: a directory (or hub id) loadable by ``AutoTokenizer``; "checkpoint" uses the base model's
+            tokenizer; null is only allowed for the synthetic "lookup" kind, which emits token ids directly.
+        pack: k, the number of consecutive rows holding consecutive windows of one document.
+        window: tokens per row; null means the model's ``max_position_embeddings``.
+        min_segment_tokens: a document's last, partial segment of k windows is padded if it holds at least this
+            many tokens and dropped otherwise.
+        add_bos / add_eos: put BOS before and EOS after every tokenized document.
+        synthetic_kind: "lookup" (FoT dictionary lookup, token ids) or "passkey" (the passkey format, text).
+        synthetic_doc_tokens: length of a synthetic document in tokens (lookup) or about that (passkey);
+            null means k * window.
+        synthetic_key_tokens / synthetic_value_tokens: tokens per key and per value (lookup).
+        synthetic_query_prob: probability that an item after the first few is a query (lookup).
+        synthetic_answers_only: compute the loss only on query answers (lookup), as in the FoT paper.
+        passkey_fraction: share of documents replaced by generated passkey documents (text sources).
+    """
+
+    source: Literal["synthetic", "files", "hub"] = "synthetic"
+    paths: list[str] = field(default_factory=list)
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    hub_name: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    text_sample_by: Literal["document", "paragraph", "line"] = "document"
+    tokenizer: str | None = None
+    pack: int = 4
+    window: int | None = None
+    min_segment_tokens: int = 64
+    add_bos: bool = True
+    add_eos: bool = True
+    synthetic_kind: Literal["lookup", "passkey"] = "lookup"
+    synthetic_doc_tokens: int | None = None
+    synthetic_key_tokens: int = 4
+    synthetic_value_tokens: int = 4
+    synthetic_query_prob: float = 0.3
+    synthetic_answers_only: bool = False
+    passkey_fraction: float = 0.0
+
+
+@dataclass
+class CrossbatchConfig:
+    """The FoT objective: which other rows a memory layer's queries attend to (see ``fot.crossbatch``).
+
+    Attributes:
+        layout: "reference" (LongLLaMA: rows i-1 ... i-R with stepping), "paper" (the FoT paper's d) or "none"
+            (no additional contexts: plain windowed causal LM training).
+        range: R of the reference layout (3B: 3 with pack 4).
+        stepping: the reference's stepping (k=4, R=3 gives (pos, neg) = (0,0), (1,1), (2,1), (3,0)).
+        d: the paper's crossbatch dimension for ``schedule: constant`` and before the switch.
+        schedule: "constant", "switch" (``d`` until ``switch_step``, then ``d_after``) or "sampled" (d drawn per
+            step from ``d_choices``, deterministically from the seed and step).
+        switch_step / switch_fraction: the switch happens at ``switch_step``, or when null at
+            ``switch_fraction`` of ``train.max_steps`` (the paper: d=2, then d=64 for the last 10%).
+        d_after: d after the switch.
+        d_choices: the set d is sampled from (the paper's fine-tuning: {2, 128}).
+        gather_across_ranks: take negatives from every rank's micro-batch, not only the local one.
+    """
+
+    layout: Literal["reference", "paper", "none"] = "reference"
+    range: int = 3
+    stepping: bool = True
+    d: int = 2
+    schedule: Literal["constant", "switch", "sampled"] = "constant"
+    switch_step: int | None = None
+    switch_fraction: float = 0.9
+    d_after: int = 64
+    d_choices: list[int] = field(default_factory=lambda: [2, 128])
+    gather_across_ranks: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Attributes:
+        micro_batch_size: rows per rank per forward (a multiple of ``data.pack``).
+        grad_accum: micro-batches per optimizer step. Tokens per step = rows x window x grad_accum x world.
+        max_steps: optimizer steps of the run.
+        seed: model init, data order and d sampling.
+        dtype: "float32" or "bfloat16" (autocast; weights and optimizer state stay fp32).
+        activation_checkpointing: recompute every ``model.gradient_checkpoint_every_ith`` layer in backward.
+        compile: ``torch.compile`` every decoder layer.
+        device: "auto" (cuda when available, else cpu), "cpu" or "cuda".
+    """
+
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class ParallelConfig:
+    """``strategy``: "ddp", "fsdp2" (``fully_shard`` per decoder layer, then the root) or "none" (one process).
+    ``backend``: "auto" (gloo on CPU, nccl on GPU), "gloo" or "nccl"."""
+
+    strategy: Literal["ddp", "fsdp2", "none"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    """``out_dir``: the run directory. ``save_every``: checkpoint period in steps (0: only the final model).
+    ``keep_last``: how many periodic checkpoints to keep. ``resume``: continue from the newest complete
+    checkpoint in ``out_dir``. ``save_final``: write ``final/`` in HF format at the end."""
+
+    out_dir: str = "runs/default"
+    save_every: int = 500
+    keep_last: int = 2
+    resume: bool = False
+    save_final: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    wandb: bool = False
+    wandb_project: str = "fot"
+    wandb_mode: Literal["online", "offline"] = "online"
+    wandb_run_name: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class RunSpec:
+    """The whole run config (see the module docstring)."""
+
+    checkpoint: str | None = None
+    preset: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    crossbatch: CrossbatchConfig = field(default_factory=CrossbatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- type checking
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check_value(key: str, value: Any, tp) -> Any:
+    """Return ``value`` converted to ``tp`` where that is lossless (int -> float), or raise ``ValueError``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_value(key, value, arg)
+            except ValueError as err:
+                errors.append(err)
+        raise ValueError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}.")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}.")
+        return [check_value(f"{key}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if tp in (dict, list):
+        if not isinstance(value, tp):
+            raise ValueError(f"{key}: expected a {'mapping' if tp is dict else 'list'}, got {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}.")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    raise TypeError(f"internal: no checker for {tp} at {key}")
+
+
+def build_dataclass(cls, values: Any, prefix: str = ""):
+    """Build ``cls`` from a mapping, checking every key and type."""
+    where = prefix or "the config"
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ValueError(f"unknown config key {dotted!r}; known keys{' of ' + prefix if prefix else ''}: "
+                             f"{', '.join(sorted(names))}.")
+        kwargs[key] = check_value(dotted, value, hints[key])
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- model fields
+def longllama_fields() -> dict[str, Any]:
+    """The LongLlamaConfig field names and their annotated types (the keys ``model:`` accepts)."""
+    import sys
+
+    from fot import LongLlamaConfig
+
+    hints: dict[str, Any] = {}
+    for klass in reversed(LongLlamaConfig.__mro__):
+        namespace = vars(sys.modules[klass.__module__])
+        for name, ann in klass.__dict__.get("__annotations__", {}).items():
+            if name.startswith("_"):
+                continue
+            try:
+                hints[name] = eval(ann, namespace) if isinstance(ann, str) else ann  # noqa: S307 - own annotations
+            except Exception:  # noqa: BLE001 - an annotation we cannot resolve is checked by LongLlamaConfig
+                hints[name] = Any
+    for extra in ("rope_scaling", "torch_dtype", "dtype", "architectures"):
+        hints.setdefault(extra, Any)
+    return hints
+
+
+def check_model_fields(model: dict[str, Any]) -> dict[str, Any]:
+    fields = longllama_fields()
+    out = {}
+    for key, value in model.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key 'model.{key}': not a LongLlamaConfig field. Known fields include "
+                             f"vocab_size, hidden_size, num_hidden_layers, mem_layers, max_position_embeddings.")
+        tp = fields[key]
+        try:
+            out[key] = check_value(f"model.{key}", value, tp)
+        except TypeError:  # an annotation we cannot check structurally; LongLlamaConfig validates it
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``["--a.b=1", "--c", "x"]`` -> ``{"a.b": 1, "c": "x"}`` with YAML-parsed values."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ValueError(f"unexpected argument {arg!r}; overrides look like --section.key=value.")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"override {arg} has no value; write {arg}=VALUE.")
+            key, raw = arg[2:], argv[i + 1]
+            i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"override --{key}: cannot parse {raw!r} as a YAML value ({err}).") from None
+        out[key] = value
+        i += 1
+    return out
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override --{dotted}: {part!r} is not a section.")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunSpec:
+    """Read a YAML run config, apply dotted overrides, validate, return a ``RunSpec``."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist; pass --config configs/NAME.yaml.")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: a run config must be a YAML mapping of sections, got {type(tree).__name__}.")
+    apply_overrides(tree, overrides or {})
+    spec = build_dataclass(RunSpec, tree)
+    spec.model = check_model_fields(spec.model)
+    validate(spec)
+    return spec
+
+
+def validate(spec: RunSpec) -> None:
+    """Cross-field checks that need more than one key; each error names the keys and the fix."""
+    d, cb, t, o = spec.data, spec.crossbatch, spec.train, spec.optim
+    if d.pack < 1:
+        raise ValueError(f"data.pack must be >= 1, got {d.pack}.")
+    if t.micro_batch_size < 1 or t.micro_batch_size % d.pack:
+        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must be a positive multiple of data.pack="
+                         f"{d.pack}: every document occupies k consecutive rows.")
+    for key in ("grad_accum", "max_steps"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}.")
+    if d.window is not None and d.window < 2:
+        raise ValueError(f"data.window must be >= 2 tokens, got {d.window}.")
+    if d.source == "files" and not d.paths:
+        raise ValueError("data.source=files needs data.paths (files or globs of text/json/jsonl/parquet).")
+    if d.source == "hub" and not d.hub_name:
+        raise ValueError("data.source=hub needs data.hub_name (a dataset id on the Hugging Face hub).")
+    if not 0.0 <= d.passkey_fraction <= 1.0:
+        raise ValueError(f"data.passkey_fraction must be in [0, 1], got {d.passkey_fraction}.")
+    if d.tokenizer is None and not (d.source == "synthetic" and d.synthetic_kind == "lookup"):
+        raise ValueError("data.tokenizer is required for text data (and the synthetic passkey kind): a directory "
+                         "with tokenizer.model (python train/tokenizer.py), a hub id, or 'checkpoint'.")
+    if d.tokenizer == "checkpoint" and spec.checkpoint is None:
+        raise ValueError("data.tokenizer=checkpoint needs a checkpoint; set checkpoint or a tokenizer directory.")
+    if cb.range < 0:
+        raise ValueError(f"crossbatch.range must be >= 0, got {cb.range}.")
+    n_docs = t.micro_batch_size // d.pack
+    if cb.layout == "paper":
+        ds = {"constant": [cb.d], "switch": [cb.d, cb.d_after], "sampled": list(cb.d_choices)}[cb.schedule]
+        if not ds:
+            raise ValueError("crossbatch.d_choices is empty; list the values d is sampled from, e.g. [2, 128].")
+        for value in ds:
+            if not 1 <= value <= n_docs:
+                raise ValueError(
+                    f"crossbatch d={value} (schedule {cb.schedule}) must be in [1, documents per micro-batch = "
+                    f"train.micro_batch_size / data.pack = {n_docs}]; raise micro_batch_size or lower d.")
+        if cb.schedule == "switch" and cb.switch_step is None and not 0.0 < cb.switch_fraction <= 1.0:
+            raise ValueError(f"crossbatch.switch_fraction must be in (0, 1], got {cb.switch_fraction}.")
+    if cb.gather_across_ranks:
+        raise ValueError(
+            "crossbatch.gather_across_ranks=true is not implemented: the model's crossbatch forward takes its "
+            "additional keys from the local batch only (it would need an all_gather of the memory layers' keys "
+            "and values). Set it to false; negatives then come from the local micro-batch.")
+    if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0 or o.warmup_steps < 0:
+        raise ValueError("optim.lr must be > 0 and optim.weight_decay, optim.grad_clip, optim.warmup_steps >= 0; "
+                         f"got lr={o.lr}, weight_decay={o.weight_decay}, grad_clip={o.grad_clip}, "
+                         f"warmup_steps={o.warmup_steps}.")
+    if not (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0):
+        raise ValueError(f"optim.beta1 and optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}.")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
+    if spec.run.save_every < 0 or spec.run.keep_last < 1 or spec.log.every < 1:
+        raise ValueError("run.save_every must be >= 0, run.keep_last >= 1 and log.every >= 1.")
+    if spec.preset is not None:
+        from train.presets import PRESETS  # noqa: PLC0415 - presets import fot
+
+        if spec.preset not in PRESETS:
+            raise ValueError(f"preset={spec.preset!r} is unknown; use one of {', '.join(sorted(PRESETS))}.")
+
+
+def to_dict(spec: RunSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def dump_yaml(spec: RunSpec) -> str:
+    return yaml.safe_dump(to_dict(spec), sort_keys=False)
