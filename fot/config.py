@@ -31,7 +31,9 @@ class LongLlamaConfig(PreTrainedConfig):
     Args:
         max_position_embeddings: the window length W. Long inputs are cut into windows of W tokens.
         last_context_length: L, the number of trailing tokens of an input that form the last window (the
-            local cache for generation). Overridable per ``forward``/``generate`` call.
+            local cache for generation). Overridable per ``forward``/``generate`` call. Default 1024, as in
+            the reference, or the window length when that is shorter (so plain LLaMA checkpoints with small
+            windows load).
         mem_layers: indices of the memory layers.
         mem_positionals: if False, memory layers use no RoPE at all (neither local nor memory keys).
         mem_dtype: storage dtype of memory keys and values ("float32", "float16" or "bfloat16").
@@ -83,7 +85,7 @@ class LongLlamaConfig(PreTrainedConfig):
     attention_bias: bool = False
     mlp_bias: bool = False
     # The reference LongLLaMA fields.
-    last_context_length: int = 1024
+    last_context_length: int | None = None  # None: 1024, or the window if that is shorter
     mem_layers: list[int] | None = None
     mem_positionals: bool = True
     mem_dtype: str = "bfloat16"
@@ -104,6 +106,8 @@ class LongLlamaConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
+        if self.last_context_length is None:
+            self.last_context_length = min(1024, self.max_position_embeddings)
         if isinstance(self.mem_attention_grouping, list):
             self.mem_attention_grouping = tuple(self.mem_attention_grouping)
         super().__post_init__(**kwargs)
