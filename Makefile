@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
-EXTRAS := dev,faiss,train,eval
+EXTRAS := dev,faiss,train,eval,triton
 PYTEST_ARGS ?=
 
 # Tests and benchmarks never touch the network: a hub call would stall before failing.

@@ -29,7 +29,7 @@ setup(
     extras_require={
         "faiss": ["faiss-cpu>=1.8"],
         "faiss-gpu": ["faiss-gpu"],
-        "triton": ["triton"],
+        "triton": ["triton>=3.7.1,<3.8"],  # torch 2.13 wheels are built against triton 3.7.1
         "train": ["datasets", "sentencepiece", "protobuf", "wandb", "pyyaml", "tqdm"],
         "eval": ["matplotlib"],
         "dev": ["pytest", "pytest-xdist", "psutil", "matplotlib", "sentencepiece", "protobuf", "pyyaml"],

@@ -25,7 +25,13 @@ Cache policy when a chunk of T tokens would overflow the window (S + T > W):
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers.cache_utils import Cache
 
 from .attention import LocalKV, MemoryKV, apply_rope, rope_cos_sin
@@ -161,20 +167,26 @@ class LocalSnapshot:
 
 
 class MemoryReader:
-    """Read-only access to one memory layer's store for attention: the dense view, or top-k retrieval."""
+    """Read-only access to one memory layer for attention: the dense view, or top-k retrieval.
+
+    The view is captured when the reader is made (before the layer runs), so a checkpointed layer that is
+    recomputed during backward sees exactly the memory its forward saw, whatever was appended since.
+    """
 
     def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None):
-        self.store, self.search, self.top_k = store, search, top_k
+        self.search, self.top_k = search, top_k
+        self._view = store.view()
+        self.num_kv_heads = None if store.k_BGMH is None else store.k_BGMH.shape[1]
 
     def view(self) -> MemoryKV | None:
-        return self.store.view()
+        return self._view
 
     def retrieve(self, q_BNTH: torch.Tensor) -> torch.Tensor:
         """Top-k slot indices [B, N, T, K] (-1 = none) for rotated queries, searched per KV head."""
         B, N, T, H = q_BNTH.shape
-        G = self.store.k_BGMH.shape[1]
+        G = self.num_kv_heads
         q_BGXH = q_BNTH.reshape(B, G, (N // G) * T, H)  # query heads of one KV head are adjacent
-        idx_BGXK = self.search.search(q_BGXH, self.store, self.top_k)
+        idx_BGXK = self.search.search(q_BGXH, self._view, self.top_k)
         return idx_BGXK.reshape(B, N, T, self.top_k)
 
 
@@ -283,6 +295,15 @@ class LongLlamaCache(Cache):
             "index": sum(s.nbytes() for s in self.searches.values()),
         }
 
+    def save(self, path) -> None:
+        """Write this cache to ``path`` (one safetensors file); see ``save_cache``."""
+        save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, config: LongLlamaConfig, device=None) -> "LongLlamaCache":
+        """Read a cache saved by ``save`` for a model with ``config``; see ``load_cache``."""
+        return load_cache(path, config, device)
+
     def local_for_attention(self, layer_idx: int):
         """What a layer's attention extends with its chunk: the window itself (inference) or a snapshot."""
         local = self.locals[layer_idx]
@@ -330,3 +351,103 @@ class LongLlamaCache(Cache):
             self.locals[i] = LocalWindow(self.window)
         self._new_memories()
         self.seen_tokens = 0
+
+
+# ---------------------------------------------------------------------------------------------- persistence
+CACHE_FORMAT = "fot-longllama-cache/1"
+_FINGERPRINT_FIELDS = (
+    "num_hidden_layers", "mem_layers", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size",
+    "max_position_embeddings", "mem_dtype", "mem_positionals", "mem_max_tokens",
+)  # fmt: skip
+
+
+def _fingerprint(config: LongLlamaConfig) -> dict:
+    return {name: getattr(config, name) for name in _FINGERPRINT_FIELDS}
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_cache(cache: LongLlamaCache, path: str | os.PathLike) -> None:
+    """Write the cache (local windows, memories, counters) to one safetensors file, atomically.
+
+    The header records the format, the model fingerprint (layers, heads, dims, memory dtype ...) and a
+    SHA-256 of the tensors, so ``load_cache`` can refuse a corrupt or mismatched file.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for i, local in enumerate(cache.locals):
+        if local.length:
+            n = local.length
+            for name, buf in (("raw_k", local.raw_k), ("rot_k", local.rot_k), ("v", local.v)):
+                tensors[f"local.{i}.{name}"] = buf[:, :, :n].contiguous().cpu()
+            tensors[f"local.{i}.valid"] = local.valid[:, :n].contiguous().cpu()
+    stores = {}
+    for i, store in cache.memories.items():
+        for name, t in store.state().items():
+            tensors[f"memory.{i}.{name}"] = t.cpu()
+        stores[str(i)] = {"next_slot": store.next_slot, "total_appended": store.total_appended}
+    header = {
+        "format": CACHE_FORMAT,
+        "fingerprint": _fingerprint(cache.config),
+        "policy": cache.policy,
+        "seen_tokens": cache.seen_tokens,
+        "local_length": cache.local_length,
+        "stores": stores,
+        "sha256": _checksum(tensors),
+    }
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={"fot": json.dumps(header)})
+    os.replace(tmp, path)
+
+
+def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None) -> LongLlamaCache:
+    """Read a cache written by ``save_cache`` for a model with ``config``; raise ValueError on any mismatch."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise ValueError(f"{path} is not a readable fot cache file ({type(err).__name__}: {err}).") from err
+    if "fot" not in meta:
+        raise ValueError(f"{path} is a safetensors file but not a fot cache (no 'fot' header).")
+    header = json.loads(meta["fot"])
+    if header.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path} has cache format {header.get('format')!r}; this version reads {CACHE_FORMAT!r}.")
+    expected = _fingerprint(config)
+    saved = header["fingerprint"]
+    diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{path} was saved for a different model configuration ({detail}).")
+    if _checksum(tensors) != header["sha256"]:
+        raise ValueError(f"{path} is corrupt: its tensors do not match the checksum in its header.")
+    cache = LongLlamaCache(config, cache_policy=header["policy"])
+    cache.seen_tokens = header["seen_tokens"]
+    for i, local in enumerate(cache.locals):
+        if f"local.{i}.raw_k" in tensors:
+            k = tensors[f"local.{i}.raw_k"].to(device)
+            local._grow(k.shape[2], k)
+            n = k.shape[2]
+            local.raw_k[:, :, :n] = k
+            local.rot_k[:, :, :n] = tensors[f"local.{i}.rot_k"].to(device)
+            local.v[:, :, :n] = tensors[f"local.{i}.v"].to(device)
+            local.valid[:, :n] = tensors[f"local.{i}.valid"].to(device)
+            local.length = n
+            local.all_valid = bool(local.valid[:, :n].all())
+    for i, store in cache.memories.items():
+        part = {name: tensors[f"memory.{i}.{name}"].to(device) for name in ("k", "v", "valid") if f"memory.{i}.{name}" in tensors}
+        info = header["stores"][str(i)]
+        store.load_state(part, info["next_slot"], info["total_appended"])
+        search = cache.searches.get(i)
+        if search is not None and store.length:
+            search.update(store, torch.arange(store.length), evicted=False)
+    return cache

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from .attention import MemoryKV
 from .config import MEM_INDEXES
 from .memory import MemoryStore
 
@@ -79,7 +80,8 @@ class KeySearch:
     def update(self, store: MemoryStore, slots: torch.Tensor, evicted: bool) -> None:
         """Called after ``store.append`` wrote ``slots`` (``evicted``: they overwrote older keys)."""
 
-    def search(self, q_BGXH: torch.Tensor, store: MemoryStore, k: int) -> torch.Tensor:
+    def search(self, q_BGXH: torch.Tensor, view: MemoryKV, k: int) -> torch.Tensor:
+        """Top-k slot indices [B, G, X, K] (-1 = none) among the valid slots of ``view``."""
         raise NotImplementedError
 
     def select_batch(self, index: torch.Tensor) -> None:
@@ -96,14 +98,12 @@ class KeySearch:
 class ExactSearch(KeySearch):
     name = "exact"
 
-    def search(self, q_BGXH, store, k):
-        view = store.view()
+    def search(self, q_BGXH, view, k):
         return exact_topk(q_BGXH, view.k_BGMH, view.valid_BM, k)[1]
 
 
-def _faiss_rows(q_BGXH, store):
+def _faiss_rows(q_BGXH, view: MemoryKV):
     """Yield (b, g, queries [X, H] fp32 contiguous, keys [M, H] fp32 contiguous, valid [M] or None)."""
-    view = store.view()
     B, G = q_BGXH.shape[:2]
     for b in range(B):
         valid = None if view.valid_BM is None else view.valid_BM[b]
@@ -142,10 +142,10 @@ class FaissFlatSearch(KeySearch):
         _, ids = faiss.knn(xq.numpy(), xb.numpy(), k, metric=faiss.METRIC_INNER_PRODUCT)
         return torch.from_numpy(ids).long()
 
-    def search(self, q_BGXH, store, k):
+    def search(self, q_BGXH, view, k):
         B, G, X, _ = q_BGXH.shape
         out = torch.full((B, G, X, k), -1, dtype=torch.long, device=q_BGXH.device)
-        for b, g, xq, xb, valid in _faiss_rows(q_BGXH, store):
+        for b, g, xq, xb, valid in _faiss_rows(q_BGXH, view):
             n_invalid = 0 if valid is None else int((~valid).sum())
             want = min(k + n_invalid, xb.shape[0])
             ids = self._knn(xq, xb, want).to(out.device)
@@ -220,12 +220,17 @@ class FaissIVFSearch(KeySearch):
             keys = store.k_BGMH[b, g, slots.to(store.k_BGMH.device)].float().contiguous().cpu().numpy()
             index.add_with_ids(keys, ids)
 
-    def search(self, q_BGXH, store, k):
+    def search(self, q_BGXH, view, k):
+        if torch.is_grad_enabled() and q_BGXH.requires_grad:
+            raise ValueError(
+                "mem_index='faiss-ivf' is for inference: its index changes as memory grows, so a recomputed "
+                "(checkpointed) forward could retrieve differently. Train with mem_index='exact' or 'faiss-flat'."
+            )
         if not self.indexes:  # not trained yet: memory is still small, search it exactly
-            return ExactSearch().search(q_BGXH, store, k)
+            return ExactSearch().search(q_BGXH, view, k)
         B, G, X, _ = q_BGXH.shape
         out = torch.full((B, G, X, k), -1, dtype=torch.long)
-        valid_BM = store.view().valid_BM
+        valid_BM = view.valid_BM
         for (b, g), (index, _) in self.indexes.items():
             valid = None if valid_BM is None else valid_BM[b].cpu()
             n_invalid = 0 if valid is None else int((~valid).sum())

@@ -76,13 +76,6 @@ def test_plain_llama_checkpoint_loads_with_memory_overrides(tmp_path):
     check_plain_llama_load(model, hf)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="fot bug: LongLlamaConfig validates in __post_init__ before from_pretrained applies keyword "
-    "overrides, so a LLaMA checkpoint with max_position_embeddings < 1024 is rejected (default "
-    "last_context_length 1024 > window) even when last_context_length=32 is passed.",
-)
 def test_small_window_llama_checkpoint_loads_with_last_context_override(tmp_path):
     hf = save_plain_llama(tmp_path, 64)
     model = fot.LongLlamaForCausalLM.from_pretrained(

@@ -131,10 +131,17 @@ def test_model_build_revalidates_mutated_config():
         fot.LongLlamaModel(cfg)
 
 
-def test_mem_top_k_is_not_silently_ignored():
-    # Top-k memory is declared but not implemented: using it must raise, not fall back to dense attention.
-    import torch
+def test_last_context_length_default_follows_a_short_window():
+    # The reference default is 1024; a plain LLaMA with a shorter window gets its window instead of an error.
+    assert fot.LongLlamaConfig().last_context_length == 1024
+    assert fot.LongLlamaConfig(max_position_embeddings=64).last_context_length == 64
+    with pytest.raises(ValueError, match="last_context_length"):
+        fot.LongLlamaConfig(max_position_embeddings=64, last_context_length=65)
 
-    model = fot.LongLlamaForCausalLM(tiny_config(mem_top_k=4))
-    with pytest.raises(NotImplementedError, match="mem_top_k"):
-        model(torch.ones(1, 8, dtype=torch.long))
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_mem_top_k_and_unknown_index_are_errors(bad):
+    with pytest.raises(ValueError, match="mem_top_k"):
+        tiny_config(mem_top_k=bad)
+    with pytest.raises(ValueError, match="mem_index"):
+        tiny_config(mem_top_k=4, mem_index="annoy")

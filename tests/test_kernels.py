@@ -330,7 +330,8 @@ def test_launcher_rejects_bad_inputs_with_the_fix():
     with pytest.raises(ValueError, match="contiguous"):
         kernel(dict(c, k_loc=c["k_loc"].transpose(2, 3).contiguous().transpose(2, 3)))
     with pytest.raises(ValueError, match="multiple"):
-        kernel(dict(c, q=torch.randn(1, 3, 5, 4, device=DEVICE), idx=None))
+        kernel(dict(c, k_loc=c["k_loc"].repeat(1, 3, 1, 1), v_loc=c["v_loc"].repeat(1, 3, 1, 1), k_mem=None,
+                    v_mem=None, mem_valid=None, idx=None))  # N=2 query heads over G=3 KV heads
     with pytest.raises(ValueError, match="S=4 must include"):
         kernel(dict(c, k_loc=c["k_loc"][:, :, :4], v_loc=c["v_loc"][:, :, :4], local_valid=None))
     with pytest.raises(ValueError, match="dtype"):

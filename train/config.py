@@ -91,6 +91,8 @@ class CrossbatchConfig:
             (no additional contexts: plain windowed causal LM training).
         range: R of the reference layout (3B: 3 with pack 4).
         stepping: the reference's stepping (k=4, R=3 gives (pos, neg) = (0,0), (1,1), (2,1), (3,0)).
+        ranges: instead of range/stepping, the range of each row offset 0..k-1 (LongLLaMA 7B: [0, 3, 7, 7] gives
+            (0,0), (1,2), (2,5), (3,4)); see train/objective.py.
         d: the paper's crossbatch dimension for ``schedule: constant`` and before the switch.
         schedule: "constant", "switch" (``d`` until ``switch_step``, then ``d_after``) or "sampled" (d drawn per
             step from ``d_choices``, deterministically from the seed and step).
@@ -104,6 +106,7 @@ class CrossbatchConfig:
     layout: Literal["reference", "paper", "none"] = "reference"
     range: int = 3
     stepping: bool = True
+    ranges: list[int] | None = None
     d: int = 2
     schedule: Literal["constant", "switch", "sampled"] = "constant"
     switch_step: int | None = None
@@ -131,6 +134,8 @@ class TrainConfig:
     """Attributes:
         micro_batch_size: rows per rank per forward (a multiple of ``data.pack``).
         grad_accum: micro-batches per optimizer step. Tokens per step = rows x window x grad_accum x world.
+        batch_tokens: if set, the tokens per optimizer step; grad_accum is then derived from the number of
+            processes at launch (it must come out a whole number), so one config fits any GPU count.
         max_steps: optimizer steps of the run.
         seed: model init, data order and d sampling.
         dtype: "float32" or "bfloat16" (autocast; weights and optimizer state stay fp32).
@@ -141,6 +146,7 @@ class TrainConfig:
 
     micro_batch_size: int = 8
     grad_accum: int = 1
+    batch_tokens: int | None = None
     max_steps: int = 1000
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -395,6 +401,11 @@ def validate(spec: RunSpec) -> None:
         raise ValueError("data.tokenizer=checkpoint needs a checkpoint; set checkpoint or a tokenizer directory.")
     if cb.range < 0:
         raise ValueError(f"crossbatch.range must be >= 0, got {cb.range}.")
+    if cb.ranges is not None and (len(cb.ranges) != d.pack or min(cb.ranges, default=0) < 0):
+        raise ValueError(f"crossbatch.ranges={cb.ranges} must list data.pack={d.pack} non-negative ranges, one per "
+                         "row offset in a document pack.")
+    if t.batch_tokens is not None and t.batch_tokens < 1:
+        raise ValueError(f"train.batch_tokens must be positive, got {t.batch_tokens}.")
     n_docs = t.micro_batch_size // d.pack
     if cb.layout == "paper":
         ds = {"constant": [cb.d], "switch": [cb.d, cb.d_after], "sampled": list(cb.d_choices)}[cb.schedule]
@@ -427,6 +438,20 @@ def validate(spec: RunSpec) -> None:
 
         if spec.preset not in PRESETS:
             raise ValueError(f"preset={spec.preset!r} is unknown; use one of {', '.join(sorted(PRESETS))}.")
+
+
+def resolve_grad_accum(spec: RunSpec, window: int, world: int) -> int:
+    """``train.grad_accum``, or the accumulation that makes ``train.batch_tokens`` tokens per step."""
+    t = spec.train
+    if t.batch_tokens is None:
+        return t.grad_accum
+    per_micro = t.micro_batch_size * window * world
+    if t.batch_tokens % per_micro:
+        raise ValueError(
+            f"train.batch_tokens={t.batch_tokens} is not a multiple of micro_batch_size x window x processes = "
+            f"{t.micro_batch_size} x {window} x {world} = {per_micro}; change train.micro_batch_size, the process "
+            "count or train.batch_tokens.")
+    return t.batch_tokens // per_micro
 
 
 def to_dict(spec: RunSpec) -> dict[str, Any]:

@@ -1,0 +1,63 @@
+"""The model and tokenizer of a run: from a preset (random init) or from a checkpoint.
+
+* ``checkpoint: null``: ``LongLlamaConfig(**{**PRESETS[preset], **model})`` with random weights (seeded).
+* ``checkpoint: DIR or HUB_ID``: ``LongLlamaForCausalLM.from_pretrained`` with the ``model:`` fields (and the
+  preset's, if named) as config overrides. This loads a LLaMA / OpenLLaMA HF checkpoint (its weights are plain
+  LLaMA names; ``mem_layers`` from the config turns layers into memory layers), a published LongLLaMA checkpoint
+  or one of our ``final/`` directories.
+
+Weights are kept in fp32 (the optimizer's master copy); ``train.dtype: bfloat16`` computes in bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import fot
+from train.presets import PRESETS
+
+logger = logging.getLogger(__name__)
+
+
+def model_fields(spec) -> dict:
+    fields = dict(PRESETS[spec.preset]) if spec.preset else {}
+    fields.update(spec.model)
+    fields["use_cache"] = False
+    return fields
+
+
+def build_config(spec) -> fot.LongLlamaConfig:
+    """The config of a from-scratch model (also used to build the big presets on the meta device)."""
+    return fot.LongLlamaConfig(**model_fields(spec))
+
+
+def build_model(spec) -> fot.LongLlamaForCausalLM:
+    fields = model_fields(spec)
+    if spec.checkpoint is None:
+        torch.manual_seed(spec.train.seed)
+        model = fot.LongLlamaForCausalLM(fot.LongLlamaConfig(**fields))
+    else:
+        model = fot.LongLlamaForCausalLM.from_pretrained(spec.checkpoint, dtype=torch.float32, **fields)
+        model.config.validate_longllama()
+    return model.float()
+
+
+def load_tokenizer(spec):
+    """The run's tokenizer, or None for the synthetic lookup source (which emits ids)."""
+    name = spec.data.tokenizer
+    if name is None:
+        return None
+    from transformers import AutoTokenizer
+
+    if name == "checkpoint":
+        name = spec.checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,208 @@
+"""Crossbatch (Focused Transformer) training of LongLLaMA models.
+
+    torchrun --nproc_per_node=N train/crossbatch.py --config configs/X.yaml [--section.key=value ...]
+    python train/crossbatch.py --config configs/ci_tiny.yaml --run.out_dir=runs/ci
+    python train/crossbatch.py tokenizer --out DIR --vocab_size 1000 --paths 'corpus/*.txt'
+
+Every optimizer step: ``train.grad_accum`` micro-batches of ``train.micro_batch_size`` rows of one window each,
+k = ``data.pack`` consecutive rows per document, through ``LongLlamaForCausalLM(..., crossbatch=plan)``: memory
+layers attend causally to their row and, in one softmax, to the rows the plan names (``train/objective.py``).
+Then gradient clipping, AdamW and the lr schedule. See ``train/README.md`` for the run directory layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `fot` and `train.*` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from train.build import build_model, count_parameters, load_tokenizer  # noqa: E402
+from train.checkpoint import load_latest, save_checkpoint, save_final  # noqa: E402
+from train.config import RunSpec, dump_yaml, load_config, parse_overrides, resolve_grad_accum, to_dict  # noqa: E402
+from train.data import build_batches  # noqa: E402
+from train.metrics import RunLogger  # noqa: E402
+from train.objective import Objective  # noqa: E402
+from train.parallel import (  # noqa: E402
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    gradient_sync,
+    init_distributed,
+    parallelize,
+    unwrap,
+)
+
+logger = logging.getLogger("train")
+
+
+def lr_lambda(optim_cfg, max_steps: int):
+    """Multiplier of ``optim.lr`` at a 0-based step: linear warmup, then constant or cosine to min_lr_ratio."""
+    warmup, floor = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if optim_cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, norms and biases do not (the HF Trainer's and nanoGPT's convention)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def setup_logging(info: DistInfo) -> None:
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank{info.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def train(spec: RunSpec) -> Path:
+    info = init_distributed(spec.train, spec.parallel)
+    setup_logging(info)
+    try:
+        return _train(spec, info)
+    finally:
+        if info.initialized:
+            torch.distributed.destroy_process_group()
+
+
+def _train(spec: RunSpec, info: DistInfo) -> Path:
+    out_dir = Path(spec.run.out_dir)
+    config_yaml = dump_yaml(spec)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(config_yaml)
+    barrier(info)
+    torch.manual_seed(spec.train.seed)
+    tokenizer = load_tokenizer(spec)
+    model = build_model(spec)
+    cfg = model.config
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={cfg.vocab_size}; set "
+                         f"--model.vocab_size={len(tokenizer)} (or larger).")
+    window = spec.data.window or cfg.max_position_embeddings
+    if window > cfg.max_position_embeddings:
+        raise ValueError(f"data.window={window} exceeds the model's window max_position_embeddings="
+                         f"{cfg.max_position_embeddings}; every row must be one window.")
+    spec.train.grad_accum = resolve_grad_accum(spec, window, info.world)
+    model.to(info.device).train()
+    logger.info("model: %.2fM parameters, %d layers, memory layers %s, window %d; %d process(es), %s, %s",
+                count_parameters(model) / 1e6, cfg.num_hidden_layers, cfg.mem_layers, window, info.world,
+                spec.parallel.strategy if info.initialized else "single", info.device)
+    model = parallelize(model, spec, info)
+    optimizer = build_optimizer(model, spec.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.optim, spec.train.max_steps))
+    batches = build_batches(spec, tokenizer, cfg.vocab_size, window, info.rank, info.world)
+    objective = Objective(spec.crossbatch, spec.train.micro_batch_size, spec.data.pack, spec.train.max_steps,
+                          spec.train.seed)
+    start = load_latest(out_dir, model, optimizer, scheduler, batches, info) if spec.run.resume else 0
+    if start:
+        logger.info("resumed from step %d", start)
+    tokens_per_step = spec.train.micro_batch_size * window * spec.train.grad_accum * info.world
+    logger.info("%d tokens per optimizer step (%d rows x %d tokens x %d accumulation x %d ranks)", tokens_per_step,
+                spec.train.micro_batch_size, window, spec.train.grad_accum, info.world)
+    run_log = RunLogger(out_dir, spec, to_dict(spec), info.is_main, start, spec.train.max_steps)
+    try:
+        loop(spec, info, model, optimizer, scheduler, batches, objective, run_log, start, out_dir, config_yaml)
+    finally:
+        run_log.close()
+    if spec.run.save_final:
+        path = save_final(out_dir, model, tokenizer, info)
+        logger.info("saved %s", path)
+    return out_dir
+
+
+def train_step(spec, info, model, optimizer, scheduler, batches, plan):
+    """One optimizer step over ``grad_accum`` micro-batches. Returns (mean loss, grad norm, tokens)."""
+    accum = spec.train.grad_accum
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for micro in range(accum):
+        batch = batches.next_batch()
+        tokens += batch.tokens
+        mask = None if batch.attention_mask is None else batch.attention_mask.to(info.device)
+        with gradient_sync(model, micro == accum - 1), autocast(spec, info):
+            out = model(input_ids=batch.input_ids.to(info.device), labels=batch.labels.to(info.device),
+                        attention_mask=mask, crossbatch=plan, use_cache=False)
+            (out.loss / accum).backward()
+        loss_sum += out.loss.detach().double().cpu()
+    grad_norm = clip_gradients(model, spec.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accum, grad_norm, tokens
+
+
+def loop(spec, info, model, optimizer, scheduler, batches, objective, run_log, start, out_dir, config_yaml):
+    for step in range(start, spec.train.max_steps):
+        plan = objective.plan(step)
+        lr = scheduler.get_last_lr()[0]
+        t0 = time.perf_counter()
+        loss, grad_norm, tokens = train_step(spec, info, model, optimizer, scheduler, batches, plan)
+        loss = float(all_reduce_mean(loss, info))
+        tokens = int(all_reduce_sum(torch.tensor(tokens, dtype=torch.float64), info))
+        elapsed = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss} at step {step + 1}; lower optim.lr or check the data.")
+        done = step + 1
+        if done % spec.log.every == 0 or done == spec.train.max_steps:
+            positives, negatives = plan.counts()
+            record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens / elapsed, "tokens": tokens,
+                      "grad_norm": grad_norm, "positives": float(positives.float().mean()),
+                      "negatives": float(negatives.float().mean()), "step_time_s": elapsed}
+            d = objective.d_at(step)
+            if d is not None:
+                record["d"] = d
+            run_log.log(record)
+        run_log.advance(loss, lr)
+        every = spec.run.save_every
+        if every and done % every == 0 and done < spec.train.max_steps:
+            save_checkpoint(out_dir, done, model, optimizer, scheduler, batches, config_yaml, info,
+                            spec.run.keep_last)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "tokenizer":
+        from train.tokenizer import main as tokenizer_main
+
+        tokenizer_main(argv[1:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s --config FILE [--section.key=value ...] | tokenizer ...")
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml)")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        spec = load_config(args.config, parse_overrides(rest))
+    except ValueError as err:
+        parser.error(str(err))
+    train(spec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Documents, tokenization and document-aware packing for crossbatch training.
+
+Layout. A micro-batch of B rows holds P = B / k document packs: rows p*k ... p*k + k - 1 are k consecutive
+windows of W tokens of ONE document (the layout ``fot.crossbatch`` expects). A document is cut into segments of
+k * W tokens; each segment fills one pack. A last, partial segment is right-padded (labels -100, attention
+mask 0) when it holds at least ``data.min_segment_tokens`` tokens and dropped otherwise.
+
+Lanes. Pack slot p of every micro-batch is a "lane" that reads its own sequence of documents, segment after
+segment, so the packs of one micro-batch always come from P different documents: a negative is never a later
+part of the same document (which would leak its future). Lane p of rank r reads, in epoch e, the documents
+``perm_e[r::world][p], [p + P], [p + 2P], ...`` where ``perm_e`` is a permutation seeded by (seed, e): the order
+is deterministic per seed and rank. A lane's position is (epoch, counter, segment); the list of lane positions
+is the data state saved in checkpoints, and resuming re-reads only the current document of each lane.
+
+Sources: ``SyntheticLookup`` (the FoT dictionary-lookup format, token ids, no files and no tokenizer),
+``SyntheticPasskey`` (the passkey format as text), and ``TextDocuments`` (local text/json/jsonl/parquet files or
+a hub dataset through ``datasets``, optionally mixed with passkey documents).
+
+Shape legend: B rows, W tokens per row, k rows per document pack.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+_UNBOUNDED = 1 << 40  # synthetic sources have no end
+
+
+@dataclass
+class Document:
+    """Token ids int64 [N] and, optionally, a bool [N] mask of the tokens that carry loss."""
+
+    ids: np.ndarray
+    loss_mask: np.ndarray | None = None
+
+
+@dataclass
+class Batch:
+    """One micro-batch: ``input_ids`` and ``labels`` int64 [B, W], ``attention_mask`` int64 [B, W] or None when
+    there is no padding. ``tokens``: the number of non-padding tokens."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    tokens: int
+
+
+# ----------------------------------------------------------------------------- synthetic sources
+class SyntheticLookup:
+    """The FoT dictionary-lookup format as token ids: no files, no tokenizer.
+
+    A document is BOS followed by items. A definition is ``<k> key <v> value`` with a fresh random key; a query
+    is ``<q> key <v> value`` repeating an earlier definition, chosen uniformly among all earlier ones, so its
+    value can only be predicted by looking back up to the whole document (long-range dependencies across
+    windows). Ids: 0 pad, 1 BOS, 2 EOS, 3 ``<k>``, 4 ``<v>``, 5 ``<q>``, 6 ... vocab_size - 1 payload.
+    With ``answers_only`` only the values of queries carry loss (the paper's setup).
+    """
+
+    K, V, Q, FIRST = 3, 4, 5, 6
+
+    def __init__(self, vocab_size: int, doc_tokens: int, key_tokens: int, value_tokens: int, query_prob: float,
+                 answers_only: bool, seed: int):
+        if vocab_size <= self.FIRST + 1:
+            raise ValueError(f"the synthetic lookup source needs vocab_size > {self.FIRST + 1}, got {vocab_size}.")
+        self.vocab_size, self.doc_tokens = vocab_size, doc_tokens
+        self.key_tokens, self.value_tokens = key_tokens, value_tokens
+        self.query_prob, self.answers_only, self.seed = query_prob, answers_only, seed
+
+    def __len__(self) -> int:
+        return _UNBOUNDED
+
+    def get(self, epoch: int, index: int) -> Document:
+        rng = np.random.default_rng([self.seed, epoch, index, 17])
+        ids, mask = [np.array([1])], [np.zeros(1, bool)]
+        defined: list[tuple[np.ndarray, np.ndarray]] = []
+        total = 1
+        while total < self.doc_tokens:
+            if len(defined) >= 4 and rng.random() < self.query_prob:
+                key, value = defined[rng.integers(len(defined))]
+                marker, answer = self.Q, True
+            else:
+                key = rng.integers(self.FIRST, self.vocab_size, self.key_tokens)
+                value = rng.integers(self.FIRST, self.vocab_size, self.value_tokens)
+                defined.append((key, value))
+                marker, answer = self.K, False
+            ids.append(np.concatenate([[marker], key, [self.V], value]))
+            item_mask = np.zeros(len(ids[-1]), bool)
+            if answer:
+                item_mask[-self.value_tokens:] = True
+            mask.append(item_mask)
+            total += len(ids[-1])
+        ids_N = np.concatenate(ids).astype(np.int64)[: self.doc_tokens]  # exactly doc_tokens tokens
+        return Document(ids_N, np.concatenate(mask)[: self.doc_tokens] if self.answers_only else None)
+
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+
+
+def passkey_text(n_garbage: int, rng: np.random.Generator) -> str:
+    """A passkey document in the Landmark / LongLLaMA format (see FACTS, "Passkey"), answer included."""
+    key = int(rng.integers(1, 50000))
+    garbage = " ".join([FILLER] * (n_garbage // len(FILLER) + 2))[:n_garbage]
+    split = int(rng.integers(0, n_garbage + 1))
+    lines = [PASSKEY_INTRO, garbage[:split], f"The pass key is {key}. Remember it. {key} is the pass key.",
+             garbage[split:], f"What is the pass key? The pass key is {key}."]
+    return "\n".join(lines)
+
+
+class SyntheticPasskey:
+    """Passkey documents (text, tokenized with ``tokenizer``) of about ``doc_tokens/4 ... doc_tokens`` tokens."""
+
+    def __init__(self, tokenizer, doc_tokens: int, seed: int, add_bos: bool = True, add_eos: bool = True):
+        self.tokenizer, self.doc_tokens, self.seed = tokenizer, doc_tokens, seed
+        self.add_bos, self.add_eos = add_bos, add_eos
+        n = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
+        self.chars_per_token = len(FILLER) / max(n, 1)
+
+    def __len__(self) -> int:
+        return _UNBOUNDED
+
+    def get(self, epoch: int, index: int) -> Document:
+        rng = np.random.default_rng([self.seed, epoch, index, 29])
+        tokens = int(rng.integers(max(self.doc_tokens // 4, 16), self.doc_tokens + 1))
+        text = passkey_text(max(int((tokens - 60) * self.chars_per_token), 0), rng)
+        ids = encode(self.tokenizer, text, self.add_bos, self.add_eos)[: self.doc_tokens]
+        return Document(ids)
+
+
+# ----------------------------------------------------------------------------- text sources
+def encode(tokenizer, text: str, add_bos: bool, add_eos: bool) -> np.ndarray:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return np.asarray(ids, dtype=np.int64)
+
+
+_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def resolve_files(paths: list[str], fmt: str) -> tuple[list[str], str]:
+    """Expand globs; infer the ``datasets`` builder from the extensions when ``fmt`` is "auto"."""
+    files: list[str] = []
+    for pattern in paths:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise ValueError(f"data.paths: {pattern!r} matches no file.")
+        files += [f for f in matched if Path(f).is_file()]
+    if fmt != "auto":
+        return files, fmt
+    kinds = {_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(f"data.format=auto cannot infer one format from {sorted({Path(f).suffix for f in files})}; "
+                         "use files of one kind (.txt, .json/.jsonl, .parquet) or set data.format.")
+    return files, kinds.pop()
+
+
+def load_text_dataset(cfg):
+    """A ``datasets.Dataset`` of documents (map-style, so a position can be resumed by index)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("text data needs the `datasets` package: pip install -e '.[train]'") from err
+    if cfg.source == "hub":
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.split)
+    else:
+        files, fmt = resolve_files(cfg.paths, cfg.format)
+        kwargs = {"sample_by": cfg.text_sample_by} if fmt == "text" else {}
+        ds = datasets.load_dataset(fmt, data_files={cfg.split: files}, split=cfg.split, **kwargs)
+    if cfg.text_field not in ds.column_names:
+        raise ValueError(f"data.text_field={cfg.text_field!r} is not a column of the dataset; columns: "
+                         f"{ds.column_names}.")
+    return ds
+
+
+class TextDocuments:
+    """Documents from a ``datasets.Dataset``, in a seeded permutation per epoch, sharded across ranks, tokenized
+    on access. A ``passkey_fraction`` of document slots (chosen by a hash of the slot) are passkey documents."""
+
+    def __init__(self, dataset, text_field: str, tokenizer, seed: int, rank: int, world: int, add_bos: bool,
+                 add_eos: bool, passkey: SyntheticPasskey | None = None, passkey_fraction: float = 0.0):
+        self.dataset, self.text_field, self.tokenizer = dataset, text_field, tokenizer
+        self.seed, self.rank, self.world = seed, rank, world
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.passkey, self.passkey_fraction = passkey, passkey_fraction
+        self._perm_epoch, self._perm = None, None
+        self.n = len(range(rank, len(dataset), world))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            perm = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.dataset))
+            self._perm, self._perm_epoch = perm[self.rank :: self.world], epoch
+        return self._perm
+
+    def get(self, epoch: int, index: int) -> Document:
+        if self.passkey is not None and self.passkey_fraction > 0:
+            u = np.random.default_rng([self.seed, epoch, index, self.rank, 31]).random()
+            if u < self.passkey_fraction:
+                return self.passkey.get(epoch, index * self.world + self.rank)
+        text = self.dataset[int(self._rank_order(epoch)[index])][self.text_field]
+        return Document(encode(self.tokenizer, text or "", self.add_bos, self.add_eos))
+
+
+class RankView:
+    """An unbounded source seen by one rank: document i of the rank is document i * world + rank."""
+
+    def __init__(self, source, rank: int, world: int):
+        self.source, self.rank, self.world = source, rank, world
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def get(self, epoch: int, index: int) -> Document:
+        return self.source.get(epoch, index * self.world + self.rank)
+
+
+# ----------------------------------------------------------------------------- packing
+class PackedBatches:
+    """Micro-batches of ``lanes`` document packs of ``pack`` rows of ``window`` tokens (see the module docstring).
+
+    ``state_dict()`` / ``load_state_dict()`` save and restore the position of every lane.
+    """
+
+    def __init__(self, documents, lanes: int, pack: int, window: int, pad_id: int, min_segment_tokens: int,
+                 vocab_size: int | None = None):
+        if len(documents) < lanes:
+            raise ValueError(
+                f"each rank sees {len(documents)} documents, fewer than the {lanes} document packs of a micro-batch "
+                "(train.micro_batch_size / data.pack); use more data, fewer ranks or a smaller micro-batch.")
+        self.documents, self.lanes, self.pack, self.window = documents, lanes, pack, window
+        self.pad_id, self.min_segment_tokens, self.vocab_size = pad_id, max(1, min_segment_tokens), vocab_size
+        self.state = [{"epoch": 0, "counter": 0, "segment": 0} for _ in range(lanes)]
+        self._cache: list[tuple[tuple, Document] | None] = [None] * lanes
+
+    @property
+    def segment_tokens(self) -> int:
+        return self.pack * self.window
+
+    def state_dict(self) -> dict:
+        return {"lanes": [dict(s) for s in self.state]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["lanes"]) != self.lanes:
+            raise ValueError(f"the checkpoint's data state has {len(state['lanes'])} lanes, this run has {self.lanes}; "
+                             "resume with the same train.micro_batch_size and data.pack.")
+        self.state = [dict(s) for s in state["lanes"]]
+        self._cache = [None] * self.lanes
+
+    def _document(self, lane: int) -> Document:
+        s = self.state[lane]
+        key = (s["epoch"], s["counter"])
+        cached = self._cache[lane]
+        if cached is None or cached[0] != key:
+            doc = self.documents.get(s["epoch"], lane + s["counter"] * self.lanes)
+            if self.vocab_size is not None and len(doc.ids) and int(doc.ids.max()) >= self.vocab_size:
+                raise ValueError(f"a token id ({int(doc.ids.max())}) is >= the model's vocab_size ({self.vocab_size});"
+                                 " the tokenizer and the model do not match.")
+            cached = self._cache[lane] = (key, doc)
+        return cached[1]
+
+    def _n_segments(self, doc: Document) -> int:
+        full, rest = divmod(len(doc.ids), self.segment_tokens)
+        return full + (rest >= self.min_segment_tokens)
+
+    def _next_document(self, lane: int) -> None:
+        s = self.state[lane]
+        s["counter"] += 1
+        s["segment"] = 0
+        if lane + s["counter"] * self.lanes >= len(self.documents):
+            s["epoch"], s["counter"] = s["epoch"] + 1, 0
+
+    def _next_segment(self, lane: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The lane's next segment: ids and labels int64 [k * W] (padded) and the number of real tokens."""
+        for _ in range(100_000):
+            doc = self._document(lane)
+            s = self.state[lane]
+            if s["segment"] < self._n_segments(doc):
+                break
+            self._next_document(lane)
+        else:
+            raise ValueError("no document is long enough: lower data.min_segment_tokens or check the data.")
+        start = s["segment"] * self.segment_tokens
+        ids = doc.ids[start : start + self.segment_tokens]
+        labels = ids.copy()
+        if doc.loss_mask is not None:
+            labels[~doc.loss_mask[start : start + self.segment_tokens]] = IGNORE
+        s["segment"] += 1
+        real = len(ids)
+        pad = self.segment_tokens - real
+        if pad:
+            ids = np.concatenate([ids, np.full(pad, self.pad_id, np.int64)])
+            labels = np.concatenate([labels, np.full(pad, IGNORE, np.int64)])
+        return ids, labels, real
+
+    def next_batch(self) -> Batch:
+        ids, labels, real = zip(*(self._next_segment(lane) for lane in range(self.lanes)))
+        B, W = self.lanes * self.pack, self.window
+        ids_BW = torch.from_numpy(np.stack(ids)).view(B, W)  # lane p's segment -> rows p*k ... p*k + k - 1
+        labels_BW = torch.from_numpy(np.stack(labels)).view(B, W)
+        valid_PX = torch.arange(self.segment_tokens)[None, :] < torch.tensor(real)[:, None]  # [lanes, k * W]
+        mask = None if bool(valid_PX.all()) else valid_PX.view(B, W).long()
+        return Batch(ids_BW, labels_BW, mask, int(sum(real)))
+
+
+# ----------------------------------------------------------------------------- factory
+def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, world: int) -> PackedBatches:
+    """The micro-batch stream of this rank for a run config."""
+    d = spec.data
+    seed = spec.train.seed
+    doc_tokens = d.synthetic_doc_tokens or d.pack * window
+    pad_id = 0
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        pad_id = tokenizer.pad_token_id
+    passkey = None
+    if tokenizer is not None:
+        passkey = SyntheticPasskey(tokenizer, doc_tokens, seed + 1, d.add_bos, d.add_eos)
+    if d.source == "synthetic":
+        if d.synthetic_kind == "lookup":
+            source = SyntheticLookup(vocab_size, doc_tokens, d.synthetic_key_tokens, d.synthetic_value_tokens,
+                                     d.synthetic_query_prob, d.synthetic_answers_only, seed)
+        else:
+            source = passkey
+        documents = RankView(source, rank, world)
+    else:
+        dataset = load_text_dataset(d)
+        documents = TextDocuments(dataset, d.text_field, tokenizer, seed, rank, world, d.add_bos, d.add_eos,
+                                  passkey if d.passkey_fraction > 0 else None, d.passkey_fraction)
+    lanes = spec.train.micro_batch_size // d.pack
+    return PackedBatches(documents, lanes, d.pack, window, pad_id, d.min_segment_tokens, vocab_size)

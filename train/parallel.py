@@ -1,0 +1,132 @@
+"""Processes, devices and model parallelism: torchrun environment, DDP, FSDP2.
+
+Order of model transforms (as torchtitan): activation checkpointing, then ``torch.compile`` of each decoder
+layer, then FSDP2 ``fully_shard`` of every decoder layer and finally of the root (or DDP around the whole model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    initialized: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(train_cfg, parallel_cfg) -> DistInfo:
+    """Read RANK / LOCAL_RANK / WORLD_SIZE (torchrun), pick the device and start the process group."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    want = train_cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda, but no CUDA device is available; use train.device=cpu or auto.")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and parallel_cfg.strategy == "none":
+        raise ValueError(f"parallel.strategy=none runs one process, but WORLD_SIZE={world}; use ddp or fsdp2.")
+    initialized = False
+    if world > 1 or (parallel_cfg.strategy != "none" and "RANK" in os.environ):
+        backend = parallel_cfg.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl" and device.type != "cuda":
+            raise ValueError("parallel.backend=nccl needs CUDA devices; use gloo (or auto) on CPU.")
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        initialized = True
+    return DistInfo(rank, local_rank, world, device, initialized)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.initialized:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.initialized:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.initialized:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def parallelize(model: torch.nn.Module, spec, info: DistInfo) -> torch.nn.Module:
+    """Apply activation checkpointing, compile, then FSDP2 or DDP. Returns the module to train."""
+    if spec.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.train.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    strategy = spec.parallel.strategy if info.initialized else "none"
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = None
+        if spec.train.dtype == "bfloat16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs = {"mp_policy": mp} if mp is not None else {}
+        # A decoder layer also returns its keys/values (views) for the inference cache; a crossbatch step never
+        # touches them, let alone in place, so FSDP2's warning about in-place ops on returned views does not apply.
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+        for layer in model.model.layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+    elif strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``LongLlamaForCausalLM`` inside a DDP wrapper (FSDP2 modifies the module in place)."""
+    return model.module if hasattr(model, "module") and not hasattr(model, "config") else model
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-batch of gradient accumulation: skip the gradient reduction unless ``sync``."""
+    if hasattr(model, "no_sync") and not sync:  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def autocast(spec, info: DistInfo):
+    """bf16 autocast unless FSDP2's mixed-precision policy already computes in bf16."""
+    fsdp_mp = spec.parallel.strategy == "fsdp2" and info.initialized
+    enabled = spec.train.dtype == "bfloat16" and not fsdp_mp
+    return torch.autocast(device_type=info.device.type, dtype=torch.bfloat16, enabled=enabled)
