@@ -103,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--mem-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--attn-impl", default="auto", choices=["auto", "sdpa", "reference"])
+    parser.add_argument("--attn-impl", default="auto", choices=["auto", "torch", "reference"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mem", type=int, help=argparse.SUPPRESS)

@@ -373,15 +373,30 @@ def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK, que
 def memory_attention(
     q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str, grouping=None, idx_BNTK=None
 ) -> torch.Tensor:
-    """Dispatch to the implementation named by ``impl`` ("reference" or "sdpa"); with ``idx_BNTK`` (top-k
-    retrieved slots) to the kNN-memory attention."""
-    if idx_BNTK is not None:
-        if impl == "reference":
+    """Dispatch to the implementation named by ``impl`` ("torch", "triton" or "reference"); with ``idx_BNTK``
+    (top-k retrieved slots) to the kNN-memory attention."""
+    if impl == "reference":
+        if idx_BNTK is not None:
             return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
-        if impl == "sdpa":
-            return fused_topk_attention(q_BNTH, local, memory, idx_BNTK)
-    elif impl == "reference":
         return reference_memory_attention(q_BNTH, local, memory, grouping)
-    elif impl == "sdpa":
+    if impl == "torch":
+        if idx_BNTK is not None:
+            return fused_topk_attention(q_BNTH, local, memory, idx_BNTK)
         return fused_memory_attention(q_BNTH, local, memory, grouping)
-    raise ValueError(f"unknown attention implementation {impl!r}; use 'sdpa' or 'reference'.")
+    if impl == "triton":
+        return triton_memory_attention(q_BNTH, local, memory, idx_BNTK)
+    raise ValueError(f"unknown attention implementation {impl!r}; use 'torch', 'triton' or 'reference'.")
+
+
+def triton_memory_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK=None) -> torch.Tensor:
+    """The fused Triton kernel of ``fot.kernels`` (imported lazily: Triton is optional)."""
+    from .kernels import load_memory_attention
+
+    kernels = load_memory_attention()
+    k_mem = v_mem = mem_valid = None
+    if memory is not None and memory.size > 0:
+        k_mem, v_mem, mem_valid = memory.k_BGMH, memory.v_BGMH, memory.valid_BM
+    return kernels.memory_attention(
+        q_BNTH, local.k_BGSH, local.v_BGSH, k_mem, v_mem,
+        local_valid=local.valid_BS, mem_valid=mem_valid, idx=None if idx_BNTK is None else idx_BNTK.int(),
+    )  # fmt: skip

@@ -19,6 +19,7 @@ from transformers.configuration_utils import PreTrainedConfig
 MEM_DTYPES = ("float32", "float16", "bfloat16")
 CACHE_POLICIES = ("slide", "flush")
 MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf")
+ATTN_IMPLS = ("auto", "torch", "triton", "reference")
 
 
 class LongLlamaConfig(PreTrainedConfig):
@@ -58,8 +59,10 @@ class LongLlamaConfig(PreTrainedConfig):
             evicts the oldest tokens so the most recent ``last_context_length`` tokens stay local, and moves
             the evicted ones to memory in memory layers. "flush" is the reference's policy: the whole local
             cache moves to memory (memory layers) or is dropped (other layers).
-        attn_impl: "auto" (fused SDPA/LSE path, chosen once and logged), "sdpa" (the fused path) or
-            "reference" (the naive one-softmax implementation the fused path is tested against).
+        attn_impl: "auto" (chosen once per device and logged: Triton on CUDA, torch otherwise), "torch"
+            (fused PyTorch kernels merged by log-sum-exp), "triton" (the fused Triton kernels of
+            ``fot.kernels``) or "reference" (the literal one-softmax implementation the others are tested
+            against).
     """
 
     model_type = "longllama"
@@ -182,8 +185,8 @@ class LongLlamaConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={value!r} must be None or a positive int.")
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy={self.cache_policy!r} is unknown; use one of {CACHE_POLICIES}.")
-        if self.attn_impl not in ("auto", "sdpa", "reference"):
-            raise ValueError(f"attn_impl={self.attn_impl!r} is unknown; use 'auto', 'sdpa' or 'reference'.")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r} is unknown; use one of {', '.join(ATTN_IMPLS)}.")
 
     def _validate_rope(self) -> None:
         params = self.rope_parameters or {}

@@ -51,10 +51,18 @@ def plan_chunks(n_tokens: int, window: int, last_context_length: int) -> list[tu
 
 
 def resolve_attn_impl(config: LongLlamaConfig, device: torch.device) -> str:
-    """Turn ``attn_impl="auto"`` into a concrete implementation (logged by the caller)."""
-    if config.attn_impl != "auto":
-        return config.attn_impl
-    return "sdpa"
+    """The concrete implementation for ``device``: "auto" picks Triton on CUDA when it can run there and the
+    fused torch path otherwise (the caller logs the choice); an explicit "triton" that cannot run raises."""
+    from .kernels import unavailable_reason
+
+    impl = config.attn_impl
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and unavailable_reason(device) is None else "torch"
+    if impl == "triton":
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"attn_impl='triton' cannot run on {device}: {reason}. Use attn_impl='torch' or 'auto'.")
+    return impl
 
 
 class LongLlamaPreTrainedModel(PreTrainedModel):
