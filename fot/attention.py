@@ -25,6 +25,16 @@ import torch
 import torch.nn.functional as F
 
 MASKED_SCORE = -1e6  # the reference clamps masked scores to max(score + mask, -1e6)
+
+
+def masked_score(dtype: torch.dtype) -> float:
+    """-1e6, or the most negative finite value of ``dtype`` when -1e6 does not fit (fp16), as the reference."""
+    return max(MASKED_SCORE, torch.finfo(dtype).min)
+
+
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The softmax runs in fp32 (the reference), or in the input dtype when that is wider (float64 specs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 MEMORY_BLOCK = 8192  # memory slots per fused call when the memory dtype differs from the compute dtype
 
 
@@ -134,22 +144,22 @@ def reference_memory_attention(
             ts = slice(t0, min(t0 + step_q, T))
             q = q_BNTH[:, hs, ts]
             scores = torch.matmul(q, k_BNSH[:, hs].transpose(2, 3)) / math.sqrt(H)
-            scores = scores.masked_fill(~visible_B1TS[:, :, ts], MASKED_SCORE)
+            scores = scores.masked_fill(~visible_B1TS[:, :, ts], masked_score(dtype))
             values = v_BNSH[:, hs]
             if memory is not None:
                 mem_scores = torch.matmul(q, k_mem_BNMH[:, hs].transpose(2, 3)) / math.sqrt(H)
                 if memory.valid_BM is not None:
-                    mem_scores = mem_scores.masked_fill(~memory.valid_BM[:, None, None, :], MASKED_SCORE)
+                    mem_scores = mem_scores.masked_fill(~memory.valid_BM[:, None, None, :], masked_score(dtype))
                 scores = torch.cat([scores, mem_scores], dim=-1)
                 values = torch.cat([values, v_mem_BNMH[:, hs]], dim=-2)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+            probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype(dtype)).to(dtype)
             out_BNTH[:, hs, ts] = torch.matmul(probs, values)
     return out_BNTH
 
 
 # ----------------------------------------------------------------------------- fused path
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, MASKED_SCORE)
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, masked_score(dtype))
 
 
 def attention_with_lse(q, k, v, bias=None, is_causal=False):
@@ -328,11 +338,11 @@ def reference_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK:
     k_loc = local.k_BGSH.repeat_interleave(N // G, dim=1)
     v_loc = local.v_BGSH.repeat_interleave(N // G, dim=1)
     s_loc = torch.matmul(q_BNTH, k_loc.transpose(2, 3)) / math.sqrt(H)
-    s_loc = s_loc.masked_fill(~local_visibility(T, local), MASKED_SCORE)
+    s_loc = s_loc.masked_fill(~local_visibility(T, local), masked_score(dtype))
     k_sel, v_sel = gather_memory(memory, idx_BNTK, dtype)
     s_sel = torch.einsum("bnth,bntkh->bntk", q_BNTH, k_sel) / math.sqrt(H)
     s_sel = s_sel.masked_fill(~_retrieved_ok(memory, idx_BNTK), float("-inf"))
-    probs = torch.softmax(torch.cat([s_loc, s_sel], dim=-1), dim=-1, dtype=torch.float32).to(dtype)
+    probs = torch.softmax(torch.cat([s_loc, s_sel], dim=-1), dim=-1, dtype=softmax_dtype(dtype)).to(dtype)
     S = s_loc.shape[-1]
     return torch.matmul(probs[..., :S], v_loc) + torch.einsum("bntk,bntkh->bnth", probs[..., S:], v_sel)
 

@@ -119,7 +119,7 @@ def passkey_text(n_garbage: int, rng: np.random.Generator) -> str:
 
 
 class SyntheticPasskey:
-    """Passkey documents (text, tokenized with ``tokenizer``) of about ``doc_tokens/4 ... doc_tokens`` tokens."""
+    """Passkey documents (text, tokenized with ``tokenizer``) of about ``doc_tokens/2 ... doc_tokens`` tokens."""
 
     def __init__(self, tokenizer, doc_tokens: int, seed: int, add_bos: bool = True, add_eos: bool = True):
         self.tokenizer, self.doc_tokens, self.seed = tokenizer, doc_tokens, seed
@@ -132,7 +132,7 @@ class SyntheticPasskey:
 
     def get(self, epoch: int, index: int) -> Document:
         rng = np.random.default_rng([self.seed, epoch, index, 29])
-        tokens = int(rng.integers(max(self.doc_tokens // 4, 16), self.doc_tokens + 1))
+        tokens = int(rng.integers(max(self.doc_tokens // 2, 16), self.doc_tokens + 1))
         text = passkey_text(max(int((tokens - 60) * self.chars_per_token), 0), rng)
         ids = encode(self.tokenizer, text, self.add_bos, self.add_eos)[: self.doc_tokens]
         return Document(ids)

@@ -1,0 +1,208 @@
+"""Crossbatch training: context assembly against explicit per-row loops, attention against a float64
+"concatenate and one softmax" spec, gradients into the contexts, and the no-context loss against plain LLaMA."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fot.cache import LongLlamaCache  # noqa: E402
+from fot.crossbatch import CrossBatchPlan, paper_layout, reference_layout  # noqa: E402
+from tests.test_parity_llama import hf_twin  # noqa: E402
+from tests.tiny import max_err, tiny_model, tokens  # noqa: E402
+from train.objective import Objective, empty_plan, ranges_layout  # noqa: E402
+from train.config import CrossbatchConfig  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- context assembly
+def plan_as_lists(plan: CrossBatchPlan) -> list[list[tuple[int, bool]]]:
+    """Per row: the active (source row, is positive) pairs, in plan order."""
+    out = []
+    for b in range(plan.batch_size):
+        out.append([(int(s), bool(p)) for s, a, p in zip(plan.sources_BC[b], plan.active_BC[b], plan.positive_BC[b])
+                    if a])
+    return out
+
+
+def loop_previous_rows(batch: int, pack: int, range_of_offset) -> list[list[tuple[int, bool]]]:
+    """The spec: row i looks at rows i-1, i-2, ... (range_of_offset(i mod k) of them), never below row 0 (leak
+    mask, no wrap-around); a context is positive iff it holds the same document (same pack)."""
+    rows = []
+    for i in range(batch):
+        ctx = []
+        for c in range(1, range_of_offset(i % pack) + 1):
+            j = i - c
+            if j < 0:
+                break
+            ctx.append((j, j // pack == i // pack))
+        rows.append(ctx)
+    return rows
+
+
+def counts(rows, start: int = 0):
+    return [(sum(p for _, p in r), sum(not p for _, p in r)) for r in rows[start:]]
+
+
+@pytest.mark.parametrize("batch, pack, R, stepping", [(8, 4, 3, True), (16, 4, 3, True), (12, 3, 4, True),
+                                                      (8, 4, 6, True), (8, 2, 3, False), (6, 1, 2, True)])
+def test_reference_layout_matches_per_row_loop(batch, pack, R, stepping):
+    step = math.ceil((R + 1) / max(pack - 1, 1))
+    if pack == 1 or not stepping:
+        ranges = lambda o: R  # noqa: E731
+    else:
+        ranges = lambda o: min(o * step + 1, R + 1) - 1  # noqa: E731
+    assert plan_as_lists(reference_layout(batch, pack, R, stepping)) == loop_previous_rows(batch, pack, ranges)
+
+
+def test_reference_layout_published_mixes():
+    # LongLLaMA 3B (k=4, R=3): quarters with (positives, negatives) (0,0), (1,1), (2,1), (3,0) once a previous
+    # document pack exists; the first pack has no negatives (no wrap-around).
+    rows = plan_as_lists(reference_layout(12, 4, 3, True))
+    assert counts(rows, 4) == [(0, 0), (1, 1), (2, 1), (3, 0)] * 2
+    assert counts(rows)[:4] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    # The JAX trainer's documented example: batch 8, range 6, k=4 gives ranges 0,1,2,3,0,3,6,6.
+    assert [len(r) for r in plan_as_lists(reference_layout(8, 4, 6, True))] == [0, 1, 2, 3, 0, 3, 6, 6]
+
+
+def test_ranges_layout_expresses_the_7b_mix():
+    plan = ranges_layout(16, 4, [0, 3, 7, 7])
+    rows = plan_as_lists(plan)
+    assert rows == loop_previous_rows(16, 4, lambda o: [0, 3, 7, 7][o])
+    assert counts(rows, 8) == [(0, 0), (1, 2), (2, 5), (3, 4)] * 2  # packs with two earlier packs
+    assert ranges_layout(8, 4, [0, 2, 3, 3]).active_BC.tolist() == reference_layout(8, 4, 3, True).active_BC.tolist()
+    with pytest.raises(ValueError, match="ranges"):
+        ranges_layout(8, 4, [0, 1])
+
+
+@pytest.mark.parametrize("batch, pack, d", [(8, 2, 4), (12, 3, 2), (8, 4, 1), (16, 4, 4)])
+def test_paper_layout_matches_per_row_loop(batch, pack, d):
+    n_docs = batch // pack
+    expected = []
+    for i in range(batch):
+        doc, offset = divmod(i, pack)
+        if offset == 0:  # the first window of a document has no previous context
+            expected.append([])
+            continue
+        ctx = [((doc + m) % n_docs * pack + offset - 1, m == 0) for m in range(d)]
+        expected.append(ctx)
+    assert plan_as_lists(paper_layout(batch, pack, d)) == expected
+
+
+def test_d_schedules():
+    def objective(**kw):
+        return Objective(CrossbatchConfig(layout="paper", **kw), batch_size=16, pack=2, max_steps=100, seed=3)
+
+    assert {objective(d=2).d_at(s) for s in range(100)} == {2}
+    switch = objective(d=2, schedule="switch", d_after=8)  # the last 10% of steps by default
+    assert [switch.d_at(s) for s in (0, 89, 90, 99)] == [2, 2, 8, 8]
+    assert objective(d=2, schedule="switch", switch_step=5, d_after=4).d_at(5) == 4
+    sampled = objective(schedule="sampled", d_choices=[2, 8])
+    draws = [sampled.d_at(s) for s in range(100)]
+    assert set(draws) == {2, 8} and draws == [objective(schedule="sampled", d_choices=[2, 8]).d_at(s) for s in
+                                               range(100)]  # deterministic per (seed, step): ranks agree
+    plan = sampled.plan(draws.index(8))
+    assert plan.num_contexts == 8 and int(plan.counts()[1].max()) == 7
+    assert Objective(CrossbatchConfig(layout="none"), 8, 4, 10, 0).plan(0).num_contexts == 0
+
+
+# ----------------------------------------------------------------------------- attention
+def memory_layer_forward(model, x_BTD, plan):
+    """Run the first memory layer's attention module on normalized inputs, as the model's crossbatch step does."""
+    idx = model.config.mem_layers[0]
+    layer = model.model.layers[idx]
+    cache = LongLlamaCache(model.config)
+    inv = model.model._inv_freqs(x_BTD.device)[idx]
+    from fot.attention import rope_cos_sin
+
+    rope = rope_cos_sin(torch.arange(x_BTD.shape[1]), inv, x_BTD.dtype)
+    impl = model.model._attn_impl(x_BTD.device)
+    out, _ = layer.self_attn(x_BTD, rope, cache.local_for_attention(idx), None, None, impl, None, plan)
+    return out
+
+
+def spec_attention_f64(attn, x_BTD, plan):
+    """The spec, row by row in float64: scores of the row's queries against its own rotated keys (causal) and the
+    raw (position-0) keys of its active context rows, concatenated; ONE softmax; weighted sum of the values."""
+    x = x_BTD.double()
+    B, T, _ = x.shape
+    N, G, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    W = {n: getattr(attn, n).weight.double() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    q = (x @ W["q_proj"].T).view(B, T, N, H)
+    k = (x @ W["k_proj"].T).view(B, T, G, H)
+    v = (x @ W["v_proj"].T).view(B, T, G, H)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, H, 2, dtype=torch.float64) / H))
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+
+    def rot(t):  # [T, H]
+        t1, t2 = t[..., : H // 2], t[..., H // 2 :]
+        return t * cos + torch.cat([-t2, t1], -1) * sin
+
+    out = torch.zeros(B, T, N, H, dtype=torch.float64)
+    for b in range(B):
+        ctx_rows = [int(s) for s, a in zip(plan.sources_BC[b], plan.active_BC[b]) if a]
+        for n in range(N):
+            g = n // (N // G)
+            qn, kl, vl = rot(q[b, :, n]), rot(k[b, :, g]), v[b, :, g]
+            keys = torch.cat([kl] + [k[j, :, g] for j in ctx_rows])  # context keys: raw, position 0
+            vals = torch.cat([vl] + [v[j, :, g] for j in ctx_rows])
+            scores = qn @ keys.T / math.sqrt(H)
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            visible = torch.cat([causal, torch.ones(T, len(ctx_rows) * T, dtype=torch.bool)], 1)
+            probs = torch.softmax(scores.masked_fill(~visible, -math.inf), -1)
+            out[b, :, n] = probs @ vals
+    return out.reshape(B, T, N * H) @ W["o_proj"].T
+
+
+@pytest.mark.parametrize("plan_fn", [lambda: reference_layout(8, 4, 3, True), lambda: paper_layout(8, 2, 3),
+                                     lambda: ranges_layout(8, 4, [0, 3, 5, 5])])
+def test_crossbatch_attention_matches_float64_spec(plan_fn):
+    plan = plan_fn()
+    model32 = tiny_model(dtype=torch.float32, mem_layers=[1], num_key_value_heads=2)
+    model64 = tiny_model(dtype=torch.float64, mem_layers=[1], num_key_value_heads=2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 17, model32.config.hidden_size, generator=g, dtype=torch.float64)  # odd T
+    spec = spec_attention_f64(model64.model.layers[1].self_attn, x, plan)
+    with torch.no_grad():
+        fast64 = memory_layer_forward(model64, x, plan)
+        fast32 = memory_layer_forward(model32, x.float(), plan)
+        # the fp32 reference: the same spec computed from fp32-rounded inputs and weights
+        ref32 = spec_attention_f64(model32.model.layers[1].self_attn, x.float().double(), plan).float()
+    assert max_err(fast64, spec) < 1e-10
+    assert max_err(fast32, spec) <= 2 * max_err(ref32, spec) + 1e-6
+    # the contexts matter: without them the result moves far beyond rounding
+    with torch.no_grad():
+        alone = memory_layer_forward(model64, x, empty_plan(8))
+    assert max_err(alone, spec) > 1e-2
+
+
+def test_gradients_reach_exactly_the_context_rows():
+    model = tiny_model(dtype=torch.float64, mem_layers=[1])
+    plan = reference_layout(8, 4, 3, True)
+    x = torch.randn(8, 9, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    out = memory_layer_forward(model, x, plan)
+    out[5].sum().backward()  # row 5 (offset 1 of pack 1): contexts rows 4 (positive) and 3 (negative)
+    touched = [b for b in range(8) if x.grad[b].abs().max() > 0]
+    assert touched == [3, 4, 5]
+
+
+# ----------------------------------------------------------------------------- loss
+def test_loss_without_contexts_equals_plain_llama():
+    model = tiny_model(dtype=torch.float32, mem_layers=[1])
+    hf = hf_twin(model)
+    ids = tokens(8, 40, seed=4)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[2, 20:] = -100
+    ours = model(input_ids=ids, labels=labels, crossbatch=empty_plan(8), use_cache=False)
+    theirs = hf(input_ids=ids, labels=labels)
+    assert abs(ours.loss.item() - theirs.loss.item()) < 1e-5
+    assert max_err(ours.logits, theirs.logits) < 1e-5
+    # the explicit formula: mean next-token cross entropy over labels != -100
+    manual = F.cross_entropy(theirs.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(ours.loss.item() - manual.item()) < 1e-5

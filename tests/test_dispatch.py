@@ -1,0 +1,39 @@
+"""attn_impl dispatch: the Triton kernel inside the model equals the torch path; explicit choices that cannot
+run raise; "auto" picks torch on the CPU."""
+
+import pytest
+import torch
+
+import fot
+import fot.kernels
+from tests.tiny import tiny_model, tokens
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'fot[triton]')")
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_triton_impl_in_the_model_equals_torch(top_k):
+    model = tiny_model(dtype=torch.float32, mem_layers=[1, 2], mem_dtype="float32", num_key_value_heads=2)
+    model.config.mem_top_k = top_k
+    ids = tokens(2, 100, seed=3)
+    with torch.no_grad():
+        model.config.attn_impl = "torch"
+        expected = model(ids).logits
+        model.config.attn_impl = "triton"
+        got = model(ids).logits
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_explicit_triton_that_cannot_run_raises(monkeypatch):
+    model = tiny_model(dtype=torch.float32, mem_layers=[1], mem_dtype="float32")
+    model.config.attn_impl = "triton"
+    monkeypatch.setattr(fot.kernels, "unavailable_reason", lambda device: "no CUDA device and TRITON_INTERPRET unset")
+    with pytest.raises(ValueError, match="attn_impl='triton' cannot run"):
+        model(tokens(1, 10, seed=0))
+
+
+def test_auto_picks_torch_on_cpu_and_logs_it(caplog):
+    model = tiny_model(dtype=torch.float32, mem_layers=[1], mem_dtype="float32")
+    with caplog.at_level("INFO", logger="fot.modeling"):
+        model(tokens(1, 10, seed=0))
+    assert "chose 'torch'" in caplog.text
