@@ -51,19 +51,21 @@ def exact_topk(q_BGXH: torch.Tensor, k_BGMH: torch.Tensor, valid_BM: torch.Tenso
     """Exact top-k by inner product, scored block by block (fp32). Returns (scores, idx) [B, G, X, K]."""
     B, G, X, _ = q_BGXH.shape
     M = k_BGMH.shape[2]
-    best_s = q_BGXH.new_full((B, G, X, 0), float("-inf"), dtype=torch.float32)
-    best_i = torch.empty((B, G, X, 0), dtype=torch.long, device=q_BGXH.device)
     q = q_BGXH.float()
+    best_s = best_i = None
     for m0 in range(0, M, SEARCH_BLOCK):
         m1 = min(m0 + SEARCH_BLOCK, M)
         s = torch.matmul(q, k_BGMH[:, :, m0:m1].float().transpose(-1, -2))  # [B, G, X, m]
         if valid_BM is not None:
             s = s.masked_fill(~valid_BM[:, None, None, m0:m1], float("-inf"))
-        idx = torch.arange(m0, m1, device=q.device).expand(B, G, X, -1)
-        cand_s, cand_i = torch.cat([best_s, s], dim=-1), torch.cat([best_i, idx], dim=-1)
-        top = min(k, cand_s.shape[-1])
-        best_s, pos = cand_s.topk(top, dim=-1)
-        best_i = cand_i.gather(-1, pos)
+        blk_s, blk_i = s.topk(min(k, m1 - m0), dim=-1)
+        blk_i = blk_i + m0
+        if best_s is None:
+            best_s, best_i = blk_s, blk_i
+        else:  # merge two sorted candidate lists of at most k each
+            cand_s, cand_i = torch.cat([best_s, blk_s], dim=-1), torch.cat([best_i, blk_i], dim=-1)
+            best_s, pos = cand_s.topk(min(k, cand_s.shape[-1]), dim=-1)
+            best_i = cand_i.gather(-1, pos)
     best_i = best_i.masked_fill(torch.isneginf(best_s), -1)
     if best_i.shape[-1] < k:  # fewer slots than K
         pad = k - best_i.shape[-1]

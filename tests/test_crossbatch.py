@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fot.cache import LongLlamaCache  # noqa: E402
 from fot.crossbatch import CrossBatchPlan, paper_layout, reference_layout  # noqa: E402
 from tests.test_parity_llama import hf_twin  # noqa: E402
-from tests.tiny import max_err, tiny_model, tokens  # noqa: E402
+from tests.tiny import TOL64, max_err, tiny_model, tokens  # noqa: E402
 from train.objective import Objective, empty_plan, ranges_layout  # noqa: E402
 from train.config import CrossbatchConfig  # noqa: E402
 
@@ -125,25 +125,25 @@ def memory_layer_forward(model, x_BTD, plan):
     return out
 
 
-def spec_attention_f64(attn, x_BTD, plan):
-    """The spec, row by row in float64: scores of the row's queries against its own rotated keys (causal) and the
+def spec_attention(attn, x_BTD, plan, dtype=torch.float64):
+    """The spec, row by row (float64 unless ``dtype``): scores of the row's queries against its own rotated keys (causal) and the
     raw (position-0) keys of its active context rows, concatenated; ONE softmax; weighted sum of the values."""
-    x = x_BTD.double()
+    x = x_BTD.to(dtype)
     B, T, _ = x.shape
     N, G, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    W = {n: getattr(attn, n).weight.double() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    W = {n: getattr(attn, n).weight.to(dtype) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
     q = (x @ W["q_proj"].T).view(B, T, N, H)
     k = (x @ W["k_proj"].T).view(B, T, G, H)
     v = (x @ W["v_proj"].T).view(B, T, G, H)
-    inv = 1.0 / (10000.0 ** (torch.arange(0, H, 2, dtype=torch.float64) / H))
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    inv = 1.0 / (10000.0 ** (torch.arange(0, H, 2, dtype=dtype) / H))
+    ang = torch.arange(T, dtype=dtype)[:, None] * inv[None, :]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
 
     def rot(t):  # [T, H]
         t1, t2 = t[..., : H // 2], t[..., H // 2 :]
         return t * cos + torch.cat([-t2, t1], -1) * sin
 
-    out = torch.zeros(B, T, N, H, dtype=torch.float64)
+    out = torch.zeros(B, T, N, H, dtype=dtype)
     for b in range(B):
         ctx_rows = [int(s) for s, a in zip(plan.sources_BC[b], plan.active_BC[b]) if a]
         for n in range(N):
@@ -167,14 +167,14 @@ def test_crossbatch_attention_matches_float64_spec(plan_fn):
     model64 = tiny_model(dtype=torch.float64, mem_layers=[1], num_key_value_heads=2)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(8, 17, model32.config.hidden_size, generator=g, dtype=torch.float64)  # odd T
-    spec = spec_attention_f64(model64.model.layers[1].self_attn, x, plan)
+    spec = spec_attention(model64.model.layers[1].self_attn, x, plan)
     with torch.no_grad():
         fast64 = memory_layer_forward(model64, x, plan)
         fast32 = memory_layer_forward(model32, x.float(), plan)
-        # the fp32 reference: the same spec computed from fp32-rounded inputs and weights
-        ref32 = spec_attention_f64(model32.model.layers[1].self_attn, x.float().double(), plan).float()
-    assert max_err(fast64, spec) < 1e-10
-    assert max_err(fast32, spec) <= 2 * max_err(ref32, spec) + 1e-6
+        # the error budget: the spec itself computed in fp32
+        ref32 = spec_attention(model32.model.layers[1].self_attn, x, plan, torch.float32)
+    assert max_err(fast64, spec) < TOL64  # fot keeps RoPE tables and the softmax in fp32
+    assert max_err(fast32, spec) <= 2 * max_err(ref32, spec)
     # the contexts matter: without them the result moves far beyond rounding
     with torch.no_grad():
         alone = memory_layer_forward(model64, x, empty_plan(8))

@@ -21,6 +21,7 @@ type raise ``ValueError`` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -204,6 +205,9 @@ class RunSpec:
 
 
 # ----------------------------------------------------------------------------- type checking
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -252,6 +256,8 @@ def check_value(key: str, value: Any, tp) -> Any:
             raise ValueError(f"{key}: expected an integer, got {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value):  # YAML 1.1 reads 2e-5 as a string
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}.")
         return float(value)

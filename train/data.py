@@ -287,14 +287,15 @@ class PackedBatches:
 
     def _next_segment(self, lane: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The lane's next segment: ids and labels int64 [k * W] (padded) and the number of real tokens."""
-        for _ in range(100_000):
+        for _ in range(1000):  # documents skipped in a row before giving up
             doc = self._document(lane)
             s = self.state[lane]
             if s["segment"] < self._n_segments(doc):
                 break
             self._next_document(lane)
         else:
-            raise ValueError("no document is long enough: lower data.min_segment_tokens or check the data.")
+            raise ValueError("no document is long enough (1000 in a row were shorter than data.min_segment_tokens): "
+                             "lower data.min_segment_tokens or check the data.")
         start = s["segment"] * self.segment_tokens
         ids = doc.ids[start : start + self.segment_tokens]
         labels = ids.copy()

@@ -44,6 +44,7 @@ def train_tokenizer(texts: Iterator[str], out_dir: str | Path, vocab_size: int, 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, split_digits=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # lossless: newlines survive
         max_sentence_length=max_sentence_length, minloglevel=2, hard_vocab_limit=False,
     )
     (out / "tokenizer.model").write_bytes(model.getvalue())

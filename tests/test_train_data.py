@@ -1,0 +1,176 @@
+"""Training data: document-aware packing, determinism per seed and rank, resumable position, file sources through
+`datasets`, the synthetic sources, and the sentencepiece tokenizer round trip through AutoTokenizer."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train.config import load_config  # noqa: E402
+from train.data import (  # noqa: E402
+    IGNORE,
+    Document,
+    PackedBatches,
+    RankView,
+    SyntheticLookup,
+    TextDocuments,
+    build_batches,
+    load_text_dataset,
+    passkey_text,
+)
+
+
+def lookup(doc_tokens=96, answers_only=False, seed=0):
+    return SyntheticLookup(64, doc_tokens, 4, 4, 0.3, answers_only, seed)
+
+
+def test_k_consecutive_rows_hold_consecutive_windows_of_one_document():
+    src = RankView(lookup(doc_tokens=150), rank=0, world=1)  # 150 tokens = 2 segments of 4 x 16 + 22 (padded)
+    stream = PackedBatches(src, lanes=3, pack=4, window=16, pad_id=0, min_segment_tokens=8)
+    seen = {lane: [] for lane in range(3)}
+    for _ in range(5):
+        b = stream.next_batch()
+        assert b.input_ids.shape == (12, 16)
+        for lane in range(3):
+            rows = b.input_ids[lane * 4 : lane * 4 + 4]  # k consecutive rows = one segment, in order
+            seen[lane].append(rows.reshape(-1))
+    for lane in range(3):
+        doc0, doc1 = src.get(0, lane).ids, src.get(0, lane + 3).ids  # lane p reads documents p, p + P, ...
+        stream_ids = torch.cat(seen[lane]).numpy()
+        assert np.array_equal(stream_ids[:150], doc0)
+        assert (stream_ids[150:192] == 0).all()  # the last segment is padded, never filled from another document
+        assert np.array_equal(stream_ids[192:320], doc1[:128])
+    # documents of one micro-batch are distinct: a negative is never another part of the same document
+    firsts = [src.get(0, lane).ids[:8].tolist() for lane in range(3)]
+    assert len({tuple(f) for f in firsts}) == 3
+
+
+def test_padding_masks_and_labels():
+    src = RankView(lookup(doc_tokens=40), 0, 1)
+    b = PackedBatches(src, lanes=2, pack=2, window=32, pad_id=0, min_segment_tokens=8).next_batch()
+    assert b.attention_mask is not None and b.tokens == 80
+    assert b.attention_mask.view(2, 64)[:, :40].all() and not b.attention_mask.view(2, 64)[:, 40:].any()
+    assert (b.labels.view(2, 64)[:, 40:] == IGNORE).all()
+    assert torch.equal(b.labels[b.attention_mask.bool()], b.input_ids[b.attention_mask.bool()])
+    # a tail shorter than min_segment_tokens is dropped: 40 tokens, segments of 64, minimum 41
+    stream = PackedBatches(src, lanes=1, pack=2, window=32, pad_id=0, min_segment_tokens=41)
+    with pytest.raises(ValueError, match="no document is long enough"):
+        stream.next_batch()
+
+
+def test_answers_only_labels():
+    src = lookup(doc_tokens=300, answers_only=True)
+    doc = src.get(0, 0)
+    assert len(doc.ids) == 300 and doc.loss_mask.any()
+    # every supervised token is a value of a query, and repeats the value of the earlier definition
+    ids = doc.ids.tolist()
+    for start in [i for i, t in enumerate(ids) if t == SyntheticLookup.Q and i + 10 <= 300]:
+        key, value = ids[start + 1 : start + 5], ids[start + 6 : start + 10]
+        assert doc.loss_mask[start + 6 : start + 10].all()
+        defs = [i for i, t in enumerate(ids[:start]) if t == SyntheticLookup.K and ids[i + 1 : i + 5] == key]
+        assert defs and ids[defs[0] + 6 : defs[0] + 10] == value
+    b = PackedBatches(RankView(src, 0, 1), 1, 2, 150, 0, 1).next_batch()
+    assert ((b.labels != IGNORE) == torch.from_numpy(doc.loss_mask).view(2, 150)).all()
+
+
+def stream_for(spec, rank=0, world=1):
+    return build_batches(spec, None, 64, 32, rank, world)
+
+
+def test_deterministic_per_seed_and_rank_and_resumable():
+    spec = load_config(ROOT / "configs/ci_tiny.yaml")
+    a, b = stream_for(spec), stream_for(spec)
+    first = [a.next_batch().input_ids for _ in range(3)]
+    assert all(torch.equal(x, b.next_batch().input_ids) for x in first)
+    other_rank = stream_for(spec, rank=1, world=2).next_batch().input_ids
+    assert not torch.equal(other_rank, stream_for(spec, rank=0, world=2).next_batch().input_ids)
+    other_seed = stream_for(load_config(ROOT / "configs/ci_tiny.yaml", {"train.seed": 1})).next_batch().input_ids
+    assert not torch.equal(other_seed, first[0])
+    state = a.state_dict()
+    expected = [a.next_batch().input_ids for _ in range(3)]
+    resumed = stream_for(spec)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # the state is plain data
+    assert all(torch.equal(x, resumed.next_batch().input_ids) for x in expected)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character (ids 3..), BOS 1, EOS 2, pad 0."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + (ord(c) % 60) for c in text]}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "txt", "parquet"])
+def test_file_sources_shard_and_cycle(tmp_path, fmt):
+    texts = [f"document number {i} " * (3 + i) for i in range(6)]
+    if fmt == "jsonl":
+        (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    elif fmt == "txt":
+        for i, t in enumerate(texts):
+            (tmp_path / f"doc{i}.txt").write_text(t)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet")
+    spec = load_config(ROOT / "configs/ci_tiny.yaml",
+                       {"data.source": "files", "data.paths": [str(tmp_path / f"*.{fmt}")], "data.tokenizer": "x"})
+    ds = load_text_dataset(spec.data)
+    assert sorted(ds["text"]) == sorted(texts)
+    tok = CharTokenizer()
+    ranks = [TextDocuments(ds, "text", tok, 0, r, 2, True, True) for r in range(2)]
+    got = [[tuple(d.get(0, i).ids) for i in range(len(d))] for d in ranks]
+    expected = {tuple([1] + tok(t)["input_ids"] + [2]) for t in texts}
+    assert set(got[0]) | set(got[1]) == expected and not set(got[0]) & set(got[1])  # disjoint shards
+    assert got[0] != [tuple(ranks[0].get(1, i).ids) for i in range(3)]  # a new permutation each epoch
+    stream = PackedBatches(ranks[0], lanes=1, pack=2, window=64, pad_id=0, min_segment_tokens=4)
+    for _ in range(8):  # more segments than the shard holds: wraps into the next epoch
+        stream.next_batch()
+    assert stream.state[0]["epoch"] >= 1
+
+
+def test_file_errors(tmp_path):
+    spec = load_config(ROOT / "configs/ci_tiny.yaml",
+                       {"data.source": "files", "data.paths": [str(tmp_path / "*.json")], "data.tokenizer": "x"})
+    with pytest.raises(ValueError, match="matches no file"):
+        load_text_dataset(spec.data)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    (tmp_path / "b.csv").write_text("body\nx\n")
+    spec.data.paths = [str(tmp_path / "*")]
+    with pytest.raises(ValueError, match="cannot infer one format"):
+        load_text_dataset(spec.data)
+    spec.data.paths = [str(tmp_path / "a.jsonl")]
+    with pytest.raises(ValueError, match="text_field='text' is not a column"):
+        load_text_dataset(spec.data)
+    with pytest.raises(ValueError, match="fewer than the 4 document packs"):
+        PackedBatches(TextDocuments(list(range(3)), "t", None, 0, 0, 1, True, True), 4, 2, 8, 0, 1)
+    bad = RankView(lookup(), 0, 1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        PackedBatches(bad, 1, 2, 48, 0, 1, vocab_size=10).next_batch()
+
+
+def test_tokenizer_round_trip_through_auto_tokenizer(tmp_path):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from train.tokenizer import synthetic_texts, train_tokenizer
+
+    tok = train_tokenizer(synthetic_texts("passkey", 100, 0), tmp_path / "tok", vocab_size=400)
+    assert (tmp_path / "tok" / "tokenizer.model").is_file()
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "tokenizer.model"))
+    text = passkey_text(300, np.random.default_rng(1))
+    assert loaded(text, add_special_tokens=False)["input_ids"] == sp.encode(text)  # exactly the trained pieces
+    assert loaded.decode(sp.encode(text)) == text
+    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+    assert len(loaded) == len(tok) <= 400
+    assert "".join(loaded.convert_ids_to_tokens(loaded("31415", add_special_tokens=False)["input_ids"])) == "▁31415"
+    assert Document(np.zeros(1, np.int64)).loss_mask is None
