@@ -317,14 +317,20 @@ def fused_memory_attention(
 def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype):
     """Keys and values of the retrieved slots, [B, N, T, K, H] in ``dtype`` (slot -1 gives slot 0, masked later).
 
-    Query head n reads KV head n // R, so GQA memory is gathered, never repeated whole.
+    Query head n reads KV head n // R, so GQA memory is gathered, never repeated whole. Rows are copied with
+    ``index_select`` per (batch row, KV head), which moves whole H-vectors (much faster than ``gather`` with
+    an index expanded over H).
     """
     B, N, T, K = idx_BNTK.shape
     G, M, H = memory.k_BGMH.shape[1:]
     R = N // G
     flat = idx_BNTK.clamp(min=0).reshape(B, G, R * T * K)  # query heads of one KV head are adjacent
-    k = memory.k_BGMH.gather(2, flat[..., None].expand(-1, -1, -1, H)).to(dtype)
-    v = memory.v_BGMH.gather(2, flat[..., None].expand(-1, -1, -1, H)).to(dtype)
+    k = torch.empty((B, G, R * T * K, H), dtype=dtype, device=idx_BNTK.device)
+    v = torch.empty_like(k)
+    for b in range(B):
+        for g in range(G):
+            k[b, g] = memory.k_BGMH[b, g].index_select(0, flat[b, g])
+            v[b, g] = memory.v_BGMH[b, g].index_select(0, flat[b, g])
     return k.view(B, N, T, K, H), v.view(B, N, T, K, H)
 
 

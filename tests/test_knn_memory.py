@@ -25,7 +25,7 @@ import fot.cache
 import fot.search
 from fot.memory import MemoryStore
 from fot.search import FaissIVFSearch, exact_topk, make_search
-from tests.naive import MASKED, NaiveLongLlama, Spec, weights_f64
+from tests.naive import MASKED, NaiveLongLlama, Spec, rotate, weights_f64
 from tests.tiny import TOL64, left_pad_mask, max_err, tiny_config, tiny_model, tokens
 
 W, L = 64, 32  # the tiny window and last context length (tests/tiny.py)
@@ -129,26 +129,25 @@ class TopKNaive(NaiveLongLlama):
         key_valid = torch.cat([st.valid, valid_BT], 1)
         S = keys_raw.shape[2]
         q_pos = list(range(S - T, S))
-        from tests.naive import rotate
-
         q = rotate(q, q_pos, s.theta)
         keys = rotate(keys_raw, list(range(S)), s.theta)
         causal_TS = torch.tensor([[j <= qp for j in range(S)] for qp in q_pos])
         out = torch.zeros(B, N, T, H, dtype=torch.float64)
+        M = st.mk.shape[2]
         for b in range(B):
-            visible = causal_TS & key_valid[b][None, :]
+            visible_TS = causal_TS & key_valid[b][None, :]
             for n in range(N):
-                g = n // (N // G)
-                for t in range(T):
-                    sc = torch.where(visible[t], keys[b, g] @ q[b, n, t] / math.sqrt(H), torch.tensor(MASKED).double())
-                    vals = values[b, g]
-                    ok = st.mvalid[b].nonzero().flatten()  # only valid slots are candidates
-                    if ok.numel():
-                        msc = st.mk[b, g, ok] @ q[b, n, t] / math.sqrt(H)
-                        top = msc.topk(min(self.top_k, ok.numel()))
-                        sc = torch.cat([sc, top.values])
-                        vals = torch.cat([vals, st.mv[b, g, ok[top.indices]]])
-                    out[b, n, t] = torch.softmax(sc, 0) @ vals
+                g = n // (N // G)  # the KV head of query head n
+                sc_TS = torch.where(visible_TS, q[b, n] @ keys[b, g].T / math.sqrt(H), torch.tensor(MASKED).double())
+                if M == 0:
+                    out[b, n] = torch.softmax(sc_TS, 1) @ values[b, g]
+                    continue
+                # every query's own top-k among the VALID slots (an invalid one scores -inf: weight 0)
+                msc_TM = (q[b, n] @ st.mk[b, g].T / math.sqrt(H)).masked_fill(~st.mvalid[b][None, :], float("-inf"))
+                top = msc_TM.topk(min(self.top_k, M), dim=1)
+                probs = torch.softmax(torch.cat([sc_TS, top.values], 1), 1)
+                v_sel_TKH = st.mv[b, g][top.indices]
+                out[b, n] = probs[:, :S] @ values[b, g] + torch.einsum("tk,tkh->th", probs[:, S:], v_sel_TKH)
         o = out.transpose(1, 2).reshape(B, T, N * H)
         return o @ w[p + "o_proj.weight"].T, k, v
 
