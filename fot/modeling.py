@@ -241,7 +241,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
         n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if n == 0:
-            raise ValueError("the input is empty (0 tokens).")
+            raise ValueError(
+                "the input is empty (0 tokens). To continue from a cache with generate(), pass either the full "
+                "sequence (cached tokens + new ones) or only the new tokens together with an attention_mask that "
+                "covers cached + new tokens (e.g. torch.ones(batch, cache.seen_tokens + new))."
+            )
 
     def _validate_crossbatch(self, plan: CrossBatchPlan, cache, use_cache, inputs_embeds, input_ids) -> None:
         B, N = (input_ids if input_ids is not None else inputs_embeds).shape[:2]

@@ -445,8 +445,8 @@ def test_clear_row_forgets_only_that_rows_memory(faiss1, small_ivf, backend):
         cleared = kept.clone()
         cleared.clear_rows([0])
         cache.clear_memory(rows=[0])
-        nxt = tokens(2, 45, seed=22)
-        for t in range(45):  # 45 steps: the window slides, so new tokens enter row 0's memory afterwards
+        nxt = tokens(2, 36, seed=22)
+        for t in range(36):  # step 33 slides the window: new tokens then enter row 0's memory again
             step = nxt[:, t : t + 1]
             got = model(step, past_key_values=cache).logits
             want_kept, want_cleared = kept.step(step), cleared.step(step)
@@ -459,5 +459,254 @@ def test_clear_row_forgets_only_that_rows_memory(faiss1, small_ivf, backend):
 
 
 # ----------------------------------------------------------------------------- 7. persistence
+def _greedy_steps(model, cache, first_BT, n):
+    """Greedy decoding from ``cache``: logits of every step [B, n, V] (fp64) and the tokens fed."""
+    tok, logits, fed = first_BT, [], []
+    for _ in range(n):
+        fed.append(tok)
+        out = model(tok, past_key_values=cache).logits[:, -1:]
+        logits.append(out)
+        tok = out.argmax(-1)
+    return torch.cat(logits, 1), torch.cat(fed, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(mem_top_k=3), dict(mem_top_k=3, mem_max_tokens=100, num_key_value_heads=2), dict(mem_dtype="bfloat16")],
+    ids=["dense", "topk-exact", "topk-fifo-gqa", "dense-bf16"],
+)
+def test_save_load_round_trip_continues_identically(tmp_path, overrides):
+    model = tiny_model(**overrides)
+    ids = tokens(2, N_LONG + 5, seed=31)
+    mask = left_pad_mask([N_LONG + 5, N_LONG - 20], N_LONG + 5)
+    path = tmp_path / "doc.fotcache"
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask).past_key_values
+        cache.save(path)
+        loaded = fot.LongLlamaCache.load(path, model.config)
+        assert loaded.seen_tokens == cache.seen_tokens and loaded.local_length == cache.local_length
+        for i, store in cache.memories.items():
+            twin = loaded.memories[i]
+            assert (twin.length, twin.next_slot, twin.total_appended) == (store.length, store.next_slot, store.total_appended)
+            assert torch.equal(twin.view().k_BGMH, store.view().k_BGMH) and twin.view().k_BGMH.dtype == store.dtype
+        first = tokens(2, 1, seed=32)
+        # 40 greedy steps: the local window slides (memory grows; with FIFO the ring evicts from next_slot)
+        want, fed = _greedy_steps(model, cache, first, 40)
+        got, fed_loaded = _greedy_steps(model, loaded, first, 40)
+    assert torch.equal(fed, fed_loaded)
+    assert max_err(got, want) < 1e-12
+    assert cache.memory_length == loaded.memory_length and cache.seen_tokens == loaded.seen_tokens
+    if model.config.mem_max_tokens:
+        assert cache.memories[1].total_appended > N_LONG  # the continuation really evicted
+
+
+def _saved(tmp_path, **overrides):
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        cache = model(tokens(1, N_LONG, seed=33)).past_key_values
+    path = tmp_path / "c.safetensors"
+    cache.save(path)
+    return model, cache, path
+
+
+def test_byte_flipped_tensor_data_is_reported_corrupt(tmp_path):
+    model, _, path = _saved(tmp_path)
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, JSON header, raw tensors
+    start = 8 + header_len
+    for pos in [start, start + (len(data) - start) // 2, len(data) - 1]:
+        bad = bytearray(data)
+        bad[pos] ^= 0x10
+        path.write_bytes(bytes(bad))
+        with pytest.raises(ValueError, match="corrupt"):
+            fot.LongLlamaCache.load(path, model.config)
+    path.write_bytes(data)
+    fot.LongLlamaCache.load(path, model.config)  # the pristine file loads
+
+
+@pytest.mark.xfail(strict=True, reason="fot bug: the sha256 covers only the tensors; the header's counters "
+                   "(seen_tokens, next_slot, total_appended, local_length) are unprotected, so a flipped digit "
+                   "loads silently")  # fmt: skip
+def test_byte_flipped_header_counter_is_an_error(tmp_path):
+    model, cache, path = _saved(tmp_path, mem_max_tokens=100)
+    store = cache.memories[1]
+    data = path.read_bytes()
+    needle = f'\\"next_slot\\": {store.next_slot}'.encode()
+    assert data.count(needle) == 1, data[:400]
+    pos = data.index(needle) + len(needle) - 1
+    bad = bytearray(data)
+    bad[pos] = ord("0") if bad[pos] != ord("0") else ord("1")  # one digit of next_slot changes
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ValueError):
+        loaded = fot.LongLlamaCache.load(path, model.config)
+        assert loaded.memories[1].next_slot == store.next_slot  # (never reached when load raises)
+
+
+@pytest.mark.parametrize(
+    "field, overrides",
+    [
+        ("mem_layers", dict(mem_layers=[2])),
+        ("num_key_value_heads", dict(num_key_value_heads=2)),
+        ("mem_dtype", dict(mem_dtype="bfloat16")),
+        ("mem_max_tokens", dict(mem_max_tokens=500)),
+    ],
+)
+def test_cache_for_a_different_config_is_refused_naming_the_field(tmp_path, field, overrides):
+    _, _, path = _saved(tmp_path)
+    with pytest.raises(ValueError, match=field):
+        fot.LongLlamaCache.load(path, tiny_config(**overrides))
+    fot.LongLlamaCache.load(path, tiny_config(mem_top_k=5))  # the search backend is not part of the fingerprint
+
+
+def test_non_fot_files_are_refused_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tiny_config()
+    plain = tmp_path / "weights.safetensors"
+    save_file({"x": torch.zeros(3)}, plain)
+    with pytest.raises(ValueError, match="not a fot cache"):
+        fot.LongLlamaCache.load(plain, config)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01 definitely not safetensors" * 10)
+    with pytest.raises(ValueError, match="not a readable fot cache"):
+        fot.LongLlamaCache.load(junk, config)
+    with pytest.raises(ValueError, match="not a readable fot cache"):
+        fot.LongLlamaCache.load(tmp_path / "missing.safetensors", config)
+
+
+def _failing_save_file(real):
+    def save_file(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)  # the temp file is written in full ...
+        with open(filename, "r+b") as f:
+            f.truncate(100)  # ... then the disk "fills up" halfway through
+        raise OSError(28, "No space left on device")
+
+    return save_file
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    model, cache, path = _saved(tmp_path)
+    before = path.read_bytes()
+    monkeypatch.setattr(fot.cache, "save_file", _failing_save_file(fot.cache.save_file))
+    with torch.no_grad():
+        model(tokens(1, 5, seed=34), past_key_values=cache)  # the cache changed since it was saved
+    with pytest.raises(OSError):
+        cache.save(path)
+    assert path.read_bytes() == before  # the old file is intact ...
+    fot.LongLlamaCache.load(path, model.config)  # ... and still loads
+    fresh = tmp_path / "new.safetensors"
+    with pytest.raises(OSError):
+        cache.save(fresh)
+    assert not fresh.exists()  # no partial file at a new target either
+
+
+@pytest.mark.xfail(strict=True, reason="fot bug: save_cache leaves its '<path>.tmp-<pid>' file behind when writing "
+                   "fails (for a 256K-token memory that is gigabytes of litter on an already full disk)")  # fmt: skip
+def test_failed_save_leaves_no_temp_file(tmp_path, monkeypatch):
+    _, cache, path = _saved(tmp_path)
+    monkeypatch.setattr(fot.cache, "save_file", _failing_save_file(fot.cache.save_file))
+    with pytest.raises(OSError):
+        cache.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 # ----------------------------------------------------------------------------- 8. RAM accounting
+def _held_bytes(*tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+@pytest.mark.parametrize("backend, max_tokens", [("exact", None), ("faiss-flat", None), ("faiss-ivf", None), ("exact", 1500)])
+def test_memory_ram_within_1_25x_of_keys_and_values(faiss1, small_ivf, backend, max_tokens):
+    config = tiny_config(mem_layers=[0, 2], num_key_value_heads=2, mem_top_k=4, mem_index=backend,
+                         mem_max_tokens=max_tokens, mem_dtype="bfloat16")  # fmt: skip
+    cache = fot.LongLlamaCache(config)
+    g = torch.Generator().manual_seed(41)
+    B, G, H = 2, 2, config.head_dim
+    for step in range(50):  # 50 windows of 64 tokens: 3200 per layer
+        for layer in config.mem_layers:
+            k = torch.randn(B, G, W, H, generator=g)
+            cache.append_memory(layer, k, torch.randn(B, G, W, H, generator=g), None)
+        n = cache.memory_length
+        stats = cache.memory_bytes()
+        # the minimum: keys + values of every memory layer in mem_dtype (bf16: 2 bytes)
+        assert stats["keys_values"] == len(config.mem_layers) * 2 * B * G * n * H * 2
+        held = sum(_held_bytes(s.k_BGMH, s.v_BGMH, s.valid_BM) for s in cache.memories.values())
+        assert stats["allocated"] == held  # what is reported is what the buffers really hold
+        if n >= 1024:  # past the initial allocation
+            validity = len(config.mem_layers) * B * math.ceil(1.25 * n) + 64
+            assert stats["allocated"] <= 1.25 * stats["keys_values"] + validity, (n, stats)
+    assert cache.memory_length == (3200 if max_tokens is None else max_tokens)
+    if backend == "faiss-ivf":
+        serialized = sum(faiss1.serialize_index(ix).nbytes for s in cache.searches.values() for ix in ivf_indexes(s))
+        assert stats["index"] > 0 and 0.8 * serialized <= stats["index"] <= 1.25 * serialized, (stats, serialized)
+    else:
+        assert stats["index"] == 0
+
+
 # ----------------------------------------------------------------------------- 9. bad input
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "8", True])
+def test_bad_mem_top_k_is_a_config_error_naming_the_field(bad):
+    with pytest.raises(ValueError, match="mem_top_k"):
+        tiny_config(mem_top_k=bad)
+
+
+@pytest.mark.parametrize("bad", ["annoy", "FAISS-IVF", "hnsw", None])
+def test_unknown_mem_index_is_a_config_error_naming_the_field(bad):
+    with pytest.raises(ValueError, match="mem_index"):
+        tiny_config(mem_top_k=4, mem_index=bad)
+    with pytest.raises(ValueError, match="mem_index"):
+        make_search(bad)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_keys_reaching_memory_name_the_layer(value):
+    cache = fot.LongLlamaCache(tiny_config(mem_layers=[0, 2]))
+    k = torch.randn(1, 4, 8, 16)
+    cache.append_memory(2, k, k, None)
+    bad = k.clone()
+    bad[0, 1, 3, 5] = value
+    with pytest.raises(ValueError, match="memory layer 2"):
+        cache.append_memory(2, bad, k, None)
+    with pytest.raises(ValueError, match="memory layer 0"):
+        cache.append_memory(0, k, bad, None)  # values too
+    assert cache.memories[2].length == 8 and cache.memories[0].length == 0  # nothing was written
+    # through the model: a NaN weight below the memory layer poisons what it would remember
+    model = tiny_model(mem_layers=[1])
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = value
+        with pytest.raises(ValueError, match="memory layer 1"):
+            model(tokens(1, N_LONG, seed=42))
+
+
+@pytest.mark.parametrize("backend", ["faiss-flat", "faiss-ivf"])
+def test_faiss_missing_names_the_extra(monkeypatch, backend):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(ImportError, match=r"fot\[faiss\]"):
+        make_search(backend)
+    with pytest.raises(ImportError, match=r"fot\[faiss\]"):
+        fot.LongLlamaCache(tiny_config(mem_top_k=4, mem_index=backend))
+    assert make_search("exact").name == "exact"  # the exact backend needs no faiss
+
+
+def test_faiss_missing_via_import_hook_names_the_extra(monkeypatch):
+    real = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss" or name.startswith("faiss."):
+            raise ImportError("No module named 'faiss'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(ImportError, match=r"pip install 'fot\[faiss\]'"):
+        make_search("faiss-flat")
+
+
+def test_faiss_ivf_with_autograd_is_refused(faiss1, small_ivf):
+    model = tiny_model(mem_top_k=4, mem_index="faiss-ivf").train()
+    ids = tokens(1, N_LONG, seed=43)
+    with pytest.raises(ValueError, match="faiss-ivf"):
+        model(ids, labels=ids)
+    with torch.no_grad():  # the same model in inference is fine
+        model(ids)
+    exact = tiny_model(mem_top_k=4, mem_index="exact").train()
+    exact(ids, labels=ids).loss.backward()  # and training with the exact index works
