@@ -365,8 +365,9 @@ def _fingerprint(config: LongLlamaConfig) -> dict:
     return {name: getattr(config, name) for name in _FINGERPRINT_FIELDS}
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
+def _checksum(tensors: dict[str, torch.Tensor], header: dict) -> str:
+    """SHA-256 over the header (every field but the hash itself) and every tensor."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         digest.update(name.encode())
@@ -400,12 +401,17 @@ def save_cache(cache: LongLlamaCache, path: str | os.PathLike) -> None:
         "seen_tokens": cache.seen_tokens,
         "local_length": cache.local_length,
         "stores": stores,
-        "sha256": _checksum(tensors),
     }
+    header["sha256"] = _checksum(tensors, header)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"fot": json.dumps(header)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata={"fot": json.dumps(header)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None) -> LongLlamaCache:
@@ -428,8 +434,8 @@ def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None) ->
     if diff:
         detail = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was saved for a different model configuration ({detail}).")
-    if _checksum(tensors) != header["sha256"]:
-        raise ValueError(f"{path} is corrupt: its tensors do not match the checksum in its header.")
+    if _checksum(tensors, header) != header.get("sha256"):
+        raise ValueError(f"{path} is corrupt: its header or tensors do not match the checksum it was saved with.")
     cache = LongLlamaCache(config, cache_policy=header["policy"])
     cache.seen_tokens = header["seen_tokens"]
     for i, local in enumerate(cache.locals):

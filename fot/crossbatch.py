@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import MemoryKV
+from .attention import LocalKV, MemoryKV, memory_attention
 
 
 @dataclass
@@ -72,17 +72,57 @@ class CrossBatchPlan:
 
     def gather(self, k_raw_BGTH: torch.Tensor, v_BGTH: torch.Tensor, valid_BT: torch.Tensor | None) -> MemoryKV:
         """The additional keys/values of every row as a differentiable ``MemoryKV`` [B, G, C*T, H]."""
-        B, G, T, H = k_raw_BGTH.shape
-        C = self.num_contexts
-        flat = self.sources_BC.reshape(-1)
-        k_BCGTH = k_raw_BGTH.index_select(0, flat).view(B, C, G, T, H)
-        v_BCGTH = v_BGTH.index_select(0, flat).view(B, C, G, T, H)
-        k_BGXH = k_BCGTH.permute(0, 2, 1, 3, 4).reshape(B, G, C * T, H)
-        v_BGXH = v_BCGTH.permute(0, 2, 1, 3, 4).reshape(B, G, C * T, H)
-        valid_BCT = self.active_BC[:, :, None].expand(B, C, T)
-        if valid_BT is not None:
-            valid_BCT = valid_BCT & valid_BT.index_select(0, flat).view(B, C, T)
-        return MemoryKV(k_BGXH, v_BGXH, valid_BCT.reshape(B, C * T))
+        return _gather_contexts(self.sources_BC, self.active_BC, k_raw_BGTH, v_BGTH, valid_BT)
+
+
+def _gather_contexts(sources_BC, active_BC, k_raw_BGTH, v_BGTH, valid_BT) -> MemoryKV:
+    B, C = sources_BC.shape
+    _, G, T, H = k_raw_BGTH.shape
+    flat = sources_BC.reshape(-1)
+    # [B*C, G, T, H] -> [B, C, G, T, H] -> [B, G, C*T, H]: row b's contexts, one after another, per KV head
+    k_BGXH = k_raw_BGTH[flat].view(B, C, G, T, H).transpose(1, 2).reshape(B, G, C * T, H)
+    v_BGXH = v_BGTH[flat].view(B, C, G, T, H).transpose(1, 2).reshape(B, G, C * T, H)
+    valid_BCT = active_BC[:, :, None].expand(B, C, T)
+    if valid_BT is not None:
+        valid_BCT = valid_BCT & valid_BT[flat].view(B, C, T)
+    return MemoryKV(k_BGXH, v_BGXH, valid_BCT.reshape(B, C * T))
+
+
+def crossbatch_attention(
+    q_BNTH: torch.Tensor,
+    local: LocalKV,
+    k_raw_BGTH: torch.Tensor,
+    v_BGTH: torch.Tensor,
+    valid_BT: torch.Tensor | None,
+    plan: CrossBatchPlan,
+    impl: str,
+    grouping=None,
+) -> torch.Tensor:
+    """A memory layer's training attention: each row attends causally to itself and, in the same softmax, to
+    its active contexts. Rows are grouped by their number of active contexts and each group attends only to
+    those (inactive contexts cost nothing; a row with none runs plain causal attention)."""
+    n_active_B = plan.active_BC.sum(1)
+    counts = torch.unique(n_active_B).tolist()
+    if len(counts) == 1 and counts[0] == plan.num_contexts:  # every row uses every context
+        memory = _gather_contexts(plan.sources_BC, plan.active_BC, k_raw_BGTH, v_BGTH, valid_BT)
+        return memory_attention(q_BNTH, local, memory, impl, grouping)
+    outputs, order = [], []
+    for count in counts:
+        rows = (n_active_B == count).nonzero().squeeze(1)
+        sub_local = LocalKV(
+            local.k_BGSH[rows], local.v_BGSH[rows], None if local.valid_BS is None else local.valid_BS[rows]
+        )
+        memory = None
+        if count:
+            # the active contexts of each row first, in plan order (a stable sort of "inactive")
+            cols = torch.argsort((~plan.active_BC[rows]).to(torch.int8), dim=1, stable=True)[:, :count]
+            sources = plan.sources_BC[rows].gather(1, cols)
+            active = torch.ones_like(sources, dtype=torch.bool)
+            memory = _gather_contexts(sources, active, k_raw_BGTH, v_BGTH, valid_BT)
+        outputs.append(memory_attention(q_BNTH[rows], sub_local, memory, impl, grouping))
+        order.append(rows)
+    inverse = torch.argsort(torch.cat(order))
+    return torch.cat(outputs, dim=0)[inverse]
 
 
 def _check_layout(batch_size: int, pack: int) -> None:

@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 
 from .attention import LocalKV, apply_rope, memory_attention
 from .config import LongLlamaConfig
-from .crossbatch import CrossBatchPlan
+from .crossbatch import CrossBatchPlan, crossbatch_attention
 
 
 class LongLlamaRMSNorm(nn.Module):
@@ -94,14 +94,15 @@ class LongLlamaAttention(nn.Module):
         else:
             k_rot_BGTH = k_BGTH
         local_kv: LocalKV = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
-        mem_kv, idx_BNTK = None, None
         if self.is_memory_layer and crossbatch is not None:
-            mem_kv = crossbatch.gather(k_BGTH, v_BGTH, valid_BT)
-        elif self.is_memory_layer and memory is not None:
-            mem_kv = memory.view()
-            if mem_kv is not None and memory.top_k is not None:
-                idx_BNTK = memory.retrieve(q_BNTH)
-        out_BNTH = memory_attention(q_BNTH, local_kv, mem_kv, impl, grouping, idx_BNTK)
+            out_BNTH = crossbatch_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, valid_BT, crossbatch, impl, grouping)
+        else:
+            mem_kv, idx_BNTK = None, None
+            if self.is_memory_layer and memory is not None:
+                mem_kv = memory.view()
+                if mem_kv is not None and memory.top_k is not None:
+                    idx_BNTK = memory.retrieve(q_BNTH)
+            out_BNTH = memory_attention(q_BNTH, local_kv, mem_kv, impl, grouping, idx_BNTK)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out_BTD), (k_BGTH, k_rot_BGTH, v_BGTH)
 

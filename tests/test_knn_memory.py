@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import builtins
 import math
-import os
 import sys
 
 import pytest
@@ -33,6 +32,16 @@ N_LONG = L + 3 * W  # three memory windows (192 memory tokens), then the last L 
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These tensors are tiny: a second intra-op thread only adds barrier waits (seconds per test on a busy
+    2-core machine), so this module runs torch on one thread and restores the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def faiss1():
     """faiss with one OpenMP thread (the CI machine has 2 cores; torch already uses them)."""
@@ -138,12 +147,13 @@ class TopKNaive(NaiveLongLlama):
             visible_TS = causal_TS & key_valid[b][None, :]
             for n in range(N):
                 g = n // (N // G)  # the KV head of query head n
-                sc_TS = torch.where(visible_TS, q[b, n] @ keys[b, g].T / math.sqrt(H), torch.tensor(MASKED).double())
+                sc_TS = (q[b, n] @ keys[b, g].T / math.sqrt(H)).masked_fill(~visible_TS, MASKED)
                 if M == 0:
                     out[b, n] = torch.softmax(sc_TS, 1) @ values[b, g]
                     continue
                 # every query's own top-k among the VALID slots (an invalid one scores -inf: weight 0)
-                msc_TM = (q[b, n] @ st.mk[b, g].T / math.sqrt(H)).masked_fill(~st.mvalid[b][None, :], float("-inf"))
+                msc_TM = q[b, n] @ st.mk[b, g].T / math.sqrt(H)
+                msc_TM = msc_TM.masked_fill(~st.mvalid[b][None, :], float("-inf"))
                 top = msc_TM.topk(min(self.top_k, M), dim=1)
                 probs = torch.softmax(torch.cat([sc_TS, top.values], 1), 1)
                 v_sel_TKH = st.mv[b, g][top.indices]
@@ -216,8 +226,9 @@ def test_exact_topk_never_retrieves_invalid_slots_and_pads_with_minus_one(faiss1
             true = q[b, gg].double() @ k[b, gg].double().T
             assert_same_topk(idx[b, gg, :, :n], ref, true)
     # fewer slots than K altogether
-    _, idx = exact_topk(q[:, :, :, :], k[:, :, :3], None, K)
-    assert (idx[..., 3:] == -1).all() and torch.equal(idx[..., :3].sort(-1).values, torch.arange(3).expand(B, G, X, 3))
+    _, idx = exact_topk(q, k[:, :, :3], None, K)
+    assert (idx[..., 3:] == -1).all()
+    assert torch.equal(idx[..., :3].sort(-1).values, torch.arange(3).expand(B, G, X, 3))
 
 
 def _filled_cache(backend, M=200, B=2, G=2, seed=0, window=50, **cfg):
@@ -307,12 +318,12 @@ def test_ivf_recall_grows_with_nprobe_and_is_exact_at_nlist(faiss1, small_ivf):
     assert nlist == FaissIVFSearch.nlist_for(512) and nlist >= 16
     q = torch.randn(1, 2, 200, store.k_BGMH.shape[-1], generator=torch.Generator().manual_seed(9))
     view, K = store.view(), 10
-    ref = exact_topk(q, view.k_BGMH, None, K)[1]
+    ref = [brute_topk(q[0, g], view.k_BGMH[0, g], None, K) for g in range(2)]
     recalls = {}
     for nprobe in [1, 2, 4, 8, 16, 32, nlist]:
         set_nprobe(search, nprobe)
         idx = search.search(q, view, K)
-        recalls[nprobe] = sum(_recall(idx[0, g], ref[0, g]) for g in range(2)) / 2
+        recalls[nprobe] = sum(_recall(idx[0, g], ref[g]) for g in range(2)) / 2
     values = [recalls[p] for p in sorted(recalls)]
     assert all(a <= b + 1e-12 for a, b in zip(values, values[1:])), recalls
     assert recalls[nlist] == 1.0
@@ -322,12 +333,12 @@ def test_ivf_recall_grows_with_nprobe_and_is_exact_at_nlist(faiss1, small_ivf):
 def test_ivf_incremental_appends_are_findable_without_retraining(faiss1, small_ivf):
     cache, _ = _filled_cache("faiss-ivf", M=128, B=1, G=2, window=64, mem_nprobe=1)
     store, search = cache.memories[1], cache.searches[1]
-    trained = [ix for ix in ivf_indexes(search)]
+    trained = ivf_indexes(search)
     assert search.trained_at == 64 and all(ix.ntotal == 128 for ix in trained)  # window 2 was added, untrained
     g = torch.Generator().manual_seed(4)
     new = 10 * torch.randn(1, 2, 40, store.k_BGMH.shape[-1], generator=g)  # large norm: each is its own top-1
     cache.append_memory(1, new, torch.randn(new.shape, generator=g), None)
-    assert [ix for ix in ivf_indexes(search)] == trained and search.trained_at == 64  # no retraining
+    assert all(a is b for a, b in zip(ivf_indexes(search), trained)) and search.trained_at == 64  # not retrained
     assert all(ix.ntotal == 168 for ix in trained)
     # nprobe=1: a query equal to a new key probes the list that key was assigned to, and finds it first
     idx = search.search(new, store.view(), 3)
@@ -338,6 +349,23 @@ def test_ivf_incremental_appends_are_findable_without_retraining(faiss1, small_i
     idx = search.search(q, view, 5)
     for gg in range(2):
         assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 5),
+                         q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
+
+
+def test_ivf_retrains_with_more_lists_when_memory_has_grown(faiss1, small_ivf):
+    cache, _ = _filled_cache("faiss-ivf", M=320, B=1, G=2, window=64, mem_nprobe=4096)
+    store, search = cache.memories[1], cache.searches[1]
+    # trained at 64 keys, then retrained when memory reached IVF_REBUILD_GROWTH x 64 = 256 keys
+    assert search.trained_at == 64 * fot.search.IVF_REBUILD_GROWTH == 256
+    indexes = ivf_indexes(search)
+    assert len(indexes) == 2
+    assert all(ix.nlist == FaissIVFSearch.nlist_for(256) > FaissIVFSearch.nlist_for(64) for ix in indexes)
+    assert all(ix.ntotal == 320 for ix in indexes)  # the window after the retraining was added too
+    q = torch.randn(1, 2, 25, store.k_BGMH.shape[-1], generator=torch.Generator().manual_seed(8))
+    view = store.view()
+    idx = search.search(q, view, 6)  # nprobe >= nlist: exact
+    for gg in range(2):
+        assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 6),
                          q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
 
 
@@ -365,7 +393,8 @@ def test_ivf_fifo_eviction_never_returns_evicted_keys(faiss1, small_ivf):
     for gg in range(2):
         got = idx[0, gg]
         assert ((got >= 0) & (got < m)).all()
-        assert_same_topk(got, brute_topk(q[0, gg], current[0, gg], None, 5), q[0, gg].double() @ current[0, gg].double().T)
+        true = q[0, gg].double() @ current[0, gg].double().T
+        assert_same_topk(got, brute_topk(q[0, gg], current[0, gg], None, 5), true)
 
 
 # ----------------------------------------------------------------------------- 5. FIFO
@@ -440,6 +469,9 @@ def test_clear_row_forgets_only_that_rows_memory(faiss1, small_ivf, backend):
     ids = tokens(2, N_LONG, seed=21)
     with torch.no_grad():
         cache = model(ids).past_key_values
+        n_mem = cache.memory_length
+        if backend == "faiss-ivf":
+            assert ivf_indexes(cache.searches[1])  # trained: the approximate index answers
         kept = TopKNaive(model, top_k=top_k)
         kept.prefill(ids)
         cleared = kept.clone()
@@ -454,8 +486,8 @@ def test_clear_row_forgets_only_that_rows_memory(faiss1, small_ivf, backend):
             assert max_err(got[1], want_kept[1]) < TOL64  # row 1: unchanged
             if t == 0:
                 assert max_err(want_kept[0], want_cleared[0]) > 1e-3  # clearing matters for row 0
-        assert cache.memories[1].view().valid_BM[0, :192].any().item() is False
-        assert cache.memories[1].view().valid_BM[0, 192:].all()
+        valid = cache.memories[1].view().valid_BM
+        assert not valid[0, :n_mem].any() and valid[0, n_mem:].all() and valid[1].all()
 
 
 # ----------------------------------------------------------------------------- 7. persistence
@@ -472,7 +504,12 @@ def _greedy_steps(model, cache, first_BT, n):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(mem_top_k=3), dict(mem_top_k=3, mem_max_tokens=100, num_key_value_heads=2), dict(mem_dtype="bfloat16")],
+    [
+        dict(),
+        dict(mem_top_k=3),
+        dict(mem_top_k=3, mem_max_tokens=100, num_key_value_heads=2),
+        dict(mem_dtype="bfloat16"),
+    ],
     ids=["dense", "topk-exact", "topk-fifo-gqa", "dense-bf16"],
 )
 def test_save_load_round_trip_continues_identically(tmp_path, overrides):
@@ -487,7 +524,8 @@ def test_save_load_round_trip_continues_identically(tmp_path, overrides):
         assert loaded.seen_tokens == cache.seen_tokens and loaded.local_length == cache.local_length
         for i, store in cache.memories.items():
             twin = loaded.memories[i]
-            assert (twin.length, twin.next_slot, twin.total_appended) == (store.length, store.next_slot, store.total_appended)
+            counters = lambda st: (st.length, st.next_slot, st.total_appended)  # noqa: E731
+            assert counters(twin) == counters(store)
             assert torch.equal(twin.view().k_BGMH, store.view().k_BGMH) and twin.view().k_BGMH.dtype == store.dtype
         first = tokens(2, 1, seed=32)
         # 40 greedy steps: the local window slides (memory grows; with FIFO the ring evicts from next_slot)
@@ -524,9 +562,6 @@ def test_byte_flipped_tensor_data_is_reported_corrupt(tmp_path):
     fot.LongLlamaCache.load(path, model.config)  # the pristine file loads
 
 
-@pytest.mark.xfail(strict=True, reason="fot bug: the sha256 covers only the tensors; the header's counters "
-                   "(seen_tokens, next_slot, total_appended, local_length) are unprotected, so a flipped digit "
-                   "loads silently")  # fmt: skip
 def test_byte_flipped_header_counter_is_an_error(tmp_path):
     model, cache, path = _saved(tmp_path, mem_max_tokens=100)
     store = cache.memories[1]
@@ -537,9 +572,8 @@ def test_byte_flipped_header_counter_is_an_error(tmp_path):
     bad = bytearray(data)
     bad[pos] = ord("0") if bad[pos] != ord("0") else ord("1")  # one digit of next_slot changes
     path.write_bytes(bytes(bad))
-    with pytest.raises(ValueError):
-        loaded = fot.LongLlamaCache.load(path, model.config)
-        assert loaded.memories[1].next_slot == store.next_slot  # (never reached when load raises)
+    with pytest.raises(ValueError, match="corrupt"):  # today: loads with next_slot off by a few slots
+        fot.LongLlamaCache.load(path, model.config)
 
 
 @pytest.mark.parametrize(
@@ -600,8 +634,6 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert not fresh.exists()  # no partial file at a new target either
 
 
-@pytest.mark.xfail(strict=True, reason="fot bug: save_cache leaves its '<path>.tmp-<pid>' file behind when writing "
-                   "fails (for a 256K-token memory that is gigabytes of litter on an already full disk)")  # fmt: skip
 def test_failed_save_leaves_no_temp_file(tmp_path, monkeypatch):
     _, cache, path = _saved(tmp_path)
     monkeypatch.setattr(fot.cache, "save_file", _failing_save_file(fot.cache.save_file))
@@ -615,7 +647,9 @@ def _held_bytes(*tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
-@pytest.mark.parametrize("backend, max_tokens", [("exact", None), ("faiss-flat", None), ("faiss-ivf", None), ("exact", 1500)])
+@pytest.mark.parametrize(
+    "backend, max_tokens", [("exact", None), ("faiss-flat", None), ("faiss-ivf", None), ("exact", 1500)]
+)
 def test_memory_ram_within_1_25x_of_keys_and_values(faiss1, small_ivf, backend, max_tokens):
     config = tiny_config(mem_layers=[0, 2], num_key_value_heads=2, mem_top_k=4, mem_index=backend,
                          mem_max_tokens=max_tokens, mem_dtype="bfloat16")  # fmt: skip
