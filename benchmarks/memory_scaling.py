@@ -23,15 +23,7 @@ import subprocess
 import sys
 import time
 
-BENCH = dict(
-    vocab_size=1000,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    max_position_embeddings=512,
-    last_context_length=256,
-)
+from bench_config import LONG as BENCH  # noqa: E402
 RECALL_EVERY = 16  # probe every 16th search call of a layer
 RECALL_QUERIES = 64  # queries per probe
 

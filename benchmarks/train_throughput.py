@@ -26,17 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH = dict(
-    vocab_size=1000,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+from bench_config import LLAMA as BENCH  # noqa: E402
 CASES = ("hf", "ours_mem_off", "ours_crossbatch_d4")
 
 
