@@ -37,11 +37,29 @@ class CrossBatchPlan:
         sources_BC: int64 [B, C], the batch row of each context (any valid row when inactive).
         active_BC: bool [B, C], whether the row attends to that context.
         positive_BC: bool [B, C], whether an active context is of the same document (for logging).
+        world_size, rank: with world_size > 1 the sources are rows of the *global* batch (the micro-batches
+            of all ranks, rank-major: global row = rank * B + local row) and this rank's B rows are global rows
+            rank * B ... rank * B + B - 1. Keys and values are then all-gathered across ranks, with gradients
+            flowing back to the rank that owns each row (``torch.distributed.nn.functional.all_gather``).
     """
 
     sources_BC: torch.Tensor
     active_BC: torch.Tensor
     positive_BC: torch.Tensor
+    world_size: int = 1
+    rank: int = 0
+
+    def local_rows(self, world_size: int, rank: int) -> "CrossBatchPlan":
+        """This rank's rows of a plan built for the global batch of ``world_size`` equal micro-batches."""
+        if self.world_size != 1:
+            raise ValueError("local_rows() takes a plan built for the whole global batch.")
+        if self.batch_size % world_size:
+            raise ValueError(f"global batch of {self.batch_size} rows does not split into {world_size} ranks.")
+        b = self.batch_size // world_size
+        rows = slice(rank * b, (rank + 1) * b)
+        return CrossBatchPlan(
+            self.sources_BC[rows], self.active_BC[rows], self.positive_BC[rows], world_size=world_size, rank=rank
+        )
 
     @property
     def batch_size(self) -> int:
@@ -57,22 +75,51 @@ class CrossBatchPlan:
         return pos, self.active_BC.sum(1) - pos
 
     def to(self, device) -> "CrossBatchPlan":
-        return CrossBatchPlan(self.sources_BC.to(device), self.active_BC.to(device), self.positive_BC.to(device))
+        return CrossBatchPlan(
+            self.sources_BC.to(device), self.active_BC.to(device), self.positive_BC.to(device),
+            world_size=self.world_size, rank=self.rank,
+        )  # fmt: skip
 
     def validate(self, batch_size: int) -> None:
         if self.sources_BC.shape != self.active_BC.shape or self.sources_BC.dim() != 2:
             raise ValueError("CrossBatchPlan: sources_BC and active_BC must both be [batch, contexts].")
         if self.batch_size != batch_size:
             raise ValueError(f"CrossBatchPlan is for a batch of {self.batch_size} rows, the input has {batch_size}.")
-        if self.num_contexts and (self.sources_BC.min() < 0 or self.sources_BC.max() >= batch_size):
-            raise ValueError(f"CrossBatchPlan: source rows must be in [0, {batch_size - 1}].")
-        rows = torch.arange(batch_size, device=self.sources_BC.device)[:, None]
+        pool = batch_size * self.world_size
+        if self.num_contexts and (self.sources_BC.min() < 0 or self.sources_BC.max() >= pool):
+            raise ValueError(f"CrossBatchPlan: source rows must be in [0, {pool - 1}].")
+        rows = self.rank * batch_size + torch.arange(batch_size, device=self.sources_BC.device)[:, None]
         if bool((self.active_BC & (self.sources_BC == rows)).any()):
             raise ValueError("CrossBatchPlan: a row cannot be its own additional context.")
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != self.world_size:
+                raise ValueError(
+                    f"CrossBatchPlan spans {self.world_size} ranks but torch.distributed is not initialised with "
+                    "that world size; build it with local_rows() inside the process group."
+                )
 
     def gather(self, k_raw_BGTH: torch.Tensor, v_BGTH: torch.Tensor, valid_BT: torch.Tensor | None) -> MemoryKV:
         """The additional keys/values of every row as a differentiable ``MemoryKV`` [B, G, C*T, H]."""
-        return _gather_contexts(self.sources_BC, self.active_BC, k_raw_BGTH, v_BGTH, valid_BT)
+        k_pool, v_pool, valid_pool = self.row_pool(k_raw_BGTH, v_BGTH, valid_BT)
+        return _gather_contexts(self.sources_BC, self.active_BC, k_pool, v_pool, valid_pool)
+
+    def row_pool(self, k_raw_BGTH, v_BGTH, valid_BT):
+        """The rows the sources index: this micro-batch, or every rank's (all-gathered, differentiably)."""
+        if self.world_size == 1:
+            return k_raw_BGTH, v_BGTH, valid_BT
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_gather
+
+        k_pool = torch.cat(all_gather(k_raw_BGTH.contiguous()), dim=0)
+        v_pool = torch.cat(all_gather(v_BGTH.contiguous()), dim=0)
+        B, T = k_raw_BGTH.shape[0], k_raw_BGTH.shape[2]
+        valid = valid_BT if valid_BT is not None else torch.ones(B, T, dtype=torch.bool, device=k_raw_BGTH.device)
+        parts = [torch.empty_like(valid) for _ in range(self.world_size)]
+        dist.all_gather(parts, valid.contiguous())
+        valid_pool = torch.cat(parts, dim=0)
+        return k_pool, v_pool, None if bool(valid_pool.all()) else valid_pool
 
 
 def _gather_contexts(sources_BC, active_BC, k_raw_BGTH, v_BGTH, valid_BT) -> MemoryKV:
@@ -101,10 +148,11 @@ def crossbatch_attention(
     """A memory layer's training attention: each row attends causally to itself and, in the same softmax, to
     its active contexts. Rows are grouped by their number of active contexts and each group attends only to
     those (inactive contexts cost nothing; a row with none runs plain causal attention)."""
+    k_pool, v_pool, valid_pool = plan.row_pool(k_raw_BGTH, v_BGTH, valid_BT)
     n_active_B = plan.active_BC.sum(1)
     counts = torch.unique(n_active_B).tolist()
     if len(counts) == 1 and counts[0] == plan.num_contexts:  # every row uses every context
-        memory = _gather_contexts(plan.sources_BC, plan.active_BC, k_raw_BGTH, v_BGTH, valid_BT)
+        memory = _gather_contexts(plan.sources_BC, plan.active_BC, k_pool, v_pool, valid_pool)
         return memory_attention(q_BNTH, local, memory, impl, grouping)
     outputs, order = [], []
     for count in counts:
@@ -118,7 +166,7 @@ def crossbatch_attention(
             cols = torch.argsort((~plan.active_BC[rows]).to(torch.int8), dim=1, stable=True)[:, :count]
             sources = plan.sources_BC[rows].gather(1, cols)
             active = torch.ones_like(sources, dtype=torch.bool)
-            memory = _gather_contexts(sources, active, k_raw_BGTH, v_BGTH, valid_BT)
+            memory = _gather_contexts(sources, active, k_pool, v_pool, valid_pool)
         outputs.append(memory_attention(q_BNTH[rows], sub_local, memory, impl, grouping))
         order.append(rows)
     inverse = torch.argsort(torch.cat(order))

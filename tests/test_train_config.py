@@ -111,7 +111,6 @@ CI = ROOT / "configs" / "ci_tiny.yaml"
         ({"crossbatch.layout": "paper", "crossbatch.schedule": "sampled", "crossbatch.d_choices": []}, "d_choices"),
         ({"crossbatch.layout": "paper", "crossbatch.schedule": "switch", "crossbatch.d": 1,
           "crossbatch.d_after": 64}, "crossbatch d=64"),
-        ({"crossbatch.gather_across_ranks": True}, "gather_across_ranks=true is not implemented"),
         ({"optim.lr": 0}, "optim.lr must be > 0"),
         ({"optim.beta2": 1.0}, "optim.beta1 and optim.beta2"),
         ({"optim.min_lr_ratio": 2}, "optim.min_lr_ratio"),

@@ -4,6 +4,7 @@ from a LLaMA checkpoint, activation checkpointing, bf16, the final HF directory,
 import json
 import os
 import signal
+import math
 import subprocess
 import sys
 import time
@@ -69,6 +70,20 @@ def test_two_process_ddp_and_fsdp2_loss_falls(tmp_path):
     assert max(abs(a - b) / a for a, b in zip(curves["ddp"], curves["fsdp2"])) < 1e-4
     # only rank 0 writes and logs
     assert "[rank1]" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_process_run_with_negatives_gathered_across_ranks(tmp_path):
+    out = tmp_path / "across"
+    cmd = trainer("--config", str(CI), f"--run.out_dir={out}", "--parallel.strategy=ddp", "--train.max_steps=6",
+                  "--crossbatch.layout=paper", "--crossbatch.d=2", "--crossbatch.gather_across_ranks=true",
+                  torchrun=2)  # fmt: skip
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(r["negatives"] > 0 for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)
 
 
 @pytest.mark.slow

@@ -424,11 +424,6 @@ def validate(spec: RunSpec) -> None:
                     f"train.micro_batch_size / data.pack = {n_docs}]; raise micro_batch_size or lower d.")
         if cb.schedule == "switch" and cb.switch_step is None and not 0.0 < cb.switch_fraction <= 1.0:
             raise ValueError(f"crossbatch.switch_fraction must be in (0, 1], got {cb.switch_fraction}.")
-    if cb.gather_across_ranks:
-        raise ValueError(
-            "crossbatch.gather_across_ranks=true is not implemented: the model's crossbatch forward takes its "
-            "additional keys from the local batch only (it would need an all_gather of the memory layers' keys "
-            "and values). Set it to false; negatives then come from the local micro-batch.")
     if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0 or o.warmup_steps < 0:
         raise ValueError("optim.lr must be > 0 and optim.weight_decay, optim.grad_clip, optim.warmup_steps >= 0; "
                          f"got lr={o.lr}, weight_decay={o.weight_decay}, grad_clip={o.grad_clip}, "

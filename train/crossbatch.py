@@ -119,7 +119,7 @@ def _train(spec: RunSpec, info: DistInfo) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.optim, spec.train.max_steps))
     batches = build_batches(spec, tokenizer, cfg.vocab_size, window, info.rank, info.world)
     objective = Objective(spec.crossbatch, spec.train.micro_batch_size, spec.data.pack, spec.train.max_steps,
-                          spec.train.seed)
+                          spec.train.seed, world_size=info.world, rank=info.rank)
     start = load_latest(out_dir, model, optimizer, scheduler, batches, info) if spec.run.resume else 0
     if start:
         logger.info("resumed from step %d", start)

@@ -46,8 +46,16 @@ def ranges_layout(batch_size: int, pack: int, ranges: list[int]) -> CrossBatchPl
 
 
 class Objective:
-    def __init__(self, cfg, batch_size: int, pack: int, max_steps: int, seed: int):
-        self.cfg, self.batch_size, self.pack, self.max_steps, self.seed = cfg, batch_size, pack, max_steps, seed
+    """The plan of every step. With ``gather_across_ranks`` and several ranks, the plan is built for the global
+    batch (all ranks' micro-batches, rank-major) and this rank takes its rows: negatives then come from every
+    rank, and the model all-gathers the memory layers' keys and values (differentiably)."""
+
+    def __init__(self, cfg, batch_size: int, pack: int, max_steps: int, seed: int, world_size: int = 1,
+                 rank: int = 0):
+        self.cfg, self.pack, self.max_steps, self.seed = cfg, pack, max_steps, seed
+        self.across = bool(getattr(cfg, "gather_across_ranks", False)) and world_size > 1
+        self.world_size, self.rank = world_size, rank
+        self.batch_size = batch_size * world_size if self.across else batch_size
         self._cache: dict[tuple, CrossBatchPlan] = {}
 
     def d_at(self, step: int) -> int | None:
@@ -82,5 +90,5 @@ class Objective:
                 plan = reference_layout(self.batch_size, self.pack, cfg.range, cfg.stepping)
             else:
                 plan = paper_layout(self.batch_size, self.pack, key[1])
-            self._cache[key] = plan
+            self._cache[key] = plan.local_rows(self.world_size, self.rank) if self.across else plan
         return self._cache[key]
