@@ -32,7 +32,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -178,11 +178,11 @@ def make_trials(encoder: PromptEncoder, lengths: list[int], trials: int, seed: i
             ids = encoder.encode(p.text)
             answer, method = encoder.answer_ids(p.text, ids, p.key)
             out[length].append(Trial(length, t, p.key, n_garbage, p.n_prefix, ids, answer, method))
-        counts = [tr.tokens for tr in out[length]]
-        mean = float(np.mean(counts))
+        mean = float(np.mean([tr.tokens for tr in out[length]]))
         if abs(mean - length) > 0.1 * length:
-            logger.warning("length %d: prompts have %.0f tokens on average (the fixed lines alone take %d); the "
-                           "requested length is too short for this tokenizer", length, mean, min(counts))
+            fixed = len(encoder.encode(build_prompt(0, np.random.default_rng(0)).text))
+            logger.warning("length %d: prompts have %.0f tokens on average; the prompt without filler already has "
+                           "%d tokens with this tokenizer", length, mean, fixed)
     methods = {tr.answer_method for ts in out.values() for tr in ts}
     if "separate" in methods:
         logger.warning("the prompt's tokens are not a prefix of prompt + ' ' + K's for some trials; their answers "

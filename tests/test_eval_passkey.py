@@ -1,0 +1,265 @@
+"""eval/passkey.py: the prompt against an independent restatement of Landmark's generate_prompt, token-length
+calibration, exact-match scoring with fake models, the CLI end to end on a tiny random model, and bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import fot  # noqa: E402
+from eval import passkey  # noqa: E402
+from eval.common import parse_setting  # noqa: E402
+
+# The protocol's text, written out here rather than imported, so a change in eval/passkey.py shows up.
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz "
+        "you about the important information there.")
+GARBAGE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = "What is the pass key? The pass key is"
+
+
+def landmark_prompt(n_garbage: int, n_prefix: int, key: int) -> str:
+    """Landmark Attention's generate_prompt with its two random draws given."""
+    garbage_inf = " ".join([GARBAGE] * 2000)
+    lines = [TASK, garbage_inf[:n_prefix], f"The pass key is {key}. Remember it. {key} is the pass key.",
+             garbage_inf[: n_garbage - n_prefix], QUESTION]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from train.tokenizer import synthetic_texts, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(synthetic_texts("passkey", 100, 0), out, vocab_size=400)
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return passkey.PromptEncoder(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer_dir, tmp_path_factory):
+    """A tiny random fot model (window 64, one memory layer) saved with the tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = fot.LongLlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, last_context_length=32, mem_layers=[1], mem_dtype="float32",
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model")
+    fot.LongLlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- the prompt
+def test_protocol_text_matches_the_trainers_passkey_documents():
+    from train.data import FILLER, PASSKEY_INTRO
+
+    assert (passkey.TASK, passkey.FILLER, passkey.QUESTION) == (TASK, GARBAGE, QUESTION)
+    assert (PASSKEY_INTRO, FILLER) == (TASK, GARBAGE)
+
+
+@pytest.mark.parametrize("n_garbage", [0, 1, 89, 90, 91, 500, 20000])
+def test_prompt_equals_landmark_generate_prompt(n_garbage):
+    for trial in range(20):
+        p = passkey.build_prompt(n_garbage, passkey.trial_rng(7, n_garbage, trial))
+        assert p.text == landmark_prompt(n_garbage, p.n_prefix, p.key)
+        lines = p.text.split("\n")
+        assert len(lines) == 5
+        assert len(lines[1]) == p.n_prefix and len(lines[3]) == n_garbage - p.n_prefix
+        assert lines[1] == GARBAGE[: len(lines[1])] or lines[1].startswith(GARBAGE + " ")  # both from the start
+        assert lines[3] == GARBAGE[: len(lines[3])] or lines[3].startswith(GARBAGE + " ")
+
+
+def test_prompt_draws_split_then_key_from_the_seeded_generator():
+    rng = np.random.default_rng([3, 1024, 5])
+    n_prefix, key = int(rng.integers(0, 1001)), int(rng.integers(1, 50000))
+    p = passkey.build_prompt(1000, passkey.trial_rng(3, 1024, 5))
+    assert (p.n_prefix, p.key) == (n_prefix, key)
+
+
+def test_key_and_split_ranges():
+    keys, splits = [], []
+    for trial in range(3000):
+        p = passkey.build_prompt(10, passkey.trial_rng(0, 256, trial))
+        keys.append(p.key)
+        splits.append(p.n_prefix)
+    assert min(keys) >= 1 and max(keys) < 50000 and max(keys) > 45000 and min(keys) < 5000
+    assert set(splits) == set(range(11))  # uniform over [0, n_garbage], both ends included
+
+
+def test_prompts_are_reproducible_per_length_and_trial():
+    a = passkey.build_prompt(700, passkey.trial_rng(0, 512, 4))
+    assert a == passkey.build_prompt(700, passkey.trial_rng(0, 512, 4))
+    others = [passkey.trial_rng(0, 512, 5), passkey.trial_rng(0, 1024, 4), passkey.trial_rng(1, 512, 4)]
+    assert all(passkey.build_prompt(700, rng).key != a.key for rng in others)
+
+
+# ----------------------------------------------------------------------------- tokens
+@pytest.mark.parametrize("length", [128, 200, 1000, 4096, 16384])
+def test_calibrated_prompts_have_the_requested_token_count(encoder, length):
+    trials = passkey.make_trials(encoder, [length], trials=4, seed=0)[length]
+    counts = [t.tokens for t in trials]
+    assert abs(np.mean(counts) - length) <= 0.1 * length, counts
+    assert all(t.prompt_ids[0] == encoder.tokenizer.bos_token_id for t in trials)
+
+
+def test_a_length_below_the_fixed_lines_warns(encoder, caplog):
+    trials = passkey.make_trials(encoder, [64], trials=2, seed=0)[64]
+    assert all(t.n_garbage == 0 for t in trials)  # this 400-piece tokenizer needs ~98 tokens without filler
+    assert "the prompt without filler already has" in caplog.text
+
+
+def test_answer_tokens_are_the_tail_of_prompt_plus_key(encoder):
+    trial = passkey.make_trials(encoder, [300], trials=1, seed=0)[300][0]
+    assert trial.answer_method == "tail"
+    assert encoder.tokenizer.decode(trial.answer_ids).strip() == str(trial.key)
+
+
+class MergingTokenizer:
+    """Characters as ids, except that "s " before a digit becomes one token: prompt tokens are then not a prefix
+    of prompt + " " + K's tokens."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        ids, i = [], 0
+        while i < len(text):
+            if text[i : i + 2] == "s " and text[i + 2 : i + 3].isdigit():
+                ids.append(999)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_answer_tokens_fall_back_to_the_key_alone():
+    enc = passkey.PromptEncoder(MergingTokenizer())
+    prompt = passkey.build_prompt(100, passkey.trial_rng(0, 64, 0))
+    ids = enc.encode(prompt.text)
+    assert ids[0] == 1 and ids.count(1) == 1  # BOS added once
+    answer, method = enc.answer_ids(prompt.text, ids, 4321)
+    assert (answer, method) == ([ord(c) for c in "4321"], "separate")
+
+
+# ----------------------------------------------------------------------------- scoring
+class ScriptedModel:
+    """Stands in for a model: generate() appends the scripted tokens for each prompt."""
+
+    def __init__(self, script: dict):
+        self.script, self.calls = script, []
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=None, do_sample=None, num_beams=None, **kw):
+        self.calls.append(dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams, **kw))
+        new = self.script[tuple(input_ids[0].tolist())][:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+def test_exact_match_scoring(encoder):
+    trials = passkey.make_trials(encoder, [128, 256], trials=5, seed=1)
+    every = [t for ts in trials.values() for t in ts]
+    assert all(len(t.answer_ids) >= 2 for t in every)
+    right = ScriptedModel({tuple(t.prompt_ids): t.answer_ids for t in every})
+    rows = passkey.evaluate(right, trials, cache_policy="flush")
+    assert [(r["length"], r["accuracy"], r["n"]) for r in rows] == [(128, 100.0, 5), (256, 100.0, 5)]
+    assert right.calls[0] == dict(max_new_tokens=len(every[0].answer_ids), do_sample=False, num_beams=1,
+                                  cache_policy="flush")
+
+    off_by_one = ScriptedModel({tuple(t.prompt_ids): t.answer_ids[:-1] + [t.answer_ids[-1] + 1] for t in every})
+    assert [r["accuracy"] for r in passkey.evaluate(off_by_one, trials)] == [0.0, 0.0]
+    stops_early = ScriptedModel({tuple(t.prompt_ids): t.answer_ids[:-1] for t in every})
+    assert [r["accuracy"] for r in passkey.evaluate(stops_early, trials)] == [0.0, 0.0]
+    assert passkey.is_correct([5, 6], [5, 6]) and not passkey.is_correct([5, 6, 7], [5, 6])
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_end_to_end(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    report = passkey.main(["--model", str(model_dir), "--lengths", "160", "64", "--trials", "2", "--settings",
+                           "memory", "no-memory", "topk:4", "--threads", "1", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "memory" in printed and "no-memory" in printed and "topk:4" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["lengths"] == [64, 160] and saved["window"] == 64 and saved["trials"] == 2
+    assert saved["answer_tokenization"] == {"tail": 4}
+    assert list(saved["results"]) == ["memory", "no-memory", "topk:4"]
+    assert saved["settings"]["memory"]["mem_layers"] == [1]
+    assert saved["settings"]["no-memory"]["mem_layers"] == []
+    assert (saved["settings"]["topk:4"]["mem_top_k"], saved["settings"]["topk:4"]["mem_index"]) == (4, "exact")
+    for rows in saved["results"].values():
+        assert [r["length"] for r in rows] == [64, 160]
+        for r in rows:
+            assert r["n"] == 2 and len(r["trials"]) == 2 and r["accuracy"] == 100.0 * r["correct"] / 2
+            assert abs(r["mean_tokens"] - 160) <= 16 if r["length"] == 160 else r["mean_tokens"] >= 64
+            for t in r["trials"]:
+                assert len(t["predicted_ids"]) <= len(t["answer_ids"])
+                assert t["correct"] == (t["predicted_ids"] == t["answer_ids"])
+    keys = {name: [t["key"] for r in rows for t in r["trials"]] for name, rows in saved["results"].items()}
+    assert keys["memory"] == keys["no-memory"] == keys["topk:4"]  # every setting sees the same prompts
+    assert (out / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_scores_a_model_that_knows_the_keys_100_percent(model_dir, encoder, monkeypatch):
+    """generate() patched to answer every prompt correctly: the CLI's prompts, seeds and scoring agree."""
+    trials = passkey.make_trials(encoder, [100], trials=3, seed=5)
+    knows = ScriptedModel({tuple(t.prompt_ids): t.answer_ids for t in trials[100]})
+    monkeypatch.setattr(fot.LongLlamaForCausalLM, "generate", lambda self, *a, **kw: knows.generate(*a, **kw))
+    report = passkey.main(["--model", str(model_dir), "--lengths", "100", "--trials", "3", "--seed", "5",
+                           "--settings", "memory", "--device", "cpu"])
+    assert report["results"]["memory"][0]["accuracy"] == 100.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{missing}"], "does not exist"),
+    (["--model", "{empty}"], "has no config.json"),
+    (["--model", "{no_tok}"], "no tokenizer in"),
+    (["--model", "{model}", "--settings", "memory", "bogus"], "unknown setting 'bogus'"),
+    (["--model", "{model}", "--settings", "topk:0"], "K must be a positive integer"),
+    (["--model", "{model}", "--settings", "memory", "memory"], "lists a setting twice"),
+    (["--model", "{model}", "--lengths", "32", "128"], "at least 64 tokens"),
+    (["--model", "{model}", "--trials", "0"], "--trials must be >= 1"),
+    (["--model", "{model}", "--last-context-length", "65"], "exceeds the model's window"),
+])
+def test_bad_inputs_are_clear_errors(args, message, model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text((model_dir / "config.json").read_text())
+    paths = dict(missing=tmp_path / "missing", empty=tmp_path / "empty", no_tok=no_tok, model=model_dir)
+    with pytest.raises(SystemExit) as exc:
+        passkey.main([a.format(**paths) for a in args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_settings_parse_to_from_pretrained_overrides():
+    assert parse_setting("memory").overrides == {}
+    assert parse_setting("no-memory").overrides == {"mem_layers": []}
+    assert parse_setting("topk:32").overrides == {"mem_top_k": 32, "mem_index": "exact"}
+    pytest.importorskip("faiss")
+    assert parse_setting("topk-ivf:8").overrides == {"mem_top_k": 8, "mem_index": "faiss-ivf"}
+    assert parse_setting("topk-flat:8").overrides == {"mem_top_k": 8, "mem_index": "faiss-flat"}
+
+
+def test_script_entry_point_reports_a_missing_model(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "eval" / "passkey.py"), "--model", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
