@@ -56,7 +56,8 @@ class DataConfig:
             null means k * window.
         synthetic_key_tokens / synthetic_value_tokens: tokens per key and per value (lookup).
         synthetic_query_prob: probability that an item after the first few is a query (lookup).
-        synthetic_answers_only: compute the loss only on query answers (lookup), as in the FoT paper.
+        synthetic_answers_only: compute the loss only on the answers (lookup: query values, as in the FoT
+            paper; passkey: the key after the final question).
         passkey_fraction: share of documents replaced by generated passkey documents (text sources).
     """
 

@@ -108,22 +108,35 @@ PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant t
                  "I will quiz you about the important information there.")
 
 
-def passkey_text(n_garbage: int, rng: np.random.Generator) -> str:
-    """A passkey document in the Landmark / LongLLaMA format (see FACTS, "Passkey"), answer included."""
+def passkey_prompt(n_garbage: int, rng: np.random.Generator) -> tuple[str, int]:
+    """A passkey prompt in the Landmark / LongLLaMA format (see FACTS, "Passkey") and its key: the split point
+    is drawn first, then the key; prefix and suffix are both character prefixes of the filler, as in the
+    evaluation (``eval/passkey.py``), so the model trains on exactly the format it is tested on."""
+    n_prefix = int(rng.integers(0, n_garbage + 1))
     key = int(rng.integers(1, 50000))
-    garbage = " ".join([FILLER] * (n_garbage // len(FILLER) + 2))[:n_garbage]
-    split = int(rng.integers(0, n_garbage + 1))
-    lines = [PASSKEY_INTRO, garbage[:split], f"The pass key is {key}. Remember it. {key} is the pass key.",
-             garbage[split:], f"What is the pass key? The pass key is {key}."]
-    return "\n".join(lines)
+    filler = " ".join([FILLER] * (n_garbage // len(FILLER) + 2))
+    lines = [PASSKEY_INTRO, filler[:n_prefix], f"The pass key is {key}. Remember it. {key} is the pass key.",
+             filler[: n_garbage - n_prefix], "What is the pass key? The pass key is"]
+    return "\n".join(lines), key
+
+
+def passkey_text(n_garbage: int, rng: np.random.Generator) -> str:
+    """A whole passkey document: the prompt followed by its answer."""
+    prompt, key = passkey_prompt(n_garbage, rng)
+    return f"{prompt} {key}."
 
 
 class SyntheticPasskey:
-    """Passkey documents (text, tokenized with ``tokenizer``) of about ``doc_tokens/2 ... doc_tokens`` tokens."""
+    """Passkey documents (text, tokenized with ``tokenizer``) of about ``doc_tokens/2 ... doc_tokens`` tokens.
 
-    def __init__(self, tokenizer, doc_tokens: int, seed: int, add_bos: bool = True, add_eos: bool = True):
+    With ``answers_only`` only the answer after the final question carries loss, which concentrates the
+    signal on retrieving the key instead of on predicting the filler.
+    """
+
+    def __init__(self, tokenizer, doc_tokens: int, seed: int, add_bos: bool = True, add_eos: bool = True,
+                 answers_only: bool = False):
         self.tokenizer, self.doc_tokens, self.seed = tokenizer, doc_tokens, seed
-        self.add_bos, self.add_eos = add_bos, add_eos
+        self.add_bos, self.add_eos, self.answers_only = add_bos, add_eos, answers_only
         n = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
         self.chars_per_token = len(FILLER) / max(n, 1)
 
@@ -133,9 +146,14 @@ class SyntheticPasskey:
     def get(self, epoch: int, index: int) -> Document:
         rng = np.random.default_rng([self.seed, epoch, index, 29])
         tokens = int(rng.integers(max(self.doc_tokens // 2, 16), self.doc_tokens + 1))
-        text = passkey_text(max(int((tokens - 60) * self.chars_per_token), 0), rng)
-        ids = encode(self.tokenizer, text, self.add_bos, self.add_eos)[: self.doc_tokens]
-        return Document(ids)
+        prompt, key = passkey_prompt(max(int((tokens - 60) * self.chars_per_token), 0), rng)
+        ids = encode(self.tokenizer, f"{prompt} {key}.", self.add_bos, self.add_eos)[: self.doc_tokens]
+        if not self.answers_only:
+            return Document(ids)
+        n_prompt = len(encode(self.tokenizer, prompt, self.add_bos, False))
+        mask = np.zeros(len(ids), bool)
+        mask[n_prompt:] = True  # the key, the period and EOS
+        return Document(ids, mask)
 
 
 # ----------------------------------------------------------------------------- text sources
@@ -330,7 +348,8 @@ def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, worl
         pad_id = tokenizer.pad_token_id
     passkey = None
     if tokenizer is not None:
-        passkey = SyntheticPasskey(tokenizer, doc_tokens, seed + 1, d.add_bos, d.add_eos)
+        passkey = SyntheticPasskey(tokenizer, doc_tokens, seed + 1, d.add_bos, d.add_eos,
+                                   d.source == "synthetic" and d.synthetic_answers_only)
     if d.source == "synthetic":
         if d.synthetic_kind == "lookup":
             source = SyntheticLookup(vocab_size, doc_tokens, d.synthetic_key_tokens, d.synthetic_value_tokens,
