@@ -246,9 +246,10 @@ def differentiable_memory_attention(q_BNTH: torch.Tensor, local: LocalKV, memory
         B, M = k.shape[0], memory.size
         if memory.valid_BM is not None:
             mem_bias = _additive(memory.valid_BM[:, None, None, :].expand(B, 1, T, M), dtype)
-        else:
-            mem_bias = bias.new_zeros((B, 1, T, M))
-        bias = torch.cat([bias.expand(B, 1, T, -1), mem_bias], dim=-1)
+            bias = torch.cat([bias.expand(B, 1, T, -1), mem_bias], dim=-1)
+        else:  # keep a batch-broadcast mask when nothing is padded: no [B, 1, T, S+M] tensor to build and read
+            mem_bias = bias.new_zeros((bias.shape[0], 1, T, M))
+            bias = torch.cat([bias, mem_bias], dim=-1)
     G, N = k.shape[1], q_BNTH.shape[1]
     return F.scaled_dot_product_attention(q_BNTH, k, v, attn_mask=bias, enable_gqa=G != N)
 
