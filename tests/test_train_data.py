@@ -174,3 +174,27 @@ def test_tokenizer_round_trip_through_auto_tokenizer(tmp_path):
     assert len(loaded) == len(tok) <= 400
     assert "".join(loaded.convert_ids_to_tokens(loaded("31415", add_special_tokens=False)["input_ids"])) == "▁31415"
     assert Document(np.zeros(1, np.int64)).loss_mask is None
+
+
+def test_passkey_answers_only_marks_the_key_repetition_and_the_answer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from train.data import SyntheticPasskey
+    from train.tokenizer import synthetic_texts, train_tokenizer
+
+    train_tokenizer(synthetic_texts("passkey", 100, 0), tmp_path / "tok", vocab_size=400)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    src = SyntheticPasskey(tok, 300, seed=3, answers_only=True)
+    full = SyntheticPasskey(tok, 300, seed=3, answers_only=False)
+    for i in range(20):
+        doc = src.get(0, i)
+        assert np.array_equal(doc.ids, full.get(0, i).ids) and full.get(0, i).loss_mask is None
+        assert len(doc.ids) <= 300 and doc.ids[-1] == tok.eos_token_id  # the overhead estimate keeps the answer
+        text = tok.decode(doc.ids, skip_special_tokens=True)
+        key = text.split("The pass key is ")[1].split(".")[0]
+        # an independent reading of the mask: the marked pieces, joined, are the key, then " key." and EOS
+        marked = tok.convert_ids_to_tokens(doc.ids[doc.loss_mask].tolist())
+        assert "".join(marked) == f"{key}▁{key}.</s>"
+        first = [j for j in range(len(doc.ids)) if doc.loss_mask[j]][0]
+        # the first marked token is the key's second digit-run in the info line, not its first occurrence
+        assert tok.decode(doc.ids[:first]).rstrip().endswith(f"{key}. Remember it.")

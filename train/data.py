@@ -129,8 +129,11 @@ def passkey_text(n_garbage: int, rng: np.random.Generator) -> str:
 class SyntheticPasskey:
     """Passkey documents (text, tokenized with ``tokenizer``) of about ``doc_tokens/2 ... doc_tokens`` tokens.
 
-    With ``answers_only`` only the answer after the final question carries loss, which concentrates the
-    signal on retrieving the key instead of on predicting the filler.
+    With ``answers_only`` only the retrievals of the key carry loss: its repetition inside the info line
+    ("... Remember it. K is the pass key.", a copy from a few tokens back that teaches the copying circuit first)
+    and the answer after the final question (a copy from anywhere, often an earlier window). This concentrates
+    the signal on retrieval instead of on predicting the filler; the key's first occurrence is random and never
+    carries loss.
     """
 
     def __init__(self, tokenizer, doc_tokens: int, seed: int, add_bos: bool = True, add_eos: bool = True,
@@ -139,6 +142,17 @@ class SyntheticPasskey:
         self.add_bos, self.add_eos, self.answers_only = add_bos, add_eos, answers_only
         n = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
         self.chars_per_token = len(FILLER) / max(n, 1)
+        # tokens of a document without filler (intro, info line, question, a 5-digit answer, BOS/EOS), + 2 spare
+        self.overhead = len(encode(tokenizer, f"{passkey_prompt(0, np.random.default_rng(0))[0]} 49999.",
+                                   add_bos, add_eos)) + 2
+        self.digit_ids = None
+        if answers_only:
+            digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if any(i is None or i == unk for i in digits):
+                raise ValueError("answers-only passkey documents need a tokenizer with one piece per digit "
+                                 "(sentencepiece split_digits=True, as train/tokenizer.py trains).")
+            self.digit_ids = dict(zip("0123456789", digits))
 
     def __len__(self) -> int:
         return _UNBOUNDED
@@ -146,13 +160,21 @@ class SyntheticPasskey:
     def get(self, epoch: int, index: int) -> Document:
         rng = np.random.default_rng([self.seed, epoch, index, 29])
         tokens = int(rng.integers(max(self.doc_tokens // 2, 16), self.doc_tokens + 1))
-        prompt, key = passkey_prompt(max(int((tokens - 60) * self.chars_per_token), 0), rng)
+        prompt, key = passkey_prompt(max(int((tokens - self.overhead) * self.chars_per_token), 0), rng)
         ids = encode(self.tokenizer, f"{prompt} {key}.", self.add_bos, self.add_eos)[: self.doc_tokens]
         if not self.answers_only:
             return Document(ids)
         n_prompt = len(encode(self.tokenizer, prompt, self.add_bos, False))
         mask = np.zeros(len(ids), bool)
         mask[n_prompt:] = True  # the key, the period and EOS
+        key_ids = np.array([self.digit_ids[c] for c in str(key)])
+        starts = [i for i in range(min(n_prompt, len(ids)) - len(key_ids) + 1)
+                  if ids[i] == key_ids[0] and np.array_equal(ids[i : i + len(key_ids)], key_ids)]
+        if len(starts) != 2 and n_prompt < len(ids):  # the info line holds the key twice, nothing else has digits
+            raise ValueError(f"expected the pass key {key} twice in the prompt's tokens, found it {len(starts)} "
+                             "times; is the tokenizer splitting digits?")
+        if len(starts) == 2:
+            mask[starts[1] : starts[1] + len(key_ids)] = True  # the repetition inside the info line
         return Document(ids, mask)
 
 
