@@ -156,6 +156,13 @@ def plot_accuracy(path: Path, lengths: list[int], curves: dict[str, list[float]]
     ax.set_ylim(-3, 110)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
+    finish_plot(fig, ax, path, title)
+
+
+def finish_plot(fig, ax, path: Path, title: str) -> None:
+    """Title, grid and legend, then save ``fig`` to ``path`` (parents created) and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -163,3 +170,19 @@ def plot_accuracy(path: Path, lengths: list[int], curves: dict[str, list[float]]
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def cli_main(build_parser, prepare, run, argv: list[str] | None = None):
+    """Parse ``argv``, ``prepare(args)`` (a ``ValueError`` exits with status 2 and its message), then
+    ``run(args, prepared)`` with logging routed around the progress bars."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        prepared = prepare(args)
+    except ValueError as err:
+        parser.error(str(err))  # exits with status 2 and the message on stderr
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        return run(args, prepared)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from eval.common import (
+    cli_main,
     SETTING_HELP,
     Setting,
     check_model_dir,
@@ -344,17 +345,7 @@ def run(args, validated: tuple[Path, Path, list[Setting]] | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        validated = validate_args(args)
-    except ValueError as err:
-        parser.error(str(err))  # exits with status 2 and the message on stderr
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    with logging_redirect_tqdm():
-        return run(args, validated)
+    return cli_main(build_parser, validate_args, run, argv)
 
 
 if __name__ == "__main__":

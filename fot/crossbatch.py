@@ -129,6 +129,8 @@ def _gather_contexts(sources_BC, active_BC, k_raw_BGTH, v_BGTH, valid_BT) -> Mem
     # [B*C, G, T, H] -> [B, C, G, T, H] -> [B, G, C*T, H]: row b's contexts, one after another, per KV head
     k_BGXH = k_raw_BGTH[flat].view(B, C, G, T, H).transpose(1, 2).reshape(B, G, C * T, H)
     v_BGXH = v_BGTH[flat].view(B, C, G, T, H).transpose(1, 2).reshape(B, G, C * T, H)
+    if valid_BT is None and bool(active_BC.all()):
+        return MemoryKV(k_BGXH, v_BGXH, None)  # every key is valid: no mask to build, read or broadcast
     valid_BCT = active_BC[:, :, None].expand(B, C, T)
     if valid_BT is not None:
         valid_BCT = valid_BCT & valid_BT[flat].view(B, C, T)

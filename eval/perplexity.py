@@ -1,0 +1,431 @@
+"""Perplexity against position in long documents, per inference setting.
+
+    python eval/perplexity.py --model models/fot-tiny --settings memory no-memory topk:32 \\
+        --source passkey --length 8192 --docs 8 --out runs/perplexity
+    python eval/perplexity.py --model DIR --source files --files a.jsonl b.txt --text-field text --length 16384
+
+Documents (the same for every setting):
+
+* ``--source passkey``: ``--docs`` passkey prompts of eval/passkey.py at length ``--length`` (the same
+  prompts that ``eval/passkey.py --lengths N --seed S`` builds: ``make_trials`` with the calibrated filler and
+  the (seed, length, trial) generators), each followed by " K." -- the answer. A document's tokens are
+  tokenize(prompt + " K.") when they start with the prompt's tokens and the answer's tokens, otherwise the
+  prompt's tokens followed by the answer's (the answer's tokens as eval/passkey.py finds them). Documents
+  therefore have about ``--length`` tokens plus the answer; the table and results.json give the actual counts.
+* ``--source files``: plain ``.txt`` files (one document per file) and ``.jsonl`` files (one JSON object per
+  line, its text in ``--text-field``), in the order given. The first ``--docs`` documents with at least
+  ``--length`` tokens are used, truncated to exactly ``--length`` tokens; shorter ones are skipped.
+
+Documents are tokenized with BOS as eval/passkey.py's ``PromptEncoder`` does (``--no-bos`` turns it off).
+
+Scoring: for each setting (the model loaded once per setting) and document, one forward pass of the whole
+document through ``model.model`` under ``torch.no_grad()`` (LongLLaMA splits it into windows of
+``max_position_embeddings`` and fills its memory), then ``lm_head`` on ``--chunk`` positions at a time with
+``log_softmax`` in fp32 (fp64 for fp64 models), so the logits of a long document are never all held at once.
+The NLL at position t is that of predicting token t + 1 from tokens 0..t; a document of N tokens has N - 1.
+
+Buckets by position t, with W the model's window: [0, W), [W, 2W), [2W, 4W), [4W, 8W), ... up to the longest
+document. A bucket's perplexity is exp(mean NLL over every position of every document in it); "all" is over
+every position. For passkey documents the answer is also scored: the mean NLL of its tokens (each predicted
+from the prompt and the answer's earlier tokens), and exact match (%): every answer token is the argmax at its
+position (teacher-forced greedy decoding; it can differ from eval/passkey.py's generate(), which runs the
+prompt alone and so windows it differently).
+
+Outputs: a table (rows: buckets, columns: settings, cells: perplexity) on stdout, and with ``--out DIR``
+results.json (configuration, documents' token counts, per setting and bucket lo, hi, tokens, nll, ppl, the
+whole-document perplexity, the answer's NLL and exact match for passkey, per-document results, seconds) and
+perplexity.png (perplexity against the bucket's upper edge, log2 axis, window marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from eval.common import (
+    cli_main,
+    SETTING_HELP,
+    Setting,
+    check_model_dir,
+    check_tokenizer_dir,
+    default_device,
+    finish_plot,
+    load_model,
+    load_tokenizer,
+    parse_settings,
+    write_json,
+)
+from eval.passkey import PromptEncoder, build_prompt, make_trials, trial_rng
+
+logger = logging.getLogger("eval.perplexity")
+
+DEFAULT_CHUNK = 2048  # positions per lm_head call
+FILE_KINDS = {".txt": "text", ".jsonl": "jsonl"}
+
+
+# ----------------------------------------------------------------------------- documents
+@dataclass
+class Document:
+    ids: list[int]
+    source: str  # "passkey trial T" or "FILE" / "FILE:LINE"
+    answer: tuple[int, int] | None = None  # token index span [start, end) of the passkey answer
+    key: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+def passkey_documents(encoder: PromptEncoder, length: int, docs: int, seed: int) -> list[Document]:
+    """eval/passkey.py's prompts at ``length`` tokens followed by " K." (module docstring)."""
+    out = []
+    for tr in make_trials(encoder, [length], docs, seed)[length]:
+        prompt = build_prompt(tr.n_garbage, trial_rng(seed, length, tr.trial))
+        assert prompt.key == tr.key, "make_trials and build_prompt disagree on the trial's generator"
+        ids = tr.prompt_ids + tr.answer_ids
+        full = encoder.encode(f"{prompt.text} {tr.key}.")
+        if full[: len(ids)] == ids:
+            ids = full
+        start = len(tr.prompt_ids)
+        out.append(Document(ids, f"passkey trial {tr.trial}", (start, start + len(tr.answer_ids)), tr.key))
+    return out
+
+
+def check_files(paths: list[str] | None) -> list[Path]:
+    """Existing files of a known kind, or a ``ValueError`` naming the fix."""
+    if not paths:
+        raise ValueError("--source files needs --files: .txt files (one document each) or .jsonl files.")
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise ValueError(f"--files: {p!r} does not exist; pass existing .txt or .jsonl files.")
+        if path.suffix.lower() not in FILE_KINDS:
+            raise ValueError(f"--files: {p!r} has an unknown extension {path.suffix!r}; use .txt (one document "
+                             "per file) or .jsonl (one JSON object per line, text in --text-field).")
+        out.append(path)
+    return out
+
+
+def read_texts(paths: list[Path], text_field: str):
+    """Yield (source, text) for every document of ``paths`` in order (module docstring)."""
+    for path in paths:
+        if FILE_KINDS[path.suffix.lower()] == "text":
+            yield str(path), path.read_text()
+            continue
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n} is not valid JSON ({err.msg}); a .jsonl file holds one JSON "
+                                     "object per line.") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                    fields = sorted(obj) if isinstance(obj, dict) else []
+                    raise ValueError(f"{path}:{n} has no text field {text_field!r} (fields: {fields}); set "
+                                     "--text-field to the field that holds the document's text.")
+                yield f"{path}:{n}", obj[text_field]
+
+
+def file_documents(encoder: PromptEncoder, paths: list[Path], text_field: str, length: int,
+                   docs: int) -> list[Document]:
+    """The first ``docs`` documents with at least ``length`` tokens, truncated to ``length`` tokens."""
+    out, longest, seen = [], 0, 0
+    for source, text in read_texts(paths, text_field):
+        ids = encoder.encode(text)
+        seen += 1
+        longest = max(longest, len(ids))
+        if len(ids) >= length:
+            out.append(Document(ids[:length], source))
+            if len(out) == docs:
+                break
+    if not out:
+        raise ValueError(f"no document has --length {length} tokens: the longest of {seen} has {longest}; lower "
+                         "--length or pass longer documents.")
+    if len(out) < docs:
+        logger.warning("only %d of %d documents have >= %d tokens (asked for --docs %d)", len(out), seen, length,
+                       docs)
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+def score_tokens(model, input_ids, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL and argmax prediction at every position but the last: ([N - 1] float64, [N - 1] long).
+
+    One forward of ``model.model`` over the whole sequence (``input_ids``: [N] or [1, N]), then ``model.lm_head``
+    on ``chunk`` positions at a time with ``log_softmax`` in fp32 (fp64 for an fp64 model). Position t's NLL is
+    -log p(token t + 1 | tokens 0..t). Works for any causal LM with ``.model`` and ``.lm_head`` (fot's and HF
+    Llama's).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}.")
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
+    n = ids.shape[1]
+    if n < 2:
+        raise ValueError(f"a document needs at least 2 tokens to score, got {n}.")
+    nll, predicted = torch.empty(n - 1, dtype=torch.float64), torch.empty(n - 1, dtype=torch.long)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        for s in range(0, n - 1, chunk):
+            e = min(s + chunk, n - 1)
+            logp = torch.log_softmax(model.lm_head(hidden[s:e]).to(wide), dim=-1)
+            nll[s:e] = -logp.gather(-1, ids[0, s + 1: e + 1, None])[:, 0].to("cpu", torch.float64)
+            predicted[s:e] = logp.argmax(-1).cpu()
+    return nll, predicted
+
+
+def bucket_edges(n_tokens: int, window: int) -> list[int]:
+    """0, W, 2W, 4W, ... below the last scored position (n_tokens - 2), then n_tokens."""
+    if n_tokens < 2:
+        raise ValueError(f"documents need at least 2 tokens, got {n_tokens}.")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}.")
+    edges, e = [0], window
+    while e < n_tokens - 1:
+        edges.append(e)
+        e *= 2
+    return edges + [n_tokens]
+
+
+def summarize(total: float, count: int) -> dict:
+    """Token count, mean NLL and perplexity (None for no tokens)."""
+    if count == 0:
+        return {"tokens": 0, "nll": None, "ppl": None}
+    mean = total / count
+    return {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
+
+
+def aggregate(nlls: list[torch.Tensor], edges: list[int]) -> list[dict]:
+    """Per bucket [lo, hi) of positions: lo, hi, tokens, mean NLL over every document's positions, exp of it."""
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        parts = [x[lo:hi] for x in nlls]
+        total = float(sum(p.sum().item() for p in parts))
+        rows.append({"lo": lo, "hi": hi, **summarize(total, sum(p.numel() for p in parts))})
+    return rows
+
+
+def answer_score(doc: Document, nll: torch.Tensor, predicted: torch.Tensor) -> dict:
+    """The passkey answer's NLL (sum over its tokens) and teacher-forced exact match."""
+    a, b = doc.answer
+    target = doc.ids[a:b]
+    return {"answer_tokens": b - a, "answer_nll_sum": float(nll[a - 1: b - 1].sum()),
+            "answer_correct": predicted[a - 1: b - 1].tolist() == target}
+
+
+def evaluate(model, docs: list[Document], edges: list[int], chunk: int, bar=None) -> dict:
+    """Score every document with one model: buckets, whole-document and (passkey) answer results."""
+    start = time.perf_counter()
+    nlls, per_doc = [], []
+    for doc in docs:
+        nll, predicted = score_tokens(model, doc.ids, chunk)
+        nlls.append(nll)
+        row = {"source": doc.source, "tokens": doc.tokens, "nll": float(nll.mean())}
+        if doc.answer is not None:
+            row.update(key=doc.key, **answer_score(doc, nll, predicted))
+        per_doc.append(row)
+        if bar is not None:
+            bar.update(1)
+    result = {"buckets": aggregate(nlls, edges),
+              "all": summarize(float(sum(x.sum().item() for x in nlls)), sum(x.numel() for x in nlls))}
+    if all(d.answer is not None for d in docs):
+        answered = summarize(sum(r["answer_nll_sum"] for r in per_doc), sum(r["answer_tokens"] for r in per_doc))
+        result["answer"] = {**answered,
+                            "exact_match": 100.0 * sum(r["answer_correct"] for r in per_doc) / len(per_doc)}
+    result["seconds"] = time.perf_counter() - start
+    result["documents"] = per_doc
+    return result
+
+
+# ----------------------------------------------------------------------------- outputs
+def _cell(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Rows = buckets (token counts), then "all" and for passkey the answer; columns = settings (perplexity)."""
+    names = list(results)
+    width = max([12] + [len(n) + 2 for n in names])
+    first = results[names[0]]
+    header = f"{'positions':<18}{'tokens':>9}" + "".join(f"{n:>{width}}" for n in names)
+    lines = [header, "-" * len(header)]
+    for i, b in enumerate(first["buckets"]):
+        cells = "".join(f"{_cell(results[n]['buckets'][i]['ppl'], '.3f'):>{width}}" for n in names)
+        label = f"[{b['lo']}, {b['hi']})"
+        lines.append(f"{label:<18}{b['tokens']:>9}{cells}")
+    cells = "".join(f"{_cell(results[n]['all']['ppl'], '.3f'):>{width}}" for n in names)
+    lines.append(f"{'all':<18}{first['all']['tokens']:>9}{cells}")
+    if "answer" in first:
+        cells = "".join(f"{_cell(results[n]['answer']['nll'], '.3f'):>{width}}" for n in names)
+        lines.append(f"{'answer NLL':<18}{first['answer']['tokens']:>9}{cells}")
+        cells = "".join(f"{results[n]['answer']['exact_match']:>{width - 1}.1f}%" for n in names)
+        lines.append(f"{'answer exact':<18}{len(first['documents']):>9}{cells}")
+    return "\n".join(lines)
+
+
+def plot_perplexity(path: Path, results: dict[str, dict], window: int, title: str) -> None:
+    """Perplexity against the bucket's upper edge (log2 axis), one line per setting, window marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
+    values = []
+    for i, (name, res) in enumerate(results.items()):
+        points = [(b["hi"], b["ppl"]) for b in res["buckets"] if b["ppl"] is not None]
+        values += [p for _, p in points]
+        marker, line = styles[i % len(styles)]
+        ax.plot([x for x, _ in points], [p for _, p in points], marker=marker, linestyle=line, label=name,
+                alpha=0.85)
+    if values and max(values) > 10 * min(values):
+        ax.set_yscale("log")
+    ax.axvline(window, color="grey", linestyle="--", linewidth=1)
+    ax.text(window, 1.0, f" window {window}", color="grey", fontsize=8, va="top", transform=ax.get_xaxis_transform())
+    his = [b["hi"] for b in next(iter(results.values()))["buckets"]]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(his, [str(h) for h in his], rotation=45 if len(his) > 8 else 0)
+    ax.set_xlabel("position (bucket's upper edge, tokens)")
+    ax.set_ylabel("perplexity")
+    finish_plot(fig, ax, path, title)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="local checkpoint directory (config.json + weights)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--settings", nargs="+", default=["memory", "no-memory"], help=f"any of: {SETTING_HELP}")
+    p.add_argument("--length", type=int, default=4096, help="document length in tokens (default 4096)")
+    p.add_argument("--docs", type=int, default=8, help="documents (default 8)")
+    p.add_argument("--source", choices=["passkey", "files"], default="passkey", help="where documents come from")
+    p.add_argument("--files", nargs="+", help="--source files: .txt (one document each) or .jsonl files")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl objects (default 'text')")
+    p.add_argument("--seed", type=int, default=0, help="--source passkey: base seed, as eval/passkey.py")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                   help=f"positions per lm_head call (default {DEFAULT_CHUNK})")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", help="output directory for results.json and perplexity.png")
+    return p
+
+
+@dataclass
+class Prepared:
+    model_dir: Path
+    tokenizer_dir: Path
+    settings: list[Setting]
+    window: int
+    docs: list[Document]
+    bos: bool
+
+
+def validate_args(args) -> tuple[Path, Path, list[Setting], dict]:
+    """Argument checks that need no tokenizer or model; returns the directories, settings and saved config."""
+    if args.length < 2:
+        raise ValueError(f"--length must be >= 2 tokens (one prediction needs two), got {args.length}.")
+    if args.docs < 1:
+        raise ValueError(f"--docs must be >= 1, got {args.docs}.")
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {args.chunk}.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+    if args.source == "files":
+        check_files(args.files)
+    elif args.files:
+        raise ValueError("--files is only read with --source files; add --source files or drop --files.")
+    settings = parse_settings(args.settings)
+    model_dir = check_model_dir(args.model)
+    tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    return model_dir, tokenizer_dir, settings, config
+
+
+def prepare(args) -> Prepared:
+    """Validate the arguments, load the tokenizer and build the documents; ``ValueError`` for bad input."""
+    model_dir, tokenizer_dir, settings, config = validate_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    vocab = config.get("vocab_size")
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(f"mismatched tokenizer: {str(tokenizer_dir)!r} has {len(tokenizer)} tokens but the model's "
+                         f"vocab_size is {vocab}; pass --tokenizer DIR with the tokenizer the model was trained with.")
+    encoder = PromptEncoder(tokenizer, add_bos=not args.no_bos)
+    if args.source == "passkey":
+        docs = passkey_documents(encoder, args.length, args.docs, args.seed)
+    else:
+        docs = file_documents(encoder, check_files(args.files), args.text_field, args.length, args.docs)
+    logger.info("settings: %s", ", ".join(s.name for s in settings))
+    logger.info("%d %s documents of %d..%d tokens", len(docs), args.source, min(d.tokens for d in docs),
+                max(d.tokens for d in docs))
+    return Prepared(model_dir, tokenizer_dir, settings, int(config["max_position_embeddings"]), docs,
+                    encoder.add_bos)
+
+
+def run(args, prepared: Prepared | None = None) -> dict:
+    """Evaluate every setting; returns the results dictionary (also written to ``--out``)."""
+    from tqdm.auto import tqdm
+
+    p = prepared or prepare(args)
+    edges = bucket_edges(max(d.tokens for d in p.docs), p.window)
+    results, configs = {}, {}
+    with tqdm(total=len(p.settings) * len(p.docs), desc="perplexity", unit="doc", dynamic_ncols=True) as bar:
+        for setting in p.settings:
+            model = load_model(p.model_dir, setting, args.device, args.dtype)
+            cfg = model.config
+            configs[setting.name] = {"overrides": setting.overrides, "mem_layers": list(cfg.mem_layers),
+                                     "mem_top_k": cfg.mem_top_k, "mem_index": cfg.mem_index,
+                                     "last_context_length": cfg.last_context_length}
+            bar.set_postfix(setting=setting.name)
+            results[setting.name] = evaluate(model, p.docs, edges, args.chunk, bar)
+            logger.info("%s: perplexity %.3f, %.1f s", setting.name, results[setting.name]["all"]["ppl"],
+                        results[setting.name]["seconds"])
+            del model
+
+    report = {
+        "task": "perplexity", "model": str(p.model_dir), "tokenizer": str(p.tokenizer_dir), "window": p.window,
+        "source": args.source, "files": args.files if args.source == "files" else None,
+        "text_field": args.text_field if args.source == "files" else None, "length": args.length,
+        "docs": len(p.docs), "doc_tokens": [d.tokens for d in p.docs],
+        "mean_tokens": float(np.mean([d.tokens for d in p.docs])), "seed": args.seed, "bos": p.bos,
+        "chunk": args.chunk, "edges": edges, "device": str(args.device), "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "settings": configs, "results": results,
+    }
+    print(format_table(results))
+    if args.out:
+        out = Path(args.out)
+        write_json(out / "results.json", report)
+        plot_perplexity(out / "perplexity.png", results, p.window,
+                        f"perplexity: {p.model_dir.name} ({len(p.docs)} {args.source} documents, "
+                        f"{report['mean_tokens']:.0f} tokens)")
+        print(f"wrote {out / 'results.json'} and {out / 'perplexity.png'}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return cli_main(build_parser, prepare, run, argv)
+
+
+if __name__ == "__main__":
+    main()
