@@ -206,3 +206,18 @@ def test_loss_without_contexts_equals_plain_llama():
     # the explicit formula: mean next-token cross entropy over labels != -100
     manual = F.cross_entropy(theirs.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert abs(ours.loss.item() - manual.item()) < 1e-5
+
+
+def test_positive_contexts_reproduce_inference_over_the_same_windows():
+    """A document's consecutive windows as crossbatch rows (each row attending to its earlier rows, the
+    positives only) give the logits inference gives over the whole document when it is cut at the same
+    boundaries (last_context_length = W): the additional keys are the memory inference would hold."""
+    model = tiny_model(dtype=torch.float64, mem_layers=[1, 2]).eval()
+    W = model.config.max_position_embeddings
+    ids = tokens(1, 3 * W, seed=3)
+    with torch.no_grad():
+        rows = model(input_ids=ids.view(3, W), crossbatch=ranges_layout(3, 3, [0, 1, 2]), use_cache=False).logits
+        whole = model(input_ids=ids, last_context_length=W, use_cache=False).logits[0].view(3, W, -1)
+        alone = model(input_ids=ids.view(3, W), crossbatch=empty_plan(3), use_cache=False).logits
+    assert max_err(rows, whole) < TOL64
+    assert max_err(rows[1:], alone[1:]) > 1e-2  # the contexts matter: without them rows 1 and 2 differ
