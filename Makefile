@@ -46,11 +46,12 @@ DEMO_LENGTHS := 256 512 1024 2048 4096 8192 16384
 DEMO_TRIALS := 20
 DEMO_THREADS ?= 1
 
-# Retrain the demo model: tokenizer, stage 1 (copy inside a window), stage 2 (retrieve through memory), ship.
+# Retrain the demo model: tokenizer, stage 1 (copy inside a window), stages 2-3 (retrieve through memory), ship.
 .PHONY: demo-model
 demo-model: $(STAMP)
 	$(OFFLINE) $(PY) train/tokenizer.py --out runs/tokenizer_passkey --vocab_size 1000 --synthetic passkey
 	$(OFFLINE) $(PY) train/crossbatch.py --config configs/tiny_cpu_stage1.yaml
+	$(OFFLINE) $(PY) train/crossbatch.py --config configs/tiny_cpu_stage2.yaml
 	$(OFFLINE) $(PY) train/crossbatch.py --config configs/tiny_cpu.yaml
 	rm -rf $(DEMO_MODEL).new && cp -r runs/tiny_cpu/final $(DEMO_MODEL).new
 	rm -rf $(DEMO_MODEL) && mv $(DEMO_MODEL).new $(DEMO_MODEL)
