@@ -198,7 +198,7 @@ def greedy_answer(model, prompt_ids: list[int], n_tokens: int, device: str | tor
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens, do_sample=False,
-                             num_beams=1, **generate_kwargs)
+                             num_beams=1, use_cache=True, **generate_kwargs)
     return out[0, len(prompt_ids):].tolist()
 
 

@@ -129,6 +129,8 @@ def test_from_llama_checkpoint_with_memory_layers(tmp_path):
                          **{"train.max_steps": 2, "run.save_every": 0, "optim.lr": 1e-4})
     model = fot.LongLlamaForCausalLM.from_pretrained(out / "final")
     assert model.config.mem_layers == [1] and model.config.num_key_value_heads == 2
+    # trained with use_cache=False, but generate() from final/ runs with a cache (not re-reading the prompt)
+    assert model.config.use_cache and model.generation_config.use_cache
     before = hf.state_dict()["model.layers.1.self_attn.k_proj.weight"]
     after = model.state_dict()["model.layers.1.self_attn.k_proj.weight"]
     assert 0 < (before - after).abs().max() < 1e-2  # trained a little, starting from the LLaMA weights

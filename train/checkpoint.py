@@ -126,7 +126,8 @@ def save_final(out_dir: Path, model, tokenizer, info: DistInfo) -> Path | None:
         raw = unwrap(model)
         tmp = out_dir / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        raw.config.use_cache = True
+        raw.config.use_cache = True  # trained without a cache; generate() from final/ must use one
+        raw.generation_config.use_cache = True
         raw.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in full_sd.items()})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
