@@ -39,8 +39,9 @@ $(STAMP): setup.py | $(PY)
 test: $(STAMP)
 	$(OFFLINE) TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# The shipped demo model: window 128, so the sweep reaches 128x past it. One thread: about 5 minutes on a 2-core
-# CPU, and no collapse when another job holds the cores (two threads on two busy cores run 2-30x slower).
+# The shipped demo model: window 128, so the sweep reaches 128x past it. DEMO_THREADS=2 took 4.4 minutes on the
+# 2-core CPU; the default of one thread is slower but does not collapse when another job holds the cores (two
+# threads on two busy cores run 2-30x slower).
 DEMO_MODEL := models/fot-tiny
 DEMO_LENGTHS := 256 512 1024 2048 4096 8192 16384
 DEMO_TRIALS := 20
