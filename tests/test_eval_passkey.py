@@ -180,7 +180,7 @@ def test_exact_match_scoring(encoder):
     rows = passkey.evaluate(right, trials, cache_policy="flush")
     assert [(r["length"], r["accuracy"], r["n"]) for r in rows] == [(128, 100.0, 5), (256, 100.0, 5)]
     assert right.calls[0] == dict(max_new_tokens=len(every[0].answer_ids), do_sample=False, num_beams=1,
-                                  cache_policy="flush")
+                                  use_cache=True, cache_policy="flush")
 
     off_by_one = ScriptedModel({tuple(t.prompt_ids): t.answer_ids[:-1] + [t.answer_ids[-1] + 1] for t in every})
     assert [r["accuracy"] for r in passkey.evaluate(off_by_one, trials)] == [0.0, 0.0]
