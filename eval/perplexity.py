@@ -255,7 +255,9 @@ def evaluate(model, docs: list[Document], edges: list[int], chunk: int, bar=None
 
 # ----------------------------------------------------------------------------- outputs
 def _cell(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
+    if x is None:
+        return "-"
+    return format(x, ".4g" if abs(x) >= 1e6 else fmt)  # e.g. a model never trained on filler: 6.7e+12
 
 
 def format_table(results: dict[str, dict]) -> str:
