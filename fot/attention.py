@@ -187,11 +187,12 @@ def attention_with_lse(q, k, v, bias=None, is_causal=False):
 
 
 def merge_lse(out_a, lse_a, out_b, lse_b):
-    """Merge two partial softmax attentions over disjoint key sets by their log-sum-exps (fp32)."""
-    lse = torch.logaddexp(lse_a, lse_b)
+    """Merge two partial softmax attentions over disjoint key sets by their log-sum-exps (fp32, or fp64 for fp64 inputs)."""
+    dtype = softmax_dtype(out_a.dtype)
+    lse = torch.logaddexp(lse_a.to(dtype), lse_b.to(dtype))
     w_a = torch.exp(lse_a - lse)[..., None]
     w_b = torch.exp(lse_b - lse)[..., None]
-    return out_a.float() * w_a + out_b.float() * w_b, lse
+    return out_a.to(dtype) * w_a + out_b.to(dtype) * w_b, lse
 
 
 def _local_part(q_BNTH: torch.Tensor, local: LocalKV):
@@ -228,14 +229,76 @@ def _memory_part(q_BGXH: torch.Tensor, memory: MemoryKV, block: int):
     return out, lse
 
 
-def differentiable_memory_attention(q_BNTH: torch.Tensor, local: LocalKV, memory: MemoryKV | None) -> torch.Tensor:
-    """``reference_memory_attention`` as one SDPA call over [local ; memory], for training.
+class _SplitSoftmaxAttention(torch.autograd.Function):
+    """One softmax over [causal local | memory] on CPU, as two fused flash calls merged by LSE, with backward.
 
-    The fused kernel's log-sum-exp output carries no gradient, so an LSE merge cannot be trained through;
-    here the keys are concatenated and one ``scaled_dot_product_attention`` (with its own backward) computes
-    the single softmax. Gradients reach q, the local keys/values and memory keys/values that require grad
-    (the crossbatch objective's additional contexts).
+    Forward: the causal local part (no mask tensor: the kernel skips the blocks above the diagonal) and the
+    memory part are attended separately and merged by their log-sum-exps. Backward: a softmax over a union of
+    key sets has the gradient of each part given by the *merged* output and log-sum-exp (P = exp(S - LSE),
+    dS = P (dP - rowsum(dO * O))), so the fused kernel's own backward is run once per part with the merged
+    (out, lse) and the query gradients are summed. This is exact, builds no [T, S + M] mask and never
+    concatenates local and memory keys.
     """
+
+    @staticmethod
+    def forward(ctx, q_BNTH, k_BNTH, v_BNTH, k_mem_BGMH, v_mem_BGMH):
+        B, N, T, H = q_BNTH.shape
+        G = k_mem_BGMH.shape[1]
+        scale = 1.0 / math.sqrt(H)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_l, lse_l = flash(q_BNTH, k_BNTH, v_BNTH, 0.0, True, scale=scale)
+        q_BGXH = q_BNTH.reshape(B, G, (N // G) * T, H)
+        out_m, lse_m = flash(q_BGXH, k_mem_BGMH, v_mem_BGMH, 0.0, False, scale=scale)
+        merged, lse = merge_lse(out_l, lse_l, out_m.reshape(B, N, T, H), lse_m.reshape(B, N, T))
+        out = merged.to(q_BNTH.dtype)
+        ctx.save_for_backward(q_BNTH, k_BNTH, v_BNTH, k_mem_BGMH, v_mem_BGMH, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_BNTH):
+        q, k, v, k_mem, v_mem, out, lse = ctx.saved_tensors
+        B, N, T, H = q.shape
+        G = k_mem.shape[1]
+        X = (N // G) * T
+        grad_BNTH = grad_BNTH.contiguous()
+        back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dq_l, dk, dv = back(grad_BNTH, q, k, v, out, lse, 0.0, True, scale=ctx.scale)
+        dq_m, dk_mem, dv_mem = back(
+            grad_BNTH.reshape(B, G, X, H), q.reshape(B, G, X, H), k_mem, v_mem,
+            out.reshape(B, G, X, H), lse.reshape(B, G, X), 0.0, False, scale=ctx.scale,
+        )  # fmt: skip
+        return dq_l + dq_m.reshape(B, N, T, H), dk, dv, dk_mem, dv_mem
+
+
+def _split_softmax_applies(q_BNTH: torch.Tensor, local: LocalKV, memory: MemoryKV | None) -> bool:
+    """The split path needs the CPU kernel, a causal local window without padding and an unpadded memory of
+    the compute dtype."""
+    return (
+        q_BNTH.device.type == "cpu"
+        and memory is not None
+        and memory.size > 0
+        and memory.valid_BM is None
+        and local.valid_BS is None
+        and local.k_BGSH.shape[-2] == q_BNTH.shape[-2]
+        and memory.k_BGMH.dtype == q_BNTH.dtype
+        and memory.k_BGMH.shape[0] == q_BNTH.shape[0]
+    )
+
+
+def differentiable_memory_attention(q_BNTH: torch.Tensor, local: LocalKV, memory: MemoryKV | None) -> torch.Tensor:
+    """``reference_memory_attention`` with a backward, for training.
+
+    On CPU with a causal, unpadded window (the crossbatch objective's case) this is ``_SplitSoftmaxAttention``.
+    Otherwise the keys are concatenated and one ``scaled_dot_product_attention`` (with its own backward)
+    computes the single softmax. Gradients reach q, the local keys/values and memory keys/values that
+    require grad (the crossbatch objective's additional contexts).
+    """
+    if _split_softmax_applies(q_BNTH, local, memory):
+        N, G = q_BNTH.shape[1], local.k_BGSH.shape[1]
+        k_BNTH = local.k_BGSH if G == N else local.k_BGSH.repeat_interleave(N // G, dim=1)
+        v_BNTH = local.v_BGSH if G == N else local.v_BGSH.repeat_interleave(N // G, dim=1)
+        return _SplitSoftmaxAttention.apply(q_BNTH, k_BNTH, v_BNTH, memory.k_BGMH, memory.v_BGMH)
     T = q_BNTH.shape[-2]
     dtype = q_BNTH.dtype
     bias = _additive(local_visibility(T, local), dtype)  # [B or 1, 1, T, S]

@@ -112,8 +112,8 @@ class CrossBatchPlan:
         import torch.distributed as dist
         from torch.distributed.nn.functional import all_gather
 
-        k_pool = torch.cat(all_gather(k_raw_BGTH.contiguous()), dim=0)
-        v_pool = torch.cat(all_gather(v_BGTH.contiguous()), dim=0)
+        k_pool = torch.cat(_contiguous_grads(all_gather(k_raw_BGTH.contiguous())), dim=0)
+        v_pool = torch.cat(_contiguous_grads(all_gather(v_BGTH.contiguous())), dim=0)
         B, T = k_raw_BGTH.shape[0], k_raw_BGTH.shape[2]
         valid = valid_BT if valid_BT is not None else torch.ones(B, T, dtype=torch.bool, device=k_raw_BGTH.device)
         parts = [torch.empty_like(valid) for _ in range(self.world_size)]
@@ -122,13 +122,23 @@ class CrossBatchPlan:
         return k_pool, v_pool, None if bool(valid_pool.all()) else valid_pool
 
 
+def _contiguous_grads(parts):
+    """all_gather's backward sends the gradients through all_to_all, which with gloo mixes up non-contiguous
+    tensors; the context gather hands back strided (token-major) gradients, so make them contiguous first."""
+    for part in parts:
+        if part.requires_grad:
+            part.register_hook(lambda grad: grad.contiguous())
+    return parts
+
+
 def _gather_contexts(sources_BC, active_BC, k_raw_BGTH, v_BGTH, valid_BT) -> MemoryKV:
     B, C = sources_BC.shape
     _, G, T, H = k_raw_BGTH.shape
     flat = sources_BC.reshape(-1)
-    # [B*C, G, T, H] -> [B, C, G, T, H] -> [B, G, C*T, H]: row b's contexts, one after another, per KV head
-    k_BGXH = k_raw_BGTH[flat].view(B, C, G, T, H).transpose(1, 2).reshape(B, G, C * T, H)
-    v_BGXH = v_BGTH[flat].view(B, C, G, T, H).transpose(1, 2).reshape(B, G, C * T, H)
+    # Projections come out token-major ([B, T, G, H] memory, seen as [B, G, T, H]): gathering rows of that
+    # layout gives [B*C, T, G, H] = [B, C*T, G, H] in one copy, and [B, G, C*T, H] is a view of it.
+    k_BGXH = k_raw_BGTH.transpose(1, 2)[flat].reshape(B, C * T, G, H).transpose(1, 2)
+    v_BGXH = v_BGTH.transpose(1, 2)[flat].reshape(B, C * T, G, H).transpose(1, 2)
     if valid_BT is None and bool(active_BC.all()):
         return MemoryKV(k_BGXH, v_BGXH, None)  # every key is valid: no mask to build, read or broadcast
     valid_BCT = active_BC[:, :, None].expand(B, C, T)
