@@ -92,7 +92,12 @@ def brute_topk(q_XH, k_MH, valid_M, k):
 
 
 def ivf_indexes(search) -> list:
-    return [index for index, _ in search.indexes.values()]
+    return [head.index for head in search.indexes.values()]
+
+
+def ivf_sizes(search) -> list[int]:
+    """Keys each (row, KV head) index holds: in its lists plus its exactly searched outliers."""
+    return [head.index.ntotal + head.outliers.numel() for head in search.indexes.values()]
 
 
 def set_nprobe(search, nprobe: int) -> None:
@@ -249,7 +254,8 @@ def test_every_backend_search_equals_brute_force_with_invalid_slots(faiss1, smal
     cache, _ = _filled_cache(backend, mem_nprobe=4096)
     store, search = cache.memories[1], cache.searches[1]
     if backend == "faiss-ivf":
-        assert ivf_indexes(search) and all(ix.is_trained and ix.ntotal == 200 for ix in ivf_indexes(search))
+        assert ivf_indexes(search) and all(ix.is_trained for ix in ivf_indexes(search))
+        assert set(ivf_sizes(search)) == {200}
         set_nprobe(search, max(ix.nlist for ix in ivf_indexes(search)))  # every list: exact
     g = torch.Generator().manual_seed(1)
     cache.clear_memory(rows=[1])
@@ -330,16 +336,19 @@ def test_ivf_recall_grows_with_nprobe_and_is_exact_at_nlist(faiss1, small_ivf):
     assert 0.0 < recalls[1] < 0.9, recalls  # nprobe=1 is genuinely approximate on random keys
 
 
-def test_ivf_incremental_appends_are_findable_without_retraining(faiss1, small_ivf):
+def test_ivf_incremental_appends_are_findable_without_retraining(faiss1, small_ivf, monkeypatch):
+    monkeypatch.setattr(fot.search, "IVF_REBUILD_GROWTH", 4)
     cache, _ = _filled_cache("faiss-ivf", M=128, B=1, G=2, window=64, mem_nprobe=1)
     store, search = cache.memories[1], cache.searches[1]
     trained = ivf_indexes(search)
-    assert search.trained_at == 64 and all(ix.ntotal == 128 for ix in trained)  # window 2 was added, untrained
+    assert search.trained_at == 64 and set(ivf_sizes(search)) == {128}  # window 2 was added, untrained
     g = torch.Generator().manual_seed(4)
-    new = 10 * torch.randn(1, 2, 40, store.k_BGMH.shape[-1], generator=g)  # large norm: each is its own top-1
+    # the longest keys so far (each its own top-1), yet within the lifting bound: no rebuild
+    new = torch.nn.functional.normalize(torch.randn(1, 2, 40, store.k_BGMH.shape[-1], generator=g), dim=-1)
+    new = new * 1.1 * store.view().k_BGMH.norm(dim=-1).max()
     cache.append_memory(1, new, torch.randn(new.shape, generator=g), None)
     assert all(a is b for a, b in zip(ivf_indexes(search), trained)) and search.trained_at == 64  # not retrained
-    assert all(ix.ntotal == 168 for ix in trained)
+    assert set(ivf_sizes(search)) == {168}
     # nprobe=1: a query equal to a new key probes the list that key was assigned to, and finds it first
     idx = search.search(new, store.view(), 3)
     assert torch.equal(idx[0, :, :, 0], torch.arange(128, 168).expand(2, 40))
@@ -355,17 +364,68 @@ def test_ivf_incremental_appends_are_findable_without_retraining(faiss1, small_i
 def test_ivf_retrains_with_more_lists_when_memory_has_grown(faiss1, small_ivf):
     cache, _ = _filled_cache("faiss-ivf", M=320, B=1, G=2, window=64, mem_nprobe=4096)
     store, search = cache.memories[1], cache.searches[1]
-    # trained at 64 keys, then retrained when memory reached IVF_REBUILD_GROWTH x 64 = 256 keys
-    assert search.trained_at == 64 * fot.search.IVF_REBUILD_GROWTH == 256
+    # trained at 64 keys, then retrained each time memory doubled (IVF_REBUILD_GROWTH): at 128 and 256 keys
+    assert fot.search.IVF_REBUILD_GROWTH == 2 and search.trained_at == 256
     indexes = ivf_indexes(search)
     assert len(indexes) == 2
     assert all(ix.nlist == FaissIVFSearch.nlist_for(256) > FaissIVFSearch.nlist_for(64) for ix in indexes)
-    assert all(ix.ntotal == 320 for ix in indexes)  # the window after the retraining was added too
+    assert set(ivf_sizes(search)) == {320}  # the window after the retraining was added too
     q = torch.randn(1, 2, 25, store.k_BGMH.shape[-1], generator=torch.Generator().manual_seed(8))
     view = store.view()
     idx = search.search(q, view, 6)  # nprobe >= nlist: exact
     for gg in range(2):
         assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 6),
+                         q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
+
+
+def test_ivf_keys_far_from_every_centroid_are_searched_exactly(faiss1, small_ivf, monkeypatch):
+    """Keys of a direction k-means never saw go to the outliers, which every query searches exactly: with one
+    probed list, queries along those keys still get them first, merged with the lists' candidates by score."""
+    monkeypatch.setattr(fot.search, "IVF_REBUILD_GROWTH", 4)
+    cache, _ = _filled_cache("faiss-ivf", M=128, B=1, G=2, window=64, mem_nprobe=1)
+    store, search = cache.memories[1], cache.searches[1]
+    H = store.k_BGMH.shape[-1]
+    g = torch.Generator().manual_seed(11)
+    keys = store.view().k_BGMH
+    direction = torch.nn.functional.normalize(torch.randn(H, generator=g), dim=0)
+    spread = 0.05 * torch.randn(1, 2, 8, H, generator=g)
+    new = (direction + spread) * keys.norm(dim=-1).max()  # a tight new cluster, as long as the longest key
+    cache.append_memory(1, new, torch.randn(new.shape, generator=g), None)
+    assert search.trained_at == 64  # no rebuild: the new keys are within the lifting bound
+    heads = list(search.indexes.values())
+    assert all(set(range(128, 136)) <= set(h.outliers.tolist()) for h in heads)
+    view = store.view()
+    q = direction.expand(1, 2, 5, H) * 3.0
+    idx = search.search(q, view, 8)
+    for gg in range(2):
+        assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 8),
+                         q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
+        assert all(set(row) == set(range(128, 136)) for row in idx[0, gg].tolist())
+    # without the outlier search, one probed list misses them
+    saved = [h.outliers for h in heads]
+    for h in heads:
+        h.outliers = torch.zeros(0, dtype=torch.long)
+    missed = search.search(q, view, 8)
+    assert not set(range(128, 136)) <= set(missed[0, 0, 0].tolist())
+    for h, o in zip(heads, saved):
+        h.outliers = o
+
+
+def test_ivf_rebuilds_when_a_key_is_longer_than_the_lifting_bound(faiss1, small_ivf, monkeypatch):
+    monkeypatch.setattr(fot.search, "IVF_REBUILD_GROWTH", 4)
+    cache, _ = _filled_cache("faiss-ivf", M=128, B=1, G=2, window=64, mem_nprobe=4096)
+    store, search = cache.memories[1], cache.searches[1]
+    before = ivf_indexes(search)
+    g = torch.Generator().manual_seed(12)
+    new = 10 * torch.randn(1, 2, 16, store.k_BGMH.shape[-1], generator=g)  # far beyond 1.25x the longest key
+    cache.append_memory(1, new, torch.randn(new.shape, generator=g), None)
+    assert search.trained_at == 144 and all(a is not b for a, b in zip(ivf_indexes(search), before))
+    assert search.bound_sq >= float(new.pow(2).sum(-1).max())
+    q = torch.randn(1, 2, 20, new.shape[-1], generator=g)
+    view = store.view()
+    idx = search.search(q, view, 7)
+    for gg in range(2):
+        assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 7),
                          q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
 
 
@@ -387,7 +447,7 @@ def test_ivf_fifo_eviction_never_returns_evicted_keys(faiss1, small_ivf):
     held = torch.cat([keys[:, :, 60:], new], dim=2)
     for gg in range(2):
         assert torch.equal(current[0, gg].sort(0).values, held[0, gg].sort(0).values)
-    assert all(ix.ntotal == m for ix in ivf_indexes(search))  # evicted vectors were removed, not kept
+    assert set(ivf_sizes(search)) == {m}  # evicted vectors were removed, not kept
     q = torch.cat([old, torch.randn(1, 2, 20, keys.shape[-1], generator=g)], dim=2)
     idx = search.search(q, view, 5)
     for gg in range(2):
