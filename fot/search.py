@@ -21,10 +21,12 @@ Backends (``mem_index``):
     ``IVF_MIN_TRAIN`` keys and rebuilt, with ``nlist`` ~ 2 sqrt(M), whenever memory has grown
     ``IVF_REBUILD_GROWTH``x since or a new key's norm exceeds R; until the first training it searches exactly.
     New keys are added after every window, overwritten slots (FIFO) are removed by id. ``nprobe`` lists are
-    visited per query. Keys that k-means places badly (farther from their centroid than 99% of the training
+    visited per query. Keys that k-means places badly (farther from their centroid than 99.5% of the training
     keys: rare tokens such as a pass key's digits, or keys of a distribution that arrived after training) are
     kept out of the lists and searched exactly by every query, then merged with the IVF candidates by their
-    exact scores. Without that, a key added after the last training could sit in a list no query probes.
+    exact scores. Without that, a key added after the last training could sit in a list no query probes. The
+    exact set is capped at ``IVF_OUTLIER_FRACTION`` of the keys: when drift makes more keys far, the least far
+    go to their lists, so the exact search never costs more than a 1% brute force (or 64 keys).
 faiss is optional: asking for a faiss backend without it raises an error naming the extra to install.
 """
 
@@ -47,7 +49,9 @@ IVF_MIN_TRAIN = 4096  # keys before an IVF index is first trained
 IVF_REBUILD_GROWTH = 2  # retrain when memory has grown this much since the last training
 IVF_NORM_MARGIN = 1.25  # R (the MIPS -> L2 bound) over the largest key norm at training
 IVF_POINTS_PER_LIST = 64  # k-means trains on at most this many sampled keys per list
-IVF_OUTLIER_QUANTILE = 0.99  # keys farther from their centroid than this quantile at training are searched exactly
+IVF_OUTLIER_QUANTILE = 0.995  # keys farther from their centroid than this quantile at training are outliers
+IVF_OUTLIER_FRACTION = 0.01  # at most this share of a head's keys (the farthest) is searched exactly,
+IVF_OUTLIER_MIN = 64  # or this many, whichever is more
 
 
 def import_faiss():
@@ -184,12 +188,14 @@ def _lift_queries(q_XH: torch.Tensor):
 @dataclass
 class _IVFHead:
     """The index of one (batch row, KV head): IVF lists, their quantizer (kept alive with the index), the
-    squared distance beyond which a key is an outlier, and the outliers' slots (searched exactly)."""
+    squared distance beyond which a key is an outlier, and the outliers' slots (searched exactly) with their
+    squared distances to the nearest centroid."""
 
     index: object
     quantizer: object
     radius: float
     outliers: torch.Tensor
+    outlier_dist: torch.Tensor
 
 
 class FaissIVFSearch(KeySearch):
@@ -218,7 +224,8 @@ class FaissIVFSearch(KeySearch):
                 if ob != src:
                     continue
                 if (ob, g) in used:  # the clone owns its own quantizer
-                    head = _IVFHead(self.faiss.clone_index(head.index), None, head.radius, head.outliers.clone())
+                    head = _IVFHead(self.faiss.clone_index(head.index), None, head.radius, head.outliers.clone(),
+                                    head.outlier_dist.clone())
                 used.add((ob, g))
                 new[(b, g)] = head
         self.indexes = new
@@ -249,24 +256,33 @@ class FaissIVFSearch(KeySearch):
                 index.nprobe = self.nprobe
                 dist = torch.from_numpy(quantizer.search(keys, 1)[0][:, 0])
                 radius = float(torch.quantile(dist.double(), IVF_OUTLIER_QUANTILE))
-                head = _IVFHead(index, quantizer, radius, torch.zeros(0, dtype=torch.long))
-                self._add(head, keys, torch.arange(M), dist)
+                head = _IVFHead(index, quantizer, radius, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+                self._add(head, keys, torch.arange(M), view.k_BGMH[b, g], dist)
                 n_out += head.outliers.numel()
                 self.indexes[(b, g)] = head
         self.trained_at = M
         logger.info("fot: trained IVF indexes (nlist=%d) on %d keys per head (%s); %.1f%% searched exactly",
                     nlist, M, reason, 100.0 * n_out / max(B * G * M, 1))
 
-    @staticmethod
-    def _add(head: _IVFHead, lifted, slots: torch.Tensor, dist: torch.Tensor | None = None) -> None:
-        """Add lifted keys to the lists, or to the outliers when they are far from every centroid."""
+    def _add(self, head: _IVFHead, lifted, slots: torch.Tensor, keys_MH: torch.Tensor, dist=None) -> None:
+        """Add lifted keys to the lists, or to the outliers when they are far from every centroid; past the
+        cap, the least far outliers move to their lists (``keys_MH``: the head's stored keys, for lifting)."""
         if dist is None:
             dist = torch.from_numpy(head.quantizer.search(lifted, 1)[0][:, 0])
         far = dist > head.radius
         near = (~far).numpy()
         head.index.add_with_ids(lifted[near], slots.numpy()[near].astype("int64"))
-        if bool(far.any()):
-            head.outliers = torch.cat([head.outliers, slots[far]])
+        if not bool(far.any()):
+            return
+        head.outliers = torch.cat([head.outliers, slots[far]])
+        head.outlier_dist = torch.cat([head.outlier_dist, dist[far]])
+        cap = max(IVF_OUTLIER_MIN, int(IVF_OUTLIER_FRACTION * (head.index.ntotal + head.outliers.numel())))
+        if head.outliers.numel() > cap:
+            order = head.outlier_dist.argsort(descending=True)
+            demoted = head.outliers[order[cap:]]
+            head.outliers, head.outlier_dist = head.outliers[order[:cap]], head.outlier_dist[order[:cap]]
+            moved = _lift_keys(keys_MH[demoted.to(keys_MH.device)], self.bound_sq)
+            head.index.add_with_ids(moved, demoted.numpy().astype("int64"))
 
     def update(self, store, slots, evicted):
         if store.length < IVF_MIN_TRAIN:
@@ -286,8 +302,9 @@ class FaissIVFSearch(KeySearch):
         for (b, g), head in self.indexes.items():
             if evicted:
                 head.index.remove_ids(faiss.IDSelectorArray(ids.size, faiss.swig_ptr(ids)))
-                head.outliers = head.outliers[~torch.isin(head.outliers, slots)]
-            self._add(head, _lift_keys(new_keys[b, g], self.bound_sq), slots)
+                kept = ~torch.isin(head.outliers, slots)
+                head.outliers, head.outlier_dist = head.outliers[kept], head.outlier_dist[kept]
+            self._add(head, _lift_keys(new_keys[b, g], self.bound_sq), slots, store.k_BGMH[b, g])
 
     def search(self, q_BGXH, view, k):
         if torch.is_grad_enabled() and q_BGXH.requires_grad:
@@ -329,12 +346,10 @@ def _merge_outliers(q_XH, k_MH, valid_M, kept_XK, outliers, k: int) -> torch.Ten
     s_out = q @ keys[outliers].float().T  # [X, n_out]
     if valid_M is not None:
         s_out = s_out.masked_fill(~valid_M[outliers][None, :], float("-inf"))
-    s_out, pos = s_out.topk(min(k, outliers.numel()), dim=1)
-    ids_out = outliers[pos]
     s_kept = torch.einsum("xh,xkh->xk", q, keys[kept_XK.clamp(min=0)].float())
     s_kept = s_kept.masked_fill(kept_XK < 0, float("-inf"))
-    scores, best = torch.cat([s_kept, s_out], 1).topk(k, dim=1)
-    ids = torch.cat([kept_XK, ids_out], 1).gather(1, best)
+    scores, best = torch.cat([s_kept, s_out], 1).topk(k, dim=1)  # one selection over both candidate sets
+    ids = torch.cat([kept_XK, outliers.expand(kept_XK.shape[0], -1)], 1).gather(1, best)
     return ids.masked_fill(torch.isneginf(scores), -1)
 
 

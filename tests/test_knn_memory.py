@@ -95,6 +95,14 @@ def ivf_indexes(search) -> list:
     return [head.index for head in search.indexes.values()]
 
 
+def assert_exact_search(idx_BGXK, q_BGXH, view, k: int) -> None:
+    """Row 0's search results equal float64 brute force over every key (tie-aware), for every KV head."""
+    for g in range(q_BGXH.shape[1]):
+        k_MH = view.k_BGMH[0, g]
+        scores = q_BGXH[0, g].double() @ k_MH.double().T
+        assert_same_topk(idx_BGXK[0, g], brute_topk(q_BGXH[0, g], k_MH, None, k), scores)
+
+
 def ivf_sizes(search) -> list[int]:
     """Keys each (row, KV head) index holds: in its lists plus its exactly searched outliers."""
     return [head.index.ntotal + head.outliers.numel() for head in search.indexes.values()]
@@ -356,9 +364,7 @@ def test_ivf_incremental_appends_are_findable_without_retraining(faiss1, small_i
     q = torch.randn(1, 2, 30, new.shape[-1], generator=g)
     view = store.view()
     idx = search.search(q, view, 5)
-    for gg in range(2):
-        assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 5),
-                         q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
+    assert_exact_search(idx, q, view, 5)
 
 
 def test_ivf_retrains_with_more_lists_when_memory_has_grown(faiss1, small_ivf):
@@ -373,9 +379,7 @@ def test_ivf_retrains_with_more_lists_when_memory_has_grown(faiss1, small_ivf):
     q = torch.randn(1, 2, 25, store.k_BGMH.shape[-1], generator=torch.Generator().manual_seed(8))
     view = store.view()
     idx = search.search(q, view, 6)  # nprobe >= nlist: exact
-    for gg in range(2):
-        assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 6),
-                         q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
+    assert_exact_search(idx, q, view, 6)
 
 
 def test_ivf_keys_far_from_every_centroid_are_searched_exactly(faiss1, small_ivf, monkeypatch):
@@ -388,8 +392,9 @@ def test_ivf_keys_far_from_every_centroid_are_searched_exactly(faiss1, small_ivf
     g = torch.Generator().manual_seed(11)
     keys = store.view().k_BGMH
     direction = torch.nn.functional.normalize(torch.randn(H, generator=g), dim=0)
-    spread = 0.05 * torch.randn(1, 2, 8, H, generator=g)
-    new = (direction + spread) * keys.norm(dim=-1).max()  # a tight new cluster, as long as the longest key
+    spread = 0.02 * torch.randn(1, 2, 8, H, generator=g)
+    # a tight new cluster, within the lifting bound
+    new = torch.nn.functional.normalize(direction + spread, dim=-1) * 1.1 * keys.norm(dim=-1).max()
     cache.append_memory(1, new, torch.randn(new.shape, generator=g), None)
     assert search.trained_at == 64  # no rebuild: the new keys are within the lifting bound
     heads = list(search.indexes.values())
@@ -397,10 +402,8 @@ def test_ivf_keys_far_from_every_centroid_are_searched_exactly(faiss1, small_ivf
     view = store.view()
     q = direction.expand(1, 2, 5, H) * 3.0
     idx = search.search(q, view, 8)
-    for gg in range(2):
-        assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 8),
-                         q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
-        assert all(set(row) == set(range(128, 136)) for row in idx[0, gg].tolist())
+    assert_exact_search(idx, q, view, 8)
+    assert all(set(row) == set(range(128, 136)) for row in idx[0].reshape(-1, 8).tolist())
     # without the outlier search, one probed list misses them
     saved = [h.outliers for h in heads]
     for h in heads:
@@ -424,9 +427,7 @@ def test_ivf_rebuilds_when_a_key_is_longer_than_the_lifting_bound(faiss1, small_
     q = torch.randn(1, 2, 20, new.shape[-1], generator=g)
     view = store.view()
     idx = search.search(q, view, 7)
-    for gg in range(2):
-        assert_same_topk(idx[0, gg], brute_topk(q[0, gg], view.k_BGMH[0, gg], None, 7),
-                         q[0, gg].double() @ view.k_BGMH[0, gg].double().T)  # fmt: skip
+    assert_exact_search(idx, q, view, 7)
 
 
 def test_ivf_fifo_eviction_never_returns_evicted_keys(faiss1, small_ivf):
