@@ -97,7 +97,7 @@ def run_case(tokens: int, backend: str, k: int | None, nprobe: int, threads: int
     return {"tokens": tokens, "backend": backend, "k": k, "seconds": seconds, "recall": recall, "peak_rss_mib": peak}
 
 
-def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, threads: int, steps: int = 50) -> dict:
+def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, threads: int, steps: int = 200) -> dict:
     import torch
 
     torch.set_num_threads(threads)

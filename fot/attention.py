@@ -36,6 +36,7 @@ def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """The softmax runs in fp32 (the reference), or in the input dtype when that is wider (float64 specs)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 MEMORY_BLOCK = 8192  # memory slots per fused call when the memory dtype differs from the compute dtype
+SMALL_GATHER = 1024  # retrieved rows per KV head up to which one advanced-indexing gather beats index_select
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -187,7 +188,8 @@ def attention_with_lse(q, k, v, bias=None, is_causal=False):
 
 
 def merge_lse(out_a, lse_a, out_b, lse_b):
-    """Merge two partial softmax attentions over disjoint key sets by their log-sum-exps (fp32, or fp64 for fp64 inputs)."""
+    """Merge two partial softmax attentions over disjoint key sets by their log-sum-exps (in fp32, or in fp64
+    for fp64 inputs)."""
     dtype = softmax_dtype(out_a.dtype)
     lse = torch.logaddexp(lse_a.to(dtype), lse_b.to(dtype))
     w_a = torch.exp(lse_a - lse)[..., None]
@@ -383,12 +385,19 @@ def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype):
 
     Query head n reads KV head n // R, so GQA memory is gathered, never repeated whole. Rows are copied with
     ``index_select`` per (batch row, KV head), which moves whole H-vectors (much faster than ``gather`` with
-    an index expanded over H).
+    an index expanded over H). Small gathers (decoding) use one advanced-indexing call instead: fewer calls,
+    and at 32 rows per head it is 1.6x faster, while at 16K rows per head the per-head ``index_select`` is.
     """
     B, N, T, K = idx_BNTK.shape
     G, M, H = memory.k_BGMH.shape[1:]
     R = N // G
     flat = idx_BNTK.clamp(min=0).reshape(B, G, R * T * K)  # query heads of one KV head are adjacent
+    if R * T * K <= SMALL_GATHER:
+        b_idx = torch.arange(B, device=flat.device)[:, None, None]
+        g_idx = torch.arange(G, device=flat.device)[None, :, None]
+        k = memory.k_BGMH[b_idx, g_idx, flat].to(dtype)
+        v = memory.v_BGMH[b_idx, g_idx, flat].to(dtype)
+        return k.view(B, N, T, K, H), v.view(B, N, T, K, H)
     k = torch.empty((B, G, R * T * K, H), dtype=dtype, device=idx_BNTK.device)
     v = torch.empty_like(k)
     for b in range(B):
@@ -433,21 +442,27 @@ def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK, que
         return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
     B, N, T, H = q_BNTH.shape
     out_loc, lse_loc = _local_part(q_BNTH, local)
+    if T <= query_block:  # one block (decoding, short chunks): no output buffer
+        return _topk_block(q_BNTH, memory, idx_BNTK, out_loc, lse_loc)
     out = torch.empty_like(q_BNTH)
-    scale = 1.0 / math.sqrt(H)
     for t0 in range(0, T, query_block):
         ts = slice(t0, min(t0 + query_block, T))
-        q = q_BNTH[:, :, ts]
-        idx = idx_BNTK[:, :, ts]
-        k_sel, v_sel = gather_memory(memory, idx, q.dtype)
-        s = torch.einsum("bnth,bntkh->bntk", q, k_sel).float() * scale
-        s = s.masked_fill(~_retrieved_ok(memory, idx), float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[..., None].clamp(min=-1e30)).to(q.dtype)
-        o_sel = torch.einsum("bntk,bntkh->bnth", p, v_sel)
-        merged, _ = merge_lse(out_loc[:, :, ts], lse_loc[:, :, ts], o_sel, lse)
-        out[:, :, ts] = merged.to(q.dtype)
+        out[:, :, ts] = _topk_block(q_BNTH[:, :, ts], memory, idx_BNTK[:, :, ts], out_loc[:, :, ts], lse_loc[:, :, ts])
     return out
+
+
+def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc) -> torch.Tensor:
+    """Attention of a block of queries to their retrieved slots, merged with their local part by LSE."""
+    k_sel, v_sel = gather_memory(memory, idx_BNTK, q_BNTH.dtype)  # [B, N, T, K, H]
+    scale = 1.0 / math.sqrt(q_BNTH.shape[-1])
+    s = torch.matmul(q_BNTH.unsqueeze(-2), k_sel.transpose(-1, -2)).squeeze(-2).float() * scale  # [B, N, T, K]
+    missing = idx_BNTK < 0 if memory.valid_BM is None else ~_retrieved_ok(memory, idx_BNTK)
+    s = s.masked_fill(missing, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None].clamp(min=-1e30)).to(q_BNTH.dtype)
+    o_sel = torch.matmul(p.unsqueeze(-2), v_sel).squeeze(-2)
+    merged, _ = merge_lse(out_loc, lse_loc, o_sel, lse)
+    return merged.to(q_BNTH.dtype)
 
 
 def memory_attention(

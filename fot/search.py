@@ -36,6 +36,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attention import MemoryKV
@@ -180,11 +181,6 @@ def _lift_keys(keys: torch.Tensor, bound_sq: float):
     return torch.cat([k, extra], 1).contiguous().numpy()
 
 
-def _lift_queries(q_XH: torch.Tensor):
-    q = q_XH.float().cpu()
-    return torch.cat([q, q.new_zeros(q.shape[0], 1)], 1).contiguous().numpy()
-
-
 @dataclass
 class _IVFHead:
     """The index of one (batch row, KV head): IVF lists, their quantizer (kept alive with the index), the
@@ -210,14 +206,17 @@ class FaissIVFSearch(KeySearch):
         self.indexes: dict[tuple[int, int], _IVFHead] = {}
         self.trained_at = 0  # memory size at the last (re)training
         self.bound_sq = 0.0  # R^2 of the lifting
+        self._padded = None  # every head's outliers, padded (rebuilt after any change)
 
     def reset(self) -> None:
         self.indexes = {}
         self.trained_at = 0
         self.bound_sq = 0.0
+        self._padded = None
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Row b of the new batch takes the indexes of old row index[b]; repeated rows get their own copy."""
+        self._padded = None
         used, new = set(), {}
         for b, src in enumerate(index.tolist()):
             for (ob, g), head in self.indexes.items():
@@ -287,6 +286,7 @@ class FaissIVFSearch(KeySearch):
     def update(self, store, slots, evicted):
         if store.length < IVF_MIN_TRAIN:
             return
+        self._padded = None
         if not self.indexes:
             self._build(store, "first training")
             return
@@ -315,16 +315,25 @@ class FaissIVFSearch(KeySearch):
         if not self.indexes:  # not trained yet: memory is still small, search it exactly
             return ExactSearch().search(q_BGXH, view, k)
         B, G, X, _ = q_BGXH.shape
+        q = q_BGXH.float().cpu()
+        lifted = torch.cat([q, q.new_zeros(B, G, X, 1)], -1)  # [q, 0]: ascending L2 = descending q . k
         out = torch.full((B, G, X, k), -1, dtype=torch.long)
-        valid_BM = view.valid_BM
+        valid_BM = None if view.valid_BM is None else view.valid_BM.cpu()
+        scratch = np.empty((X, k), dtype="float32")
+        out_np = out.numpy()  # FAISS writes each head's ids straight into ``out``
         for (b, g), head in self.indexes.items():
-            valid = None if valid_BM is None else valid_BM[b].cpu()
+            valid = None if valid_BM is None else valid_BM[b]
             n_invalid = 0 if valid is None else int((~valid).sum())
-            _, ids = head.index.search(_lift_queries(q_BGXH[b, g]), k + n_invalid)  # ascending L2 = best q.k
+            if n_invalid == 0:
+                head.index.search(lifted[b, g].numpy(), k, D=scratch, I=out_np[b, g])
+                continue
+            _, ids = head.index.search(lifted[b, g].numpy(), k + n_invalid)
             kept = _filter_invalid(torch.from_numpy(ids).long(), valid, k)
-            if head.outliers.numel():
-                kept = _merge_outliers(q_BGXH[b, g], view.k_BGMH[b, g], valid, kept, head.outliers, k)
             out[b, g, :, : kept.shape[1]] = kept
+        if any(head.outliers.numel() for head in self.indexes.values()):
+            if self._padded is None:
+                self._padded = _padded_outliers(self.indexes, view.k_BGMH.cpu(), B, G)
+            out = _merge_outliers(q, view.k_BGMH.cpu(), valid_BM, out, self._padded, k)
         return out.to(q_BGXH.device)
 
     def nbytes(self) -> int:
@@ -338,18 +347,35 @@ class FaissIVFSearch(KeySearch):
         return total
 
 
-def _merge_outliers(q_XH, k_MH, valid_M, kept_XK, outliers, k: int) -> torch.Tensor:
-    """The best k of the IVF candidates ``kept_XK`` (-1 = none) and the exactly searched outlier slots, ranked
-    by their exact scores q . k (invalid outliers excluded)."""
-    q = q_XH.float().cpu()
-    keys = k_MH.cpu()
-    s_out = q @ keys[outliers].float().T  # [X, n_out]
-    if valid_M is not None:
-        s_out = s_out.masked_fill(~valid_M[outliers][None, :], float("-inf"))
-    s_kept = torch.einsum("xh,xkh->xk", q, keys[kept_XK.clamp(min=0)].float())
-    s_kept = s_kept.masked_fill(kept_XK < 0, float("-inf"))
-    scores, best = torch.cat([s_kept, s_out], 1).topk(k, dim=1)  # one selection over both candidate sets
-    ids = torch.cat([kept_XK, outliers.expand(kept_XK.shape[0], -1)], 1).gather(1, best)
+def _padded_outliers(heads: dict, k_BGMH: torch.Tensor, B: int, G: int):
+    """Every head's outlier slots as one [B, G, n] tensor (padded with slot 0), its [B, G, n] mask and the
+    slots' keys [B, G, n, H] in fp32. Valid until the next update (which is the only way slots change)."""
+    n = max(head.outliers.numel() for head in heads.values())
+    slots = torch.zeros(B, G, n, dtype=torch.long)
+    ok = torch.zeros(B, G, n, dtype=torch.bool)
+    for (b, g), head in heads.items():
+        m = head.outliers.numel()
+        slots[b, g, :m], ok[b, g, :m] = head.outliers, True
+    keys = k_BGMH[torch.arange(B)[:, None, None], torch.arange(G)[None, :, None], slots].float()
+    return slots, ok, keys
+
+
+def _merge_outliers(q_BGXH, k_BGMH, valid_BM, kept_BGXK, padded, k: int) -> torch.Tensor:
+    """The best k of the IVF candidates ``kept_BGXK`` (-1 = none) and every head's exactly searched outlier
+    slots (``padded``: ``_padded_outliers``), ranked by their exact scores q . k (invalid slots excluded); all
+    heads at once."""
+    B, G, X, _ = q_BGXH.shape
+    slots, ok, k_out = padded
+    n = slots.shape[-1]
+    b_idx, g_idx = torch.arange(B)[:, None, None], torch.arange(G)[None, :, None]
+    if valid_BM is not None:
+        ok = ok & valid_BM[b_idx, slots]
+    s_out = q_BGXH @ k_out.transpose(-1, -2)  # [B, G, X, n]
+    s_out = s_out.masked_fill(~ok[:, :, None, :], float("-inf"))
+    k_kept = k_BGMH[b_idx[..., None], g_idx[..., None], kept_BGXK.clamp(min=0)].float()  # [B, G, X, K, H]
+    s_kept = torch.einsum("bgxh,bgxkh->bgxk", q_BGXH, k_kept).masked_fill(kept_BGXK < 0, float("-inf"))
+    scores, best = torch.cat([s_kept, s_out], -1).topk(k, dim=-1)  # one selection over both candidate sets
+    ids = torch.cat([kept_BGXK, slots[:, :, None, :].expand(B, G, X, n)], -1).gather(-1, best)
     return ids.masked_fill(torch.isneginf(scores), -1)
 
 
