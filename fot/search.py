@@ -36,7 +36,6 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .attention import MemoryKV
@@ -49,7 +48,7 @@ SEARCH_BLOCK = 16384  # memory slots scored at once by the exact search
 IVF_MIN_TRAIN = 4096  # keys before an IVF index is first trained
 IVF_REBUILD_GROWTH = 2  # retrain when memory has grown this much since the last training
 IVF_NORM_MARGIN = 1.25  # R (the MIPS -> L2 bound) over the largest key norm at training
-IVF_POINTS_PER_LIST = 64  # k-means trains on at most this many sampled keys per list
+IVF_POINTS_PER_LIST = 32  # k-means trains on at most this many sampled keys per list
 IVF_OUTLIER_QUANTILE = 0.995  # keys farther from their centroid than this quantile at training are outliers
 IVF_OUTLIER_FRACTION = 0.01  # at most this share of a head's keys (the farthest) is searched exactly,
 IVF_OUTLIER_MIN = 64  # or this many, whichever is more
@@ -131,14 +130,18 @@ def _faiss_rows(q_BGXH, view: MemoryKV):
             yield b, g, q_BGXH[b, g].float().contiguous(), view.k_BGMH[b, g].float().contiguous(), valid
 
 
-def _filter_invalid(ids: torch.Tensor, valid: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Keep, per row, the first k ids that are valid slots (ids are sorted best first; -1 = none)."""
+def _filter_invalid(ids: torch.Tensor, valid: torch.Tensor | None, k: int, dist: torch.Tensor | None = None):
+    """Keep, per row, the first k ids that are valid slots (ids are sorted best first; -1 = none). With
+    ``dist`` (the ids' distances), returns (ids, their distances), a dropped one's distance being inf."""
     if valid is None:
-        return ids[:, :k]
+        return ids[:, :k] if dist is None else (ids[:, :k], dist[:, :k])
     ok = (ids >= 0) & valid[ids.clamp(min=0)]
     order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)  # valid ones first, in rank order
-    kept = ids.gather(1, order)[:, :k]
-    return kept.masked_fill(~ok.gather(1, order)[:, :k], -1)
+    kept_ok = ok.gather(1, order)[:, :k]
+    kept = ids.gather(1, order)[:, :k].masked_fill(~kept_ok, -1)
+    if dist is None:
+        return kept
+    return kept, dist.gather(1, order)[:, :k].masked_fill(~kept_ok, float("inf"))
 
 
 class FaissFlatSearch(KeySearch):
@@ -318,22 +321,25 @@ class FaissIVFSearch(KeySearch):
         q = q_BGXH.float().cpu()
         lifted = torch.cat([q, q.new_zeros(B, G, X, 1)], -1)  # [q, 0]: ascending L2 = descending q . k
         out = torch.full((B, G, X, k), -1, dtype=torch.long)
+        dist = torch.full((B, G, X, k), float("inf"))  # squared L2 of each candidate
         valid_BM = None if view.valid_BM is None else view.valid_BM.cpu()
-        scratch = np.empty((X, k), dtype="float32")
-        out_np = out.numpy()  # FAISS writes each head's ids straight into ``out``
+        out_np, dist_np = out.numpy(), dist.numpy()  # FAISS writes each head's results straight into them
         for (b, g), head in self.indexes.items():
             valid = None if valid_BM is None else valid_BM[b]
             n_invalid = 0 if valid is None else int((~valid).sum())
             if n_invalid == 0:
-                head.index.search(lifted[b, g].numpy(), k, D=scratch, I=out_np[b, g])
+                head.index.search(lifted[b, g].numpy(), k, D=dist_np[b, g], I=out_np[b, g])
                 continue
-            _, ids = head.index.search(lifted[b, g].numpy(), k + n_invalid)
-            kept = _filter_invalid(torch.from_numpy(ids).long(), valid, k)
-            out[b, g, :, : kept.shape[1]] = kept
+            d, ids = head.index.search(lifted[b, g].numpy(), k + n_invalid)
+            kept, d_kept = _filter_invalid(torch.from_numpy(ids).long(), valid, k, torch.from_numpy(d))
+            out[b, g, :, : kept.shape[1]], dist[b, g, :, : kept.shape[1]] = kept, d_kept
         if any(head.outliers.numel() for head in self.indexes.values()):
             if self._padded is None:
                 self._padded = _padded_outliers(self.indexes, view.k_BGMH.cpu(), B, G)
-            out = _merge_outliers(q, view.k_BGMH.cpu(), valid_BM, out, self._padded, k)
+            # |[q,0] - [k, sqrt(R^2 - |k|^2)]|^2 = |q|^2 + R^2 - 2 q.k: the candidates' exact scores, no gather
+            s_kept = (q.pow(2).sum(-1, keepdim=True) + self.bound_sq - dist) / 2
+            s_kept = s_kept.masked_fill(out < 0, float("-inf"))
+            out = _merge_outliers(q, valid_BM, out, s_kept, self._padded, k)
         return out.to(q_BGXH.device)
 
     def nbytes(self) -> int:
@@ -360,20 +366,17 @@ def _padded_outliers(heads: dict, k_BGMH: torch.Tensor, B: int, G: int):
     return slots, ok, keys
 
 
-def _merge_outliers(q_BGXH, k_BGMH, valid_BM, kept_BGXK, padded, k: int) -> torch.Tensor:
-    """The best k of the IVF candidates ``kept_BGXK`` (-1 = none) and every head's exactly searched outlier
-    slots (``padded``: ``_padded_outliers``), ranked by their exact scores q . k (invalid slots excluded); all
+def _merge_outliers(q_BGXH, valid_BM, kept_BGXK, s_kept, padded, k: int) -> torch.Tensor:
+    """The best k of the IVF candidates ``kept_BGXK`` (-1 = none; scores ``s_kept``) and every head's exactly
+    searched outlier slots (``padded``: ``_padded_outliers``), ranked by q . k (invalid slots excluded); all
     heads at once."""
     B, G, X, _ = q_BGXH.shape
     slots, ok, k_out = padded
     n = slots.shape[-1]
-    b_idx, g_idx = torch.arange(B)[:, None, None], torch.arange(G)[None, :, None]
     if valid_BM is not None:
-        ok = ok & valid_BM[b_idx, slots]
+        ok = ok & valid_BM[torch.arange(B)[:, None, None], slots]
     s_out = q_BGXH @ k_out.transpose(-1, -2)  # [B, G, X, n]
     s_out = s_out.masked_fill(~ok[:, :, None, :], float("-inf"))
-    k_kept = k_BGMH[b_idx[..., None], g_idx[..., None], kept_BGXK.clamp(min=0)].float()  # [B, G, X, K, H]
-    s_kept = torch.einsum("bgxh,bgxkh->bgxk", q_BGXH, k_kept).masked_fill(kept_BGXK < 0, float("-inf"))
     scores, best = torch.cat([s_kept, s_out], -1).topk(k, dim=-1)  # one selection over both candidate sets
     ids = torch.cat([kept_BGXK, slots[:, :, None, :].expand(B, G, X, n)], -1).gather(-1, best)
     return ids.masked_fill(torch.isneginf(scores), -1)
