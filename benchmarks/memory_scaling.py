@@ -9,8 +9,14 @@ peak RSS is its own. It prints seconds, the ratio to memory-off, peak RSS, recal
 (log-log slope of seconds from 32K to 256K). Cases whose predicted time exceeds ``--max-seconds`` (10 min) are
 skipped and say so. Finally it times decoding one token after a 16K prompt.
 
+``--model DIR`` runs the same sweep on a trained checkpoint instead of the random bench model, reading the
+passkey protocol's text (filler with one pass key) through the checkpoint's tokenizer: memory off means
+``mem_layers=[]`` on the same weights. A random model's memory keys are nearly isotropic, the hardest case
+for any approximate index; a trained model's keys show what the index does on the keys it is meant for.
+
     python benchmarks/memory_scaling.py
     python benchmarks/memory_scaling.py --tokens 16384 32768 --backends off dense faiss-ivf --k 32
+    python benchmarks/memory_scaling.py --model models/fot-tiny --backends off faiss-ivf --k 32
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from bench_config import LONG as BENCH  # noqa: E402
 RECALL_EVERY = 16  # probe every 16th search call of a layer
 RECALL_QUERIES = 64  # queries per probe
 
 
-def build_model(backend: str, k: int | None, nprobe: int):
+def build_model(backend: str, k: int | None, nprobe: int, model_path: str | None = None):
     import torch
 
     import fot
@@ -36,11 +43,30 @@ def build_model(backend: str, k: int | None, nprobe: int):
     torch.manual_seed(0)
     mem = backend != "off"
     top_k = None if backend in ("off", "dense") else k
+    if model_path is not None:
+        overrides = dict(mem_top_k=top_k, mem_index=backend if top_k else "exact", mem_nprobe=nprobe, use_cache=False)
+        if not mem:
+            overrides["mem_layers"] = []
+        return fot.LongLlamaForCausalLM.from_pretrained(model_path, **overrides).eval()
     config = fot.LongLlamaConfig(
         **BENCH, mem_layers=[2, 3] if mem else [], mem_dtype="float32", mem_top_k=top_k,
         mem_index=backend if top_k else "exact", mem_nprobe=nprobe, use_cache=False,
     )  # fmt: skip
     return fot.LongLlamaForCausalLM(config).eval()
+
+
+def input_ids(tokens: int, model_path: str | None):
+    """[1, tokens] ids: random ids for the bench model; a passkey prompt for a trained checkpoint."""
+    import torch
+
+    if model_path is None:
+        return torch.randint(0, BENCH["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from eval.common import load_tokenizer
+    from eval.passkey import PromptEncoder, make_trials
+
+    trial = make_trials(PromptEncoder(load_tokenizer(Path(model_path))), [tokens], 1, seed=0)[tokens][0]
+    return torch.tensor([trial.prompt_ids[:tokens]])
 
 
 def install_recall_probe(stats: dict) -> None:
@@ -73,7 +99,7 @@ def install_recall_probe(stats: dict) -> None:
     fot.cache.make_search = probed
 
 
-def run_case(tokens: int, backend: str, k: int | None, nprobe: int, threads: int) -> dict:
+def run_case(tokens: int, backend: str, k: int | None, nprobe: int, model_path: str | None, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -84,8 +110,8 @@ def run_case(tokens: int, backend: str, k: int | None, nprobe: int, threads: int
     stats = {"hits": 0, "total": 0}
     if backend == "faiss-ivf":
         install_recall_probe(stats)
-    model = build_model(backend, k, nprobe)
-    ids = torch.randint(0, BENCH["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0))
+    model = build_model(backend, k, nprobe, model_path)
+    ids = input_ids(tokens, model_path)
     with torch.inference_mode():
         model(ids[:, :1024])  # warm-up
         stats["hits"] = stats["total"] = 0
@@ -94,10 +120,12 @@ def run_case(tokens: int, backend: str, k: int | None, nprobe: int, threads: int
         seconds = time.perf_counter() - start
     recall = stats["hits"] / stats["total"] if stats["total"] else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tokens": tokens, "backend": backend, "k": k, "seconds": seconds, "recall": recall, "peak_rss_mib": peak}
+    return {"tokens": tokens, "input_tokens": ids.shape[1], "backend": backend, "k": k, "seconds": seconds,
+            "recall": recall, "peak_rss_mib": peak}  # fmt: skip
 
 
-def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, threads: int, steps: int = 200) -> dict:
+def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, model_path: str | None, threads: int,
+               steps: int = 200) -> dict:  # fmt: skip
     import torch
 
     torch.set_num_threads(threads)
@@ -105,8 +133,8 @@ def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, threads: i
         import faiss
 
         faiss.omp_set_num_threads(threads)
-    model = build_model(backend, k, nprobe)
-    ids = torch.randint(0, BENCH["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0))
+    model = build_model(backend, k, nprobe, model_path)
+    ids = input_ids(prompt, model_path)
     with torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
         cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -152,6 +180,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=600.0)
     parser.add_argument("--decode-prompt", type=int, default=16384)
+    parser.add_argument("--model", help="a trained checkpoint directory, read on passkey text (module docstring)")
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +194,8 @@ def main() -> None:
 
     variants = [(b, None) for b in args.backends if b in ("off", "dense")]
     variants += [(b, k) for b in args.backends if b not in ("off", "dense") for k in args.k]
-    print(f"memory scaling, {args.threads} thread(s), nprobe={args.nprobe}")
+    source = f"{args.model} on passkey text" if args.model else "bench model (random weights) on random ids"
+    print(f"memory scaling, {source}, {args.threads} thread(s), nprobe={args.nprobe}")
     header = f"{'backend':<12}{'k':>5}{'tokens':>8}{'seconds':>10}{'x off':>7}{'recall@k':>10}{'RSS MiB':>9}"
     print(header)
     print("-" * len(header))
@@ -177,7 +207,7 @@ def main() -> None:
             if guess is not None and guess > args.max_seconds:
                 print(f"{backend:<12}{k or '-':>5}{tokens:>8}   skipped (predicted {guess:.0f} s > {args.max_seconds:.0f} s)")
                 continue
-            row = spawn(args, tokens, backend, k, args.nprobe)
+            row = spawn(args, tokens, backend, k, args.nprobe, args.model)
             history.append((tokens, row["seconds"]))
             if backend == "off":
                 off[tokens] = row["seconds"]
@@ -194,7 +224,7 @@ def main() -> None:
     print(f"\ndecode one token after a {args.decode_prompt}-token prompt")
     decode_off = None
     for backend, k in variants:
-        row = spawn(args, "decode", args.decode_prompt, backend, k, args.nprobe)
+        row = spawn(args, "decode", args.decode_prompt, backend, k, args.nprobe, args.model)
         decode_off = row["ms_per_token"] if backend == "off" else decode_off
         ratio = row["ms_per_token"] / decode_off if decode_off else float("nan")
         print(f"{backend:<12}{k or '-':>5}{row['ms_per_token']:>10.2f} ms{ratio:>7.2f}x off", flush=True)
