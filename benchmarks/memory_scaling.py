@@ -5,8 +5,8 @@ Bench config as ``benchmarks/prefill.py`` (vocab 1000, 4 layers, hidden 256, 4 h
 {16K, 32K, 64K, 128K, 256K} it times one forward with: memory off (the floor), dense memory, and top-k memory
 through "exact", "faiss-flat" and "faiss-ivf", with k = 32 and 128. Each case runs in its own process, so its
 peak RSS is its own. It prints seconds, the ratio to memory-off, peak RSS, recall@k for the approximate index
-(measured on a sample of the real queries against exact search on the same memory), and the growth exponent
-(log-log slope of seconds from 32K to 256K). Cases whose predicted time exceeds ``--max-seconds`` (10 min) are
+(tie-aware, measured on a sample of the real queries against exact search on the same memory), and the growth
+exponent (log-log slope of seconds from 32K to 256K). Cases whose predicted time exceeds ``--max-seconds`` (10 min) are
 skipped and say so. Finally it times decoding one token after a 16K prompt.
 
 ``--model DIR`` runs the same sweep on a trained checkpoint instead of the random bench model, reading the
@@ -72,7 +72,7 @@ def input_ids(tokens: int, model_path: str | None):
 def install_recall_probe(stats: dict) -> None:
     """Wrap every search backend the caches create so a sample of real queries is also searched exactly."""
     import fot.cache
-    from fot.search import exact_topk
+    from fot.search import exact_topk, recall_at_k
 
     make = fot.cache.make_search
 
@@ -86,11 +86,10 @@ def install_recall_probe(stats: dict) -> None:
             calls[0] += 1
             if calls[0] % RECALL_EVERY == 0 and view.size > k:
                 q = q_BGXH[:, :, :RECALL_QUERIES]
-                _, exact = exact_topk(q, view.k_BGMH, view.valid_BM, k)
-                got = idx[:, :, :RECALL_QUERIES]
-                hits = (got[..., :, None] == exact[..., None, :]).any(-1) & (got >= 0)
-                stats["hits"] += int(hits.sum())
-                stats["total"] += int((exact >= 0).sum())
+                exact_scores, _ = exact_topk(q, view.k_BGMH, view.valid_BM, k)
+                hits, wanted = recall_at_k(q, view.k_BGMH, idx[:, :, :RECALL_QUERIES], exact_scores)
+                stats["hits"] += hits
+                stats["total"] += wanted
             return idx
 
         search.search = search_with_probe

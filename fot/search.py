@@ -91,6 +91,27 @@ def exact_topk(q_BGXH: torch.Tensor, k_BGMH: torch.Tensor, valid_BM: torch.Tenso
     return best_s, best_i
 
 
+def recall_at_k(q_BGXH, k_BGMH, found_BGXK, exact_scores_BGXK, rtol: float = 1e-5) -> tuple[int, int]:
+    """Tie-aware recall of a search: (hits, wanted) over all rows.
+
+    A found slot is a hit when its exact score q . k reaches the row's k-th best exact score (within ``rtol``
+    of it): among keys with equal scores (repeated text gives identical keys) any choice is correct, and
+    comparing slot ids would count it as a miss. ``wanted`` counts the exact results that exist (finite
+    ``exact_scores``, e.g. from ``exact_topk``); a row's hits are capped at its wanted count.
+    """
+    B, G = q_BGXH.shape[:2]
+    found = found_BGXK.to(k_BGMH.device)
+    rows = torch.arange(B, device=found.device)[:, None, None, None], torch.arange(G, device=found.device)[None, :, None, None]
+    keys = k_BGMH[rows[0], rows[1], found.clamp(min=0)].double()  # [B, G, X, K, H]
+    scores = (keys * q_BGXH.double()[..., None, :]).sum(-1)
+    exact = exact_scores_BGXK.double()
+    finite = torch.isfinite(exact)
+    kth = exact.masked_fill(~finite, float("inf")).amin(-1, keepdim=True)  # the k-th best existing score
+    hit = (found >= 0) & (scores >= kth - rtol * kth.abs().clamp(min=1.0))
+    wanted = finite.sum(-1)
+    return int(torch.minimum(hit.sum(-1), wanted).sum()), int(wanted.sum())
+
+
 class KeySearch:
     """Interface: ``update`` after the store changed, ``search`` for top-k slot indices."""
 

@@ -23,7 +23,7 @@ import fot
 import fot.cache
 import fot.search
 from fot.memory import MemoryStore
-from fot.search import FaissIVFSearch, exact_topk, make_search
+from fot.search import FaissIVFSearch, exact_topk, make_search, recall_at_k
 from tests.naive import MASKED, NaiveLongLlama, Spec, rotate, weights_f64
 from tests.tiny import TOL64, left_pad_mask, max_err, tiny_config, tiny_model, tokens
 
@@ -323,6 +323,34 @@ def test_top_k_model_equals_float64_top_k_spec_with_gqa(impl):
 def _recall(ids_XK, ref_XK) -> float:
     hits = (ids_XK[:, :, None] == ref_XK[:, None, :]).any(-1) & (ids_XK >= 0)
     return hits.sum().item() / (ref_XK >= 0).sum().item()
+
+
+def test_recall_at_k_is_tie_aware():
+    """``recall_at_k`` (the benchmarks' recall) against a float64 brute force: a key tied with the k-th best
+    is a hit whatever its slot, a worse key or a missing (-1) slot is not, rows with fewer than k keys count
+    only what exists, and the recall of an id-for-id copy of the exact answer is 1."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64)
+    keys[0, 0, 10:13] = keys[0, 0, 5]  # four identical keys in head 0
+    q = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64)
+    q[0, 0, 0] = keys[0, 0, 5] * 3  # head 0, query 0: the four copies are its top 4
+    k = 3
+    scores, idx = exact_topk(q.float(), keys.float(), None, k)
+    assert recall_at_k(q, keys, idx, scores) == (2 * 6 * k, 2 * 6 * k)
+    exact_set = set(idx[0, 0, 0].tolist())
+    spare = ({5, 10, 11, 12} - exact_set).pop()  # the tied copy the exact search left out
+    found = idx.clone()
+    found[0, 0, 0, 0] = spare  # tied: still a hit
+    assert recall_at_k(q, keys, found, scores) == (2 * 6 * k, 2 * 6 * k)
+    brute = q[0, 1, 1] @ keys[0, 1].T  # float64 ranking of head 1, query 1
+    worst = int(brute.argmin())
+    found[0, 1, 1, 2] = worst  # strictly below the k-th best: a miss
+    found[0, 1, 2, 0] = -1  # nothing found: a miss
+    assert float(brute[worst]) < float(brute.sort(descending=True).values[k - 1])
+    assert recall_at_k(q, keys, found, scores) == (2 * 6 * k - 2, 2 * 6 * k)
+    short_scores = scores.clone()
+    short_scores[0, 1, 3, 1:] = float("-inf")  # a row where only one key exists
+    assert recall_at_k(q, keys, found, short_scores) == (2 * 6 * k - 2 - 2, 2 * 6 * k - 2)
 
 
 def test_ivf_recall_grows_with_nprobe_and_is_exact_at_nlist(faiss1, small_ivf):
