@@ -103,14 +103,11 @@ def trained_model_input(path: str, tokens: int):
     return model, torch.tensor([trial.prompt_ids]), f"{path}, a passkey prompt of {trial.tokens} tokens"
 
 
-def lift(x: np.ndarray, bound_sq: float, pad_to: int | None = None) -> np.ndarray:
-    """Keys -> [k, sqrt(R^2 - |k|^2)] (queries are lifted with bound_sq=None -> [q, 0]); zero-padded to pad_to."""
-    extra = np.zeros((len(x), 1), "float32") if bound_sq is None else np.sqrt(
-        np.maximum(bound_sq - (x * x).sum(1, keepdims=True), 0)).astype("float32")  # fmt: skip
-    out = np.hstack([x, extra])
-    if pad_to is not None and pad_to > out.shape[1]:
-        out = np.hstack([out, np.zeros((len(out), pad_to - out.shape[1]), "float32")])
-    return np.ascontiguousarray(out, dtype="float32")
+def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
+    """``x`` [n, d] float32 with zero columns appended up to ``width``."""
+    out = np.zeros((len(x), width), "float32")
+    out[:, : x.shape[1]] = x
+    return out
 
 
 def timed(fn):
@@ -121,6 +118,8 @@ def timed(fn):
 
 def faiss_rows(faiss, keys: np.ndarray, queries: np.ndarray, k: int, nlist: int):
     """Rows (family, setting, build s, search s, ids, index bytes) for the plain FAISS indexes of one head."""
+    from fot.search import IVF_NORM_MARGIN, _lift_keys
+
     rows = []
     (_, ids), t = timed(lambda: faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT))
     rows.append(("faiss-flat", "", 0.0, t, ids, 0))
@@ -136,14 +135,16 @@ def faiss_rows(faiss, keys: np.ndarray, queries: np.ndarray, k: int, nlist: int)
         (_, ids), t = timed(lambda: ivf.search(queries, k))
         rows.append(("ivf-ip", f"nprobe {nprobe}/{nlist}", build, t, ids, (d * 4 + 8) + nlist * d * 4 / len(keys)))
 
-    bound_sq = float((keys * keys).sum(1).max()) * 1.25**2
+    bound_sq = float((keys * keys).sum(1).max()) * IVF_NORM_MARGIN**2
     dl = d + 1 + (d + 1) % 2  # lifted, padded to an even width for 2-dim PQ sub-vectors
-    kl, ql = lift(keys, bound_sq, dl), lift(queries, None, dl)
+    kl = pad_columns(_lift_keys(torch.from_numpy(keys), bound_sq), dl)  # [k, sqrt(R^2 - |k|^2), 0...]
+    ql = pad_columns(queries, dl)  # [q, 0, 0...]
     base = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(dl), dl, nlist, dl // 2, 4)
     base.by_residual = False
     base.cp.min_points_per_centroid = 1
     refine = faiss.IndexRefineFlat(base)
-    _, build = timed(lambda: (refine.train(lift(sample, bound_sq, dl)), refine.add(kl)))
+    lifted_sample = pad_columns(_lift_keys(torch.from_numpy(sample), bound_sq), dl)
+    _, build = timed(lambda: (refine.train(lifted_sample), refine.add(kl)))
     for nprobe, factor in ((16, 4), (64, 4), (64, 8), (128, 8)):
         base.nprobe, refine.k_factor = nprobe, factor
         (_, ids), t = timed(lambda: refine.search(ql, k))
