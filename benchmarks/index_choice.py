@@ -31,19 +31,13 @@ bytes per key (beyond the stored keys and values).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import deque
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench_config import LONG as BENCH  # noqa: E402
-from bench_config import MEM_LAYERS  # noqa: E402
+from memory_scaling import build_model, input_ids
 
 
 def capture(model, ids: torch.Tensor, min_queries: int):
@@ -81,26 +75,6 @@ def capture(model, ids: torch.Tensor, min_queries: int):
         fot.cache.make_search = make
     queries, keys = recorded[order[-1]]  # the last memory layer
     return keys.float().clone(), torch.cat(list(queries), dim=1).float()
-
-
-def bench_model_input(tokens: int):
-    import fot
-
-    torch.manual_seed(0)
-    config = fot.LongLlamaConfig(**BENCH, mem_layers=MEM_LAYERS, mem_top_k=32, mem_index="exact", use_cache=False)
-    model = fot.LongLlamaForCausalLM(config).eval()
-    ids = torch.randint(0, BENCH["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0))
-    return model, ids, "bench model (random weights), random token ids"
-
-
-def trained_model_input(path: str, tokens: int):
-    import fot
-    from eval.common import load_tokenizer
-    from eval.passkey import PromptEncoder, make_trials
-
-    model = fot.LongLlamaForCausalLM.from_pretrained(path, mem_top_k=32, mem_index="exact").eval()
-    trial = make_trials(PromptEncoder(load_tokenizer(Path(path))), [tokens], 1, seed=0)[tokens][0]
-    return model, torch.tensor([trial.prompt_ids]), f"{path}, a passkey prompt of {trial.tokens} tokens"
 
 
 def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
@@ -198,7 +172,10 @@ def main() -> None:
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    model, ids, source = trained_model_input(args.model, args.tokens) if args.model else bench_model_input(args.tokens)
+    model = build_model("exact", args.k, 8, args.model)  # exact top-k memory while reading
+    ids = input_ids(args.tokens, args.model)
+    source = f"{args.model}, a passkey prompt" if args.model else "bench model (random weights), random token ids"
+    source += f" of {ids.shape[1]} tokens"
     keys_GMH, queries_GXH = capture(model, ids, args.queries)
     G, M, H = keys_GMH.shape
     heads = min(args.heads, G)
