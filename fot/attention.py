@@ -379,6 +379,44 @@ def fused_memory_attention(
     return merged.to(q_BNTH.dtype)
 
 
+def window_group_attention(
+    q_BNTH: torch.Tensor, local: LocalKV, k_raw_BGTH: torch.Tensor, v_BGTH: torch.Tensor,
+    memory: MemoryKV | None, windows: int, memory_dtype: torch.dtype, block: int = MEMORY_BLOCK,
+) -> torch.Tensor:  # fmt: skip
+    """Dense memory attention of P = ``windows`` consecutive windows in one pass, equal to running them one
+    after another.
+
+    Rows are window-major: row p * B + b is window p of batch row b. Window p attends, in one softmax, to its
+    causal local keys (``local``), to ``memory`` and to the raw (pre-RoPE) keys and values of windows 0..p-1
+    of its batch row, which running them in order would have put in memory by then (so they are rounded to
+    ``memory_dtype`` as storing would). All P windows' queries meet the memory in one fused call per KV
+    head: P times more queries per call, where PyTorch's CPU flash kernel picks larger, faster blocks. The
+    three parts are merged by their log-sum-exps.
+    """
+    PB, N, T, H = q_BNTH.shape
+    P, G = windows, k_raw_BGTH.shape[1]
+    B, R = PB // P, N // G
+    out, lse = _local_part(q_BNTH, local)  # [PB, N, T, H], [PB, N, T]
+    out, lse = out.reshape(P, B, N, T, H), lse.reshape(P, B, N, T)
+    if memory is not None and memory.size > 0:
+        q_BGXH = q_BNTH.reshape(P, B, N, T, H).permute(1, 2, 0, 3, 4).reshape(B, G, R * P * T, H)
+        m_out, m_lse = _memory_part(q_BGXH, memory, block)
+        m_out = m_out.reshape(B, N, P, T, H).permute(2, 0, 1, 3, 4)
+        m_lse = m_lse.reshape(B, N, P, T).permute(2, 0, 1, 3)
+        out, lse = merge_lse(out, lse, m_out, m_lse)
+    stored = [t.to(memory_dtype).to(q_BNTH.dtype).reshape(P, B, G, T, H) for t in (k_raw_BGTH, v_BGTH)]
+    k_PBGTH, v_PBGTH = stored
+    dtype = q_BNTH.dtype
+    windows_out = [out[0].to(dtype)]
+    for p in range(1, P):  # window p also sees windows 0..p-1 of its row
+        k = k_PBGTH[:p].permute(1, 2, 0, 3, 4).reshape(B, G, p * T, H)
+        v = v_PBGTH[:p].permute(1, 2, 0, 3, 4).reshape(B, G, p * T, H)
+        g_out, g_lse = attention_with_lse(q_BNTH.reshape(P, B, N, T, H)[p].reshape(B, G, R * T, H), k, v)
+        o, _ = merge_lse(out[p], lse[p], g_out.reshape(B, N, T, H), g_lse.reshape(B, N, T))
+        windows_out.append(o.to(dtype))
+    return torch.stack(windows_out).reshape(PB, N, T, H)
+
+
 # ----------------------------------------------------------------------------- top-k memory
 def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype):
     """Keys and values of the retrieved slots, [B, N, T, K, H] in ``dtype`` (slot -1 gives slot 0, masked later).

@@ -173,8 +173,10 @@ class MemoryReader:
     recomputed during backward sees exactly the memory its forward saw, whatever was appended since.
     """
 
-    def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None):
+    def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None, windows: int = 1):
         self.search, self.top_k = search, top_k
+        self.windows = windows  # > 1: the chunk is that many windows stacked as batch rows (window-major)
+        self.dtype = store.dtype
         self._view = store.view()
         self.num_kv_heads = None if store.k_BGMH is None else store.k_BGMH.shape[1]
 
@@ -276,10 +278,10 @@ class LongLlamaCache(Cache):
             evicted = filled_before + slots.numel() > store.length
             search.update(store, slots, evicted)
 
-    def memory_reader(self, layer_idx: int) -> MemoryReader | None:
+    def memory_reader(self, layer_idx: int, windows: int = 1) -> MemoryReader | None:
         if layer_idx not in self.memories:
             return None
-        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k)
+        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k, windows)
 
     def clear_memory(self, rows=None) -> None:
         """Forget what batch ``rows`` (all when None) have in memory; the local windows are kept."""

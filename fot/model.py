@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .attention import LocalKV, apply_rope, memory_attention
+from .attention import LocalKV, apply_rope, memory_attention, window_group_attention
 from .config import LongLlamaConfig
 from .crossbatch import CrossBatchPlan, crossbatch_attention
 
@@ -96,6 +96,9 @@ class LongLlamaAttention(nn.Module):
         local_kv: LocalKV = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
         if self.is_memory_layer and crossbatch is not None:
             out_BNTH = crossbatch_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, valid_BT, crossbatch, impl, grouping)
+        elif self.is_memory_layer and memory is not None and memory.windows > 1:
+            out_BNTH = window_group_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, memory.view(), memory.windows,
+                                              memory.dtype)  # fmt: skip
         else:
             mem_kv, idx_BNTK = None, None
             if self.is_memory_layer and memory is not None:

@@ -10,6 +10,9 @@ Windowing of an input of N new tokens (W = ``max_position_embeddings``, L = ``la
   4. With a non-empty local cache (generation, or a call continuing a cache), every chunk first makes room
      according to the cache policy (see ``fot.cache``) and is then appended to the local window.
 Logits cover all N tokens (or the last ``logits_to_keep``).
+
+Window groups: in inference with dense, unbounded memory and no padding, consecutive full windows of step 2
+run several at a time as batch rows (``_run_window_group``), with the results of running them one by one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from .attention import rope_cos_sin, rope_inv_freq
-from .cache import LongLlamaCache
+from .cache import LocalSnapshot, LongLlamaCache
 from .config import CACHE_POLICIES, LongLlamaConfig, validate_last_context_length
 from .crossbatch import CrossBatchPlan
 from .model import LongLlamaDecoderLayer, LongLlamaRMSNorm
@@ -33,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # forward() keyword arguments that transformers may send and that carry nothing for this model
 _IGNORED_KWARGS = ("cache_position", "num_items_in_batch", "position_ids")
+WINDOW_GROUP_QUERIES = 1024  # short windows bound for memory run in groups of at least this many tokens
+WINDOW_GROUP_MAX = 8  # windows per group at most
 
 
 @dataclass
@@ -205,12 +210,27 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def _run_windows(self, x_BND, cache: LongLlamaCache, valid_BN, L: int, impl: str, inv_freqs, keep_hidden: bool):
         """Windowing (module docstring): returns the pre-norm output [B, N, D] and per-chunk hidden states."""
         fresh = cache.local_length == 0
-        chunks = plan_chunks(x_BND.shape[1], self.config.max_position_embeddings, L)
+        W = self.config.max_position_embeddings
+        chunks = plan_chunks(x_BND.shape[1], W, L)
+        P = self._window_group_size(cache, valid_BN, impl) if fresh else 1
         outputs, chunk_hidden = [], []
-        for i, (s, e) in enumerate(chunks):
+        i = 0
+        while i < len(chunks):
+            s, e = chunks[i]
+            i += 1
             if e == s:
                 continue
-            to_memory = fresh and i < len(chunks) - 1
+            to_memory = fresh and i < len(chunks)
+            n = 0  # full windows bound for memory from here on, up to P
+            while to_memory and n < P and i - 1 + n < len(chunks) - 1 and chunks[i - 1 + n][1] - chunks[i - 1 + n][0] == W:
+                n += 1
+            if n > 1:
+                x, hidden = self._run_window_group(x_BND[:, s : s + n * W], cache, n, impl, inv_freqs, keep_hidden)
+                cache.seen_tokens += n * W
+                outputs.append(x)
+                chunk_hidden.append(hidden)
+                i += n - 1
+                continue
             if not to_memory:
                 cache.make_room(e - s, L, inv_freqs)
             valid = None if valid_BN is None else valid_BN[:, s:e]
@@ -219,6 +239,48 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             outputs.append(x)
             chunk_hidden.append(hidden)
         return (torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]), chunk_hidden
+
+    def _window_group_size(self, cache: LongLlamaCache, valid_BN, impl: str) -> int:
+        """How many full windows bound for memory run together (``_run_window_group``); 1 = one at a time.
+
+        Grouping serves inference with dense, unbounded memory and no padding on the fused torch path: there
+        it is exact and feeds the CPU attention kernel at least ``WINDOW_GROUP_QUERIES`` queries per call.
+        """
+        W = self.config.max_position_embeddings
+        if (torch.is_grad_enabled() or impl != "torch" or cache.top_k is not None or valid_BN is not None
+                or self.config.mem_attention_grouping is not None or W >= WINDOW_GROUP_QUERIES
+                or any(store.max_tokens is not None for store in cache.memories.values())):  # fmt: skip
+            return 1
+        return min(WINDOW_GROUP_MAX, -(-WINDOW_GROUP_QUERIES // W))
+
+    def _run_window_group(self, x_BTD, cache: LongLlamaCache, P: int, impl: str, inv_freqs, keep_hidden: bool):
+        """P full windows that go straight to memory, run as P*B batch rows (window-major), with the results
+        of running them one by one: each row attends causally inside its window, a memory layer's window p
+        also to the memory and to windows 0..p-1 (``window_group_attention``), and the keys go to memory in
+        window order after each layer. Returns the pre-norm output [B, P*W, D] and hidden states."""
+        B, PW, D = x_BTD.shape
+        W = PW // P
+
+        def rows(t):  # [B, P*W, D] -> [P*B, W, D]
+            return t.reshape(B, P, W, D).transpose(0, 1).reshape(P * B, W, D)
+
+        def tokens(t):  # [P*B, W, D] -> [B, P*W, D]
+            return t.reshape(P, B, W, D).transpose(0, 1).reshape(B, PW, D)
+
+        def window_order(t):  # [P*B, G, W, H] -> [B, G, P*W, H]
+            return t.reshape(P, B, *t.shape[1:]).permute(1, 2, 0, 3, 4).reshape(B, t.shape[1], PW, t.shape[3])
+
+        inv_freq = next((f for f in inv_freqs if f is not None), None)
+        rope = None if inv_freq is None else rope_cos_sin(torch.arange(W, device=x_BTD.device), inv_freq, x_BTD.dtype)
+        x = rows(x_BTD)
+        hidden = [x_BTD] if keep_hidden else None
+        for idx, layer in enumerate(self.layers):
+            memory = cache.memory_reader(idx, windows=P)
+            x, (k_raw, _, v) = layer(x, rope, LocalSnapshot(None, None, None), memory, None, impl, None)
+            cache.commit(idx, window_order(k_raw), None, window_order(v), None, to_memory=True)
+            if keep_hidden:
+                hidden.append(tokens(x))
+        return tokens(x), hidden
 
     @staticmethod
     def _validate_call(input_ids, inputs_embeds, output_attentions, cache, kwargs) -> None:
