@@ -39,7 +39,7 @@ $(STAMP): setup.py | $(PY)
 test: $(STAMP)
 	$(OFFLINE) TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# The shipped demo model: window 128, so the sweep reaches 128x past it. DEMO_THREADS=2 took 4.4 minutes on the
+# The shipped demo model: window 128, so the sweep reaches 128x past it. DEMO_THREADS=2 took 2.8 minutes on the
 # 2-core CPU; the default of one thread is slower but does not collapse when another job holds the cores (two
 # threads on two busy cores run 2-30x slower).
 DEMO_MODEL := models/fot-tiny
