@@ -186,7 +186,8 @@ def main() -> None:
     table: dict[tuple[str, str], list] = {}
     exact_scores = []
     for g in range(heads):
-        (scores, idx), t = timed(lambda: exact_topk(queries_GXH[None, g : g + 1], keys_GMH[None, g : g + 1], None, args.k))
+        q, keys = queries_GXH[None, g : g + 1], keys_GMH[None, g : g + 1]
+        (scores, idx), t = timed(lambda: exact_topk(q, keys, None, args.k))
         exact_scores.append(scores)
         table.setdefault(("exact", ""), []).append((0.0, t, idx[0, 0].numpy(), 0))
         for fam, setting, build, t, found, nbytes in faiss_rows(faiss, keys_GMH[g].numpy(), queries_GXH[g].numpy(),
@@ -196,7 +197,8 @@ def main() -> None:
         for g in range(heads):
             table.setdefault((fam, setting), []).append((build, t, found[g], nbytes))
 
-    header = f"{'index':<11} {'setting':<30} {'build s/head':>12} {'us/query':>9} {f'recall@{args.k}':>10} {'index B/key':>11}"
+    header = f"{'index':<11} {'setting':<30} {'build s/head':>12} {'us/query':>9} {f'recall@{args.k}':>10} "
+    header += f"{'index B/key':>11}"
     print(header)
     print("-" * len(header))
     for (fam, setting), runs in table.items():

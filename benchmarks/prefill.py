@@ -157,7 +157,8 @@ def main() -> None:
                                      text=True).stdout.strip().splitlines()[-1])["gflops"]  # fmt: skip
     print(f"prefill, 1 thread, fp32 weights, mem_dtype={args.mem_dtype}, attn_impl={args.attn_impl}")
     print(f"fp32 GEMM peak of this core (torch.mm 2048^3, 1 thread): {peak:.1f} GFLOP/s")
-    header = f"{'tokens':>7} | {'mem on s':>9} {'tok/s':>8} {'RSS MiB':>8} | {'mem off s':>9} {'tok/s':>8} {'RSS MiB':>8} | {'on/off':>6} | {'mem GFLOP':>9} {'GFLOP/s':>7} {'floor s':>7}"
+    header = f"{'tokens':>7} | {'mem on s':>9} {'tok/s':>8} {'RSS MiB':>8} | {'mem off s':>9} {'tok/s':>8} {'RSS MiB':>8} | {'on/off':>6}"
+    header += f" | {'mem GFLOP':>9} {'GFLOP/s':>7} {'floor s':>7}"
     if args.reference_src:
         header += f" | {'ref default s':>13} {'ref SDPA s':>10} | {'speed-up vs ref best':>20} {'at floor':>8}"
     print(header)

@@ -55,6 +55,14 @@ def plan_chunks(n_tokens: int, window: int, last_context_length: int) -> list[tu
     return chunks
 
 
+def _full_windows_ahead(chunks: list[tuple[int, int]], window: int, limit: int) -> int:
+    """How many of ``chunks``, from the first on, are full windows in a row (at most ``limit``)."""
+    n = 0
+    while n < min(limit, len(chunks)) and chunks[n][1] - chunks[n][0] == window:
+        n += 1
+    return n
+
+
 def resolve_attn_impl(config: LongLlamaConfig, device: torch.device) -> str:
     """The concrete implementation for ``device``: "auto" picks Triton on CUDA when it can run there and the
     fused torch path otherwise (the caller logs the choice); an explicit "triton" that cannot run raises."""
@@ -221,9 +229,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             if e == s:
                 continue
             to_memory = fresh and i < len(chunks)
-            n = 0  # full windows bound for memory from here on, up to P
-            while to_memory and n < P and i - 1 + n < len(chunks) - 1 and chunks[i - 1 + n][1] - chunks[i - 1 + n][0] == W:
-                n += 1
+            n = _full_windows_ahead(chunks[i - 1 : -1], W, P) if to_memory and P > 1 else 0
             if n > 1:
                 x, hidden = self._run_window_group(x_BND[:, s : s + n * W], cache, n, impl, inv_freqs, keep_hidden)
                 cache.seen_tokens += n * W

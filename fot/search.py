@@ -101,8 +101,9 @@ def recall_at_k(q_BGXH, k_BGMH, found_BGXK, exact_scores_BGXK, rtol: float = 1e-
     """
     B, G = q_BGXH.shape[:2]
     found = found_BGXK.to(k_BGMH.device)
-    rows = torch.arange(B, device=found.device)[:, None, None, None], torch.arange(G, device=found.device)[None, :, None, None]
-    keys = k_BGMH[rows[0], rows[1], found.clamp(min=0)].double()  # [B, G, X, K, H]
+    b_idx = torch.arange(B, device=found.device)[:, None, None, None]
+    g_idx = torch.arange(G, device=found.device)[None, :, None, None]
+    keys = k_BGMH[b_idx, g_idx, found.clamp(min=0)].double()  # [B, G, X, K, H]
     scores = (keys * q_BGXH.double()[..., None, :]).sum(-1)
     exact = exact_scores_BGXK.double()
     finite = torch.isfinite(exact)
