@@ -268,6 +268,11 @@ class LongLlamaCache(Cache):
             if idx in self.memories:
                 self.append_memory(idx, k_raw, v, valid)
 
+    def expect_memory(self, tokens: int) -> None:
+        """``tokens`` more tokens are about to go to every memory layer: each store allocates them at once."""
+        for store in self.memories.values():
+            store.expect(tokens)
+
     def append_memory(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT) -> None:
         """Write to a memory layer's store and keep its search index current."""
         store = self.memories[layer_idx]

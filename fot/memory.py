@@ -48,6 +48,7 @@ class MemoryStore:
         self.next_slot = 0  # where the next token goes (== length until a bounded store wraps)
         self.total_appended = 0
         self.all_valid = True  # lets readers skip the mask when no padding ever entered memory
+        self.expected = 0  # slots the caller announced (``expect``); growing allocates them at once
 
     @property
     def capacity(self) -> int:
@@ -64,12 +65,20 @@ class MemoryStore:
             valid[:, : self.length] = self.valid_BM[:, : self.length]
         self.k_BGMH, self.v_BGMH, self.valid_BM = k, v, valid
 
+    def expect(self, tokens: int) -> None:
+        """Announce that ``tokens`` more slots are about to be appended (a long prefill), so the store grows
+        once to exactly that size instead of step by step (each step copies all of memory)."""
+        self.expected = self.length + tokens
+
     def _reserve(self, needed: int, like: torch.Tensor) -> None:
         if needed <= self.capacity:
             return
-        capacity = max(INITIAL_CAPACITY, self.capacity)
-        while capacity < needed:
-            capacity = int(capacity * GROWTH) + 1
+        if self.expected >= needed:
+            capacity = self.expected
+        else:
+            capacity = max(INITIAL_CAPACITY, self.capacity)
+            while capacity < needed:
+                capacity = int(capacity * GROWTH) + 1
         if self.max_tokens is not None:
             capacity = min(capacity, self.max_tokens)
         self._allocate(capacity, like)

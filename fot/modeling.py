@@ -221,6 +221,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         W = self.config.max_position_embeddings
         chunks = plan_chunks(x_BND.shape[1], W, L)
         P = self._window_group_size(cache, valid_BN, impl) if fresh else 1
+        if fresh:  # every chunk but the last goes to memory: allocate for all of it once
+            cache.expect_memory(chunks[-1][0])
         outputs, chunk_hidden = [], []
         i = 0
         while i < len(chunks):

@@ -768,6 +768,34 @@ def test_memory_ram_within_1_25x_of_keys_and_values(faiss1, small_ivf, backend, 
         assert stats["index"] == 0
 
 
+@pytest.mark.parametrize("top_k, max_tokens", [(None, None), (4, None), (4, 1500)])
+def test_prefill_allocates_each_memory_once_at_its_final_size(monkeypatch, top_k, max_tokens):
+    """A fresh forward announces how many tokens go to memory, so each store is allocated once, exactly,
+    instead of growing (and copying all of memory) step by step; the outputs do not change."""
+    model = tiny_model(mem_layers=[0, 2], mem_top_k=top_k, mem_max_tokens=max_tokens, dtype=torch.float32)
+    ids = tokens(2, 40 * W + 32, seed=5)  # 2560 tokens go to memory, past the initial 1024-slot allocation
+    allocations = []
+    allocate = MemoryStore._allocate
+
+    def counted(store, capacity, like):
+        allocations.append((store.name, capacity))
+        return allocate(store, capacity, like)
+
+    monkeypatch.setattr(MemoryStore, "_allocate", counted)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    final = 2560 if max_tokens is None else max_tokens
+    assert sorted(allocations) == [("memory layer 0", final), ("memory layer 2", final)]
+    for store in out.past_key_values.memories.values():
+        assert store.capacity == store.length == final
+    allocations.clear()
+    monkeypatch.setattr(MemoryStore, "expect", lambda store, tokens: None)  # grow step by step instead
+    with torch.no_grad():
+        stepwise = model(ids, use_cache=True)
+    assert len(allocations) > 2
+    assert torch.equal(out.logits, stepwise.logits)
+
+
 # ----------------------------------------------------------------------------- 9. bad input
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "8", True])
 def test_bad_mem_top_k_is_a_config_error_naming_the_field(bad):
