@@ -36,6 +36,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attention import MemoryKV
@@ -217,6 +218,14 @@ class _IVFHead:
     radius: float
     outliers: torch.Tensor
     outlier_dist: torch.Tensor
+    centroids: torch.Tensor  # [nlist, H + 1] fp32, the quantizer's, for assigning new keys with one GEMM
+
+    def assign(self, lifted) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared distance to the nearest centroid, its list) of each lifted key [n, H + 1] (numpy)."""
+        x = torch.from_numpy(lifted)
+        d = torch.addmm(self.centroids.pow(2).sum(1), x, self.centroids.T, alpha=-2)  # |c|^2 - 2 x.c
+        best, lists = d.min(1)
+        return best + x.pow(2).sum(1), lists
 
 
 class FaissIVFSearch(KeySearch):
@@ -249,7 +258,7 @@ class FaissIVFSearch(KeySearch):
                     continue
                 if (ob, g) in used:  # the clone owns its own quantizer
                     head = _IVFHead(self.faiss.clone_index(head.index), None, head.radius, head.outliers.clone(),
-                                    head.outlier_dist.clone())
+                                    head.outlier_dist.clone(), head.centroids)
                 used.add((ob, g))
                 new[(b, g)] = head
         self.indexes = new
@@ -278,24 +287,26 @@ class FaissIVFSearch(KeySearch):
                 index.cp.max_points_per_centroid = IVF_POINTS_PER_LIST
                 index.train(keys)
                 index.nprobe = self.nprobe
-                dist = torch.from_numpy(quantizer.search(keys, 1)[0][:, 0])
-                radius = float(torch.quantile(dist.double(), IVF_OUTLIER_QUANTILE))
-                head = _IVFHead(index, quantizer, radius, torch.zeros(0, dtype=torch.long), torch.zeros(0))
-                self._add(head, keys, torch.arange(M), view.k_BGMH[b, g], dist)
+                centroids = torch.from_numpy(faiss.rev_swig_ptr(quantizer.get_xb(), nlist * (H + 1)).copy())
+                head = _IVFHead(index, quantizer, 0.0, torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                                centroids.view(nlist, H + 1))  # fmt: skip
+                assigned = head.assign(keys)
+                head.radius = float(torch.quantile(assigned[0].double(), IVF_OUTLIER_QUANTILE))
+                self._add(head, keys, torch.arange(M), view.k_BGMH[b, g], assigned)
                 n_out += head.outliers.numel()
                 self.indexes[(b, g)] = head
         self.trained_at = M
         logger.info("fot: trained IVF indexes (nlist=%d) on %d keys per head (%s); %.1f%% searched exactly",
                     nlist, M, reason, 100.0 * n_out / max(B * G * M, 1))
 
-    def _add(self, head: _IVFHead, lifted, slots: torch.Tensor, keys_MH: torch.Tensor, dist=None) -> None:
+    def _add(self, head: _IVFHead, lifted, slots: torch.Tensor, keys_MH: torch.Tensor, assigned=None) -> None:
         """Add lifted keys to the lists, or to the outliers when they are far from every centroid; past the
-        cap, the least far outliers move to their lists (``keys_MH``: the head's stored keys, for lifting)."""
-        if dist is None:
-            dist = torch.from_numpy(head.quantizer.search(lifted, 1)[0][:, 0])
+        cap, the least far outliers move to their lists (``keys_MH``: the head's stored keys, for lifting).
+        ``assigned``: ``head.assign(lifted)`` when the caller has it."""
+        dist, lists = head.assign(lifted) if assigned is None else assigned
         far = dist > head.radius
-        near = (~far).numpy()
-        head.index.add_with_ids(lifted[near], slots.numpy()[near].astype("int64"))
+        near = ~far
+        self._add_to_lists(head, lifted[near.numpy()], slots[near], lists[near])
         if not bool(far.any()):
             return
         head.outliers = torch.cat([head.outliers, slots[far]])
@@ -306,7 +317,17 @@ class FaissIVFSearch(KeySearch):
             demoted = head.outliers[order[cap:]]
             head.outliers, head.outlier_dist = head.outliers[order[:cap]], head.outlier_dist[order[:cap]]
             moved = _lift_keys(keys_MH[demoted.to(keys_MH.device)], self.bound_sq)
-            head.index.add_with_ids(moved, demoted.numpy().astype("int64"))
+            self._add_to_lists(head, moved, demoted, head.assign(moved)[1])
+
+    def _add_to_lists(self, head: _IVFHead, lifted, slots: torch.Tensor, lists: torch.Tensor) -> None:
+        """Append lifted keys (numpy [n, H + 1]) with ids ``slots`` to the lists already chosen for them."""
+        if not len(lifted):
+            return
+        faiss = self.faiss
+        x = np.ascontiguousarray(lifted, dtype="float32")
+        ids = np.ascontiguousarray(slots.numpy(), dtype="int64")
+        assign = np.ascontiguousarray(lists.numpy(), dtype="int64")
+        head.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
 
     def update(self, store, slots, evicted):
         if store.length < IVF_MIN_TRAIN:

@@ -395,6 +395,27 @@ def test_ivf_incremental_appends_are_findable_without_retraining(faiss1, small_i
     assert_exact_search(idx, q, view, 5)
 
 
+def test_ivf_lists_hold_each_key_at_its_nearest_centroid(faiss1, small_ivf):
+    """Keys enter the lists chosen by fot's own assignment (one GEMM, then ``add_core``): each listed key's
+    centroid is its nearest in float64, and lists plus outliers hold every slot once (trained at 64, 128 and
+    256 keys, with windows added in between)."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    cache, _ = _filled_cache("faiss-ivf", M=320, B=1, G=2, window=64, mem_nprobe=1)
+    store, search = cache.memories[1], cache.searches[1]
+    for (_, g), head in search.indexes.items():
+        index = head.index
+        lifted = torch.from_numpy(fot.search._lift_keys(store.view().k_BGMH[0, g], search.bound_sq)).double()
+        centroids = torch.from_numpy(index.quantizer.reconstruct_n(0, index.nlist)).double()
+        dist = torch.cdist(lifted, centroids).pow(2)  # [M, nlist]
+        seen = [head.outliers]
+        for list_no in range(index.nlist):
+            ids = torch.from_numpy(get_invlist(index.invlists, list_no)[0]).long()
+            assert torch.all(dist[ids, list_no] <= dist[ids].min(1).values + 1e-4), list_no
+            seen.append(ids)
+        assert torch.equal(torch.cat(seen).sort().values, torch.arange(320))
+
+
 def test_ivf_retrains_with_more_lists_when_memory_has_grown(faiss1, small_ivf):
     cache, _ = _filled_cache("faiss-ivf", M=320, B=1, G=2, window=64, mem_nprobe=4096)
     store, search = cache.memories[1], cache.searches[1]
