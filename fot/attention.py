@@ -418,13 +418,37 @@ def window_group_attention(
 
 
 # ----------------------------------------------------------------------------- top-k memory
-def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype):
+class GatherScratch:
+    """Reusable output buffers for the retrieved keys and values of top-k attention (inference only).
+
+    A block's gather is megabytes; allocated fresh each time, the allocator hands back unmapped pages and
+    every 4 KiB page costs a fault on first write, which on CPU took longer than the gather itself (the
+    retrieval step of a 64K-token prefill spent most of its time there). The cache owns one scratch for its
+    lifetime, so a prefill maps these pages once. Callers must be done with the previous block's tensors
+    before asking for the next (``_topk_block`` is: nothing it returns aliases them).
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        """Two uninitialised tensors of ``shape`` (for keys and values), views of a buffer kept for reuse."""
+        n = math.prod(shape)
+        key = (dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < 2 * n:
+            buf = self._buffers[key] = torch.empty(2 * n, dtype=dtype, device=device)
+        return buf[:n].view(shape), buf[n : 2 * n].view(shape)
+
+
+def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype, scratch: GatherScratch | None = None):
     """Keys and values of the retrieved slots, [B, N, T, K, H] in ``dtype`` (slot -1 gives slot 0, masked later).
 
     Query head n reads KV head n // R, so GQA memory is gathered, never repeated whole. Rows are copied with
     ``index_select`` per (batch row, KV head), which moves whole H-vectors (much faster than ``gather`` with
-    an index expanded over H). Small gathers (decoding) use one advanced-indexing call instead: fewer calls,
-    and at 32 rows per head it is 1.6x faster, while at 16K rows per head the per-head ``index_select`` is.
+    an index expanded over H), straight into the output when the dtypes agree. Small gathers (decoding) use
+    one advanced-indexing call instead: fewer calls, and at 32 rows per head it is 1.6x faster, while at 16K
+    rows per head the per-head ``index_select`` is. With ``scratch``, the large gathers write into its buffers.
     """
     B, N, T, K = idx_BNTK.shape
     G, M, H = memory.k_BGMH.shape[1:]
@@ -436,12 +460,19 @@ def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype):
         k = memory.k_BGMH[b_idx, g_idx, flat].to(dtype)
         v = memory.v_BGMH[b_idx, g_idx, flat].to(dtype)
         return k.view(B, N, T, K, H), v.view(B, N, T, K, H)
-    k = torch.empty((B, G, R * T * K, H), dtype=dtype, device=idx_BNTK.device)
-    v = torch.empty_like(k)
+    if scratch is not None:
+        k, v = scratch.take((B, G, R * T * K, H), dtype, idx_BNTK.device)
+    else:
+        k = torch.empty((B, G, R * T * K, H), dtype=dtype, device=idx_BNTK.device)
+        v = torch.empty_like(k)
+    same_dtype = memory.k_BGMH.dtype == dtype  # then rows land in place; else one converting copy
     for b in range(B):
         for g in range(G):
-            k[b, g] = memory.k_BGMH[b, g].index_select(0, flat[b, g])
-            v[b, g] = memory.v_BGMH[b, g].index_select(0, flat[b, g])
+            for src, dst in ((memory.k_BGMH[b, g], k[b, g]), (memory.v_BGMH[b, g], v[b, g])):
+                if same_dtype:
+                    torch.index_select(src, 0, flat[b, g], out=dst)
+                else:
+                    dst.copy_(src.index_select(0, flat[b, g]))
     return k.view(B, N, T, K, H), v.view(B, N, T, K, H)
 
 
@@ -473,25 +504,28 @@ def _retrieved_ok(memory: MemoryKV, idx_BNTK: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK, query_block: int = 128):
+def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK, query_block: int = 128,
+                         scratch: GatherScratch | None = None):  # fmt: skip
     """Fast path of ``reference_topk_attention``: fused local attention with LSE, retrieved slots gathered
-    ``query_block`` queries at a time (bounding the [B, N, T, K, H] gather), merged by LSE."""
+    ``query_block`` queries at a time (bounding the [B, N, T, K, H] gather, into ``scratch`` when given),
+    merged by LSE."""
     if _needs_grad(q_BNTH, local, memory):
         return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
     B, N, T, H = q_BNTH.shape
     out_loc, lse_loc = _local_part(q_BNTH, local)
     if T <= query_block:  # one block (decoding, short chunks): no output buffer
-        return _topk_block(q_BNTH, memory, idx_BNTK, out_loc, lse_loc)
+        return _topk_block(q_BNTH, memory, idx_BNTK, out_loc, lse_loc, scratch)
     out = torch.empty_like(q_BNTH)
     for t0 in range(0, T, query_block):
         ts = slice(t0, min(t0 + query_block, T))
-        out[:, :, ts] = _topk_block(q_BNTH[:, :, ts], memory, idx_BNTK[:, :, ts], out_loc[:, :, ts], lse_loc[:, :, ts])
+        out[:, :, ts] = _topk_block(q_BNTH[:, :, ts], memory, idx_BNTK[:, :, ts], out_loc[:, :, ts],
+                                    lse_loc[:, :, ts], scratch)  # fmt: skip
     return out
 
 
-def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc) -> torch.Tensor:
+def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc, scratch=None) -> torch.Tensor:
     """Attention of a block of queries to their retrieved slots, merged with their local part by LSE."""
-    k_sel, v_sel = gather_memory(memory, idx_BNTK, q_BNTH.dtype)  # [B, N, T, K, H]
+    k_sel, v_sel = gather_memory(memory, idx_BNTK, q_BNTH.dtype, scratch)  # [B, N, T, K, H]
     scale = 1.0 / math.sqrt(q_BNTH.shape[-1])
     s = torch.matmul(q_BNTH.unsqueeze(-2), k_sel.transpose(-1, -2)).squeeze(-2).float() * scale  # [B, N, T, K]
     missing = idx_BNTK < 0 if memory.valid_BM is None else ~_retrieved_ok(memory, idx_BNTK)
@@ -504,17 +538,17 @@ def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc) -> torch.T
 
 
 def memory_attention(
-    q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str, grouping=None, idx_BNTK=None
+    q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str, grouping=None, idx_BNTK=None, scratch=None
 ) -> torch.Tensor:
     """Dispatch to the implementation named by ``impl`` ("torch", "triton" or "reference"); with ``idx_BNTK``
-    (top-k retrieved slots) to the kNN-memory attention."""
+    (top-k retrieved slots) to the kNN-memory attention (``scratch``: a ``GatherScratch`` for its gathers)."""
     if impl == "reference":
         if idx_BNTK is not None:
             return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
         return reference_memory_attention(q_BNTH, local, memory, grouping)
     if impl == "torch":
         if idx_BNTK is not None:
-            return fused_topk_attention(q_BNTH, local, memory, idx_BNTK)
+            return fused_topk_attention(q_BNTH, local, memory, idx_BNTK, scratch=scratch)
         return fused_memory_attention(q_BNTH, local, memory, grouping)
     if impl == "triton":
         return triton_memory_attention(q_BNTH, local, memory, idx_BNTK)

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.cache_utils import Cache
 
-from .attention import LocalKV, MemoryKV, apply_rope, rope_cos_sin
+from .attention import GatherScratch, LocalKV, MemoryKV, apply_rope, rope_cos_sin
 from .config import CACHE_POLICIES, LongLlamaConfig
 from .memory import MemoryStore, copy_on_write
 from .search import KeySearch, make_search
@@ -173,8 +173,10 @@ class MemoryReader:
     recomputed during backward sees exactly the memory its forward saw, whatever was appended since.
     """
 
-    def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None, windows: int = 1):
+    def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None, windows: int = 1,
+                 scratch: GatherScratch | None = None):  # fmt: skip
         self.search, self.top_k = search, top_k
+        self.scratch = scratch  # the cache's buffers for top-k gathers (``GatherScratch``)
         self.windows = windows  # > 1: the chunk is that many windows stacked as batch rows (window-major)
         self.dtype = store.dtype
         self._view = store.view()
@@ -215,6 +217,7 @@ class LongLlamaCache(Cache):
         self.searches: dict[int, KeySearch] = {}
         self._new_memories()
         self.seen_tokens = 0
+        self.scratch = GatherScratch()  # reused by every top-k gather while this cache lives
 
     def _new_memories(self) -> None:
         cfg = self.config
@@ -286,7 +289,8 @@ class LongLlamaCache(Cache):
     def memory_reader(self, layer_idx: int, windows: int = 1) -> MemoryReader | None:
         if layer_idx not in self.memories:
             return None
-        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k, windows)
+        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k, windows,
+                            self.scratch)  # fmt: skip
 
     def clear_memory(self, rows=None) -> None:
         """Forget what batch ``rows`` (all when None) have in memory; the local windows are kept."""

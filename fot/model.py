@@ -105,7 +105,8 @@ class LongLlamaAttention(nn.Module):
                 mem_kv = memory.view()
                 if mem_kv is not None and memory.top_k is not None:
                     idx_BNTK = memory.retrieve(q_BNTH)
-            out_BNTH = memory_attention(q_BNTH, local_kv, mem_kv, impl, grouping, idx_BNTK)
+            scratch = None if memory is None else memory.scratch
+            out_BNTH = memory_attention(q_BNTH, local_kv, mem_kv, impl, grouping, idx_BNTK, scratch)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out_BTD), (k_BGTH, k_rot_BGTH, v_BGTH)
 

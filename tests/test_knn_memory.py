@@ -353,6 +353,51 @@ def test_recall_at_k_is_tie_aware():
     assert recall_at_k(q, keys, found, short_scores) == (2 * 6 * k - 2 - 2, 2 * 6 * k - 2)
 
 
+@pytest.mark.parametrize("mem_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [2, 300])  # one advanced-indexing call / per-head index_select into the output
+def test_gather_memory_returns_each_querys_slots_of_its_kv_head(mem_dtype, T):
+    from fot.attention import MemoryKV, gather_memory
+
+    g = torch.Generator().manual_seed(3)
+    B, G, R, M, H, K = 2, 2, 3, 50, 8, 7
+    keys, values = (torch.randn(B, G, M, H, generator=g).to(mem_dtype) for _ in range(2))
+    idx = torch.randint(-1, M, (B, G * R, T, K), generator=g)
+    k_sel, v_sel = gather_memory(MemoryKV(keys, values, None), idx, torch.float32)
+    assert k_sel.dtype == v_sel.dtype == torch.float32 and k_sel.shape == (B, G * R, T, K, H)
+    for b in range(B):
+        for n in range(G * R):
+            slots = idx[b, n].clamp(min=0)  # -1 reads slot 0; attention masks it
+            assert torch.equal(k_sel[b, n], keys[b, n // R][slots].float())
+            assert torch.equal(v_sel[b, n], values[b, n // R][slots].float())
+
+
+def test_top_k_gathers_reuse_one_scratch_buffer_without_changing_results(monkeypatch):
+    """A prefill's top-k gathers all write into the cache's scratch (allocated once, not per block), and no
+    output aliases it: later blocks overwriting the buffer leave earlier windows' results intact."""
+    from fot.attention import GatherScratch
+
+    model = tiny_model(mem_layers=[0, 2], mem_top_k=24, dtype=torch.float32)  # 64 x 24 rows: index_select
+    ids = tokens(2, 6 * W + 200, seed=8)  # 6 windows to memory, then 200 tokens: blocks of 128 queries
+    buffers = []
+    take = GatherScratch.take
+
+    def counted(scratch, shape, dtype, device):
+        k, v = take(scratch, shape, dtype, device)
+        buffers.append(k.untyped_storage().data_ptr())
+        return k, v
+
+    monkeypatch.setattr(GatherScratch, "take", counted)
+    with torch.no_grad():
+        reused = model(ids, use_cache=True)
+    assert len(buffers) > 10 and len(set(buffers)) == 1
+    assert isinstance(reused.past_key_values.scratch, GatherScratch)
+    monkeypatch.setattr(fot.cache, "GatherScratch", lambda: None)  # fresh tensors for every gather instead
+    with torch.no_grad():
+        fresh = model(ids, use_cache=True)
+    assert fresh.past_key_values.scratch is None
+    assert torch.equal(reused.logits, fresh.logits)
+
+
 def test_ivf_recall_grows_with_nprobe_and_is_exact_at_nlist(faiss1, small_ivf):
     cache, _ = _filled_cache("faiss-ivf", M=512, B=1, G=2, window=512, mem_nprobe=1)
     store, search = cache.memories[1], cache.searches[1]
