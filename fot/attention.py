@@ -441,7 +441,9 @@ class GatherScratch:
         return buf[:n].view(shape), buf[n : 2 * n].view(shape)
 
 
-def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype, scratch: GatherScratch | None = None):
+def gather_memory(
+    memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype, scratch: GatherScratch | None = None
+):
     """Keys and values of the retrieved slots, [B, N, T, K, H] in ``dtype`` (slot -1 gives slot 0, masked later).
 
     Query head n reads KV head n // R, so GQA memory is gathered, never repeated whole. Rows are copied with
