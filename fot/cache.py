@@ -256,6 +256,23 @@ class LongLlamaCache(Cache):
     def is_croppable(self) -> bool:
         return False
 
+    # transformers' Cache derives these from its per-layer objects; fot keeps its own per-layer state instead.
+    @property
+    def is_linear(self) -> list[bool]:
+        """Every layer attends (none is a recurrent state): transformers 5.24+ then slices a prompt that
+        repeats the cached tokens down to the new ones."""
+        return [False] * len(self.locals)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.locals)
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size the cache was filled with, or -1 while it is empty (transformers' convention)."""
+        size = self._batch_size()
+        return -1 if size is None else size
+
     def crop(self, max_length: int) -> None:
         raise ValueError("LongLlamaCache cannot be cropped: tokens already moved to memory cannot be taken back.")
 

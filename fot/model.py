@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import LocalKV, apply_rope, memory_attention, window_group_attention
 from .config import LongLlamaConfig
@@ -88,7 +89,9 @@ class LongLlamaAttention(nn.Module):
         k_BGTH = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGTH = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.use_rope:
-            cos_TH, sin_TH = rope_cos_sin
+            # Under autocast the projections come out in the autocast dtype while the tables are in the
+            # residual stream's; rotating in the projections' dtype keeps q, k and v (and the cache) in one.
+            cos_TH, sin_TH = (t.to(q_BNTH.dtype) for t in rope_cos_sin)
             q_BNTH = apply_rope(q_BNTH, cos_TH, sin_TH)
             k_rot_BGTH = apply_rope(k_BGTH, cos_TH, sin_TH)
         else:
@@ -111,15 +114,20 @@ class LongLlamaAttention(nn.Module):
         return self.o_proj(out_BTD), (k_BGTH, k_rot_BGTH, v_BGTH)
 
 
-class LongLlamaDecoderLayer(nn.Module):
+class LongLlamaDecoderLayer(GradientCheckpointingLayer):
+    """One decoder block. Checkpointing (``gradient_checkpointing_enable``) recomputes it in backward, which is
+    exact because a layer never writes to the cache: the model's layer loop commits what it returns."""
+
     def __init__(self, config: LongLlamaConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.self_attn = LongLlamaAttention(config, layer_idx)
         self.mlp = LongLlamaMLP(config)
         self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x_BTD, rope_cos_sin, local, memory, valid_BT, impl, grouping, crossbatch=None):
+    def forward(self, x_BTD, rope_cos_sin=None, local=None, memory=None, valid_BT=None, impl="torch", grouping=None,
+                crossbatch=None):  # fmt: skip
         attn_BTD, kv = self.self_attn(
             self.input_layernorm(x_BTD), rope_cos_sin, local, memory, valid_BT, impl, grouping, crossbatch
         )

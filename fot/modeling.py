@@ -23,28 +23,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.generation.stopping_criteria import MaxLengthCriteria
-from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .attention import rope_cos_sin, rope_inv_freq
 from .cache import LocalSnapshot, LongLlamaCache
 from .config import CACHE_POLICIES, LongLlamaConfig, validate_last_context_length
 from .crossbatch import CrossBatchPlan
+from .inputs import CACHE_NAME, CACHE_NAMES, compute_dtype, log_low_precision_once, new_token_validity, pick_cache
+from .inputs import validate_call, validate_labels
 from .model import LongLlamaDecoderLayer, LongLlamaRMSNorm
 
 logger = logging.getLogger(__name__)
 
-# forward() keyword arguments that transformers may send and that carry nothing for this model
-_IGNORED_KWARGS = ("cache_position", "num_items_in_batch", "position_ids")
 WINDOW_GROUP_QUERIES = 1024  # short windows bound for memory run in groups of at least this many tokens
 WINDOW_GROUP_MAX = 8  # windows per group at most
 
 
-@dataclass
-class LongLlamaModelOutput(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: LongLlamaCache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+def _with_cache_alias(cls, name: str):
+    """On transformers < 5.24 outputs name the cache ``past_key_values`` only; also read it as ``.cache``, the
+    name of 5.24 and later (which read the older name themselves)."""
+    if CACHE_NAME == "cache":
+        return cls
+    return type(name, (cls,), {"cache": property(lambda self: self.past_key_values), "__module__": __name__})
+
+
+# HF's own output classes, so the cache field has the installed transformers' name.
+LongLlamaModelOutput = _with_cache_alias(BaseModelOutputWithPast, "LongLlamaModelOutput")
+LongLlamaCausalLMOutput = _with_cache_alias(CausalLMOutputWithPast, "LongLlamaCausalLMOutput")
 
 
 def plan_chunks(n_tokens: int, window: int, last_context_length: int) -> list[tuple[int, int]]:
@@ -84,8 +90,17 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LongLlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = list(CACHE_NAMES)
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        """transformers' switch, then the reference's ``gradient_checkpoint_every_ith``: only layers whose index
+        is a multiple of it are checkpointed."""
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        every = self.config.gradient_checkpoint_every_ith
+        for module in self.modules():
+            if isinstance(module, LongLlamaDecoderLayer):
+                module.gradient_checkpointing = module.gradient_checkpointing and module.layer_idx % every == 0
 
 
 class LongLlamaModel(LongLlamaPreTrainedModel):
@@ -98,7 +113,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.gradient_checkpointing = False
         self._impl_logged = None
         self.post_init()
 
@@ -134,14 +148,12 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         grouping = self.config.mem_attention_grouping
         hidden = [x_BTD] if keep_hidden else None
         for idx, layer in enumerate(self.layers):
-            local = cache.local_for_attention(idx)
-            memory = cache.memory_reader(idx)
-            args = (x_BTD, rope, local, memory, valid_BT, impl, grouping, crossbatch)
-            every = self.config.gradient_checkpoint_every_ith
-            if self.gradient_checkpointing and self.training and idx % every == 0:
-                x_BTD, kv = self._gradient_checkpointing_func(layer.__call__, *args)
-            else:
-                x_BTD, kv = layer(*args)
+            # Hidden states go positionally: a checkpointed layer (GradientCheckpointingLayer) passes only
+            # positional arguments through the checkpoint function.
+            x_BTD, kv = layer(
+                x_BTD, rope_cos_sin=rope, local=cache.local_for_attention(idx), memory=cache.memory_reader(idx),
+                valid_BT=valid_BT, impl=impl, grouping=grouping, crossbatch=crossbatch,
+            )  # fmt: skip
             if crossbatch is None:  # a crossbatch step keeps no state
                 cache.commit(idx, *kv, valid_BT, to_memory)
             if keep_hidden:
@@ -153,7 +165,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: LongLlamaCache | None = None,
+        cache: LongLlamaCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -162,25 +174,30 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         last_context_length: int | None = None,
         cache_policy: str | None = None,
         crossbatch: CrossBatchPlan | None = None,
+        past_key_values: LongLlamaCache | None = None,
         **kwargs,
     ) -> LongLlamaModelOutput:
         """Run an input of any length through windows; see the module docstring for the semantics.
 
         Args:
             input_ids: [B, N] token ids (or ``inputs_embeds`` [B, N, D]).
-            attention_mask: [B, N] or [B, seen + N] (1 = token, 0 = padding). Only its last N columns are read;
-                the padding of earlier tokens is already remembered by the cache.
-            past_key_values: a ``LongLlamaCache`` to continue from; a fresh one is made when None.
+            attention_mask: [B, seen + N] 0/1 (1 = token, 0 = padding), covering cached and new tokens as in
+                transformers. Only its last N columns are read: the cache remembers earlier padding.
+            cache: a ``LongLlamaCache`` to continue from; a fresh one is made when None. ``past_key_values`` is
+                the same argument under its name before transformers 5.24; pass one of them.
             use_cache: return the cache (default ``config.use_cache``).
             last_context_length: overrides ``config.last_context_length`` for this call.
             cache_policy: overrides the cache's policy ("slide" or "flush").
             crossbatch: training only. Every row is one window (N <= W); memory layers attend to the other
                 rows named by the plan (see ``fot.crossbatch``) instead of a memory. No cache is used.
+            kwargs: other keyword arguments transformers and ``Trainer`` pass (``cache_position``,
+                ``num_items_in_batch``, ...) are accepted and carry nothing for this model.
         """
-        self._validate_call(input_ids, inputs_embeds, output_attentions, past_key_values, kwargs)
+        past = pick_cache(cache, past_key_values)
+        validate_call(self.config, input_ids, inputs_embeds, output_attentions, kwargs)
         cfg = self.config
         if crossbatch is not None:
-            self._validate_crossbatch(crossbatch, past_key_values, use_cache, inputs_embeds, input_ids)
+            self._validate_crossbatch(crossbatch, past, use_cache, inputs_embeds, input_ids)
             use_cache = False
         use_cache = cfg.use_cache if use_cache is None else use_cache
         L = cfg.last_context_length if last_context_length is None else last_context_length
@@ -188,12 +205,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, N, _ = inputs_embeds.shape
-        cache = past_key_values if past_key_values is not None else LongLlamaCache(cfg)
+        cache = past if past is not None else LongLlamaCache(cfg)
         if cache_policy is not None:
             if cache_policy not in CACHE_POLICIES:
                 raise ValueError(f"cache_policy={cache_policy!r} is unknown; use one of {CACHE_POLICIES}.")
             cache.policy = cache_policy
-        valid_BN = self._new_token_validity(attention_mask, B, N, cache.seen_tokens)
+        valid_BN = new_token_validity(attention_mask, B, N, cache.seen_tokens)
+        log_low_precision_once(compute_dtype(inputs_embeds), inputs_embeds.device)
         impl = self._attn_impl(inputs_embeds.device)
         inv_freqs = self._inv_freqs(inputs_embeds.device)
         if crossbatch is not None:
@@ -211,9 +229,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if output_hidden_states:
             per_layer = [torch.cat(h, dim=1) for h in zip(*chunk_hidden)]
             hidden_states = tuple(per_layer[:-1]) + (last,)
-        return LongLlamaModelOutput(
-            last_hidden_state=last, past_key_values=cache if use_cache else None, hidden_states=hidden_states
+        out = LongLlamaModelOutput(
+            last_hidden_state=last, hidden_states=hidden_states, **{CACHE_NAME: cache if use_cache else None}
         )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return out if return_dict else out.to_tuple()
 
     def _run_windows(self, x_BND, cache: LongLlamaCache, valid_BN, L: int, impl: str, inv_freqs, keep_hidden: bool):
         """Windowing (module docstring): returns the pre-norm output [B, N, D] and per-chunk hidden states."""
@@ -284,38 +304,14 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         hidden = [x_BTD] if keep_hidden else None
         for idx, layer in enumerate(self.layers):
             memory = cache.memory_reader(idx, windows=P)
-            x, (k_raw, _, v) = layer(x, rope, LocalSnapshot(None, None, None), memory, None, impl, None)
+            x, (k_raw, _, v) = layer(
+                x, rope_cos_sin=rope, local=LocalSnapshot(None, None, None), memory=memory, valid_BT=None,
+                impl=impl, grouping=None,
+            )  # fmt: skip
             cache.commit(idx, window_order(k_raw), None, window_order(v), None, to_memory=True)
             if keep_hidden:
                 hidden.append(tokens(x))
         return tokens(x), hidden
-
-    @staticmethod
-    def _validate_call(input_ids, inputs_embeds, output_attentions, cache, kwargs) -> None:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds.")
-        if kwargs.get("position_ids") is not None:
-            raise ValueError(
-                "position_ids are not accepted: LongLLaMA positions are offsets inside the local window and are "
-                "derived from the cache. Call the model without position_ids."
-            )
-        if output_attentions:
-            raise ValueError("output_attentions is not supported: attention maps are never materialised.")
-        if cache is not None and not isinstance(cache, LongLlamaCache):
-            raise TypeError(
-                f"past_key_values must be a fot.LongLlamaCache, got {type(cache).__name__}; pass None to start "
-                "a new one, or the past_key_values returned by a previous call."
-            )
-        unknown = set(kwargs) - set(_IGNORED_KWARGS)
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-        n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        if n == 0:
-            raise ValueError(
-                "the input is empty (0 tokens). To continue from a cache with generate(), pass either the full "
-                "sequence (cached tokens + new ones) or only the new tokens together with an attention_mask that "
-                "covers cached + new tokens (e.g. torch.ones(batch, cache.seen_tokens + new))."
-            )
 
     def _validate_crossbatch(self, plan: CrossBatchPlan, cache, use_cache, inputs_embeds, input_ids) -> None:
         B, N = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -327,18 +323,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 f"{self.config.max_position_embeddings}; cut documents into windows of at most that length."
             )
         plan.validate(B)
-
-    @staticmethod
-    def _new_token_validity(attention_mask, B: int, N: int, seen: int):
-        if attention_mask is None:
-            return None
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (N, seen + N):
-            raise ValueError(
-                f"attention_mask must be 2-D [batch, new tokens] or [batch, seen + new tokens] = [{B}, {N}] or "
-                f"[{B}, {seen + N}], got {tuple(attention_mask.shape)}."
-            )
-        valid = attention_mask[:, -N:].bool()
-        return None if bool(valid.all()) else valid
 
 
 class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
@@ -369,7 +353,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: LongLlamaCache | None = None,
+        cache: LongLlamaCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -379,58 +363,58 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         last_context_length: int | None = None,
         cache_policy: str | None = None,
         crossbatch: CrossBatchPlan | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: LongLlamaCache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> LongLlamaCausalLMOutput:
         """Logits (and loss with ``labels``) for an input of any length; see ``LongLlamaModel.forward``.
 
-        ``labels`` [B, N] use -100 for ignored positions and are shifted inside (token t predicts t + 1).
-        ``logits_to_keep`` > 0 computes logits only for the last that many tokens (generation uses 1).
+        ``labels`` [B, N] use -100 for ignored positions and are shifted inside (token t predicts t + 1); the
+        loss is transformers' ``loss_function``, so ``num_items_in_batch`` (``Trainer``'s gradient
+        accumulation) normalises it as it does for ``LlamaForCausalLM``. ``logits_to_keep``: an int k > 0
+        computes logits for the last k tokens only (generation uses 1), a 1-D tensor for those positions.
         """
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            cache=cache,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             last_context_length=last_context_length,
             cache_policy=cache_policy,
             crossbatch=crossbatch,
             **kwargs,
         )
         hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
-            if logits_to_keep:
+            if logits.shape[1] != hidden.shape[1]:
                 raise ValueError("labels need logits for every token; do not combine them with logits_to_keep.")
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
-            )
-        result = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            validate_labels(labels, *hidden.shape[:2])
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        result = LongLlamaCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_NAME: getattr(out, CACHE_NAME)}
         )
-        if return_dict is False:
-            return result.to_tuple()
-        return result
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return result if return_dict else result.to_tuple()
 
     # ------------------------------------------------------------------ generation
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Give ``generate`` a ``LongLlamaCache`` (transformers would otherwise build a DynamicCache)."""
-        cache = model_kwargs.get("past_key_values")
-        if cache is not None:
-            if not isinstance(cache, LongLlamaCache):
-                raise TypeError(f"past_key_values must be a fot.LongLlamaCache, got {type(cache).__name__}.")
+        """Give ``generate`` a ``LongLlamaCache`` (transformers would otherwise build a DynamicCache), under the
+        installed transformers' name for it, whichever name the caller used."""
+        given = [model_kwargs.pop(name, None) for name in CACHE_NAMES]
+        cache = pick_cache(*given)
+        if cache is None and generation_config.use_cache is False:
             return
-        if generation_config.use_cache is False:
-            return
-        model_kwargs["past_key_values"] = LongLlamaCache(self.config, cache_policy=model_kwargs.get("cache_policy"))
+        if cache is None:
+            cache = LongLlamaCache(self.config, cache_policy=model_kwargs.get("cache_policy"))
+        model_kwargs[CACHE_NAME] = cache
 
     # transformers treats max_position_embeddings as a hard context limit; for LongLLaMA it is only the window
     # length, so generation must neither cap its default length at it nor warn when a sequence passes it.
@@ -441,10 +425,9 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
 
     def _get_stopping_criteria(self, *args, **kwargs):
         criteria = super()._get_stopping_criteria(*args, **kwargs)
-        for criterion in criteria:
-            if isinstance(criterion, MaxLengthCriteria):
-                criterion.max_position_embeddings = None
-        return criteria
+        return StoppingCriteriaList(
+            MaxLengthCriteria(c.max_length) if isinstance(c, MaxLengthCriteria) else c for c in criteria
+        )
 
 
 def register_auto_classes() -> None:
