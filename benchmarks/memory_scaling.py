@@ -139,13 +139,13 @@ def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, model_path
     ids = input_ids(prompt, model_path)
     with torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
         for _ in range(5):
-            out = model(tok, past_key_values=cache, logits_to_keep=1)
+            out = model(tok, cache=cache, logits_to_keep=1)
             tok = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(steps):
-            out = model(tok, past_key_values=cache, logits_to_keep=1)
+            out = model(tok, cache=cache, logits_to_keep=1)
             tok = out.logits[:, -1:].argmax(-1)
         ms = (time.perf_counter() - start) / steps * 1000
     return {"backend": backend, "k": k, "ms_per_token": ms}

@@ -25,6 +25,7 @@ Cache policy when a chunk of T tokens would overflow the window (S + T > W):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -137,6 +138,13 @@ class LocalWindow:
         self.length = keep
         self.all_valid = bool(self.valid[:, :keep].all()) if keep else True
         return evicted
+
+    def copy(self) -> "LocalWindow":
+        new = copy.copy(self)
+        new.raw_k, new.rot_k, new.v, new.valid = (
+            None if t is None else t.clone() for t in (self.raw_k, self.rot_k, self.v, self.valid)
+        )
+        return new
 
     def select_batch(self, index: torch.Tensor) -> None:
         if self.raw_k is None:
@@ -322,6 +330,20 @@ class LongLlamaCache(Cache):
             "allocated": sum(s.allocated_bytes() for s in self.memories.values()),
             "index": sum(s.nbytes() for s in self.searches.values()),
         }
+
+    def copy(self) -> "LongLlamaCache":
+        """An independent copy: local windows, memories and search indexes are cloned.
+
+        ``generate`` and ``forward`` extend the cache they are given. To ask several questions about one long
+        prefilled document, give each call ``cache.copy()``, so no question sees another's tokens or answer.
+        """
+        new = copy.copy(self)
+        new.layers = list(self.layers)
+        new.locals = [local.copy() for local in self.locals]
+        new.memories = {i: store.copy() for i, store in self.memories.items()}
+        new.searches = {i: search.copy() for i, search in self.searches.items()}
+        new.scratch = GatherScratch()
+        return new
 
     def save(self, path) -> None:
         """Write this cache to ``path`` (one safetensors file); see ``save_cache``."""

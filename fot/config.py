@@ -108,6 +108,11 @@ class LongLlamaConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.mem_layers is not None and not isinstance(self.mem_layers, (list, tuple)):
+            raise ValueError(
+                f"mem_layers must be a list of layer indices, got {self.mem_layers!r}; for one memory layer write "
+                f"mem_layers=[{self.mem_layers!r}]."
+            )
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
         if self.last_context_length is None:
             self.last_context_length = min(1024, self.max_position_embeddings)
@@ -130,6 +135,11 @@ class LongLlamaConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not num_attention_heads={self.num_attention_heads} x "
                 f"head_dim={self.head_dim}; set head_dim or choose a head count that divides hidden_size."
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim={self.head_dim} is odd, but RoPE rotates pairs of dimensions; choose an even head_dim "
+                "(hidden_size / num_attention_heads, or set head_dim)."
             )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
@@ -183,6 +193,12 @@ class LongLlamaConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}={value!r} must be None or a positive int.")
+        if self.mem_index != "exact" and self.mem_top_k is None:
+            raise ValueError(
+                f"mem_index={self.mem_index!r} searches for top-k memory slots, but mem_top_k is None (dense "
+                "attention to all of memory, which searches nothing). Set mem_top_k (e.g. 32) to use the index, "
+                "or drop mem_index."
+            )
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy={self.cache_policy!r} is unknown; use one of {CACHE_POLICIES}.")
         if self.attn_impl not in ATTN_IMPLS:

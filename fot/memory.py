@@ -12,6 +12,8 @@ matter; readers get views of the filled slots and cast block by block. Keys and 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .attention import MemoryKV
@@ -174,6 +176,12 @@ class MemoryStore:
         self.k_BGMH = self.k_BGMH.index_select(0, index)
         self.v_BGMH = self.v_BGMH.index_select(0, index)
         self.valid_BM = self.valid_BM.index_select(0, index)
+
+    def copy(self) -> "MemoryStore":
+        """An independent copy (buffers cloned at their capacity, so appending to either never touches the other)."""
+        new = copy.copy(self)
+        new.k_BGMH, new.v_BGMH, new.valid_BM = (None if t is None else t.clone() for t in (self.k_BGMH, self.v_BGMH, self.valid_BM))
+        return new
 
     def nbytes(self) -> int:
         """Bytes of the filled keys and values (the minimum a dense memory needs)."""

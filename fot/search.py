@@ -32,6 +32,7 @@ faiss is optional: asking for a faiss backend without it raises an error naming 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -135,6 +136,10 @@ class KeySearch:
     def nbytes(self) -> int:
         """Bytes held by the index itself, beyond the store's keys and values."""
         return 0
+
+    def copy(self) -> "KeySearch":
+        """An independent copy for a copied cache (stateless backends share nothing mutable)."""
+        return copy.copy(self)
 
 
 class ExactSearch(KeySearch):
@@ -247,6 +252,14 @@ class FaissIVFSearch(KeySearch):
         self.trained_at = 0
         self.bound_sq = 0.0
         self._padded = None
+
+    def copy(self) -> "FaissIVFSearch":
+        """Every head's index cloned (each clone owns its quantizer), so the two caches then grow apart."""
+        new = copy.copy(self)
+        new._padded = None
+        new.indexes = {key: _IVFHead(self.faiss.clone_index(h.index), None, h.radius, h.outliers.clone(),
+                                     h.outlier_dist.clone(), h.centroids) for key, h in self.indexes.items()}  # fmt: skip
+        return new
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Row b of the new batch takes the indexes of old row index[b]; repeated rows get their own copy."""

@@ -85,7 +85,11 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def parallelize(model: torch.nn.Module, spec, info: DistInfo) -> torch.nn.Module:
     """Apply activation checkpointing, compile, then FSDP2 or DDP. Returns the module to train."""
     if spec.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed the switch and its argument after 5.20; the old names still work there, with a warning.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.train.compile:
         for layer in model.model.layers:
             layer.compile()
