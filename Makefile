@@ -1,11 +1,14 @@
 # fot: build, test and benchmark targets (GNU make).
 #
-#   make test    create .venv if needed, then run the test suite offline
+#   make test    create .venv from requirements.lock if needed, then run the test suite offline
+#   make test-latest  the same tests in .venv-latest, rebuilt at the newest versions setup.py allows
+#   make test-oldest  the same tests in .venv-oldest: the lock, but the oldest supported transformers
+#   make lock    re-resolve requirements.lock at the newest versions setup.py allows
 #   make demo    passkey retrieval of the shipped models/fot-tiny, memory on and off (runs/demo/)
 #   make demo-model  retrain models/fot-tiny from scratch with our trainer (about an hour on 2 cores)
 #   make bench   run the prefill benchmark
 #   make .venv   only create/refresh the virtual environment
-#   make clean   remove the environment and build outputs
+#   make clean   remove the environments and build outputs
 #
 # The CPU build of torch is pinned and installed first: installing torch unpinned,
 # or letting another package pull it in, fetches a multi-GB CUDA build.
@@ -13,31 +16,77 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
-TORCH_PIN := torch==2.13.0
-EXTRAS := dev,faiss,train,eval,triton
+# The local tag names the CPU wheel; a bare torch==2.13.0 also matches the CUDA build on PyPI.
+TORCH_PIN := torch==2.13.0+cpu
+EXTRAS := dev,faiss,train,eval,triton,gguf
+LOCK := requirements.lock
+LOCK_VENV := .venv-lock
+LATEST_VENV := .venv-latest
+OLDEST_VENV := .venv-oldest
+# The floor of setup.py's transformers range; read from there so the two cannot drift.
+TRANSFORMERS_OLDEST := $(shell sed -n 's/^TRANSFORMERS_OLDEST = "\(.*\)"/\1/p' setup.py)
 PYTEST_ARGS ?=
 
 # Tests and benchmarks never touch the network: a hub call would stall before failing.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
+# The one test command: every suite runs exactly this, with its venv's python as $(1).
+run-tests = $(1) -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
+	&& $(OFFLINE) TRITON_INTERPRET=1 $(1) -m pytest -q tests $(PYTEST_ARGS)
+
+# Fills venv $(1) from the lock. torch goes first so that nothing can pull the CUDA build; fot itself
+# goes in without dependencies, since the lock already holds them.
+install-locked = $(1)/bin/pip install -q $(TORCH_PIN) && $(1)/bin/pip install -q -r $(LOCK) \
+	&& $(1)/bin/pip install -q --no-deps -e .
+
 .DEFAULT_GOAL := test
-.PHONY: .venv venv test bench clean
+.PHONY: .venv venv test test-latest test-oldest lock bench clean
 
 .venv venv: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installs whenever setup.py changes.
-$(STAMP): setup.py | $(PY)
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[$(EXTRAS)]"
+# Re-installs whenever the lock or setup.py changes.
+$(STAMP): $(LOCK) setup.py | $(PY)
+	$(call install-locked,$(VENV))
 	touch $@
 
 test: $(STAMP)
-	$(OFFLINE) TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(call run-tests,$(PY))
+
+# Rebuilt on every run so it really tracks the registry. torch stays pinned in the same install: an unpinned
+# torch, or an eager upgrade of torch>=2.4, is a multi-GB CUDA build.
+test-latest:
+	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
+	$(call run-tests,$(LATEST_VENV)/bin/python)
+
+# The lock, then the oldest transformers; pip moves tokenizers and huggingface-hub to fit it, and pip check
+# fails if that breaks another locked package.
+$(OLDEST_VENV)/.installed: $(LOCK) setup.py
+	rm -rf $(OLDEST_VENV) && $(PYTHON) -m venv $(OLDEST_VENV)
+	$(call install-locked,$(OLDEST_VENV))
+	$(OLDEST_VENV)/bin/pip install -q "transformers==$(TRANSFORMERS_OLDEST)"
+	$(OLDEST_VENV)/bin/pip check
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(call run-tests,$(OLDEST_VENV)/bin/python)
+
+# Re-resolves the lock in a throwaway venv: the CPU torch pin, then every extra at the newest allowed version.
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(LOCK_VENV)/bin/pip install -q -e ".[$(EXTRAS)]" "$(TORCH_PIN)"
+	{ echo "# Exact versions of every dependency of fot[$(EXTRAS)], with the CPU build of torch."; \
+	  echo "# Made by 'make lock' on $$($(LOCK_VENV)/bin/python -c 'import platform as p; \
+	print("Python", p.python_version(), p.system(), p.machine())'): a fresh venv, $(TORCH_PIN), then the extras"; \
+	  echo "# at the newest versions setup.py allows, then pip freeze (fot itself left out). Do not edit by hand."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK) && rm -rf $(LOCK_VENV)
 
 # The shipped demo model: window 128, so the sweep reaches 128x past it. DEMO_THREADS=2 took 2.8 minutes on the
 # 2-core CPU; the default of one thread is slower but does not collapse when another job holds the cores (two
@@ -68,5 +117,5 @@ bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/prefill.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) build dist *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

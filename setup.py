@@ -10,6 +10,11 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# The oldest transformers the tests pass on (the Makefile's test-oldest reads it from here). 5.4 is the
+# first release whose PreTrainedConfig runs a subclass's __post_init__, which LongLlamaConfig relies on;
+# on 5.2 and 5.3 head_dim stays None, and 5.0 and 5.1 fail earlier.
+TRANSFORMERS_OLDEST = "5.4.0"
+
 setup(
     name="fot",
     version="0.1.0",
@@ -21,7 +26,7 @@ setup(
     package_dir={"fot.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        f"transformers>={TRANSFORMERS_OLDEST},<6",
         "safetensors",
         "numpy",
         "tqdm",
@@ -32,6 +37,8 @@ setup(
         "triton": ["triton>=3.7.1,<3.8"],  # torch 2.13 wheels are built against triton 3.7.1
         "train": ["datasets", "sentencepiece", "protobuf", "wandb", "pyyaml", "tqdm"],
         "eval": ["matplotlib"],
-        "dev": ["pytest", "pytest-xdist", "psutil", "matplotlib", "sentencepiece", "protobuf", "pyyaml"],
+        "dev": ["pytest", "pytest-xdist", "psutil", "matplotlib", "sentencepiece", "protobuf", "pyyaml", "peft"],
+        # Loading GGUF checkpoints through transformers (from_pretrained(..., gguf_file=...)).
+        "gguf": ["gguf", "accelerate"],
     },
 )

@@ -136,6 +136,41 @@ def test_from_llama_checkpoint_with_memory_layers(tmp_path):
     assert 0 < (before - after).abs().max() < 1e-2  # trained a little, starting from the LLaMA weights
 
 
+def test_lora_run_trains_only_adapters_saves_them_and_resumes(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'fot[dev]')")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    hf.save_pretrained(tmp_path / "llama")
+    common = dict(checkpoint=str(tmp_path / "llama"), preset=None, model={"mem_layers": [1], "mem_dtype": "float32"},
+                  adapter={"kind": "lora", "r": 4, "alpha": 8.0, "layers": "memory"})
+    steps = {"train.max_steps": 4, "optim.lr": 1e-2}
+    whole = run_in_process(tmp_path / "whole", **common, **steps, **{"run.save_every": 0})
+    final = whole / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    base = fot.LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", mem_layers=[1], mem_dtype="float32").eval()
+    tuned = peft.PeftModel.from_pretrained(base, final).eval()
+    adapted = {n for n, _ in tuned.named_parameters() if "lora_" in n}
+    assert adapted and all(".layers.1." in n for n in adapted)  # only the memory layer
+    ids = torch.randint(3, 64, (1, 80))
+    with torch.no_grad():
+        plain = fot.LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", mem_layers=[1], mem_dtype="float32")
+        assert (tuned(input_ids=ids).logits - plain(ids).logits).abs().max() > 1e-4  # the adapter changed it
+        merged = tuned.merge_and_unload()
+        for name, w in merged.state_dict().items():  # the base weights themselves never moved
+            if "layers.1.self_attn" not in name:
+                assert torch.equal(w, hf.state_dict()[name]), name
+    # resumed from its step-2 checkpoint (adapter weights and their optimizer state), steps 3-4 come out the same
+    part = run_in_process(tmp_path / "part", **common, **steps, **{"run.save_every": 2, "run.save_final": False})
+    run_in_process(tmp_path / "part", **common, **steps, **{"run.save_every": 2, "run.resume": True,
+                                                            "run.save_final": False})
+    records = metrics(part)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == [r["loss"] for r in metrics(whole)]
+
+
 def test_activation_checkpointing_is_exact_and_bf16_trains(tmp_path):
     common = {"train.max_steps": 3, "run.save_every": 0, "run.save_final": False}
     plain = run_in_process(tmp_path / "a", **common)

@@ -33,7 +33,8 @@ def build_config(spec) -> fot.LongLlamaConfig:
     return fot.LongLlamaConfig(**model_fields(spec))
 
 
-def build_model(spec) -> fot.LongLlamaForCausalLM:
+def build_model(spec) -> torch.nn.Module:
+    """The ``LongLlamaForCausalLM`` of the run in fp32, wrapped as a peft ``PeftModel`` with ``adapter.kind: lora``."""
     fields = model_fields(spec)
     if spec.checkpoint is None:
         torch.manual_seed(spec.train.seed)
@@ -41,7 +42,27 @@ def build_model(spec) -> fot.LongLlamaForCausalLM:
     else:
         model = fot.LongLlamaForCausalLM.from_pretrained(spec.checkpoint, dtype=torch.float32, **fields)
         model.config.validate_longllama()
-    return model.float()
+    model = model.float()
+    if spec.adapter.kind == "lora":
+        model = add_lora(model, spec.adapter, spec.train.seed)
+    return model
+
+
+def add_lora(model: fot.LongLlamaForCausalLM, adapter, seed: int) -> torch.nn.Module:
+    """Freeze ``model`` and wrap it with LoRA adapters (peft); the adapters' init is seeded."""
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("adapter.kind=lora needs peft: pip install peft (or 'fot[dev]').") from err
+    layers = list(model.config.mem_layers) if adapter.layers == "memory" else adapter.layers
+    torch.manual_seed(seed)
+    lora = peft.LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                           target_modules=list(adapter.target_modules), layers_to_transform=layers)
+    wrapped = peft.get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    logger.info("LoRA r=%d on %s (layers %s): %.2fM trainable parameters", adapter.r, adapter.target_modules,
+                "all" if layers is None else layers, trainable / 1e6)
+    return wrapped
 
 
 def load_tokenizer(spec):

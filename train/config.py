@@ -12,6 +12,7 @@ A run config is a YAML mapping with these top-level keys (every one optional exc
     parallel: ParallelConfig
     run: RunConfig
     log: LogConfig
+    adapter: AdapterConfig              # train LoRA adapters through peft instead of every weight
 
 Command-line overrides are ``--section.key=value`` (``--checkpoint=DIR`` for top-level keys); values are parsed
 as YAML, so ``--model.mem_layers=[2,3]`` and ``--run.resume=true`` work. Unknown keys and values of the wrong
@@ -190,6 +191,27 @@ class LogConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Fine-tune LoRA adapters (through ``peft``) instead of every weight: the base stays frozen, ``final/``
+    holds only the adapter (megabytes) next to the base's config, and optimizer state is the adapter's alone.
+
+    Attributes:
+        kind: "none" (train every weight) or "lora".
+        r / alpha / dropout: LoRA rank, scaling numerator (scale = alpha / r) and dropout.
+        target_modules: projection names to adapt (Llama's names: q_proj, k_proj, v_proj, o_proj, gate_proj,
+            up_proj, down_proj).
+        layers: layer indices to adapt; null adapts every layer. "memory" adapts only ``model.mem_layers``.
+    """
+
+    kind: Literal["none", "lora"] = "none"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    layers: list[int] | Literal["memory"] | None = None
+
+
+@dataclass
 class RunSpec:
     """The whole run config (see the module docstring)."""
 
@@ -203,6 +225,7 @@ class RunSpec:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 # ----------------------------------------------------------------------------- type checking
@@ -433,6 +456,10 @@ def validate(spec: RunSpec) -> None:
         raise ValueError(f"optim.beta1 and optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}.")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
+    a = spec.adapter
+    if a.kind == "lora" and (a.r < 1 or a.alpha <= 0 or not 0.0 <= a.dropout < 1.0 or not a.target_modules):
+        raise ValueError(f"adapter: r must be >= 1, alpha > 0, dropout in [0, 1) and target_modules non-empty; got "
+                         f"r={a.r}, alpha={a.alpha}, dropout={a.dropout}, target_modules={a.target_modules}.")
     if spec.run.save_every < 0 or spec.run.keep_last < 1 or spec.log.every < 1:
         raise ValueError("run.save_every must be >= 0, run.keep_last >= 1 and log.every >= 1.")
     if spec.preset is not None:
