@@ -11,9 +11,10 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # The oldest transformers the tests pass on (the Makefile's test-oldest reads it from here). 5.4 is the
-# first release whose PreTrainedConfig runs a subclass's __post_init__, which LongLlamaConfig relies on;
-# on 5.2 and 5.3 head_dim stays None, and 5.0 and 5.1 fail earlier.
-TRANSFORMERS_OLDEST = "5.4.0"
+# first release whose PreTrainedConfig runs a subclass's __post_init__, which LongLlamaConfig relies on (on 5.2
+# and 5.3 head_dim stays None; 5.0 and 5.1 fail earlier), and 5.6 the first whose GGUF tokenizer survives
+# save_pretrained: a SmolLM2 tokenizer converted by 5.4 or 5.5 reloads with a 0 after every word.
+TRANSFORMERS_OLDEST = "5.6.0"
 
 setup(
     name="fot",
