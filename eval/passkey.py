@@ -1,6 +1,7 @@
 """Passkey retrieval with the Landmark / LongLLaMA protocol: accuracy against prompt length, per setting.
 
     python eval/passkey.py --model models/fot-tiny --settings memory no-memory --out runs/passkey
+    python eval/passkey.py --model models/fot-tiny --template all --depths 0 0.5 1 --out runs/passkey-all
 
 The prompt is five lines joined by "\\n" (Landmark Attention's ``generate_prompt``, used by LongLLaMA):
 
@@ -10,19 +11,25 @@ The prompt is five lines joined by "\\n" (Landmark Attention's ``generate_prompt
     <filler[:n_suffix]>
     What is the pass key? The pass key is
 
-The filler is FILLER repeated and joined by spaces; prefix and suffix both start at the filler's start.
-n_prefix is uniform in [0, n_garbage] and n_suffix = n_garbage - n_prefix; K is uniform in [1, 50000). Each
-(length, trial) pair has its own seeded generator, so every setting sees the same prompts and a run is
-reproducible. n_garbage is calibrated with the tokenizer so that the prompt has about the requested number of
-tokens; the table and results.json report the actual counts.
+That is the default template, ``landmark``. ``--template`` picks others from eval/templates.py: other phrasings
+of the three fixed lines and generated haystacks in place of the filler (held out from training). The filler is
+FILLER repeated and joined by spaces; prefix and suffix both start at the filler's start. n_prefix is uniform in
+[0, n_garbage] (or ``round(depth * n_garbage)`` with ``--depths``), then K is uniform in [1, 50000). Each
+(length, trial) pair has its own seeded generator, so every setting, template and depth sees the same keys and
+a run is reproducible.
+
+Lengths are exact: n_garbage is calibrated per template and length, then adjusted per trial (a few characters)
+until the prompt has exactly the requested number of tokens, when the fixed lines fit in it.
 
 Scoring: the model generates greedily exactly as many tokens as the answer " K" has; a trial is correct when
 they equal the answer's tokens. The answer's tokens are the tail of tokenize(prompt + " " + K) after
 tokenize(prompt) when the latter is a prefix of the former ("tail"); otherwise K tokenized alone without special
-tokens ("separate"). results.json records which.
+tokens ("separate"). results.json records which. With several templates, a length's accuracy is the mean over
+templates, and each row also holds the per-template (and per-depth) accuracies.
 
 Outputs (``--out DIR``): results.json (configuration, per setting and length: accuracy, n, token counts,
-seconds, and every trial) and passkey.png (accuracy against prompt length, log2 axis, window marked).
+seconds, breakdowns and every trial), passkey.png (accuracy against prompt length, log2 axis, window marked) and,
+with ``--depths``, passkey_depth.png (a length x depth heatmap of accuracy per setting).
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,25 +64,24 @@ from eval.common import (
     plot_accuracy,
     write_json,
 )
+from eval.templates import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
 
 logger = logging.getLogger("eval.passkey")
 
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "What is the pass key? The pass key is"
+TASK, QUESTION = LANDMARK_PHRASING.intro, LANDMARK_PHRASING.question
+FILLER = GRASS.text
 KEY_LOW, KEY_HIGH = 1, 50000  # K in [KEY_LOW, KEY_HIGH)
 MIN_LENGTH = 64
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
 
 
 def info_line(key: int) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key."
+    return LANDMARK_PHRASING.key_text(key)
 
 
 def filler(n_chars: int) -> str:
     """The first ``n_chars`` characters of FILLER repeated and joined by spaces."""
-    return " ".join([FILLER] * (n_chars // (len(FILLER) + 1) + 1))[:n_chars]
+    return repeat_text(FILLER, n_chars)
 
 
 @dataclass
@@ -83,13 +92,18 @@ class PasskeyPrompt:
     n_prefix: int
 
 
-def build_prompt(n_garbage: int, rng: np.random.Generator) -> PasskeyPrompt:
-    """The protocol's prompt with ``n_garbage`` filler characters split at a uniform point (see module doc)."""
+def build_prompt(n_garbage: int, rng: np.random.Generator, template: str = DEFAULT_TEMPLATE,
+                 depth: float | None = None) -> PasskeyPrompt:
+    """The protocol's prompt with ``n_garbage`` filler characters split at a uniform point, or at ``depth`` (the
+    fraction of the filler before the key line), in ``template`` (see module doc)."""
     if n_garbage < 0:
         raise ValueError(f"n_garbage must be >= 0, got {n_garbage}.")
     n_prefix = int(rng.integers(0, n_garbage + 1))  # drawn before the key, as in the original
     key = int(rng.integers(KEY_LOW, KEY_HIGH))
-    text = "\n".join([TASK, filler(n_prefix), info_line(key), filler(n_garbage - n_prefix), QUESTION])
+    haystack_seed = int(rng.integers(0, 2**32))  # drawn last, so the split and key match the original's draws
+    if depth is not None:
+        n_prefix = round(depth * n_garbage)
+    text = TEMPLATES[template].render(key, n_prefix, n_garbage - n_prefix, haystack_seed)
     return PasskeyPrompt(text, key, n_garbage, n_prefix)
 
 
@@ -125,31 +139,66 @@ class PromptEncoder:
         alone = list(self.tokenizer(str(key), add_special_tokens=False)["input_ids"])
         return alone, "separate"
 
-    def chars_per_token(self) -> float:
-        """Characters per token of the filler, measured on a long stretch of it."""
-        text = filler(40 * len(FILLER))
+    def chars_per_token(self, template: str = DEFAULT_TEMPLATE) -> float:
+        """Characters per token of a template's filler, measured on a long stretch of it."""
+        text = TEMPLATES[template].haystack.sample(40 * len(FILLER))
         return len(text) / max(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]), 1)
 
 
-def calibrate_n_garbage(encoder: PromptEncoder, target_tokens: int, iterations: int = 4) -> int:
+def calibrate_n_garbage(encoder: PromptEncoder, target_tokens: int, template: str = DEFAULT_TEMPLATE,
+                        iterations: int = 4) -> int:
     """Filler characters that give a prompt of about ``target_tokens`` tokens.
 
     Starts from the filler's characters per token and corrects with the measured length of a prompt split in
-    the middle, until it is within 0.5% (the split point moves the count by a token or two).
+    the middle, until it is within 0.5% (``fit_prompt`` then makes each trial exact).
     """
-    cpt = encoder.chars_per_token()
-    overhead = len(encoder.encode(build_prompt(0, np.random.default_rng(0)).text))
+    cpt = encoder.chars_per_token(template)
+    render = TEMPLATES[template].render
+    overhead = len(encoder.encode(render(25000, 0, 0, 0)))
     n_garbage = max(round((target_tokens - overhead) * cpt), 0)
     for _ in range(iterations):
         if n_garbage == 0:
             break
-        split = "\n".join([TASK, filler(n_garbage // 2), info_line(25000), filler(n_garbage - n_garbage // 2),
-                           QUESTION])
-        actual = len(encoder.encode(split))
+        actual = len(encoder.encode(render(25000, n_garbage // 2, n_garbage - n_garbage // 2, 0)))
         if abs(actual - target_tokens) <= max(1, 0.005 * target_tokens):
             break
         n_garbage = max(n_garbage + round((target_tokens - actual) * cpt), 0)
     return n_garbage
+
+
+def fit_prompt(encoder: PromptEncoder, target: int, n_start: int, rng_factory, template: str,
+               depth: float | None, cpt: float) -> tuple[PasskeyPrompt, list[int]]:
+    """The trial's prompt (``build_prompt(n, rng_factory(), ...)``) and its ids, for an n near ``n_start`` that
+    gives exactly ``target`` tokens; the closest count when none in reach does (e.g. the fixed lines alone are
+    longer).
+
+    The count is not monotone in n_garbage: the split point is drawn from it and a cut word can take one token or
+    two. So steps along the characters-per-token slope get within a token or two, then a scan of neighbouring
+    lengths finds an exact one.
+    """
+    tried: dict[int, tuple[PasskeyPrompt, list[int]]] = {}
+
+    def miss(n: int) -> int:
+        if n not in tried:
+            prompt = build_prompt(n, rng_factory(), template, depth)
+            tried[n] = (prompt, encoder.encode(prompt.text))
+        return len(tried[n][1]) - target
+
+    n = n_start
+    for _ in range(6):
+        off = miss(n)
+        if off == 0 or (n == 0 and off > 0):
+            return tried[n]
+        step = -round(off * cpt) or (-1 if off > 0 else 1)
+        if max(n + step, 0) in tried:
+            break
+        n = max(n + step, 0)
+    best = min(tried, key=lambda m: (abs(miss(m)), m))
+    reach = max(8, math.ceil(4 * cpt))
+    for m in sorted(range(max(best - reach, 0), best + reach + 1), key=lambda m: abs(m - best)):
+        if miss(m) == 0:
+            return tried[m]
+    return tried[min(tried, key=lambda m: (abs(miss(m)), m))]
 
 
 @dataclass
@@ -162,33 +211,58 @@ class Trial:
     prompt_ids: list[int]
     answer_ids: list[int]
     answer_method: str
+    template: str = DEFAULT_TEMPLATE
+    depth: float | None = None  # None: the split point is uniform
 
     @property
     def tokens(self) -> int:
         return len(self.prompt_ids)
 
 
-def make_trials(encoder: PromptEncoder, lengths: list[int], trials: int, seed: int) -> dict[int, list[Trial]]:
-    """The prompts of every (length, trial), tokenized; the same for every setting."""
+def make_trials(encoder: PromptEncoder, lengths: list[int], trials: int, seed: int,
+                templates: Sequence[str] = (DEFAULT_TEMPLATE,), depths: Sequence[float] | None = None
+                ) -> dict[int, list[Trial]]:
+    """The prompts of every (length, template, depth, trial), tokenized; the same for every setting.
+
+    ``build_prompt(tr.n_garbage, trial_rng(seed, length, tr.trial), tr.template, tr.depth)`` rebuilds a trial's
+    prompt. Trial t has the same key in every template and depth.
+    """
+    from tqdm.auto import tqdm
+
     out: dict[int, list[Trial]] = {}
-    for length in lengths:
-        n_garbage = calibrate_n_garbage(encoder, length)
-        out[length] = []
-        for t in range(trials):
-            p = build_prompt(n_garbage, trial_rng(seed, length, t))
-            ids = encoder.encode(p.text)
-            answer, method = encoder.answer_ids(p.text, ids, p.key)
-            out[length].append(Trial(length, t, p.key, n_garbage, p.n_prefix, ids, answer, method))
-        mean = float(np.mean([tr.tokens for tr in out[length]]))
-        if abs(mean - length) > 0.1 * length:
-            fixed = len(encoder.encode(build_prompt(0, np.random.default_rng(0)).text))
-            logger.warning("length %d: prompts have %.0f tokens on average; the prompt without filler already has "
-                           "%d tokens with this tokenizer", length, mean, fixed)
+    cells = [(name, depth) for name in templates for depth in (depths or [None])]
+    with tqdm(total=len(lengths) * len(cells) * trials, desc="prompts", unit="prompt", leave=False,
+              dynamic_ncols=True) as bar:
+        for length in lengths:
+            out[length] = []
+            for name, depth in cells:
+                n_garbage, cpt = calibrate_n_garbage(encoder, length, name), encoder.chars_per_token(name)
+                for t in range(trials):
+                    p, ids = fit_prompt(encoder, length, n_garbage, lambda: trial_rng(seed, length, t), name, depth,
+                                        cpt)
+                    answer, method = encoder.answer_ids(p.text, ids, p.key)
+                    out[length].append(Trial(length, t, p.key, p.n_garbage, p.n_prefix, ids, answer, method, name,
+                                             depth))
+                    bar.update(1)
+            _warn_about_lengths(encoder, length, out[length])
     methods = {tr.answer_method for ts in out.values() for tr in ts}
     if "separate" in methods:
         logger.warning("the prompt's tokens are not a prefix of prompt + ' ' + K's for some trials; their answers "
                        "are K tokenized alone without special tokens")
     return out
+
+
+def _warn_about_lengths(encoder: PromptEncoder, length: int, trials: list[Trial]) -> None:
+    mean = float(np.mean([tr.tokens for tr in trials]))
+    if abs(mean - length) > 0.1 * length:
+        names = {tr.template for tr in trials}
+        fixed = max(len(encoder.encode(TEMPLATES[name].render(25000, 0, 0, 0))) for name in names)
+        logger.warning("length %d: prompts have %.0f tokens on average; the prompt without filler already has "
+                       "%d tokens with this tokenizer", length, mean, fixed)
+    elif any(tr.tokens != length for tr in trials):
+        worst = max(abs(tr.tokens - length) for tr in trials)
+        logger.warning("length %d: %d prompts miss the exact length by up to %d tokens", length,
+                       sum(tr.tokens != length for tr in trials), worst)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -207,9 +281,26 @@ def is_correct(predicted: list[int], answer: list[int]) -> bool:
     return list(predicted) == list(answer)
 
 
+def depth_name(depth: float | None) -> str:
+    return "uniform" if depth is None else f"{depth:g}"
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracy of ``records`` as the mean over their templates (pooled within one), with counts."""
+    per_template = defaultdict(list)
+    for r in records:
+        per_template[r["template"]].append(r["correct"])
+    correct = sum(r["correct"] for r in records)
+    accuracy = float(np.mean([100.0 * sum(v) / len(v) for v in per_template.values()]))
+    return {"accuracy": accuracy, "correct": correct, "n": len(records)}
+
+
 def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "passkey",
              **generate_kwargs) -> list[dict]:
-    """Score every trial; returns one summary per length with its trials (tqdm progress over all trials)."""
+    """Score every trial; returns one summary per length with its trials (tqdm progress over all trials).
+
+    A row's accuracy is the mean over templates; ``by_template`` and, with depths, ``by_depth`` break it down.
+    """
     from tqdm.auto import tqdm
 
     rows = []
@@ -219,18 +310,21 @@ def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "p
             records = []
             for tr in ts:
                 predicted = greedy_answer(model, tr.prompt_ids, len(tr.answer_ids), device, **generate_kwargs)
-                records.append({"trial": tr.trial, "key": tr.key, "tokens": tr.tokens, "n_garbage": tr.n_garbage,
-                                "n_prefix": tr.n_prefix, "answer_ids": tr.answer_ids, "predicted_ids": predicted,
+                records.append({"trial": tr.trial, "template": tr.template, "depth": tr.depth, "key": tr.key,
+                                "tokens": tr.tokens, "n_garbage": tr.n_garbage, "n_prefix": tr.n_prefix,
+                                "answer_ids": tr.answer_ids, "predicted_ids": predicted,
                                 "answer_method": tr.answer_method, "correct": is_correct(predicted, tr.answer_ids)})
                 bar.update(1)
-            correct = sum(r["correct"] for r in records)
-            rows.append({
-                "length": length, "mean_tokens": float(np.mean([r["tokens"] for r in records])),
-                "min_tokens": min(r["tokens"] for r in records), "max_tokens": max(r["tokens"] for r in records),
-                "n": len(records), "correct": correct, "accuracy": 100.0 * correct / len(records),
-                "seconds": time.perf_counter() - start, "trials": records,
-            })
-            bar.set_postfix(length=length, acc=f"{rows[-1]['accuracy']:.0f}%")
+            row = {"length": length, "mean_tokens": float(np.mean([r["tokens"] for r in records])),
+                   "min_tokens": min(r["tokens"] for r in records), "max_tokens": max(r["tokens"] for r in records),
+                   **summarize(records), "seconds": time.perf_counter() - start}
+            row["by_template"] = {name: summarize([r for r in records if r["template"] == name])
+                                  for name in dict.fromkeys(r["template"] for r in records)}
+            if any(r["depth"] is not None for r in records):
+                row["by_depth"] = {depth_name(d): summarize([r for r in records if r["depth"] == d])
+                                   for d in dict.fromkeys(r["depth"] for r in records)}
+            rows.append({**row, "trials": records})
+            bar.set_postfix(length=length, acc=f"{row['accuracy']:.0f}%")
     return rows
 
 
@@ -247,6 +341,52 @@ def format_table(lengths: list[int], results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def format_breakdown(lengths: list[int], results: dict[str, list[dict]], field: str, label: str) -> str:
+    """Rows = (length, template or depth) from each row's ``field`` breakdown, columns = settings (accuracy %)."""
+    names = list(results)
+    groups = list(results[names[0]][0][field])
+    width = max([12] + [len(n) + 2 for n in names])
+    first = max([len(label)] + [len(g) for g in groups]) + 2
+    header = f"{'length':>8}  {label:<{first}}" + "".join(f"{n:>{width}}" for n in names)
+    lines = [header, "-" * len(header)]
+    for i, length in enumerate(lengths):
+        for g in groups:
+            cells = "".join(f"{results[n][i][field][g]['accuracy']:>{width - 1}.1f}%" for n in names)
+            lines.append(f"{length:>8}  {g:<{first}}{cells}")
+    return "\n".join(lines)
+
+
+def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[dict]], title: str) -> None:
+    """One panel per setting: accuracy (%) by depth (rows, 0 = key at the start) and length (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    depths = list(results[names[0]][0]["by_depth"])
+    panel = max(2.4, 0.75 * len(lengths))
+    fig, axes = plt.subplots(1, len(names), figsize=(1.6 + panel * len(names), 1.8 + 0.45 * len(depths)),
+                             sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        acc = np.array([[row["by_depth"][d]["accuracy"] for row in results[name]] for d in depths])
+        image = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        for (i, j), value in np.ndenumerate(acc):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if value < 60 else "black")  # readable on both ends of the colormap
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_yticks(range(len(depths)), depths)
+    axes[0][0].set_ylabel("depth of the key (0 = start)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)")
+    fig.suptitle(title, fontsize=10, y=1.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,
                    help=f"prompt lengths in tokens (default: {' '.join(map(str, DEFAULT_LENGTHS))})")
-    p.add_argument("--trials", type=int, default=20, help="prompts per length (default 20)")
+    p.add_argument("--trials", type=int, default=20, help="prompts per length, template and depth (default 20)")
+    p.add_argument("--template", nargs="+", default=[DEFAULT_TEMPLATE],
+                   help=f"prompt templates: all, or any of {', '.join(TEMPLATES)} (default {DEFAULT_TEMPLATE})")
+    p.add_argument("--depths", type=float, nargs="+",
+                   help="place the key at these fractions of the filler (0 = start, 1 = end) instead of a uniform "
+                        "split, and plot a length x depth heatmap")
     p.add_argument("--settings", nargs="+", default=["memory", "no-memory"], help=f"any of: {SETTING_HELP}")
     p.add_argument("--last-context-length", type=int, help="override last_context_length for generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy for generate()")
@@ -263,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="output directory for results.json and passkey.png")
+    p.add_argument("--out", help="output directory for results.json, passkey.png (and passkey_depth.png)")
     return p
 
 
@@ -276,6 +421,12 @@ def validate_args(args) -> tuple[Path, Path, list[Setting]]:
         raise ValueError(f"--lengths lists a length twice: {args.lengths}.")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}.")
+    args.template = resolve_templates(args.template)
+    if args.depths is not None:
+        if any(not 0.0 <= d <= 1.0 for d in args.depths):
+            raise ValueError(f"--depths {args.depths}: depths are fractions of the filler in [0, 1].")
+        if len(set(args.depths)) != len(args.depths):
+            raise ValueError(f"--depths lists a depth twice: {args.depths}.")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}.")
     if args.last_context_length is not None and args.last_context_length < 1:
@@ -290,6 +441,19 @@ def validate_args(args) -> tuple[Path, Path, list[Setting]]:
     return model_dir, tokenizer_dir, settings
 
 
+def generation_kwargs(args, tokenizer) -> dict:
+    """The ``generate`` overrides every call gets: the CLI's window options and a pad id (silences a warning)."""
+    kwargs = {}
+    if args.last_context_length is not None:
+        kwargs["last_context_length"] = args.last_context_length
+    if args.cache_policy is not None:
+        kwargs["cache_policy"] = args.cache_policy
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    return kwargs
+
+
 def run(args, validated: tuple[Path, Path, list[Setting]] | None = None) -> dict:
     """Evaluate every setting; returns the results dictionary (also written to ``--out``).
 
@@ -300,16 +464,8 @@ def run(args, validated: tuple[Path, Path, list[Setting]] | None = None) -> dict
         torch.set_num_threads(args.threads)
     lengths = sorted(args.lengths)
     encoder = PromptEncoder(load_tokenizer(tokenizer_dir), add_bos=not args.no_bos)
-    trials = make_trials(encoder, lengths, args.trials, args.seed)
-    gen_kwargs = {}
-    if args.last_context_length is not None:
-        gen_kwargs["last_context_length"] = args.last_context_length
-    if args.cache_policy is not None:
-        gen_kwargs["cache_policy"] = args.cache_policy
-    tok = encoder.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad is not None:
-        gen_kwargs["pad_token_id"] = pad
+    trials = make_trials(encoder, lengths, args.trials, args.seed, args.template, args.depths)
+    gen_kwargs = generation_kwargs(args, encoder.tokenizer)
 
     results, configs, window = {}, {}, None
     for setting in settings:
@@ -329,19 +485,34 @@ def run(args, validated: tuple[Path, Path, list[Setting]] | None = None) -> dict
     methods = [tr.answer_method for ts in trials.values() for tr in ts]
     report = {
         "task": "passkey", "model": str(model_dir), "tokenizer": str(tokenizer_dir), "window": window,
-        "lengths": lengths, "trials": args.trials, "seed": args.seed, "bos": encoder.add_bos,
-        "device": str(args.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "answer_tokenization": {m: methods.count(m) for m in sorted(set(methods))},
+        "lengths": lengths, "trials": args.trials, "templates": args.template, "depths": args.depths,
+        "seed": args.seed, "bos": encoder.add_bos, "device": str(args.device), "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "answer_tokenization": {m: methods.count(m) for m in sorted(set(methods))},
         "settings": configs, "results": results,
     }
     print(format_table(lengths, results))
+    if len(args.template) > 1:
+        print("\nper template (accuracy %)\n" + format_breakdown(lengths, results, "by_template", "template"))
+    if args.depths:
+        print("\nper depth (accuracy %)\n" + format_breakdown(lengths, results, "by_depth", "depth"))
     if args.out:
-        out = Path(args.out)
-        write_json(out / "results.json", report)
-        plot_accuracy(out / "passkey.png", lengths, {n: [r["accuracy"] for r in rows] for n, rows in results.items()},
-                      window, f"passkey retrieval: {model_dir.name} ({args.trials} trials per length)")
-        print(f"wrote {out / 'results.json'} and {out / 'passkey.png'}")
+        write_outputs(Path(args.out), report, model_dir.name)
     return report
+
+
+def write_outputs(out: Path, report: dict, model_name: str) -> None:
+    """results.json, passkey.png and, with depths, passkey_depth.png under ``out``."""
+    lengths, results, templates = report["lengths"], report["results"], report["templates"]
+    write_json(out / "results.json", report)
+    what = templates[0] if len(templates) == 1 else f"mean of {len(templates)} templates"
+    plot_accuracy(out / "passkey.png", lengths, {n: [r["accuracy"] for r in rows] for n, rows in results.items()},
+                  report["window"], f"passkey retrieval: {model_name}, {what} ({report['trials']} trials per cell)")
+    written = [out / "results.json", out / "passkey.png"]
+    if report["depths"]:
+        plot_depth_heatmap(out / "passkey_depth.png", lengths, results,
+                           f"passkey accuracy by key depth: {model_name}, {what}")
+        written.append(out / "passkey_depth.png")
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def main(argv: list[str] | None = None) -> dict:

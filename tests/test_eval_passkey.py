@@ -1,5 +1,8 @@
-"""eval/passkey.py: the prompt against an independent restatement of Landmark's generate_prompt, token-length
-calibration, exact-match scoring with fake models, the CLI end to end on a tiny random model, and bad inputs."""
+"""eval/passkey.py: the prompt against an independent restatement of Landmark's generate_prompt, exact token
+lengths and key depths for every template, the held-out templates and their leak check, exact-match scoring with
+scripted models, the CLI end to end on a tiny random model and on models/fot-tiny, and bad inputs."""
+
+import re
 
 import json
 import os
@@ -15,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fot  # noqa: E402
-from eval import passkey  # noqa: E402
+from eval import passkey, templates  # noqa: E402
 from eval.common import parse_setting  # noqa: E402
+
+FOT_TINY = ROOT / "models" / "fot-tiny"
 
 # The protocol's text, written out here rather than imported, so a change in eval/passkey.py shows up.
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz "
@@ -116,7 +121,7 @@ def test_prompts_are_reproducible_per_length_and_trial():
 def test_calibrated_prompts_have_the_requested_token_count(encoder, length):
     trials = passkey.make_trials(encoder, [length], trials=4, seed=0)[length]
     counts = [t.tokens for t in trials]
-    assert abs(np.mean(counts) - length) <= 0.1 * length, counts
+    assert counts == [length] * 4  # exact: fit_prompt adjusts each trial's filler
     assert all(t.prompt_ids[0] == encoder.tokenizer.bos_token_id for t in trials)
 
 
@@ -157,6 +162,113 @@ def test_answer_tokens_fall_back_to_the_key_alone():
     assert ids[0] == 1 and ids.count(1) == 1  # BOS added once
     answer, method = enc.answer_ids(prompt.text, ids, 4321)
     assert (answer, method) == ([ord(c) for c in "4321"], "separate")
+
+
+# ----------------------------------------------------------------------------- templates
+# The key line of each phrasing and the question's end, written out here rather than read from eval/templates.py.
+KEY_LINES = {
+    "landmark": r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.",
+    "code": r"Attention: the secret code is (\d+)\. Once more, the secret code is (\d+)\.",
+    "number": r"Write this down: the special number is (\d+)\. Again, (\d+) is the special number\.",
+}
+QUESTION_ENDS = {"landmark": "The pass key is", "code": "The secret code is", "number": "The special number is"}
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    """The shipped model's tokenizer (sentencepiece, 1000 pieces, trained on landmark text only)."""
+    from eval.common import load_tokenizer
+
+    return passkey.PromptEncoder(load_tokenizer(FOT_TINY))
+
+
+def test_the_registry_has_three_haystacks_and_two_phrasings_beyond_landmark():
+    assert passkey.TEMPLATES["landmark"].render(7, 3, 5, 0) == landmark_prompt(8, 3, 7)
+    haystacks = {t.haystack.name for t in templates.TEMPLATES.values()} - {"grass"}
+    phrasings = {t.phrasing.name for t in templates.TEMPLATES.values()} - {"landmark"}
+    assert len(haystacks) >= 3 and len(phrasings) >= 2
+    assert templates.resolve_templates(["all"]) == list(templates.TEMPLATES)
+    assert templates.DEFAULT_TEMPLATE == "landmark"
+
+
+@pytest.mark.parametrize("name", list(templates.TEMPLATES))
+def test_every_template_hits_the_exact_length_with_the_key_at_the_depth(tiny_encoder, name):
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    trials = passkey.make_trials(tiny_encoder, [256, 3000], 2, seed=4, templates=[name], depths=depths)
+    tok = tiny_encoder.tokenizer
+    for length, ts in trials.items():
+        assert [t.tokens for t in ts] == [length] * len(ts)
+        assert [(t.template, t.depth) for t in ts] == [(name, d) for d in depths for _ in range(2)]
+        for t in ts:
+            rebuilt = passkey.build_prompt(t.n_garbage, passkey.trial_rng(4, length, t.trial), name, t.depth)
+            assert tiny_encoder.encode(rebuilt.text) == t.prompt_ids and rebuilt.key == t.key
+            lines = rebuilt.text.split("\n")
+            assert len(lines[1]) == round(t.depth * t.n_garbage) and len(lines[1]) + len(lines[3]) == t.n_garbage
+            if length == 3000:  # the share of filler tokens before the key line is the depth
+                before, after = (len(tok(line, add_special_tokens=False)["input_ids"]) for line in (lines[1], lines[3]))
+                assert abs(before / (before + after) - t.depth) < 0.03, (t.depth, before, after)
+    uniform = passkey.make_trials(tiny_encoder, [700], 6, seed=4, templates=[name])[700]
+    assert [t.tokens for t in uniform] == [700] * 6 and len({t.n_prefix for t in uniform}) == 6
+
+
+@pytest.mark.parametrize("name", list(templates.TEMPLATES))
+def test_the_answer_is_recoverable_from_every_template(tiny_encoder, name):
+    phrasing = templates.TEMPLATES[name].phrasing.name
+    trials = passkey.make_trials(tiny_encoder, [400, 1500], 5, seed=9, templates=[name])
+    for t in trials[400] + trials[1500]:
+        text = tiny_encoder.tokenizer.decode(t.prompt_ids, skip_special_tokens=True)
+        found = re.findall(KEY_LINES[phrasing], text)
+        assert found == [(str(t.key), str(t.key))]  # the key line, once, with the trial's key twice
+        assert text.endswith("\n" + templates.TEMPLATES[name].phrasing.question)
+        assert text.endswith(QUESTION_ENDS[phrasing])
+        assert t.answer_method == "tail"
+        assert tiny_encoder.tokenizer.decode(t.answer_ids).strip() == str(t.key)
+
+
+def test_templates_differ_and_pair_their_keys():
+    rng = lambda: passkey.trial_rng(1, 2048, 3)  # noqa: E731
+    prompts = {name: passkey.build_prompt(3000, rng(), name) for name in templates.TEMPLATES}
+    assert len({p.text for p in prompts.values()}) == len(prompts)
+    assert len({p.key for p in prompts.values()}) == 1  # trial t has the same key in every template
+    parts = {name: (t.phrasing.name, t.haystack.name) for name, t in templates.TEMPLATES.items()}
+    assert len(set(parts.values())) == len(parts)
+    lines = {name: p.text.split("\n") for name, p in prompts.items()}
+    for a in lines:
+        for b in lines:
+            if a < b:  # a different phrasing changes the fixed lines, a different haystack the filler
+                assert (lines[a][0] != lines[b][0]) == (parts[a][0] != parts[b][0])
+                assert (lines[a][1] != lines[b][1]) == (parts[a][1] != parts[b][1])
+
+
+@pytest.mark.parametrize("haystack", [templates.TOWN, templates.DIARY, templates.LEDGER])
+def test_generated_haystacks_are_seeded_varied_text(haystack):
+    a = haystack.stream([5, 0], 4000)
+    assert a == haystack.stream([5, 0], 4000) and haystack.stream([5, 0], 9000).startswith(a)  # prefix-stable
+    assert len(a) == 4000 and a != haystack.stream([6, 0], 4000)
+    sentences = re.split(r"(?<=\.) ", a)[:-1]  # the last one is cut
+    assert len(set(sentences)) > 0.9 * len(sentences)  # varied, not one passage repeated
+    assert "\n" not in a and not any(re.search(k, a) for k in KEY_LINES.values())
+    assert not any(q in a for q in QUESTION_ENDS.values())
+    prefix, suffix = haystack.spans(100, 200, 5)
+    assert (len(prefix), len(suffix)) == (100, 200) and prefix[0].isupper() and suffix[0].isupper()
+
+
+def test_eval_only_strings_catch_held_out_prompts_and_never_training_text():
+    from train.data import passkey_text
+
+    leaks = templates.eval_only_strings()
+    assert templates.LOOKUP_HEADER in leaks and all(len(s) >= templates.MIN_FRAGMENT for s in leaks)
+    for trial in range(300):  # the trainer's passkey documents, over a range of lengths
+        doc = passkey_text(int(np.random.default_rng(trial).integers(0, 6000)), np.random.default_rng([trial, 1]))
+        assert not [s for s in leaks if s in doc]
+    for name in templates.TEMPLATES:
+        text = passkey.build_prompt(4000, passkey.trial_rng(0, 0, 0), name).text
+        assert any(s in text for s in leaks) == (name != "landmark"), name
+    for haystack in (templates.TOWN, templates.DIARY, templates.LEDGER):
+        for pattern in haystack.patterns:  # every generated sentence carries a detectable fragment
+            sentence = templates.GeneratedFiller("x", "", (pattern,), haystack.slots).stream([0], 200)
+            assert any(s in sentence for s in templates.literal_fragments(pattern)), pattern
+            assert templates.literal_fragments(pattern)[0] in leaks
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -200,6 +312,7 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
     assert saved == json.loads(json.dumps(report))
     assert saved["lengths"] == [64, 160] and saved["window"] == 64 and saved["trials"] == 2
     assert saved["answer_tokenization"] == {"tail": 4}
+    assert (saved["templates"], saved["depths"]) == (["landmark"], None)
     assert list(saved["results"]) == ["memory", "no-memory", "topk:4"]
     assert saved["settings"]["memory"]["mem_layers"] == [1]
     assert saved["settings"]["no-memory"]["mem_layers"] == []
@@ -227,6 +340,47 @@ def test_cli_scores_a_model_that_knows_the_keys_100_percent(model_dir, encoder, 
     assert report["results"]["memory"][0]["accuracy"] == 100.0
 
 
+def test_template_all_on_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    report = passkey.main(["--model", str(FOT_TINY), "--template", "all", "--lengths", "256", "--trials", "2",
+                           "--settings", "memory", "--threads", "2", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "per template" in printed and all(name in printed for name in templates.TEMPLATES)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(report)) and saved["templates"] == list(templates.TEMPLATES)
+    (row,) = saved["results"]["memory"]
+    assert row["n"] == 2 * len(templates.TEMPLATES) and (row["min_tokens"], row["max_tokens"]) == (256, 256)
+    per_template = {}
+    for t in row["trials"]:
+        assert t["correct"] == (t["predicted_ids"] == t["answer_ids"])
+        per_template.setdefault(t["template"], []).append(t["correct"])
+    assert {k: len(v) for k, v in per_template.items()} == {name: 2 for name in templates.TEMPLATES}
+    for name, correct in per_template.items():
+        assert row["by_template"][name] == {"accuracy": 50.0 * sum(correct), "correct": sum(correct), "n": 2}
+    assert row["accuracy"] == pytest.approx(np.mean([50.0 * sum(c) for c in per_template.values()]))
+    keys = {name: [t["key"] for t in row["trials"] if t["template"] == name] for name in templates.TEMPLATES}
+    assert len({tuple(k) for k in keys.values()}) == 1  # paired: trial t has one key in every template
+    assert (out / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (out / "passkey_depth.png").exists()
+
+
+def test_depths_write_a_length_by_depth_heatmap(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    passkey.main(["--model", str(model_dir), "--lengths", "100", "160", "--trials", "2", "--depths", "0", "0.5", "1",
+                  "--template", "landmark", "code-grass", "--settings", "memory", "no-memory", "--device", "cpu",
+                  "--out", str(out)])
+    assert "per depth" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["depths"] == [0.0, 0.5, 1.0]
+    for rows in saved["results"].values():
+        for row in rows:
+            assert row["n"] == 2 * 3 * 2 and list(row["by_depth"]) == ["0", "0.5", "1"]
+            for depth, cell in row["by_depth"].items():
+                mine = [t for t in row["trials"] if t["depth"] == float(depth)]
+                assert cell["n"] == 4 and cell["correct"] == sum(t["correct"] for t in mine)
+                assert all(t["n_prefix"] == round(float(depth) * t["n_garbage"]) for t in mine)
+    assert (out / "passkey_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}"], "does not exist"),
     (["--model", "{empty}"], "has no config.json"),
@@ -237,6 +391,10 @@ def test_cli_scores_a_model_that_knows_the_keys_100_percent(model_dir, encoder, 
     (["--model", "{model}", "--lengths", "32", "128"], "at least 64 tokens"),
     (["--model", "{model}", "--trials", "0"], "--trials must be >= 1"),
     (["--model", "{model}", "--last-context-length", "65"], "exceeds the model's window"),
+    (["--model", "{model}", "--template", "bogus"], "unknown; use 'all' or any of landmark"),
+    (["--model", "{model}", "--template", "all", "landmark"], "already includes every template"),
+    (["--model", "{model}", "--template", "landmark", "landmark"], "lists a template twice"),
+    (["--model", "{model}", "--depths", "0.5", "1.5"], "fractions of the filler in [0, 1]"),
 ])
 def test_bad_inputs_are_clear_errors(args, message, model_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()

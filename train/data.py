@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval.templates import GRASS, LANDMARK_PHRASING, TEMPLATES, eval_only_strings
+
 logger = logging.getLogger(__name__)
 
 IGNORE = -100
@@ -103,21 +105,20 @@ class SyntheticLookup:
         return Document(ids_N, np.concatenate(mask)[: self.doc_tokens] if self.answers_only else None)
 
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-                 "I will quiz you about the important information there.")
+# The passkey format is eval/templates.py's "landmark" template, the one place both sides read it from.
+FILLER, PASSKEY_INTRO = GRASS.text, LANDMARK_PHRASING.intro
+EVAL_ONLY = tuple(eval_only_strings())  # held-out evaluation text: training must never emit it
 
 
 def passkey_prompt(n_garbage: int, rng: np.random.Generator) -> tuple[str, int]:
     """A passkey prompt in the Landmark / LongLLaMA format (see FACTS, "Passkey") and its key: the split point
     is drawn first, then the key; prefix and suffix are both character prefixes of the filler, as in the
-    evaluation (``eval/passkey.py``), so the model trains on exactly the format it is tested on."""
+    evaluation's ``landmark`` template, so the model trains on exactly the format it is tested on."""
     n_prefix = int(rng.integers(0, n_garbage + 1))
     key = int(rng.integers(1, 50000))
-    filler = " ".join([FILLER] * (n_garbage // len(FILLER) + 2))
-    lines = [PASSKEY_INTRO, filler[:n_prefix], f"The pass key is {key}. Remember it. {key} is the pass key.",
-             filler[: n_garbage - n_prefix], "What is the pass key? The pass key is"]
-    return "\n".join(lines), key
+    prompt = TEMPLATES["landmark"].render(key, n_prefix, n_garbage - n_prefix, seed=0)
+    assert not any(s in prompt for s in EVAL_ONLY), "a passkey document holds held-out evaluation text"
+    return prompt, key
 
 
 def passkey_text(n_garbage: int, rng: np.random.Generator) -> str:
