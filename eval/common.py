@@ -10,6 +10,9 @@ the saved config:
 ``topk:K``         ``mem_top_k=K`` with ``mem_index="exact"`` (kNN memory, exact search)
 ``topk-flat:K``    ``mem_top_k=K`` with ``mem_index="faiss-flat"``
 ``topk-ivf:K``     ``mem_top_k=K`` with ``mem_index="faiss-ivf"`` (approximate)
+``full:W``         no memory layers and a window of W tokens (``max_position_embeddings`` and
+                   ``last_context_length`` W): plain causal attention over the whole prompt when it fits in W,
+                   the base model's own long-context ability (e.g. ``full:8192`` for SmolLM2's native context)
 =================  ===========================================================================================
 
 The evaluation scripts run from a checkout; ``fot`` never imports them.
@@ -28,7 +31,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SETTING_HELP = "memory, no-memory, topk:K, topk-flat:K, topk-ivf:K"
+SETTING_HELP = "memory, no-memory, topk:K, topk-flat:K, topk-ivf:K, full:W"
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -48,6 +51,10 @@ def parse_setting(text: str) -> Setting:
     if text == "no-memory":
         return Setting(text, {"mem_layers": []})
     kind, sep, k = text.partition(":")
+    if kind == "full":
+        if not sep or not k.isdigit() or int(k) <= 0:
+            raise ValueError(f"setting {text!r}: W must be a positive integer (the window in tokens), e.g. full:8192.")
+        return Setting(text, {"mem_layers": [], "max_position_embeddings": int(k), "last_context_length": int(k)})
     if kind in _TOPK_INDEX:
         if not sep or not k.isdigit() or int(k) <= 0:
             raise ValueError(f"setting {text!r}: K must be a positive integer, e.g. {kind}:32.")

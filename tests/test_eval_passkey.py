@@ -412,6 +412,30 @@ def test_settings_parse_to_from_pretrained_overrides():
     assert parse_setting("memory").overrides == {}
     assert parse_setting("no-memory").overrides == {"mem_layers": []}
     assert parse_setting("topk:32").overrides == {"mem_top_k": 32, "mem_index": "exact"}
+    assert parse_setting("full:8192").overrides == {"mem_layers": [], "max_position_embeddings": 8192,
+                                                    "last_context_length": 8192}
+    with pytest.raises(ValueError, match="full:8192"):
+        parse_setting("full:")
+
+
+def test_full_attention_setting_equals_one_plain_pass():
+    """full:W on a prompt shorter than W is one causal pass: the model's logits with no windows at all."""
+    import fot
+    from eval.common import load_model
+
+    model = fot.LongLlamaForCausalLM.from_pretrained(ROOT / "models" / "fot-tiny").eval()
+    full = load_model(ROOT / "models" / "fot-tiny", parse_setting("full:512"), "cpu", "float32")
+    assert full.config.mem_layers == [] and full.config.max_position_embeddings == 512
+    ids = torch.randint(3, 600, (1, 400))
+    twin = fot.LongLlamaForCausalLM.from_pretrained(ROOT / "models" / "fot-tiny", mem_layers=[]).eval()
+    with torch.no_grad():
+        windowed = model(ids).logits  # window 128: three windows go to memory
+        one_pass = full(ids).logits
+        assert torch.equal(one_pass[:, :64], twin(ids[:, :64]).logits)  # the first tokens: same either way
+    assert (one_pass - windowed).abs().max() > 1e-3
+
+
+def test_topk_settings_parse():
     pytest.importorskip("faiss")
     assert parse_setting("topk-ivf:8").overrides == {"mem_top_k": 8, "mem_index": "faiss-ivf"}
     assert parse_setting("topk-flat:8").overrides == {"mem_top_k": 8, "mem_index": "faiss-flat"}

@@ -168,6 +168,11 @@ def test_lora_run_trains_only_adapters_saves_them_and_resumes(tmp_path):
                                                             "run.save_final": False})
     records = metrics(part)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(part / "step_00000002" / "dcp")).read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all("lora_" in k for k in weights), weights  # adapters only, never the frozen base
     assert [r["loss"] for r in records] == [r["loss"] for r in metrics(whole)]
 
 

@@ -76,7 +76,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(model))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"), no_dist=not info.initialized)
     torch.save({"data": data.state_dict(), "rng": rng_state()}, tmp / f"rank{info.rank}.pt")
     barrier(info)
@@ -107,15 +107,24 @@ def load_latest(out_dir: Path, model, optimizer, scheduler, data, info: DistInfo
     if trainer["world"] != info.world:
         raise ValueError(f"{path} was written by {trainer['world']} processes, this run has {info.world}; resume "
                          "with the same --nproc_per_node (the data position is saved per rank).")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _state_options(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not info.initialized)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=options)
     scheduler.load_state_dict(trainer["scheduler"])
     per_rank = torch.load(path / f"rank{info.rank}.pt", weights_only=False)
     data.load_state_dict(per_rank["data"])
     set_rng_state(per_rank["rng"])
     return step
+
+
+def _state_options(model) -> StateDictOptions:
+    """Adapter runs checkpoint only what trains: the frozen base comes from ``checkpoint:`` again on resume, so a
+    LoRA checkpoint is megabytes (small enough to carry a run across machines) instead of the whole model."""
+    adapter = is_adapter(unwrap(model))
+    return StateDictOptions(ignore_frozen_params=adapter, strict=not adapter)
 
 
 def is_adapter(model) -> bool:
