@@ -12,8 +12,9 @@ Documents (the same for every setting):
   tokenize(prompt + " K.") when they start with the prompt's tokens and the answer's tokens, otherwise the
   prompt's tokens followed by the answer's (the answer's tokens as eval/passkey.py finds them). Documents
   therefore have about ``--length`` tokens plus the answer; the table and results.json give the actual counts.
-* ``--source files``: plain ``.txt`` files (one document per file) and ``.jsonl`` files (one JSON object per
-  line, its text in ``--text-field``), in the order given. The first ``--docs`` documents with at least
+* ``--source files``: plain ``.txt`` files (one document per file), ``.jsonl`` files (one JSON object per
+  line, its text in ``--text-field``) and ``.parquet`` files (one row per document, e.g. the held-out books of
+  ``assets/books/heldout.parquet``), in the order given. The first ``--docs`` documents with at least
   ``--length`` tokens are used, truncated to exactly ``--length`` tokens; shorter ones are skipped.
 
 Documents are tokenized with BOS as eval/passkey.py's ``PromptEncoder`` does (``--no-bos`` turns it off).
@@ -72,7 +73,7 @@ from eval.passkey import PromptEncoder, build_prompt, make_trials, trial_rng
 logger = logging.getLogger("eval.perplexity")
 
 DEFAULT_CHUNK = 2048  # positions per lm_head call
-FILE_KINDS = {".txt": "text", ".jsonl": "jsonl"}
+FILE_KINDS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
 # ----------------------------------------------------------------------------- documents
@@ -114,7 +115,8 @@ def check_files(paths: list[str] | None) -> list[Path]:
             raise ValueError(f"--files: {p!r} does not exist; pass existing .txt or .jsonl files.")
         if path.suffix.lower() not in FILE_KINDS:
             raise ValueError(f"--files: {p!r} has an unknown extension {path.suffix!r}; use .txt (one document "
-                             "per file) or .jsonl (one JSON object per line, text in --text-field).")
+                             "per file), .jsonl (one JSON object per line) or .parquet (one row per document), "
+                             "with the text in --text-field.")
         out.append(path)
     return out
 
@@ -122,8 +124,12 @@ def check_files(paths: list[str] | None) -> list[Path]:
 def read_texts(paths: list[Path], text_field: str):
     """Yield (source, text) for every document of ``paths`` in order (module docstring)."""
     for path in paths:
-        if FILE_KINDS[path.suffix.lower()] == "text":
+        kind = FILE_KINDS[path.suffix.lower()]
+        if kind == "text":
             yield str(path), path.read_text()
+            continue
+        if kind == "parquet":  # e.g. assets/books/heldout.parquet (train/corpus.py)
+            yield from _parquet_texts(path, text_field)
             continue
         with path.open() as f:
             for n, line in enumerate(f, 1):
@@ -139,6 +145,17 @@ def read_texts(paths: list[Path], text_field: str):
                     raise ValueError(f"{path}:{n} has no text field {text_field!r} (fields: {fields}); set "
                                      "--text-field to the field that holds the document's text.")
                 yield f"{path}:{n}", obj[text_field]
+
+
+def _parquet_texts(path: Path, text_field: str):
+    import pyarrow.parquet as pq  # installed with datasets
+
+    table = pq.read_table(path)
+    if text_field not in table.column_names:
+        raise ValueError(f"{path} has no column {text_field!r} (columns: {table.column_names}); set --text-field.")
+    names = table.column("title").to_pylist() if "title" in table.column_names else None
+    for n, text in enumerate(table.column(text_field).to_pylist()):
+        yield f"{path}:{names[n] if names else n}", text
 
 
 def file_documents(encoder: PromptEncoder, paths: list[Path], text_field: str, length: int,
@@ -319,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=4096, help="document length in tokens (default 4096)")
     p.add_argument("--docs", type=int, default=8, help="documents (default 8)")
     p.add_argument("--source", choices=["passkey", "files"], default="passkey", help="where documents come from")
-    p.add_argument("--files", nargs="+", help="--source files: .txt (one document each) or .jsonl files")
+    p.add_argument("--files", nargs="+", help="--source files: .txt (one document each), .jsonl or .parquet files")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl objects (default 'text')")
     p.add_argument("--seed", type=int, default=0, help="--source passkey: base seed, as eval/passkey.py")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")

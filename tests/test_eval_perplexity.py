@@ -239,6 +239,18 @@ def test_cli_files_end_to_end(model_dir, tmp_path, capsys, caplog):
     assert "[32, 60)" in capsys.readouterr().out and (out / "perplexity.png").exists()
 
 
+def test_parquet_rows_are_documents_named_by_title(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "books.parquet"
+    pq.write_table(pa.table({"title": ["Persuasion", "The Tempest"], "text": ["first book", "second book"]}), path)
+    assert list(perplexity.read_texts(perplexity.check_files([str(path)]), "text")) == [
+        (f"{path}:Persuasion", "first book"), (f"{path}:The Tempest", "second book")]
+    with pytest.raises(ValueError, match="no column 'body'"):
+        list(perplexity.read_texts([path], "body"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}"], "does not exist"),
     (["--model", "{empty}"], "has no config.json"),
