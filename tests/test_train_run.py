@@ -152,16 +152,26 @@ def test_lora_run_trains_only_adapters_saves_them_and_resumes(tmp_path):
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
     base = fot.LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", mem_layers=[1], mem_dtype="float32").eval()
     tuned = peft.PeftModel.from_pretrained(base, final).eval()
+    one_call = fot.LongLlamaForCausalLM.from_pretrained(final, mem_layers=[1], mem_dtype="float32").eval()
     adapted = {n for n, _ in tuned.named_parameters() if "lora_" in n}
     assert adapted and all(".layers.1." in n for n in adapted)  # only the memory layer
     ids = torch.randint(3, 64, (1, 80))
     with torch.no_grad():
         plain = fot.LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", mem_layers=[1], mem_dtype="float32")
         assert (tuned(input_ids=ids).logits - plain(ids).logits).abs().max() > 1e-4  # the adapter changed it
+        assert torch.equal(one_call(ids).logits, tuned(input_ids=ids).logits)  # base + adapter in one call
         merged = tuned.merge_and_unload()
         for name, w in merged.state_dict().items():  # the base weights themselves never moved
             if "layers.1.self_attn" not in name:
                 assert torch.equal(w, hf.state_dict()[name]), name
+    # a new run can start from the saved adapter: its first loss is the trained model's, not the base's
+    again = run_in_process(tmp_path / "again", **{**common, "adapter": {**common["adapter"], "init": str(final)}},
+                           **{"train.max_steps": 1, "optim.lr": 1e-2, "run.save_every": 0, "run.save_final": False})
+    fresh_first, trained_last = metrics(whole)[0]["loss"], metrics(whole)[-1]["loss"]
+    cont_first = metrics(again)[0]["loss"]
+    assert abs(cont_first - fresh_first) > 1e-4 and abs(cont_first - trained_last) < abs(cont_first - fresh_first)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        load_config(CI, {"adapter": {"kind": "lora", "init": str(tmp_path)}})
     # resumed from its step-2 checkpoint (adapter weights and their optimizer state), steps 3-4 come out the same
     part = run_in_process(tmp_path / "part", **common, **steps, **{"run.save_every": 2, "run.save_final": False})
     run_in_process(tmp_path / "part", **common, **steps, **{"run.save_every": 2, "run.resume": True,

@@ -56,6 +56,10 @@ def add_lora(model: fot.LongLlamaForCausalLM, adapter, seed: int) -> torch.nn.Mo
         raise ImportError("adapter.kind=lora needs peft: pip install peft (or 'fot[dev]').") from err
     layers = list(model.config.mem_layers) if adapter.layers == "memory" else adapter.layers
     torch.manual_seed(seed)
+    if adapter.init is not None:
+        wrapped = peft.PeftModel.from_pretrained(model, adapter.init, is_trainable=True)
+        logger.info("LoRA adapters continue from %s (its r, alpha and targets apply)", adapter.init)
+        return wrapped
     lora = peft.LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                            target_modules=list(adapter.target_modules), layers_to_transform=layers)
     wrapped = peft.get_peft_model(model, lora)

@@ -135,8 +135,10 @@ def is_adapter(model) -> bool:
 def save_final(out_dir: Path, model, tokenizer, info: DistInfo) -> Path | None:
     """Write ``final/`` in HF format (``save_pretrained`` + tokenizer); every rank must call it (FSDP2 gathers).
 
-    With LoRA (``adapter.kind: lora``) ``final/`` holds the adapter and the base config; load it with
-    ``peft.PeftModel.from_pretrained(LongLlamaForCausalLM.from_pretrained(base), final)``."""
+    With LoRA (``adapter.kind: lora``) ``final/`` holds only the adapter, whose ``adapter_config.json`` names the
+    base (the run's ``checkpoint:``). ``LongLlamaForCausalLM.from_pretrained(final)`` then loads base and adapter
+    (transformers' PEFT integration), with the run's ``model:`` fields passed as overrides when the base's own
+    config differs; ``peft.PeftModel.from_pretrained(base, final)`` does the same by hand."""
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = out_dir / "final"
     if info.is_main:
@@ -146,8 +148,6 @@ def save_final(out_dir: Path, model, tokenizer, info: DistInfo) -> Path | None:
         raw.config.use_cache = True  # trained without a cache; generate() from final/ must use one
         raw.generation_config.use_cache = True
         raw.save_pretrained(tmp, state_dict={k: v.contiguous() for k, v in full_sd.items()})
-        if is_adapter(raw):  # the adapter alone was written; keep the base's config beside it for loaders
-            raw.get_base_model().config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)

@@ -201,6 +201,9 @@ class AdapterConfig:
         target_modules: projection names to adapt (Llama's names: q_proj, k_proj, v_proj, o_proj, gate_proj,
             up_proj, down_proj).
         layers: layer indices to adapt; null adapts every layer. "memory" adapts only ``model.mem_layers``.
+        init: a saved adapter (an earlier run's ``final/``) to continue training from, instead of fresh LoRA
+            weights; its own r, alpha and targets then apply. The optimizer starts afresh: use
+            ``run.resume`` to continue a run with its optimizer state.
     """
 
     kind: Literal["none", "lora"] = "none"
@@ -209,6 +212,7 @@ class AdapterConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     layers: list[int] | Literal["memory"] | None = None
+    init: str | None = None
 
 
 @dataclass
@@ -460,6 +464,9 @@ def validate(spec: RunSpec) -> None:
     if a.kind == "lora" and (a.r < 1 or a.alpha <= 0 or not 0.0 <= a.dropout < 1.0 or not a.target_modules):
         raise ValueError(f"adapter: r must be >= 1, alpha > 0, dropout in [0, 1) and target_modules non-empty; got "
                          f"r={a.r}, alpha={a.alpha}, dropout={a.dropout}, target_modules={a.target_modules}.")
+    if a.init is not None and not (Path(a.init) / "adapter_config.json").is_file():
+        raise ValueError(f"adapter.init={a.init!r} holds no adapter_config.json; point it at a LoRA run's final/ "
+                         "directory (or a peft save_pretrained folder).")
     if spec.run.save_every < 0 or spec.run.keep_last < 1 or spec.log.every < 1:
         raise ValueError("run.save_every must be >= 0, run.keep_last >= 1 and log.every >= 1.")
     if spec.preset is not None:
