@@ -82,12 +82,26 @@ def check_model_dir(path: str | os.PathLike) -> Path:
             f"model directory {str(path)!r} does not exist; pass a local checkpoint directory (save_pretrained "
             "output, e.g. models/fot-tiny or runs/<run>/final)."
         )
+    if (path / "adapter_config.json").is_file():  # a LoRA adapter: from_pretrained loads its base with it
+        return path
     if not (path / "config.json").is_file():
         raise ValueError(
             f"{str(path)!r} has no config.json, so it is not a Hugging Face checkpoint directory. Trainer "
             "checkpoints step_*/ are torch.distributed.checkpoint shards: use the run's final/ directory."
         )
     return path
+
+
+def model_config(model_dir: Path) -> dict:
+    """The saved config of a checkpoint directory, or of an adapter directory's base (its
+    ``adapter_config.json`` names the base, as transformers' PEFT integration reads it)."""
+    if (model_dir / "adapter_config.json").is_file():
+        base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise ValueError(f"{model_dir} is an adapter whose base {base!r} has no config.json here; run from the "
+                             "directory the base path is relative to, or make the base first (e.g. make smollm2).")
+        model_dir = Path(base)
+    return json.loads((model_dir / "config.json").read_text())
 
 
 def check_tokenizer_dir(path: str | os.PathLike, model_dir: Path | None = None) -> Path:

@@ -47,6 +47,7 @@ from eval.common import (
     SETTING_HELP,
     Setting,
     check_model_dir,
+    model_config,
     check_tokenizer_dir,
     default_device,
     load_model,
@@ -289,7 +290,7 @@ def prepare(args) -> Prepared:
     settings = parse_settings(args.settings)
     model_dir = check_model_dir(args.model)
     tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
-    window = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    window = model_config(model_dir)["max_position_embeddings"]
     small = [n for n in args.sizes if n <= window]
     if small:
         raise ValueError(f"--sizes {small}: a dictionary must be longer than the model's window ({window} tokens) "

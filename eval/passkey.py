@@ -56,6 +56,7 @@ from eval.common import (
     SETTING_HELP,
     Setting,
     check_model_dir,
+    model_config,
     check_tokenizer_dir,
     default_device,
     load_model,
@@ -434,7 +435,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting]]:
     settings = parse_settings(args.settings)
     model_dir = check_model_dir(args.model)
     tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
-    window = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    window = model_config(model_dir).get("max_position_embeddings")
     if args.last_context_length is not None and window is not None and args.last_context_length > window:
         raise ValueError(f"--last-context-length {args.last_context_length} exceeds the model's window "
                          f"(max_position_embeddings={window}); use a value <= {window}.")

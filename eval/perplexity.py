@@ -60,6 +60,7 @@ from eval.common import (
     SETTING_HELP,
     Setting,
     check_model_dir,
+    model_config,
     check_tokenizer_dir,
     default_device,
     finish_plot,
@@ -376,7 +377,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], dict]:
     settings = parse_settings(args.settings)
     model_dir = check_model_dir(args.model)
     tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = model_config(model_dir)
     return model_dir, tokenizer_dir, settings, config
 
 

@@ -330,6 +330,29 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
     assert (out / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_evaluates_a_lora_adapter_on_its_base(model_dir, tmp_path):
+    """A LoRA run's final/ (adapter only) is a --model: transformers loads the base its config names."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'fot[dev]')")
+    from transformers import AutoTokenizer
+
+    base = fot.LongLlamaForCausalLM.from_pretrained(model_dir)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter)
+    report = passkey.main(["--model", str(adapter), "--lengths", "100", "--trials", "2", "--threads", "1",
+                           "--device", "cpu"])  # fmt: skip
+    assert report["window"] == 64 and report["results"]["memory"][0]["n"] == 2
+    from eval.common import load_model
+
+    loaded = load_model(adapter, parse_setting("memory"), "cpu", "float32")
+    ids = torch.randint(3, 200, (1, 100))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, lora(input_ids=ids).logits)  # base + adapter, as trained
+        plain = fot.LongLlamaForCausalLM.from_pretrained(model_dir)
+        assert not torch.equal(loaded(ids).logits, plain(ids).logits)  # the adapter is applied
+
+
 def test_cli_scores_a_model_that_knows_the_keys_100_percent(model_dir, encoder, monkeypatch):
     """generate() patched to answer every prompt correctly: the CLI's prompts, seeds and scoring agree."""
     trials = passkey.make_trials(encoder, [100], trials=3, seed=5)
