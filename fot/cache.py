@@ -408,6 +408,7 @@ CACHE_FORMAT = "fot-longllama-cache/1"
 _FINGERPRINT_FIELDS = (
     "num_hidden_layers", "mem_layers", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size",
     "max_position_embeddings", "mem_dtype", "mem_positionals", "mem_max_tokens",
+    "rope_theta",  # local keys are stored rotated: another theta would read them at wrong angles
 )  # fmt: skip
 
 

@@ -740,6 +740,7 @@ def test_byte_flipped_header_counter_is_an_error(tmp_path):
         ("num_key_value_heads", dict(num_key_value_heads=2)),
         ("mem_dtype", dict(mem_dtype="bfloat16")),
         ("mem_max_tokens", dict(mem_max_tokens=500)),
+        ("rope_theta", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
     ],
 )
 def test_cache_for_a_different_config_is_refused_naming_the_field(tmp_path, field, overrides):

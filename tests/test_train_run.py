@@ -213,6 +213,14 @@ def test_wandb_requested_but_missing_is_a_clear_error(tmp_path, monkeypatch):
         run_in_process(tmp_path, **{"log.wandb": True, "train.max_steps": 1})
 
 
+def test_cli_without_a_config_stops_at_once():
+    """Without --config the defaults would build a multi-billion-parameter model and exhaust host memory."""
+    start = time.perf_counter()
+    proc = subprocess.run(trainer(), env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--config" in proc.stderr
+    assert time.perf_counter() - start < 60
+
+
 def test_cli_reports_config_errors(tmp_path):
     proc = subprocess.run(trainer("--config", str(CI), "--optim.lrr=1"), env=ENV, capture_output=True, text=True,
                           timeout=120)

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s --config FILE [--section.key=value ...] | tokenizer ...")
-    parser.add_argument("--config", help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml), e.g. configs/ci_tiny.yaml")
     args, rest = parser.parse_known_args(argv)
     try:
         spec = load_config(args.config, parse_overrides(rest))
