@@ -45,7 +45,8 @@ class Setting:
 
 
 def parse_setting(text: str) -> Setting:
-    """``"memory"``, ``"no-memory"``, ``"topk:K"``, ``"topk-flat:K"`` or ``"topk-ivf:K"`` -> a ``Setting``."""
+    """``"memory"``, ``"no-memory"``, ``"topk:K"``, ``"topk-flat:K"``, ``"topk-ivf:K"`` or ``"full:W"`` -> a
+    ``Setting`` (module docstring)."""
     if text == "memory":
         return Setting(text, {})
     if text == "no-memory":
