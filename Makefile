@@ -111,6 +111,7 @@ demo-model: $(STAMP)
 demo: $(STAMP)
 	@test -f $(DEMO_MODEL)/config.json || { echo "make demo: $(DEMO_MODEL)/config.json is missing. Run make demo-model \
 	to train it (about an hour on 2 cores)." >&2; exit 1; }
+	rm -rf runs/demo  # each make demo is a fresh run (eval/passkey.py refuses to mix it with older trials)
 	$(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --settings memory no-memory \
 		--lengths $(DEMO_LENGTHS) --trials $(DEMO_TRIALS) --threads $(DEMO_THREADS) --device cpu --out runs/demo
 

@@ -15,15 +15,21 @@ the saved config:
                    the base model's own long-context ability (e.g. ``full:8192`` for SmolLM2's native context)
 =================  ===========================================================================================
 
+Every CLI checks before it loads a model that ``--out`` can be written (``open_trials``), appends each finished
+trial to ``OUT/trials.jsonl`` as it arrives (``TrialLog``), continues a killed run with ``--resume``, and writes
+results.json and its plots atomically at the end (``atomic_path``).
+
 The evaluation scripts run from a checkout; ``fot`` never imports them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,11 +156,24 @@ def default_device() -> str:
 
 
 # ----------------------------------------------------------------------------- outputs
-def write_json(path: Path, data: dict) -> None:
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path`` to write; when the block succeeds it is synced to disk and replaces
+    ``path`` (``os.replace``), so a reader or a kill sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the block failed
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def plot_accuracy(path: Path, lengths: list[int], curves: dict[str, list[float]], window: int, title: str,
@@ -189,9 +208,191 @@ def finish_plot(fig, ax, path: Path, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig`` to ``path`` atomically (``atomic_path``), then close the figure."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=120, **kwargs)  # tmp's suffix names no format
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the output folder and the trials log
+TRIALS_FILE = "trials.jsonl"
+RESUME_HELP = (f"continue the run whose finished trials are in OUT/{TRIALS_FILE} (the same arguments are required); "
+               "without it an --out holding finished trials is refused")
+_FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt")
+_TOKENIZER_FINGERPRINT = (*_TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                          "merges.txt")
+_MIB = 1 << 20
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` and write, sync and remove a probe file in it, so that an evaluation cannot run for hours and
+    then fail to save; a ``ValueError`` naming the path and the reason otherwise."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {str(path)!r} exists and is not a directory; choose another --out.")
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe\n")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        reason = f"{err.strerror}: {str(err.filename)!r}" if err.strerror else str(err)
+        raise ValueError(f"--out {str(path)!r} cannot be created and written ({reason}); choose another --out.") \
+            from None
+    return path
+
+
+def fingerprint(directory: Path, names: tuple[str, ...] | None = None) -> str:
+    """A cheap identity of a checkpoint directory (or of the files ``names`` in it, e.g. a tokenizer's), so a
+    resumed run notices a retrained or replaced checkpoint at the same path: sha256 over each weight, JSON,
+    tokenizer and text file's name, size and first and last MiB (a LoRA adapter's base directory included)."""
+    digest, dirs = hashlib.sha256(), [directory]
+    if names is None and (directory / "adapter_config.json").is_file():
+        base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base and Path(base).is_dir():
+            dirs.append(Path(base))
+    for d in dirs:
+        for path in sorted(p for p in d.iterdir()
+                           if p.is_file() and (p.name in names if names else p.suffix in _FINGERPRINT_SUFFIXES)):
+            size = path.stat().st_size
+            digest.update(f"{path.name}\0{size}\0".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(_MIB))
+                if size > 2 * _MIB:
+                    f.seek(-_MIB, os.SEEK_END)
+                    digest.update(f.read(_MIB))
+    return digest.hexdigest()[:16]
+
+
+def run_identity(task: str, args, model_dir: Path, tokenizer_dir: Path, settings: list[Setting]) -> dict:
+    """The part of a run's configuration every tool shares (see ``TrialLog``); each tool adds its own fields."""
+    return {"task": task, "model": str(model_dir.resolve()), "model_fingerprint": fingerprint(model_dir),
+            "tokenizer": str(tokenizer_dir.resolve()),
+            "tokenizer_fingerprint": fingerprint(tokenizer_dir, _TOKENIZER_FINGERPRINT),
+            "settings": [s.name for s in settings], "seed": args.seed, "bos": not args.no_bos,
+            "dtype": args.dtype, "device": str(args.device)}
+
+
+class TrialLog:
+    """``OUT/trials.jsonl``: every finished trial, written as it arrives, so a killed evaluation can resume.
+
+    The first line is ``{"run": CONFIG}``: what determines the results (model and tokenizer with their
+    fingerprints, settings, lengths or sizes, trials, seed, ...). Each later line is ``{"key": [...], "value":
+    {...}}``: one finished trial under a key that names it (its setting first), or a setting's effective
+    configuration under ``["setting", NAME]``. A line is appended with flush and fsync, so a kill loses at most
+    the trial in flight and at worst leaves a truncated last line, which reading skips with a warning.
+    """
+
+    def __init__(self, path: Path, done: dict[tuple, dict]):
+        self.path, self.done = path, done
+
+    @classmethod
+    def open(cls, out: str | os.PathLike, config: dict, resume: bool) -> "TrialLog":
+        """Check that ``out`` can be written, then start a new log, or with ``resume`` continue the one there.
+
+        Raises ``ValueError`` when ``out`` cannot be written, when it holds finished trials and ``resume`` is
+        false, or when they were run with another configuration (naming each differing field).
+        """
+        path = check_out_dir(out) / TRIALS_FILE
+        config = json.loads(json.dumps(config))  # compared as it reads back
+        saved, done, good_bytes = read_trials(path) if path.exists() else (None, {}, 0)
+        if done and not resume:
+            raise ValueError(f"{path} holds {len(done)} finished entries of an earlier run; pass --resume to continue "
+                             "it, or choose another --out (finished results are never overwritten).")
+        if done:
+            differ = [f"{k} {json.dumps(saved.get(k))} (now {json.dumps(config.get(k))})"
+                      for k in dict.fromkeys([*saved, *config]) if saved.get(k) != config.get(k)]
+            if differ:
+                raise ValueError(f"--resume: {path} was written with other arguments: {'; '.join(differ)}. Pass the "
+                                 "same arguments, or choose another --out.")
+            os.truncate(path, good_bytes)  # drop a truncated last line before appending after it
+            logger.info("resuming from %s: %d finished entries", path, len(done))
+            return cls(path, done)
+        if resume:
+            logger.info("--resume: %s holds no finished trials; starting afresh", path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"run": config}) + "\n")
+        return cls(path, {})
+
+    def get(self, key, /, **expected) -> dict | None:
+        """The value logged under ``key``, or None. ``expected`` fields of the trial (its passkey, token count...)
+        must equal the logged ones: a difference means its inputs changed since, and raises ``ValueError``."""
+        value = self.done.get(tuple(key))
+        if value is not None:
+            differ = {k: (value.get(k), v) for k, v in json.loads(json.dumps(expected)).items() if value.get(k) != v}
+            if differ:
+                raise ValueError(f"{self.path}: the finished trial {list(key)} has {differ} (logged, now): its inputs "
+                                 "changed since it ran (tokenizer, data or code); choose another --out.")
+        return value
+
+    def put(self, key, value: dict) -> None:
+        """Append one line and sync it to disk before returning."""
+        line = json.dumps({"key": list(key), "value": value}) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[tuple(key)] = json.loads(json.dumps(value))
+
+
+def read_trials(path: Path) -> tuple[dict | None, dict[tuple, dict], int]:
+    """A trials log's configuration, its entries by key, and the length in bytes of its intact lines.
+
+    A last line that is cut short or not JSON (the run was killed while writing it) is skipped with a warning;
+    a damaged line before it is a ``ValueError``.
+    """
+    lines = path.read_bytes().splitlines(keepends=True)
+    config, done, good_bytes = None, {}, 0
+    for n, raw in enumerate(lines, 1):
+        try:
+            entry = json.loads(raw) if raw.endswith(b"\n") else None
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict) or not (("run" in entry) if n == 1 else {"key", "value"} <= set(entry)):
+            if n == len(lines):
+                logger.warning("%s: skipping its last line, which is cut short (the run was killed while writing "
+                               "it)", path)
+                break
+            raise ValueError(f"{path}, line {n}, is not a trials log line; the file is damaged: choose another --out.")
+        if n == 1:
+            config = entry["run"]
+        else:
+            done[tuple(entry["key"])] = entry["value"]
+        good_bytes += len(raw)
+    return config, done, good_bytes
+
+
+def open_trials(args, config: dict) -> TrialLog | None:
+    """The run's ``TrialLog`` under ``--out`` (None without ``--out``); every check is made before any model is
+    loaded."""
+    if args.out is None:
+        if args.resume:
+            raise ValueError(f"--resume needs --out: the directory whose {TRIALS_FILE} to continue.")
+        return None
+    return TrialLog.open(args.out, config, args.resume)
+
+
+def setting_model(log: TrialLog | None, setting: Setting, pending: bool, load, describe) -> tuple[object, dict]:
+    """``(model, description)`` of a setting: the model ``load()`` returns and ``describe(model.config)``, logged
+    as ``["setting", NAME]``; or ``(None, the logged description)`` when nothing of it is ``pending``."""
+    key = ("setting", setting.name)
+    saved = log.get(key) if log is not None else None
+    if saved is not None and not pending:
+        return None, saved
+    model = load()
+    description = json.loads(json.dumps(describe(model.config)))  # as a resumed run reads it back
+    if log is not None and saved != description:
+        log.put(key, description)
+    return model, description
 
 
 def cli_main(build_parser, prepare, run, argv: list[str] | None = None):

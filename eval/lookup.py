@@ -21,7 +21,8 @@ query's and the answer's tokens are the tails of tokenize(dictionary + query) an
 " V"), as eval/passkey.py finds its answer's. A query is correct when the generated text, leading whitespace
 removed, starts with V's digits and no other digit follows (``value_matches``).
 
-Outputs (``--out DIR``): results.json (configuration, per setting and size: accuracy, n, token counts, seconds
+Outputs (``--out DIR``): trials.jsonl (each answered query as it arrives; ``--resume`` continues a killed run
+from it), then at the end results.json (configuration, per setting and size: accuracy, n, token counts, seconds
 and every query) and lookup.png (accuracy against memory size, log2 axis, window marked).
 """
 
@@ -43,20 +44,25 @@ import numpy as np
 import torch
 
 from eval.common import (
-    cli_main,
+    RESUME_HELP,
     SETTING_HELP,
     Setting,
+    TrialLog,
     check_model_dir,
-    model_config,
     check_tokenizer_dir,
+    cli_main,
     default_device,
     load_model,
     load_tokenizer,
+    model_config,
+    open_trials,
     parse_settings,
     plot_accuracy,
+    run_identity,
+    setting_model,
     write_json,
 )
-from eval.passkey import PromptEncoder, generation_kwargs
+from eval.passkey import PromptEncoder, describe_setting, generation_kwargs
 from eval.templates import LOOKUP_HEADER, lookup_line, lookup_query
 
 logger = logging.getLogger("eval.lookup")
@@ -197,29 +203,55 @@ def answer_from_cache(model, cache, query_ids: list[int], n_tokens: int, device,
     return out[0, len(query_ids):].tolist()
 
 
+def query_key(setting: str, d: Dictionary, i: int) -> tuple:
+    """A query's key in the trials log: (setting, size, trial, query index)."""
+    return setting, d.size, d.trial, i
+
+
+def logged_query(log: TrialLog | None, setting: str, d: Dictionary, i: int) -> dict | None:
+    """The query's logged result (checked against its key and value), or None when it has not run."""
+    q = d.queries[i]
+    return None if log is None else log.get(query_key(setting, d, i), key=q.key, value=q.value)
+
+
 def evaluate(model, dictionaries: dict[int, list[Dictionary]], tokenizer, device="cpu", desc: str = "lookup",
-             forward_kwargs: dict | None = None, **generate_kwargs) -> list[dict]:
-    """Prefill each dictionary once and answer its queries; one summary per size with every query."""
+             forward_kwargs: dict | None = None, log: TrialLog | None = None, setting: str = "",
+             **generate_kwargs) -> list[dict]:
+    """Prefill each dictionary once and answer its queries; one summary per size with every query.
+
+    With ``log``, queries it holds for ``setting`` are taken from it (a dictionary whose queries all are is not
+    prefilled) and each new one is appended to it as soon as it is answered. A row's seconds are the sum of its
+    queries' (a prefill counts towards the first query answered after it).
+    """
     from tqdm.auto import tqdm
 
     rows = []
     total = sum(len(d.queries) for ds in dictionaries.values() for d in ds)
     with tqdm(total=total, desc=desc, unit="query", dynamic_ncols=True) as bar:
         for size, ds in dictionaries.items():
-            start, records = time.perf_counter(), []
+            records, seconds = [], 0.0
             for d in ds:
-                with torch.no_grad():
-                    cache = model(torch.tensor([d.ids], device=device), use_cache=True, logits_to_keep=1,
-                                  **(forward_kwargs or {})).cache
-                queries = []
-                for q in d.queries:
-                    predicted = answer_from_cache(model, cache, q.query_ids, len(q.answer_ids), device,
-                                                  **generate_kwargs)
-                    text = tokenizer.decode(predicted, skip_special_tokens=True)
-                    queries.append({"key": q.key, "value": q.value, "line": q.line, "span": list(q.span),
-                                    "distance": d.tokens - q.span[1], "query_ids": q.query_ids,
-                                    "answer_ids": q.answer_ids, "answer_method": q.method, "predicted_ids": predicted,
-                                    "predicted_text": text, "correct": value_matches(text, q.value)})
+                cache, queries = None, []
+                for i, q in enumerate(d.queries):
+                    record = logged_query(log, setting, d, i)
+                    if record is None:
+                        start = time.perf_counter()
+                        if cache is None:
+                            with torch.no_grad():
+                                cache = model(torch.tensor([d.ids], device=device), use_cache=True, logits_to_keep=1,
+                                              **(forward_kwargs or {})).cache
+                        predicted = answer_from_cache(model, cache, q.query_ids, len(q.answer_ids), device,
+                                                      **generate_kwargs)
+                        text = tokenizer.decode(predicted, skip_special_tokens=True)
+                        record = {"key": q.key, "value": q.value, "line": q.line, "span": list(q.span),
+                                  "distance": d.tokens - q.span[1], "query_ids": q.query_ids,
+                                  "answer_ids": q.answer_ids, "answer_method": q.method, "predicted_ids": predicted,
+                                  "predicted_text": text, "correct": value_matches(text, q.value),
+                                  "seconds": time.perf_counter() - start}
+                        if log is not None:
+                            log.put(query_key(setting, d, i), record)
+                    seconds += record["seconds"]
+                    queries.append({k: v for k, v in record.items() if k != "seconds"})
                     bar.update(1)
                 records.append({"trial": d.trial, "tokens": d.tokens, "pairs": len(d.pairs), "queries": queries})
             correct = sum(q["correct"] for r in records for q in r["queries"])
@@ -228,7 +260,7 @@ def evaluate(model, dictionaries: dict[int, list[Dictionary]], tokenizer, device
                 "size": size, "mean_tokens": float(np.mean([r["tokens"] for r in records])),
                 "min_tokens": min(r["tokens"] for r in records), "max_tokens": max(r["tokens"] for r in records),
                 "mean_pairs": float(np.mean([r["pairs"] for r in records])), "n": n, "correct": correct,
-                "accuracy": 100.0 * correct / n, "seconds": time.perf_counter() - start, "dictionaries": records,
+                "accuracy": 100.0 * correct / n, "seconds": seconds, "dictionaries": records,
             })
             bar.set_postfix(size=size, acc=f"{rows[-1]['accuracy']:.0f}%")
     return rows
@@ -263,8 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="output directory for results.json and lookup.png")
+    p.add_argument("--out", help="output directory for trials.jsonl, results.json and lookup.png; checked before "
+                                 "any model is loaded")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     return p
+
+
+def run_config(args, model_dir: Path, tokenizer_dir: Path, settings: list[Setting]) -> dict:
+    """What determines a run's results: a resumed run must have the same (``TrialLog``)."""
+    return {**run_identity("lookup", args, model_dir, tokenizer_dir, settings), "sizes": sorted(args.sizes),
+            "trials": args.trials, "queries": args.queries, "last_context_length": args.last_context_length,
+            "cache_policy": args.cache_policy}
 
 
 @dataclass
@@ -275,6 +316,7 @@ class Prepared:
     window: int
     encoder: PromptEncoder
     dictionaries: dict[int, list[Dictionary]]
+    log: TrialLog | None = None
 
 
 def prepare(args) -> Prepared:
@@ -297,13 +339,14 @@ def prepare(args) -> Prepared:
                          f"for any pair to lie in memory; use sizes of at least {2 * window}.")
     if args.last_context_length is not None and not 1 <= args.last_context_length <= window:
         raise ValueError(f"--last-context-length {args.last_context_length} must be in [1, {window}] (the window).")
+    log = open_trials(args, run_config(args, model_dir, tokenizer_dir, settings))
     encoder = PromptEncoder(load_tokenizer(tokenizer_dir), add_bos=not args.no_bos)
     if not encoder.tokenizer.is_fast:
         raise ValueError(f"the tokenizer in {str(tokenizer_dir)!r} is not a fast tokenizer; lookup needs offset "
                          "mappings: save it with tokenizers installed (tokenizer.json).")
     sizes = sorted(args.sizes)
     dictionaries = make_dictionaries(encoder, sizes, args.trials, args.queries, args.seed, window)
-    return Prepared(model_dir, tokenizer_dir, settings, window, encoder, dictionaries)
+    return Prepared(model_dir, tokenizer_dir, settings, window, encoder, dictionaries, log)
 
 
 def run(args, prepared: Prepared | None = None) -> dict:
@@ -315,18 +358,16 @@ def run(args, prepared: Prepared | None = None) -> dict:
     gen_kwargs = generation_kwargs(args, tokenizer)
     forward_kwargs = {k: gen_kwargs[k] for k in ("last_context_length", "cache_policy") if k in gen_kwargs}
 
-    results, configs = {}, {}
+    results, configs, log = {}, {}, prepared.log
     for setting in prepared.settings:
-        model = load_model(prepared.model_dir, setting, args.device, args.dtype)
-        cfg = model.config
-        configs[setting.name] = {
-            "overrides": setting.overrides, "mem_layers": list(cfg.mem_layers), "mem_top_k": cfg.mem_top_k,
-            "mem_index": cfg.mem_index, "last_context_length": args.last_context_length or cfg.last_context_length,
-            "cache_policy": args.cache_policy or cfg.cache_policy,
-        }
+        pending = any(logged_query(log, setting.name, d, i) is None
+                      for ds in prepared.dictionaries.values() for d in ds for i in range(len(d.queries)))
+        model, configs[setting.name] = setting_model(
+            log, setting, pending, lambda: load_model(prepared.model_dir, setting, args.device, args.dtype),
+            lambda cfg: describe_setting(setting, cfg, args))
         start = time.perf_counter()
         results[setting.name] = evaluate(model, prepared.dictionaries, tokenizer, args.device, setting.name,
-                                         forward_kwargs, **gen_kwargs)
+                                         forward_kwargs, log=log, setting=setting.name, **gen_kwargs)
         logger.info("%s: %.1f s", setting.name, time.perf_counter() - start)
         del model
 

@@ -27,7 +27,8 @@ tokenize(prompt) when the latter is a prefix of the former ("tail"); otherwise K
 tokens ("separate"). results.json records which. With several templates, a length's accuracy is the mean over
 templates, and each row also holds the per-template (and per-depth) accuracies.
 
-Outputs (``--out DIR``): results.json (configuration, per setting and length: accuracy, n, token counts,
+Outputs (``--out DIR``): trials.jsonl (each finished trial as it arrives; ``--resume`` continues a killed run
+from it), then at the end results.json (configuration, per setting and length: accuracy, n, token counts,
 seconds, breakdowns and every trial), passkey.png (accuracy against prompt length, log2 axis, window marked) and,
 with ``--depths``, passkey_depth.png (a length x depth heatmap of accuracy per setting).
 """
@@ -52,17 +53,23 @@ import numpy as np
 import torch
 
 from eval.common import (
-    cli_main,
+    RESUME_HELP,
     SETTING_HELP,
     Setting,
+    TrialLog,
     check_model_dir,
-    model_config,
     check_tokenizer_dir,
+    cli_main,
     default_device,
     load_model,
     load_tokenizer,
+    model_config,
+    open_trials,
     parse_settings,
     plot_accuracy,
+    run_identity,
+    save_figure,
+    setting_model,
     write_json,
 )
 from eval.templates import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
@@ -296,29 +303,52 @@ def summarize(records: list[dict]) -> dict:
     return {"accuracy": accuracy, "correct": correct, "n": len(records)}
 
 
-def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "passkey",
-             **generate_kwargs) -> list[dict]:
+def trial_key(setting: str, tr: Trial) -> tuple:
+    """A trial's key in the trials log: (setting, template, depth, length, trial)."""
+    return setting, tr.template, tr.depth, tr.length, tr.trial
+
+
+def logged_trial(log: TrialLog | None, setting: str, tr: Trial) -> dict | None:
+    """The trial's logged result (checked against its key and prompt length), or None when it has not run."""
+    return None if log is None else log.get(trial_key(setting, tr), key=tr.key, tokens=tr.tokens)
+
+
+def score_trial(model, tr: Trial, device, **generate_kwargs) -> dict:
+    """One trial's result record, with the seconds it took (not part of results.json's record)."""
+    start = time.perf_counter()
+    predicted = greedy_answer(model, tr.prompt_ids, len(tr.answer_ids), device, **generate_kwargs)
+    return {"trial": tr.trial, "template": tr.template, "depth": tr.depth, "key": tr.key, "tokens": tr.tokens,
+            "n_garbage": tr.n_garbage, "n_prefix": tr.n_prefix, "answer_ids": tr.answer_ids,
+            "predicted_ids": predicted, "answer_method": tr.answer_method,
+            "correct": is_correct(predicted, tr.answer_ids), "seconds": time.perf_counter() - start}
+
+
+def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "passkey", log: TrialLog | None = None,
+             setting: str = "", **generate_kwargs) -> list[dict]:
     """Score every trial; returns one summary per length with its trials (tqdm progress over all trials).
 
-    A row's accuracy is the mean over templates; ``by_template`` and, with depths, ``by_depth`` break it down.
+    With ``log``, trials it holds for ``setting`` are taken from it (``model`` is then not called for them) and
+    each new one is appended to it as soon as it is scored. A row's accuracy is the mean over templates;
+    ``by_template`` and, with depths, ``by_depth`` break it down; its seconds are the sum of its trials'.
     """
     from tqdm.auto import tqdm
 
     rows = []
     with tqdm(total=sum(len(v) for v in trials.values()), desc=desc, unit="trial", dynamic_ncols=True) as bar:
         for length, ts in trials.items():
-            start = time.perf_counter()
-            records = []
+            records, seconds = [], 0.0
             for tr in ts:
-                predicted = greedy_answer(model, tr.prompt_ids, len(tr.answer_ids), device, **generate_kwargs)
-                records.append({"trial": tr.trial, "template": tr.template, "depth": tr.depth, "key": tr.key,
-                                "tokens": tr.tokens, "n_garbage": tr.n_garbage, "n_prefix": tr.n_prefix,
-                                "answer_ids": tr.answer_ids, "predicted_ids": predicted,
-                                "answer_method": tr.answer_method, "correct": is_correct(predicted, tr.answer_ids)})
+                record = logged_trial(log, setting, tr)
+                if record is None:
+                    record = score_trial(model, tr, device, **generate_kwargs)
+                    if log is not None:
+                        log.put(trial_key(setting, tr), record)
+                seconds += record["seconds"]
+                records.append({k: v for k, v in record.items() if k != "seconds"})
                 bar.update(1)
             row = {"length": length, "mean_tokens": float(np.mean([r["tokens"] for r in records])),
                    "min_tokens": min(r["tokens"] for r in records), "max_tokens": max(r["tokens"] for r in records),
-                   **summarize(records), "seconds": time.perf_counter() - start}
+                   **summarize(records), "seconds": seconds}
             row["by_template"] = {name: summarize([r for r in records if r["template"] == name])
                                   for name in dict.fromkeys(r["template"] for r in records)}
             if any(r["depth"] is not None for r in records):
@@ -383,9 +413,7 @@ def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[d
     axes[0][0].set_ylabel("depth of the key (0 = start)")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)")
     fig.suptitle(title, fontsize=10, y=1.02)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -409,11 +437,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="output directory for results.json, passkey.png (and passkey_depth.png)")
+    p.add_argument("--out", help="output directory for trials.jsonl, results.json, passkey.png (and "
+                                 "passkey_depth.png); checked before any model is loaded")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     return p
 
 
-def validate_args(args) -> tuple[Path, Path, list[Setting]]:
+def run_config(args, model_dir: Path, tokenizer_dir: Path, settings: list[Setting]) -> dict:
+    """What determines a run's results: a resumed run must have the same (``TrialLog``)."""
+    return {**run_identity("passkey", args, model_dir, tokenizer_dir, settings), "lengths": sorted(args.lengths),
+            "trials": args.trials, "templates": args.template, "depths": args.depths,
+            "last_context_length": args.last_context_length, "cache_policy": args.cache_policy}
+
+
+def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
     bad = [n for n in args.lengths if n < MIN_LENGTH]
     if bad:
         raise ValueError(f"--lengths {bad}: prompt lengths must be at least {MIN_LENGTH} tokens (the fixed lines "
@@ -439,7 +476,8 @@ def validate_args(args) -> tuple[Path, Path, list[Setting]]:
     if args.last_context_length is not None and window is not None and args.last_context_length > window:
         raise ValueError(f"--last-context-length {args.last_context_length} exceeds the model's window "
                          f"(max_position_embeddings={window}); use a value <= {window}.")
-    return model_dir, tokenizer_dir, settings
+    log = open_trials(args, run_config(args, model_dir, tokenizer_dir, settings))
+    return model_dir, tokenizer_dir, settings, log
 
 
 def generation_kwargs(args, tokenizer) -> dict:
@@ -455,12 +493,13 @@ def generation_kwargs(args, tokenizer) -> dict:
     return kwargs
 
 
-def run(args, validated: tuple[Path, Path, list[Setting]] | None = None) -> dict:
+def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | None = None) -> dict:
     """Evaluate every setting; returns the results dictionary (also written to ``--out``).
 
-    Raises ``ValueError`` for bad arguments (see ``validate_args``) before any model is loaded.
+    Raises ``ValueError`` for bad arguments, an unwritable ``--out`` or a refused ``--resume`` (see
+    ``validate_args``) before any model is loaded. A setting whose trials are all in the log is not loaded.
     """
-    model_dir, tokenizer_dir, settings = validated or validate_args(args)
+    model_dir, tokenizer_dir, settings, log = validated or validate_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = sorted(args.lengths)
@@ -468,20 +507,18 @@ def run(args, validated: tuple[Path, Path, list[Setting]] | None = None) -> dict
     trials = make_trials(encoder, lengths, args.trials, args.seed, args.template, args.depths)
     gen_kwargs = generation_kwargs(args, encoder.tokenizer)
 
-    results, configs, window = {}, {}, None
+    results, configs = {}, {}
     for setting in settings:
-        model = load_model(model_dir, setting, args.device, args.dtype)
-        cfg = model.config
-        window = cfg.max_position_embeddings
-        configs[setting.name] = {
-            "overrides": setting.overrides, "mem_layers": list(cfg.mem_layers), "mem_top_k": cfg.mem_top_k,
-            "mem_index": cfg.mem_index, "last_context_length": args.last_context_length or cfg.last_context_length,
-            "cache_policy": args.cache_policy or cfg.cache_policy,
-        }
+        pending = any(logged_trial(log, setting.name, tr) is None for ts in trials.values() for tr in ts)
+        model, configs[setting.name] = setting_model(
+            log, setting, pending, lambda: load_model(model_dir, setting, args.device, args.dtype),
+            lambda cfg: describe_setting(setting, cfg, args))
         start = time.perf_counter()
-        results[setting.name] = evaluate(model, trials, args.device, desc=setting.name, **gen_kwargs)
+        results[setting.name] = evaluate(model, trials, args.device, desc=setting.name, log=log,
+                                         setting=setting.name, **gen_kwargs)
         logger.info("%s: %.1f s", setting.name, time.perf_counter() - start)
         del model
+    window = configs[settings[-1].name]["window"]
 
     methods = [tr.answer_method for ts in trials.values() for tr in ts]
     report = {
@@ -499,6 +536,14 @@ def run(args, validated: tuple[Path, Path, list[Setting]] | None = None) -> dict
     if args.out:
         write_outputs(Path(args.out), report, model_dir.name)
     return report
+
+
+def describe_setting(setting: Setting, cfg, args) -> dict:
+    """A setting's effective configuration, as results.json records it (lookup.py's too)."""
+    return {"overrides": setting.overrides, "window": cfg.max_position_embeddings, "mem_layers": list(cfg.mem_layers),
+            "mem_top_k": cfg.mem_top_k, "mem_index": cfg.mem_index,
+            "last_context_length": args.last_context_length or cfg.last_context_length,
+            "cache_policy": args.cache_policy or cfg.cache_policy}
 
 
 def write_outputs(out: Path, report: dict, model_name: str) -> None:

@@ -33,6 +33,7 @@ position (teacher-forced greedy decoding; it can differ from eval/passkey.py's g
 prompt alone and so windows it differently).
 
 Outputs: a table (rows: buckets, columns: settings, cells: perplexity) on stdout, and with ``--out DIR``
+trials.jsonl (each scored document as it arrives; ``--resume`` continues a killed run from it), then at the end
 results.json (configuration, documents' token counts, per setting and bucket lo, hi, tokens, nll, ppl, the
 whole-document perplexity, the answer's NLL and exact match for passkey, per-document results, seconds) and
 perplexity.png (perplexity against the bucket's upper edge, log2 axis, window marked).
@@ -41,6 +42,7 @@ perplexity.png (perplexity against the bucket's upper edge, log2 axis, window ma
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -56,17 +58,22 @@ import numpy as np
 import torch
 
 from eval.common import (
-    cli_main,
+    RESUME_HELP,
     SETTING_HELP,
     Setting,
+    TrialLog,
     check_model_dir,
-    model_config,
     check_tokenizer_dir,
+    cli_main,
     default_device,
     finish_plot,
     load_model,
     load_tokenizer,
+    model_config,
+    open_trials,
     parse_settings,
+    run_identity,
+    setting_model,
     write_json,
 )
 from eval.passkey import PromptEncoder, build_prompt, make_trials, trial_rng
@@ -88,6 +95,11 @@ class Document:
     @property
     def tokens(self) -> int:
         return len(self.ids)
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the token ids: the trials log checks a resumed document against it."""
+        return hashlib.sha256(np.asarray(self.ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def passkey_documents(encoder: PromptEncoder, length: int, docs: int, seed: int) -> list[Document]:
@@ -229,14 +241,24 @@ def summarize(total: float, count: int) -> dict:
     return {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
 
 
-def aggregate(nlls: list[torch.Tensor], edges: list[int]) -> list[dict]:
-    """Per bucket [lo, hi) of positions: lo, hi, tokens, mean NLL over every document's positions, exp of it."""
+def bucket_sums(nll: torch.Tensor, edges: list[int]) -> list[list]:
+    """One document's [NLL sum, positions] per bucket [lo, hi): all that ``merge_buckets`` needs of it."""
+    return [[float(nll[lo:hi].sum().item()), nll[lo:hi].numel()] for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def merge_buckets(per_doc: list[list[list]], edges: list[int]) -> list[dict]:
+    """Per bucket [lo, hi) of positions: lo, hi, tokens, mean NLL over every document's positions, exp of it;
+    from each document's ``bucket_sums``."""
     rows = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        parts = [x[lo:hi] for x in nlls]
-        total = float(sum(p.sum().item() for p in parts))
-        rows.append({"lo": lo, "hi": hi, **summarize(total, sum(p.numel() for p in parts))})
+    for j, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        total = float(sum(doc[j][0] for doc in per_doc))
+        rows.append({"lo": lo, "hi": hi, **summarize(total, sum(doc[j][1] for doc in per_doc))})
     return rows
+
+
+def aggregate(nlls: list[torch.Tensor], edges: list[int]) -> list[dict]:
+    """``merge_buckets`` of whole documents' per-position NLLs."""
+    return merge_buckets([bucket_sums(x, edges) for x in nlls], edges)
 
 
 def answer_score(doc: Document, nll: torch.Tensor, predicted: torch.Tensor) -> dict:
@@ -247,26 +269,51 @@ def answer_score(doc: Document, nll: torch.Tensor, predicted: torch.Tensor) -> d
             "answer_correct": predicted[a - 1: b - 1].tolist() == target}
 
 
-def evaluate(model, docs: list[Document], edges: list[int], chunk: int, bar=None) -> dict:
-    """Score every document with one model: buckets, whole-document and (passkey) answer results."""
+# What a document's trials-log record holds beyond its row of results.json: enough to rebuild the buckets exactly.
+_LOG_ONLY = ("digest", "bucket_sums", "nll_sum", "seconds")
+
+
+def score_document(model, doc: Document, edges: list[int], chunk: int) -> dict:
+    """One document's results.json row, with its ``bucket_sums``, whole NLL sum and the seconds it took."""
     start = time.perf_counter()
-    nlls, per_doc = [], []
-    for doc in docs:
-        nll, predicted = score_tokens(model, doc.ids, chunk)
-        nlls.append(nll)
-        row = {"source": doc.source, "tokens": doc.tokens, "nll": float(nll.mean())}
-        if doc.answer is not None:
-            row.update(key=doc.key, **answer_score(doc, nll, predicted))
-        per_doc.append(row)
+    nll, predicted = score_tokens(model, doc.ids, chunk)
+    row = {"source": doc.source, "tokens": doc.tokens, "nll": float(nll.mean())}
+    if doc.answer is not None:
+        row.update(key=doc.key, **answer_score(doc, nll, predicted))
+    return {**row, "digest": doc.digest, "bucket_sums": bucket_sums(nll, edges), "nll_sum": float(nll.sum().item()),
+            "seconds": time.perf_counter() - start}
+
+
+def logged_document(log: TrialLog | None, setting: str, i: int, doc: Document) -> dict | None:
+    """Document ``i``'s logged record (checked against its source and tokens), or None when not scored."""
+    return None if log is None else log.get((setting, i), source=doc.source, digest=doc.digest)
+
+
+def evaluate(model, docs: list[Document], edges: list[int], chunk: int, bar=None, log: TrialLog | None = None,
+             setting: str = "") -> dict:
+    """Score every document with one model: buckets, whole-document and (passkey) answer results.
+
+    With ``log``, documents it holds for ``setting`` (keyed (setting, document index)) are taken from it and each
+    new one is appended to it as soon as it is scored. The seconds are the sum of the documents'.
+    """
+    records = []
+    for i, doc in enumerate(docs):
+        record = logged_document(log, setting, i, doc)
+        if record is None:
+            record = score_document(model, doc, edges, chunk)
+            if log is not None:
+                log.put((setting, i), record)
+        records.append(record)
         if bar is not None:
             bar.update(1)
-    result = {"buckets": aggregate(nlls, edges),
-              "all": summarize(float(sum(x.sum().item() for x in nlls)), sum(x.numel() for x in nlls))}
+    per_doc = [{k: v for k, v in r.items() if k not in _LOG_ONLY} for r in records]
+    result = {"buckets": merge_buckets([r["bucket_sums"] for r in records], edges),
+              "all": summarize(float(sum(r["nll_sum"] for r in records)), sum(d.tokens - 1 for d in docs))}
     if all(d.answer is not None for d in docs):
         answered = summarize(sum(r["answer_nll_sum"] for r in per_doc), sum(r["answer_tokens"] for r in per_doc))
         result["answer"] = {**answered,
                             "exact_match": 100.0 * sum(r["answer_correct"] for r in per_doc) / len(per_doc)}
-    result["seconds"] = time.perf_counter() - start
+    result["seconds"] = sum(r["seconds"] for r in records)
     result["documents"] = per_doc
     return result
 
@@ -346,8 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="output directory for results.json and perplexity.png")
+    p.add_argument("--out", help="output directory for trials.jsonl, results.json and perplexity.png; checked "
+                                 "before any model is loaded")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     return p
+
+
+def run_config(args, model_dir: Path, tokenizer_dir: Path, settings: list[Setting]) -> dict:
+    """What determines a run's results: a resumed run must have the same (``TrialLog``). Files are compared by
+    path; each logged document is checked against its source and a hash of its tokens."""
+    files = [str(Path(f).resolve()) for f in args.files] if args.source == "files" else None
+    return {**run_identity("perplexity", args, model_dir, tokenizer_dir, settings), "source": args.source,
+            "files": files, "text_field": args.text_field if args.source == "files" else None,
+            "length": args.length, "docs": args.docs, "chunk": args.chunk}
 
 
 @dataclass
@@ -358,6 +416,7 @@ class Prepared:
     window: int
     docs: list[Document]
     bos: bool
+    log: TrialLog | None = None
 
 
 def validate_args(args) -> tuple[Path, Path, list[Setting], dict]:
@@ -384,6 +443,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], dict]:
 def prepare(args) -> Prepared:
     """Validate the arguments, load the tokenizer and build the documents; ``ValueError`` for bad input."""
     model_dir, tokenizer_dir, settings, config = validate_args(args)
+    log = open_trials(args, run_config(args, model_dir, tokenizer_dir, settings))
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -400,7 +460,7 @@ def prepare(args) -> Prepared:
     logger.info("%d %s documents of %d..%d tokens", len(docs), args.source, min(d.tokens for d in docs),
                 max(d.tokens for d in docs))
     return Prepared(model_dir, tokenizer_dir, settings, int(config["max_position_embeddings"]), docs,
-                    encoder.add_bos)
+                    encoder.add_bos, log)
 
 
 def run(args, prepared: Prepared | None = None) -> dict:
@@ -412,13 +472,14 @@ def run(args, prepared: Prepared | None = None) -> dict:
     results, configs = {}, {}
     with tqdm(total=len(p.settings) * len(p.docs), desc="perplexity", unit="doc", dynamic_ncols=True) as bar:
         for setting in p.settings:
-            model = load_model(p.model_dir, setting, args.device, args.dtype)
-            cfg = model.config
-            configs[setting.name] = {"overrides": setting.overrides, "mem_layers": list(cfg.mem_layers),
-                                     "mem_top_k": cfg.mem_top_k, "mem_index": cfg.mem_index,
-                                     "last_context_length": cfg.last_context_length}
+            pending = any(logged_document(p.log, setting.name, i, doc) is None for i, doc in enumerate(p.docs))
+            model, configs[setting.name] = setting_model(
+                p.log, setting, pending, lambda: load_model(p.model_dir, setting, args.device, args.dtype),
+                lambda cfg: {"overrides": setting.overrides, "mem_layers": list(cfg.mem_layers),
+                             "mem_top_k": cfg.mem_top_k, "mem_index": cfg.mem_index,
+                             "last_context_length": cfg.last_context_length})
             bar.set_postfix(setting=setting.name)
-            results[setting.name] = evaluate(model, p.docs, edges, args.chunk, bar)
+            results[setting.name] = evaluate(model, p.docs, edges, args.chunk, bar, p.log, setting.name)
             logger.info("%s: perplexity %.3f, %.1f s", setting.name, results[setting.name]["all"]["ppl"],
                         results[setting.name]["seconds"])
             del model

@@ -328,6 +328,16 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
     keys = {name: [t["key"] for r in rows for t in r["trials"]] for name, rows in saved["results"].items()}
     assert keys["memory"] == keys["no-memory"] == keys["topk:4"]  # every setting sees the same prompts
     assert (out / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert lines[0]["run"]["lengths"] == [64, 160] and lines[0]["run"]["settings"] == ["memory", "no-memory", "topk:4"]
+    logged = {tuple(line["key"]): line["value"] for line in lines[1:]}
+    assert len(logged) == len(lines) - 1 == 3 + 3 * 4  # each setting's configuration, then each trial once
+    for name, rows in saved["results"].items():
+        assert logged[("setting", name)] == saved["settings"][name]
+        for r in rows:
+            for t in r["trials"]:
+                value = logged[(name, "landmark", None, r["length"], t["trial"])]
+                assert {k: v for k, v in value.items() if k != "seconds"} == t
 
 
 def test_cli_evaluates_a_lora_adapter_on_its_base(model_dir, tmp_path):
