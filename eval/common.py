@@ -176,19 +176,26 @@ def write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def plot_accuracy(path: Path, lengths: list[int], curves: dict[str, list[float]], window: int, title: str,
-                  xlabel: str = "prompt length (tokens)") -> None:
-    """One line per setting of accuracy (%) against length on a log2 axis, with the window marked."""
+LINE_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]  # keep overlapping curves visible
+
+
+def new_figure():
+    """(figure, axes) for an eval plot, on the file-only Agg backend and with matplotlib's chatter off."""
     import matplotlib
 
     matplotlib.use("Agg")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
+    return plt.subplots(figsize=(7, 4.2))
+
+
+def plot_accuracy(path: Path, lengths: list[int], curves: dict[str, list[float]], window: int, title: str,
+                  xlabel: str = "prompt length (tokens)") -> None:
+    """One line per setting of accuracy (%) against length on a log2 axis, with the window marked."""
+    fig, ax = new_figure()
     for i, (name, acc) in enumerate(curves.items()):
-        marker, line = styles[i % len(styles)]  # distinct styles keep overlapping curves visible
+        marker, line = LINE_STYLES[i % len(LINE_STYLES)]
         ax.plot(lengths, acc, marker=marker, linestyle=line, label=name, alpha=0.85)
     ax.axvline(window, color="grey", linestyle="--", linewidth=1)
     ax.text(window, 103, f" window {window}", color="grey", fontsize=8, va="bottom")
@@ -202,8 +209,6 @@ def plot_accuracy(path: Path, lengths: list[int], curves: dict[str, list[float]]
 
 def finish_plot(fig, ax, path: Path, title: str) -> None:
     """Title, grid and legend, then save ``fig`` to ``path`` (parents created) and close it."""
-    import matplotlib.pyplot as plt
-
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()

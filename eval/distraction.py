@@ -67,6 +67,8 @@ import numpy as np
 import torch
 
 from eval.common import (
+    LINE_STYLES,
+    new_figure,
     SETTING_HELP,
     Setting,
     check_model_dir,
@@ -275,16 +277,9 @@ def format_table(results: dict[str, dict]) -> str:
 
 def plot_distraction(path: Path, results: dict[str, dict], title: str) -> None:
     """Target perplexity against the number of distracting documents (linear axes), one line per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
+    fig, ax = new_figure()
     for i, (name, res) in enumerate(results.items()):
-        marker, line = styles[i % len(styles)]  # distinct styles keep overlapping curves visible
+        marker, line = LINE_STYLES[i % len(LINE_STYLES)]
         ax.plot([r["distractors"] for r in res["rows"]], [r["ppl"] for r in res["rows"]], marker=marker,
                 linestyle=line, label=name, alpha=0.85)
     counts = [r["distractors"] for r in next(iter(results.values()))["rows"]]

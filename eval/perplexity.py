@@ -58,6 +58,8 @@ import numpy as np
 import torch
 
 from eval.common import (
+    LINE_STYLES,
+    new_figure,
     RESUME_HELP,
     SETTING_HELP,
     Setting,
@@ -348,19 +350,12 @@ def format_table(results: dict[str, dict]) -> str:
 
 def plot_perplexity(path: Path, results: dict[str, dict], window: int, title: str) -> None:
     """Perplexity against the bucket's upper edge (log2 axis), one line per setting, window marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
+    fig, ax = new_figure()
     values = []
     for i, (name, res) in enumerate(results.items()):
         points = [(b["hi"], b["ppl"]) for b in res["buckets"] if b["ppl"] is not None]
         values += [p for _, p in points]
-        marker, line = styles[i % len(styles)]
+        marker, line = LINE_STYLES[i % len(LINE_STYLES)]
         ax.plot([x for x, _ in points], [p for _, p in points], marker=marker, linestyle=line, label=name,
                 alpha=0.85)
     if values and max(values) > 10 * min(values):

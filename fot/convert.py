@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    model = convert(args.gguf, args.out, args.mem_layers, args.window, args.last_context_length,
-                    getattr(torch, args.dtype), mem_dtype=args.mem_dtype)
+    try:
+        model = convert(args.gguf, args.out, args.mem_layers, args.window, args.last_context_length,
+                        getattr(torch, args.dtype), mem_dtype=args.mem_dtype)
+    except ValueError as err:  # a bad path or config field: one line naming the fix, not a traceback
+        parser.error(str(err))
     c = model.config
     rows = [
         ("layers / hidden / heads / KV heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / "

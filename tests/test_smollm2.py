@@ -156,3 +156,14 @@ def test_corpus_holds_out_whole_books():
     for split, titles in (("train", train), ("heldout", heldout)):
         table = pq.read_table(ASSETS / "books" / f"{split}.parquet", columns=["title", "split"]).to_pydict()
         assert set(table["title"]) == titles and set(table["split"]) == {split}
+
+
+def test_convert_cli_reports_a_missing_file_in_one_line(tmp_path, capsys):
+    from fot.convert import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gguf", str(tmp_path / "none.gguf"), "--mem-layers", "7", "--window", "512",
+              "--last-context-length", "256", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a file" in err and "train.assets --model" in err and "Traceback" not in err
