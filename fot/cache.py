@@ -26,9 +26,12 @@ Cache policy when a chunk of T tokens would overflow the window (S + T > W):
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
 import os
+import re
+import shutil
 
 import torch
 from safetensors import safe_open
@@ -428,10 +431,13 @@ def _checksum(tensors: dict[str, torch.Tensor], header: dict) -> str:
 
 
 def save_cache(cache: LongLlamaCache, path: str | os.PathLike) -> None:
-    """Write the cache (local windows, memories, counters) to one safetensors file, atomically.
+    """Write the cache (local windows, memories, search indexes, counters) to one safetensors file, atomically.
 
     The header records the format, the model fingerprint (layers, heads, dims, memory dtype ...) and a
-    SHA-256 of the tensors, so ``load_cache`` can refuse a corrupt or mismatched file.
+    SHA-256 of the tensors, so ``load_cache`` can refuse a corrupt or mismatched file. The file is written
+    inside a temporary folder next to ``path`` (``<path>.tmp-<pid>``) and renamed into place: safetensors
+    writes through a hidden temporary file of its own, which a killed save would otherwise leave behind at
+    full size. A later save or load of the same path removes the folders of processes that no longer run.
     """
     tensors: dict[str, torch.Tensor] = {}
     for i, local in enumerate(cache.locals):
@@ -440,11 +446,16 @@ def save_cache(cache: LongLlamaCache, path: str | os.PathLike) -> None:
             for name, buf in (("raw_k", local.raw_k), ("rot_k", local.rot_k), ("v", local.v)):
                 tensors[f"local.{i}.{name}"] = buf[:, :, :n].contiguous().cpu()
             tensors[f"local.{i}.valid"] = local.valid[:, :n].contiguous().cpu()
-    stores = {}
+    stores, searches = {}, {}
     for i, store in cache.memories.items():
         for name, t in store.state().items():
             tensors[f"memory.{i}.{name}"] = t.cpu()
         stores[str(i)] = {"next_slot": store.next_slot, "total_appended": store.total_appended}
+    for i, search in cache.searches.items():
+        part, info = search.state()
+        for name, t in part.items():
+            tensors[f"search.{i}.{name}"] = t.contiguous().cpu()
+        searches[str(i)] = {"name": search.name, "state": info}
     header = {
         "format": CACHE_FORMAT,
         "fingerprint": _fingerprint(cache.config),
@@ -452,22 +463,56 @@ def save_cache(cache: LongLlamaCache, path: str | os.PathLike) -> None:
         "seen_tokens": cache.seen_tokens,
         "local_length": cache.local_length,
         "stores": stores,
+        "searches": searches,
     }
     header["sha256"] = _checksum(tensors, header)
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    _remove_stale_temps(path)
+    tmp_dir = f"{path}{TEMP_SUFFIX}{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # an earlier process with this pid was killed mid-save
     try:
+        os.mkdir(tmp_dir)
+        tmp = os.path.join(tmp_dir, "cache.safetensors")
         save_file(tensors, tmp, metadata={"fot": json.dumps(header)})
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    except Exception as err:
+        raise OSError(f"cannot write the cache to {path}: {_reason(err)}") from err
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+TEMP_SUFFIX = ".tmp-"  # <path>.tmp-<pid>: the folder a save of <path> writes in
+
+
+def _reason(err: Exception) -> str:
+    """An error's cause without the temporary path it names (the user gave another)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return re.sub(r' at path ".*?"', "", str(err))
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove the temporary folders that killed saves of ``path`` left (their process no longer runs)."""
+    for tmp in glob.glob(glob.escape(path) + TEMP_SUFFIX + "*"):
+        pid = tmp[len(path) + len(TEMP_SUFFIX):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None) -> LongLlamaCache:
     """Read a cache written by ``save_cache`` for a model with ``config``; raise ValueError on any mismatch."""
     path = os.fspath(path)
+    _remove_stale_temps(path)
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -504,7 +549,11 @@ def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None) ->
         part = {name: tensors[f"memory.{i}.{name}"].to(device) for name in ("k", "v", "valid") if f"memory.{i}.{name}" in tensors}
         info = header["stores"][str(i)]
         store.load_state(part, info["next_slot"], info["total_appended"])
-        search = cache.searches.get(i)
-        if search is not None and store.length:
-            search.update(store, torch.arange(store.length), evicted=False)
+    saved_searches = header.get("searches", {})
+    for i, search in cache.searches.items():
+        saved = saved_searches.get(str(i))
+        prefix = f"search.{i}."
+        part = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        same = saved is not None and saved["name"] == search.name
+        search.load_state(cache.memories[i], part, saved["state"] if same else None)
     return cache

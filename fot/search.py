@@ -141,6 +141,15 @@ class KeySearch:
         """An independent copy for a copied cache (stateless backends share nothing mutable)."""
         return copy.copy(self)
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a saved cache must hold to restore this index exactly: (tensors, JSON-able fields).
+        Backends that keep no index (they search the store's keys directly) have nothing to save."""
+        return {}, {}
+
+    def load_state(self, store: MemoryStore, tensors: dict[str, torch.Tensor], info: dict | None) -> None:
+        """Restore from ``state()`` of the same backend (``info`` None: the file holds none, e.g. it was saved
+        with another backend); ``store`` is the already loaded memory."""
+
 
 class ExactSearch(KeySearch):
     name = "exact"
@@ -276,6 +285,35 @@ class FaissIVFSearch(KeySearch):
                 new[(b, g)] = head
         self.indexes = new
 
+    def state(self):
+        """Every head's index serialized with FAISS (lists, ids and quantizer), its outliers and radius: a reloaded
+        cache then searches with the very index it was saved with. A rebuilt one would be trained on the whole
+        memory at once, not on the memory at the last training plus the keys added since, and retrieve
+        differently."""
+        tensors: dict[str, torch.Tensor] = {}
+        radius = {}
+        for (b, g), head in self.indexes.items():
+            tensors[f"{b}.{g}.index"] = torch.from_numpy(self.faiss.serialize_index(head.index))
+            tensors[f"{b}.{g}.outliers"] = head.outliers.clone()
+            tensors[f"{b}.{g}.outlier_dist"] = head.outlier_dist.clone()
+            radius[f"{b}.{g}"] = head.radius
+        return tensors, {"trained_at": self.trained_at, "bound_sq": self.bound_sq, "radius": radius}
+
+    def load_state(self, store, tensors, info):
+        self.reset()
+        if info is None:  # saved with another backend: train on the loaded memory
+            if store.length:
+                logger.info("fot: the saved cache holds no IVF index; training one on its %d keys", store.length)
+                self.update(store, torch.arange(store.length), evicted=False)
+            return
+        self.trained_at, self.bound_sq = info["trained_at"], info["bound_sq"]
+        for key, radius in info["radius"].items():
+            b, g = (int(x) for x in key.split("."))
+            index = self.faiss.deserialize_index(tensors[f"{key}.index"].numpy())
+            index.nprobe = self.nprobe
+            self.indexes[(b, g)] = _IVFHead(index, None, radius, tensors[f"{key}.outliers"],
+                                            tensors[f"{key}.outlier_dist"], _centroids(self.faiss, index))  # fmt: skip
+
     @staticmethod
     def nlist_for(n_keys: int) -> int:
         return int(min(4096, max(16, 2 ** round(math.log2(math.sqrt(n_keys) * 2)))))
@@ -300,9 +338,8 @@ class FaissIVFSearch(KeySearch):
                 index.cp.max_points_per_centroid = IVF_POINTS_PER_LIST
                 index.train(keys)
                 index.nprobe = self.nprobe
-                centroids = torch.from_numpy(faiss.rev_swig_ptr(quantizer.get_xb(), nlist * (H + 1)).copy())
                 head = _IVFHead(index, quantizer, 0.0, torch.zeros(0, dtype=torch.long), torch.zeros(0),
-                                centroids.view(nlist, H + 1))  # fmt: skip
+                                _centroids(faiss, index))  # fmt: skip
                 assigned = head.assign(keys)
                 head.radius = float(torch.quantile(assigned[0].double(), IVF_OUTLIER_QUANTILE))
                 self._add(head, keys, torch.arange(M), view.k_BGMH[b, g], assigned)
@@ -407,6 +444,11 @@ class FaissIVFSearch(KeySearch):
             total += n * (index.d * 4 + 8) + index.nlist * index.d * 4  # lifted vectors + ids, centroids
             total += head.outliers.numel() * 8
         return total
+
+
+def _centroids(faiss, index) -> torch.Tensor:
+    """The IVF quantizer's centroids, fp32 [nlist, d]."""
+    return torch.from_numpy(faiss.downcast_index(index.quantizer).reconstruct_n(0, index.nlist))
 
 
 def _padded_outliers(heads: dict, k_BGMH: torch.Tensor, B: int, G: int):

@@ -695,6 +695,29 @@ def test_save_load_round_trip_continues_identically(tmp_path, overrides):
         assert cache.memories[1].total_appended > N_LONG  # the continuation really evicted
 
 
+def test_faiss_ivf_cache_reloads_with_bitwise_identical_logits(faiss1, small_ivf, tmp_path):
+    """The IVF index is saved with the cache: retraining it on load (on all of memory at once, where the saved
+    one was trained on part of it and then extended) retrieves other slots and changes the logits."""
+    model = tiny_model(num_key_value_heads=2, mem_top_k=3, mem_index="faiss-ivf", mem_nprobe=2)
+    ids = tokens(2, N_LONG + 5, seed=35)
+    path = tmp_path / "ivf.fotcache"
+    with torch.no_grad():
+        cache = model(ids).past_key_values
+        search = cache.searches[1]
+        assert ivf_indexes(search) and search.trained_at < cache.memory_length  # extended after its training
+        cache.save(path)
+        saved_length = cache.memory_length
+        loaded = fot.LongLlamaCache.load(path, model.config)
+        twin = loaded.searches[1]
+        assert (twin.trained_at, twin.bound_sq) == (search.trained_at, search.bound_sq)
+        first = tokens(2, 1, seed=36)
+        want, fed = _greedy_steps(model, cache, first, 40)
+        got, fed_loaded = _greedy_steps(model, loaded, first, 40)
+    assert torch.equal(fed, fed_loaded) and torch.equal(got, want)
+    exact = fot.LongLlamaCache.load(path, tiny_config(num_key_value_heads=2, mem_top_k=3, mem_index="exact"))
+    assert exact.memory_length == saved_length  # another backend reads the same file (no index state)
+
+
 def _saved(tmp_path, **overrides):
     model = tiny_model(**overrides)
     with torch.no_grad():
@@ -798,6 +821,82 @@ def test_failed_save_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         cache.save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+_KILLED_SAVE = """
+import os, sys, time
+import torch
+import fot
+from tests.tiny import tiny_config
+
+cache = fot.LongLlamaCache(tiny_config())
+keys = torch.randn(1, 4, 200_000, 16)  # 25 MB of keys and values
+cache.append_memory(1, keys, keys, None)
+real_replace = os.replace
+
+def stalled_replace(src, dst):  # the temporary file is complete; the process is killed before the rename
+    print("written", flush=True)
+    time.sleep(600)
+
+os.replace = stalled_replace
+cache.save(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("then", ["save", "load"])
+def test_killed_save_leaves_no_temporary_file_after_the_next_save_or_load(tmp_path, then):
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    _, cache, path = _saved(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(path)], cwd=repo, stdout=subprocess.PIPE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == b"written"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = [p for p in tmp_path.iterdir() if p.name not in before]
+    sizes = [f.stat().st_size for p in left for f in p.rglob("*") if f.is_file()]
+    assert left and max(sizes) > 20_000_000  # the fault: a full-size temporary file stays behind
+    if then == "save":
+        cache.save(path)
+    else:
+        fot.LongLlamaCache.load(path, tiny_config())
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_save_to_an_unwritable_folder_names_the_path_given(tmp_path):
+    _, cache, _ = _saved(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker / "c.safetensors"
+    with pytest.raises(OSError, match=f"cannot write the cache to {target}: ") as err:
+        cache.save(target)
+    assert ".tmp" not in str(err.value)
+    missing = tmp_path / "missing" / "c.safetensors"
+    with pytest.raises(OSError, match=f"cannot write the cache to {missing}: ") as err:
+        cache.save(missing)
+    assert ".tmp" not in str(err.value)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes to read-only folders")  # fmt: skip
+def test_save_to_a_read_only_folder_names_the_path_given(tmp_path):
+    _, cache, _ = _saved(tmp_path)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(OSError, match=f"cannot write the cache to {folder / 'c.safetensors'}: ") as err:
+            cache.save(folder / "c.safetensors")
+        assert ".tmp" not in str(err.value)
+    finally:
+        folder.chmod(0o700)
 
 
 # ----------------------------------------------------------------------------- 8. RAM accounting
