@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from train.lr_schedule import load_lr_scheduler_state
 from train.parallel import DistInfo, barrier, unwrap
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def load_latest(out_dir: Path, model, optimizer, scheduler, data, info: DistInfo
     dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not info.initialized)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=options)
-    scheduler.load_state_dict(trainer["scheduler"])
+    load_lr_scheduler_state(scheduler, trainer["scheduler"])
     per_rank = torch.load(path / f"rank{info.rank}.pt", weights_only=False)
     data.load_state_dict(per_rank["data"])
     set_rng_state(per_rank["rng"])

@@ -28,6 +28,7 @@ from train.build import build_model, count_parameters, load_tokenizer  # noqa: E
 from train.checkpoint import load_latest, save_checkpoint, save_final  # noqa: E402
 from train.config import RunSpec, dump_yaml, load_config, parse_overrides, resolve_grad_accum, to_dict  # noqa: E402
 from train.data import build_batches  # noqa: E402
+from train.lr_schedule import build_lr_scheduler  # noqa: E402
 from train.metrics import RunLogger  # noqa: E402
 from train.objective import Objective  # noqa: E402
 from train.parallel import (  # noqa: E402
@@ -43,21 +44,6 @@ from train.parallel import (  # noqa: E402
 )
 
 logger = logging.getLogger("train")
-
-
-def lr_lambda(optim_cfg, max_steps: int):
-    """Multiplier of ``optim.lr`` at a 0-based step: linear warmup, then constant or cosine to min_lr_ratio."""
-    warmup, floor = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if optim_cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -116,7 +102,7 @@ def _train(spec: RunSpec, info: DistInfo) -> Path:
                 spec.parallel.strategy if info.initialized else "single", info.device)
     model = parallelize(model, spec, info)
     optimizer = build_optimizer(model, spec.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.optim, spec.train.max_steps))
+    scheduler = build_lr_scheduler(optimizer, spec.optim, spec.train.max_steps)
     batches = build_batches(spec, tokenizer, cfg.vocab_size, window, info.rank, info.world)
     objective = Objective(spec.crossbatch, spec.train.micro_batch_size, spec.data.pack, spec.train.max_steps,
                           spec.train.seed, world_size=info.world, rank=info.rank)
