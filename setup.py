@@ -3,7 +3,16 @@
 The Triton kernels live in the top-level kernels/ directory but install as
 fot.kernels: a top-level package named "kernels" would shadow an unrelated PyPI
 package of that name, which transformers probes for at import time.
-train/ and eval/ are command-line scripts run from a checkout; they are not installed.
+
+The checkout's tools install beside fot as the top-level packages train, eval and
+benchmarks, so that `python -m train.crossbatch`, `python -m eval.passkey` and the
+script paths (`python train/crossbatch.py`, `torchrun train/crossbatch.py`) all
+import them the same way, with no sys.path edits. They are meant for the editable
+install from a checkout that the Makefile makes (`pip install -e .`); fot itself
+never imports them. The three names are generic, but fot is not published to a
+registry, nothing it depends on probes for them (unlike "kernels"), and the PyPI
+projects that hold them are small and unrelated: an environment that needs one of
+those next to fot is the one case this choice rules out.
 """
 
 from pathlib import Path
@@ -23,7 +32,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fot", "fot.*"]) + ["fot.kernels"],
+    packages=find_packages(include=["fot", "fot.*", "train", "eval", "benchmarks"]) + ["fot.kernels"],
     package_dir={"fot.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

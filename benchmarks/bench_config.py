@@ -1,17 +1,15 @@
-"""The benchmark model shared by every script in benchmarks/: a small random LLaMA (vocab 1000, 4 layers,
-hidden 256, 4 heads, FFN 688, window 512). ``LLAMA`` holds the fields plain LLaMA also has; ``LONG`` adds
-``last_context_length`` 256 (memory layers are [2, 3] where a script turns memory on)."""
+"""The benchmark model shared by every script in benchmarks/: the ``tiny_cpu`` preset (``train/presets.py``) with
+random weights: vocab 1000, 4 layers, hidden 256, 4 heads, FFN 688, window 512, ``last_context_length`` 256.
 
-LLAMA = dict(
-    vocab_size=1000,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
-LONG = dict(LLAMA, last_context_length=256)
-MEM_LAYERS = [2, 3]
+``LLAMA`` holds the fields plain LLaMA also has; ``LONG`` adds ``last_context_length``. Neither holds
+``mem_layers`` or ``mem_dtype``: each script sets those per case, turning memory on at ``MEM_LAYERS``. The special
+token ids stay at the config defaults: the benchmarks feed random ids and never generate."""
+
+import copy
+
+from train.presets import PRESETS, llama_fields
+
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+LLAMA = {k: v for k, v in copy.deepcopy(llama_fields("tiny_cpu")).items() if k not in _TOKEN_IDS}
+LONG = dict(LLAMA, last_context_length=PRESETS["tiny_cpu"]["last_context_length"])
+MEM_LAYERS = list(PRESETS["tiny_cpu"]["mem_layers"])

@@ -37,7 +37,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from memory_scaling import build_model, input_ids
+from benchmarks.memory_scaling import build_model, input_ids
 
 
 def capture(model, ids: torch.Tensor, min_queries: int):

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_config import LONG as BENCH  # noqa: E402
+from benchmarks.bench_config import LONG as BENCH
 RECALL_EVERY = 16  # probe every 16th search call of a layer
 RECALL_QUERIES = 64  # queries per probe
 
@@ -62,8 +62,7 @@ def input_ids(tokens: int, model_path: str | None):
 
     if model_path is None:
         return torch.randint(0, BENCH["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from eval.common import load_tokenizer
+    from train.tokenizer import load_tokenizer
     from eval.passkey import PromptEncoder, make_trials
 
     trial = make_trials(PromptEncoder(load_tokenizer(Path(model_path))), [tokens], 1, seed=0)[tokens][0]

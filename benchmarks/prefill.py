@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
-from bench_config import LONG as BENCH  # noqa: E402
-from bench_config import MEM_LAYERS  # noqa: E402
+from benchmarks.bench_config import LONG as BENCH
+from benchmarks.bench_config import MEM_LAYERS
 
 
 def memory_attention_flops(tokens: int) -> float:
@@ -90,7 +91,6 @@ REFERENCE_TIMER = """
 import json, os, sys, time, importlib
 import torch
 src = sys.argv[1]
-sys.path.insert(0, os.path.dirname(os.path.abspath(src)))
 pkg = os.path.basename(os.path.abspath(src))
 cfg_mod = importlib.import_module(pkg + ".configuration_longllama")
 model_mod = importlib.import_module(pkg + ".modeling_longllama")
@@ -114,7 +114,9 @@ def spawn_reference(tokens: int, torch_attention: bool, args) -> dict:
         args.reference_python, "-c", REFERENCE_TIMER, args.reference_src, str(tokens),
         str(int(torch_attention)), args.mem_dtype, json.dumps(BENCH),
     ]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # The reference's package is imported by name from the folder that holds it.
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(args.reference_src))}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

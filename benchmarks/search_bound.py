@@ -40,8 +40,8 @@ import time
 import numpy as np
 import torch
 
-from memory_scaling import build_model, input_ids
-from prefill import gemm_peak_gflops
+from benchmarks.memory_scaling import build_model, input_ids
+from benchmarks.prefill import gemm_peak_gflops
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_config import LLAMA as BENCH  # noqa: E402
+from benchmarks.bench_config import LLAMA as BENCH
 CASES = ("hf", "ours_mem_off", "ours_crossbatch_d4")
 MODEL_CASES = CASES + ("ours_lora_crossbatch_d4",)
 LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

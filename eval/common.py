@@ -1,4 +1,5 @@
-"""Helpers shared by the evaluation CLIs: checkpoint and tokenizer loading, inference settings, output files.
+"""Helpers shared by the evaluation CLIs: checkpoint loading and tokenizer checks (``train.tokenizer.load_tokenizer``
+loads it, for the trainer too), inference settings, output files.
 
 An evaluation compares *settings* of one checkpoint. A setting is a set of ``from_pretrained`` overrides of
 the saved config:
@@ -123,13 +124,6 @@ def check_tokenizer_dir(path: str | os.PathLike, model_dir: Path | None = None) 
             f"tokenizer.save_pretrained(...){hint}."
         )
     return path
-
-
-def load_tokenizer(path: Path):
-    import fot  # noqa: F401  registers model_type "longllama", which AutoTokenizer reads from config.json
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def load_model(path: Path, setting: Setting, device: str, dtype: str):

@@ -54,14 +54,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -77,13 +73,13 @@ from eval.common import (
     default_device,
     finish_plot,
     load_model,
-    load_tokenizer,
     model_config,
     parse_settings,
     write_json,
 )
 from eval.passkey import PromptEncoder
 from eval.perplexity import DEFAULT_CHUNK, aggregate, bucket_edges, check_files, read_texts, summarize
+from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.distraction")
 

@@ -32,13 +32,9 @@ import argparse
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -53,7 +49,6 @@ from eval.common import (
     cli_main,
     default_device,
     load_model,
-    load_tokenizer,
     model_config,
     open_trials,
     parse_settings,
@@ -64,6 +59,7 @@ from eval.common import (
 )
 from eval.passkey import PromptEncoder, describe_setting, generation_kwargs
 from eval.templates import LOOKUP_HEADER, lookup_line, lookup_query
+from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.lookup")
 

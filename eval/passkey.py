@@ -39,15 +39,11 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -62,7 +58,6 @@ from eval.common import (
     cli_main,
     default_device,
     load_model,
-    load_tokenizer,
     model_config,
     open_trials,
     parse_settings,
@@ -73,6 +68,7 @@ from eval.common import (
     write_json,
 )
 from eval.templates import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
+from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.passkey")
 

@@ -46,13 +46,9 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -70,7 +66,6 @@ from eval.common import (
     default_device,
     finish_plot,
     load_model,
-    load_tokenizer,
     model_config,
     open_trials,
     parse_settings,
@@ -79,6 +74,7 @@ from eval.common import (
     write_json,
 )
 from eval.passkey import PromptEncoder, build_prompt, make_trials, trial_rng
+from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.perplexity")
 

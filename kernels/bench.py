@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fot.attention import LocalKV, MemoryKV, fused_memory_attention, reference_memory_attention  # noqa: E402
-from fot.kernels import load_memory_attention  # noqa: E402
+from fot.attention import LocalKV, MemoryKV, fused_memory_attention, reference_memory_attention
+from fot.kernels import load_memory_attention
 
 
 def make(B, N, G, T, S, M, H, K, dtype, device, seed=0):

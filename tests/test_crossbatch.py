@@ -2,21 +2,17 @@
 "concatenate and one softmax" spec, gradients into the contexts, and the no-context loss against plain LLaMA."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fot.cache import LongLlamaCache  # noqa: E402
-from fot.crossbatch import CrossBatchPlan, paper_layout, reference_layout  # noqa: E402
-from tests.test_parity_llama import hf_twin  # noqa: E402
-from tests.tiny import TOL64, max_err, tiny_model, tokens  # noqa: E402
-from train.objective import Objective, empty_plan, ranges_layout  # noqa: E402
-from train.config import CrossbatchConfig  # noqa: E402
+from fot.cache import LongLlamaCache
+from fot.crossbatch import CrossBatchPlan, paper_layout, reference_layout
+from tests.test_parity_llama import hf_twin
+from tests.tiny import TOL64, max_err, tiny_model, tokens
+from train.objective import Objective, empty_plan, ranges_layout
+from train.config import CrossbatchConfig
 
 
 # ----------------------------------------------------------------------------- context assembly
@@ -117,11 +113,15 @@ def memory_layer_forward(model, x_BTD, plan):
     layer = model.model.layers[idx]
     cache = LongLlamaCache(model.config)
     inv = model.model._inv_freqs(x_BTD.device)[idx]
-    from fot.attention import rope_cos_sin
+    from fot.rope import rope_cos_sin
+    from fot.types import ForwardPlan
 
     rope = rope_cos_sin(torch.arange(x_BTD.shape[1]), inv, x_BTD.dtype)
-    impl = model.model._attn_impl(x_BTD.device)
-    out, _ = layer.self_attn(x_BTD, rope, cache.local_for_attention(idx), None, None, impl, None, plan)
+    impl = model.model.impl_resolver(model.config.attn_impl, x_BTD.device)
+    training = torch.is_grad_enabled()
+    forward_plan = ForwardPlan(impl=impl, memory_mode="crossbatch", training=training)
+    out, _ = layer.self_attn(x_BTD, rope_cos_sin=rope, local=cache.local_for_attention(idx, training=training),
+                             memory=None, valid_BT=None, plan=forward_plan, crossbatch=plan)  # fmt: skip
     return out
 
 

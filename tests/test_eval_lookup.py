@@ -3,20 +3,17 @@ only, checked against the model's own cache), value scoring on hand-made strings
 models/fot-tiny, and bad inputs."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import fot
+from eval import lookup
+from eval.passkey import PromptEncoder
+from train.tokenizer import load_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import fot  # noqa: E402
-from eval import lookup  # noqa: E402
-from eval.common import load_tokenizer  # noqa: E402
-from eval.passkey import PromptEncoder  # noqa: E402
-
 FOT_TINY = ROOT / "models" / "fot-tiny"
 WINDOW = 128  # models/fot-tiny's max_position_embeddings
 

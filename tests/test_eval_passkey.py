@@ -14,13 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+import fot
+from eval import passkey, templates
+from eval.common import parse_setting
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import fot  # noqa: E402
-from eval import passkey, templates  # noqa: E402
-from eval.common import parse_setting  # noqa: E402
-
 FOT_TINY = ROOT / "models" / "fot-tiny"
 
 # The protocol's text, written out here rather than imported, so a change in eval/passkey.py shows up.
@@ -177,7 +175,7 @@ QUESTION_ENDS = {"landmark": "The pass key is", "code": "The secret code is", "n
 @pytest.fixture(scope="module")
 def tiny_encoder():
     """The shipped model's tokenizer (sentencepiece, 1000 pieces, trained on landmark text only)."""
-    from eval.common import load_tokenizer
+    from train.tokenizer import load_tokenizer
 
     return passkey.PromptEncoder(load_tokenizer(FOT_TINY))
 

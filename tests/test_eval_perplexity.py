@@ -12,15 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fot
+from eval import perplexity
+from tests.naive import naive_logits
+from tests.test_eval_passkey import tokenizer_dir  # noqa: F401  the module fixture
+from tests.tiny import TINY, TOL64, tiny_model, tokens
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import fot  # noqa: E402
-from eval import perplexity  # noqa: E402
-from tests.naive import naive_logits  # noqa: E402
-from tests.test_eval_passkey import tokenizer_dir  # noqa: E402,F401  the module fixture
-from tests.tiny import TINY, TOL64, tiny_model, tokens  # noqa: E402
-
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 

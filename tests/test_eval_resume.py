@@ -6,17 +6,14 @@ line is skipped with a warning."""
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from eval import common, lookup, passkey, perplexity
+from tests.test_eval_passkey import model_dir, tokenizer_dir  # noqa: F401  module fixtures: window 64
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from eval import common, lookup, passkey, perplexity  # noqa: E402
-from tests.test_eval_passkey import model_dir, tokenizer_dir  # noqa: E402,F401  module fixtures: window 64
-
 # tool: (module, the function that scores one trial, arguments, trials per setting, plots)
 TOOLS = {
     "passkey": (passkey, "greedy_answer", ["--lengths", "128", "160", "--trials", "2"], 4, ["passkey.png"]),

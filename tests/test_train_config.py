@@ -1,20 +1,17 @@
 """Run configs: every shipped YAML validates, every config error names its key, the 3B/7B recipes build on the
 meta device with the published shapes and parameter counts."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import fot
+from train.build import build_config
+from train.config import load_config, parse_overrides, resolve_grad_accum
+from train.objective import Objective
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import fot  # noqa: E402
-from train.build import build_config  # noqa: E402
-from train.config import load_config, parse_overrides, resolve_grad_accum  # noqa: E402
-from train.objective import Objective  # noqa: E402
-
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -2,18 +2,14 @@
 `datasets`, the synthetic sources, and the sentencepiece tokenizer round trip through AutoTokenizer."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from train.config import load_config  # noqa: E402
-from train.data import (  # noqa: E402
+from train.config import load_config
+from train.data import (
     IGNORE,
     Document,
     PackedBatches,
@@ -24,6 +20,8 @@ from train.data import (  # noqa: E402
     load_text_dataset,
     passkey_text,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def lookup(doc_tokens=96, answers_only=False, seed=0):

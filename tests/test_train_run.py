@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import fot
+from train.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import fot  # noqa: E402
-from train.config import load_config  # noqa: E402
-
 CI = ROOT / "configs" / "ci_tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+       "OMP_NUM_THREADS": "1"}
 
 
 def metrics(run_dir: Path) -> list[dict]:

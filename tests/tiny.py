@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import fot
+from train.presets import PRESETS
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-    last_context_length=32,
-    mem_layers=[1],
-    mem_dtype="float32",
-    rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=None,  # no early stop: generation always runs max_new_tokens
-    tie_word_embeddings=False,
-)
+# The unit tests' model, preset "unit_tiny". A copy: tests pass its dicts to configs, and a preset is shared.
+TINY = copy.deepcopy(PRESETS["unit_tiny"])
 
 
 def tiny_config(**overrides) -> fot.LongLlamaConfig:

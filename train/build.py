@@ -17,6 +17,7 @@ import torch
 
 import fot
 from train.presets import PRESETS
+from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +70,13 @@ def add_lora(model: fot.LongLlamaForCausalLM, adapter, seed: int) -> torch.nn.Mo
     return wrapped
 
 
-def load_tokenizer(spec):
-    """The run's tokenizer, or None for the synthetic lookup source (which emits ids)."""
+def run_tokenizer(spec):
+    """The run's tokenizer (``data.tokenizer``), with a pad token; None for the synthetic lookup source (which emits
+    ids)."""
     name = spec.data.tokenizer
     if name is None:
         return None
-    from transformers import AutoTokenizer
-
-    if name == "checkpoint":
-        name = spec.checkpoint
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = load_tokenizer(spec.checkpoint if name == "checkpoint" else name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer

@@ -19,19 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `fot` and `train.*` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from train.build import build_model, count_parameters, load_tokenizer  # noqa: E402
-from train.checkpoint import load_latest, save_checkpoint, save_final  # noqa: E402
-from train.config import RunSpec, dump_yaml, load_config, parse_overrides, resolve_grad_accum, to_dict  # noqa: E402
-from train.data import build_batches  # noqa: E402
-from train.lr_schedule import build_lr_scheduler  # noqa: E402
-from train.metrics import RunLogger  # noqa: E402
-from train.objective import Objective  # noqa: E402
-from train.parallel import (  # noqa: E402
+from train.build import build_model, count_parameters, run_tokenizer
+from train.checkpoint import load_latest, save_checkpoint, save_final
+from train.config import RunSpec, dump_yaml, load_config, parse_overrides, resolve_grad_accum, to_dict
+from train.data import build_batches
+from train.lr_schedule import build_lr_scheduler
+from train.metrics import RunLogger
+from train.objective import Objective
+from train.parallel import (
     DistInfo,
     all_reduce_mean,
     all_reduce_sum,
@@ -85,7 +82,7 @@ def _train(spec: RunSpec, info: DistInfo) -> Path:
         (out_dir / "config.yaml").write_text(config_yaml)
     barrier(info)
     torch.manual_seed(spec.train.seed)
-    tokenizer = load_tokenizer(spec)
+    tokenizer = run_tokenizer(spec)
     model = build_model(spec)
     cfg = model.config
     if tokenizer is not None and len(tokenizer) > cfg.vocab_size:

@@ -17,14 +17,22 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Iterator
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """``AutoTokenizer.from_pretrained(name_or_path)``: a checkpoint or tokenizer directory, or a hub id.
+
+    The one tokenizer loader of the trainer and the evaluations. fot is imported first: it registers the model type
+    "longllama", which ``AutoTokenizer`` reads from a checkpoint's config.json.
+    """
+    import fot  # noqa: F401
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def train_tokenizer(texts: Iterator[str], out_dir: str | Path, vocab_size: int, max_sentence_length: int = 1 << 16):

@@ -1,0 +1,50 @@
+"""train/, eval/ and benchmarks/ are packages installed beside fot: `python -m train.crossbatch` and the script
+paths (`python train/crossbatch.py`) both work from any directory, and no source file edits sys.path."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Without PYTHONPATH, what imports is what the environment installed, as for a user.
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=180)
+
+
+def test_tool_packages_import_from_this_checkout(tmp_path):
+    proc = run(["-c", "import train, eval, benchmarks, fot; print(train.__file__, eval.__file__, "
+                      "benchmarks.__file__, fot.__file__)"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = [Path(p).parent for p in proc.stdout.split()]
+    expected = [ROOT / "train", ROOT / "eval", ROOT / "benchmarks", ROOT / "fot"]
+    assert found == expected, f"the environment imports {found}; reinstall this checkout: pip install --no-deps -e ."
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ["-m", "train.crossbatch", "--help"],
+    [str(ROOT / "train" / "crossbatch.py"), "--help"],
+    ["-m", "eval.passkey", "--help"],
+    [str(ROOT / "eval" / "perplexity.py"), "--help"],
+    ["-m", "benchmarks.prefill", "--help"],
+    [str(ROOT / "benchmarks" / "memory_scaling.py"), "--help"],
+], ids=lambda a: " ".join(Path(x).name if "/" in x else x for x in a))
+def test_module_and_script_paths_run_from_elsewhere(tmp_path, args):
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+
+
+def test_no_source_file_edits_sys_path():
+    edit = re.compile(r"sys\.path\.(insert|append|extend)\(|sys\.path\s*(\+=|=[^=])")
+    hits = [f"{path.relative_to(ROOT)}:{n}" for folder in ("fot", "kernels", "train", "eval", "benchmarks", "tests")
+            for path in sorted((ROOT / folder).rglob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if edit.search(line) and path != Path(__file__)]
+    assert hits == []
