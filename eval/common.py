@@ -229,12 +229,12 @@ _TOKENIZER_FINGERPRINT = (*_TOKENIZER_FILES, "special_tokens_map.json", "added_t
 _MIB = 1 << 20
 
 
-def check_out_dir(out: str | os.PathLike) -> Path:
+def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
     """Create ``out`` and write, sync and remove a probe file in it, so that an evaluation cannot run for hours and
-    then fail to save; a ``ValueError`` naming the path and the reason otherwise."""
+    then fail to save; a ``ValueError`` naming ``flag``, the path and the reason otherwise."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {str(path)!r} exists and is not a directory; choose another --out.")
+        raise ValueError(f"{flag} {str(path)!r} exists and is not a directory; choose another {flag}.")
     probe = path / f".write-probe-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ def check_out_dir(out: str | os.PathLike) -> Path:
         probe.unlink()
     except OSError as err:
         reason = f"{err.strerror}: {str(err.filename)!r}" if err.strerror else str(err)
-        raise ValueError(f"--out {str(path)!r} cannot be created and written ({reason}); choose another --out.") \
+        raise ValueError(f"{flag} {str(path)!r} cannot be created and written ({reason}); choose another {flag}.") \
             from None
     return path
 

@@ -60,9 +60,13 @@ class DataConfig:
         synthetic_answers_only: compute the loss only on the answers (lookup: query values, as in the FoT
             paper; passkey: the key after the final question).
         passkey_fraction: share of documents replaced by generated passkey documents (text sources).
+        mix: for ``source: synthetic_mix`` (train/synthetic.py), the weight of each document family: ``recall``
+            (key-value recall), ``lookup`` (dictionary lookup), ``copy`` (copy a marked span) and ``books``
+            (plain book text, loss on every token); the haystack is book text from the parquet files in ``paths``.
+            Documents have ``synthetic_doc_tokens / 2 ... synthetic_doc_tokens`` tokens.
     """
 
-    source: Literal["synthetic", "files", "hub"] = "synthetic"
+    source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"
     paths: list[str] = field(default_factory=list)
     format: Literal["auto", "text", "json", "parquet"] = "auto"
     hub_name: str | None = None
@@ -83,6 +87,7 @@ class DataConfig:
     synthetic_query_prob: float = 0.3
     synthetic_answers_only: bool = False
     passkey_fraction: float = 0.0
+    mix: dict[str, float] = field(default_factory=lambda: {"recall": 0.5, "lookup": 0.25, "copy": 0.25})
 
 
 @dataclass
@@ -161,22 +166,27 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     """``strategy``: "ddp", "fsdp2" (``fully_shard`` per decoder layer, then the root) or "none" (one process).
-    ``backend``: "auto" (gloo on CPU, nccl on GPU), "gloo" or "nccl"."""
+    ``backend``: "auto" (gloo on CPU, nccl on GPU), "gloo" or "nccl". ``timeout_s``: how long a collective may
+    wait for the other ranks before the job ends with an error naming the rank that stopped responding (a
+    stalled rank otherwise hangs the job)."""
 
     strategy: Literal["ddp", "fsdp2", "none"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = 300.0
 
 
 @dataclass
 class RunConfig:
     """``out_dir``: the run directory. ``save_every``: checkpoint period in steps (0: only the final model).
-    ``keep_last``: how many periodic checkpoints to keep. ``resume``: continue from the newest complete
-    checkpoint in ``out_dir``. ``save_final``: write ``final/`` in HF format at the end."""
+    ``keep_last``: how many periodic checkpoints to keep. ``resume``: continue from the newest checkpoint in
+    ``out_dir`` that verifies, with the run's config (``resume_changes``). ``force_config_change``: resume even
+    though the config changes what the model learns. ``save_final``: write ``final/`` in HF format at the end."""
 
     out_dir: str = "runs/default"
     save_every: int = 500
     keep_last: int = 2
     resume: bool = False
+    force_config_change: bool = False
     save_final: bool = True
 
 
@@ -399,7 +409,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist; pass --config configs/NAME.yaml.")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: a run config must be a YAML mapping of sections, got {type(tree).__name__}.")
     apply_overrides(tree, overrides or {})
@@ -424,6 +437,9 @@ def validate(spec: RunSpec) -> None:
         raise ValueError(f"data.window must be >= 2 tokens, got {d.window}.")
     if d.source == "files" and not d.paths:
         raise ValueError("data.source=files needs data.paths (files or globs of text/json/jsonl/parquet).")
+    if d.source == "synthetic_mix" and not d.paths:
+        raise ValueError("data.source=synthetic_mix needs data.paths: the training books' parquet files "
+                         "(assets/books/train.parquet, built by make assets).")
     if d.source == "hub" and not d.hub_name:
         raise ValueError("data.source=hub needs data.hub_name (a dataset id on the Hugging Face hub).")
     if not 0.0 <= d.passkey_fraction <= 1.0:
@@ -469,6 +485,8 @@ def validate(spec: RunSpec) -> None:
                          "directory (or a peft save_pretrained folder).")
     if spec.run.save_every < 0 or spec.run.keep_last < 1 or spec.log.every < 1:
         raise ValueError("run.save_every must be >= 0, run.keep_last >= 1 and log.every >= 1.")
+    if not spec.parallel.timeout_s > 0:
+        raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {spec.parallel.timeout_s}.")
     if spec.preset is not None:
         from train.presets import PRESETS  # noqa: PLC0415 - presets import fot
 
@@ -496,3 +514,52 @@ def to_dict(spec: RunSpec) -> dict[str, Any]:
 
 def dump_yaml(spec: RunSpec) -> str:
     return yaml.safe_dump(to_dict(spec), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- resuming with a changed config
+# Keys a resumed run may change: how long it runs, how it logs, saves and executes, never what it learns.
+# train.max_steps also moves a cosine schedule's end and crossbatch.switch_fraction's switch, which the note says.
+RESUME_SAFE = ("train.max_steps", "train.device", "train.compile", "train.activation_checkpointing", "run.", "log.",
+               "parallel.")
+_ABSENT = "(absent)"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def resume_changes(saved_yaml: str, spec: RunSpec, where: str) -> tuple[list[str], list[str]]:
+    """Compare a run's saved config (``saved_yaml``, read from ``where``) with the config of its resume.
+
+    Returns ``(refused, allowed)``, each a list of ``"key: old -> new"``: ``refused`` changes what the model
+    learns (model, data, objective, optimizer, adapter, seed, batch, dtype, checkpoint), ``allowed`` only how long
+    the run goes and how it logs, saves and executes (``RESUME_SAFE``). A key the saved config lacks (written
+    before the key existed) counts as its default value. Raises ``ValueError`` when ``saved_yaml`` is not a config.
+    """
+    try:
+        saved = yaml.safe_load(saved_yaml)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where} is not valid YAML ({' '.join(str(err).split())}); restore the run's config "
+                         "there (every checkpoint step_*/ holds a copy).") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where} is not a run config; restore it from a checkpoint's step_*/config.yaml.")
+    old, new = flatten(saved), flatten(yaml.safe_load(dump_yaml(spec)))
+    defaults = flatten(yaml.safe_load(dump_yaml(RunSpec())))
+    refused, allowed = [], []
+    for key in dict.fromkeys([*old, *new]):
+        if key == "run.resume":  # the one key every resume changes
+            continue
+        before, after = old.get(key, defaults.get(key, _ABSENT)), new.get(key, defaults.get(key, _ABSENT))
+        if before == after:
+            continue
+        change = f"{key}: {before!r} -> {after!r}"
+        (allowed if key.startswith(RESUME_SAFE) else refused).append(change)
+    return refused, allowed

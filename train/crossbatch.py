@@ -15,25 +15,42 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as a script: make `fot` and `train.*` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.build import build_model, count_parameters, run_tokenizer
-from train.checkpoint import load_latest, save_checkpoint, save_final
-from train.config import RunSpec, dump_yaml, load_config, parse_overrides, resolve_grad_accum, to_dict
-from train.data import build_batches
-from train.lr_schedule import build_lr_scheduler
-from train.metrics import RunLogger
-from train.objective import Objective
-from train.parallel import (
+import torch  # noqa: E402
+
+import fot  # noqa: E402
+from eval.common import atomic_path, check_out_dir  # noqa: E402
+from train.build import build_config, build_model, count_parameters, load_tokenizer, model_fields  # noqa: E402
+from train.checkpoint import load_latest, save_checkpoint, save_final  # noqa: E402
+from train.cli import ArgumentParser, UserError, checking_user_input, fail, user_errors  # noqa: E402
+from train.config import (  # noqa: E402
+    RunSpec,
+    dump_yaml,
+    load_config,
+    parse_overrides,
+    resolve_grad_accum,
+    resume_changes,
+    to_dict,
+)
+from train.data import build_batches  # noqa: E402
+from train.lr_schedule import build_lr_scheduler  # noqa: E402
+from train.metrics import RunLogger  # noqa: E402
+from train.objective import Objective  # noqa: E402
+from train.parallel import (  # noqa: E402
+    CollectiveTimeout,
     DistInfo,
     all_reduce_mean,
     all_reduce_sum,
     autocast,
     barrier,
+    describe_stall,
     gradient_sync,
     init_distributed,
     parallelize,
@@ -64,35 +81,85 @@ def setup_logging(info: DistInfo) -> None:
                         format=f"%(asctime)s [rank{info.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+_COLLECTIVE_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset)", re.IGNORECASE)
+
+
 def train(spec: RunSpec) -> Path:
-    info = init_distributed(spec.train, spec.parallel)
+    """Run the training ``spec`` describes; returns the run directory.
+
+    Raises ``UserError`` (a ``ValueError``) for a problem with the config, its paths or the run directory, found
+    before the model is built where the check is cheap, and ``CollectiveTimeout`` when another rank stops
+    responding for ``parallel.timeout_s``."""
+    with checking_user_input():
+        info = init_distributed(spec.train, spec.parallel)
     setup_logging(info)
     try:
         return _train(spec, info)
+    except RuntimeError as err:
+        if info.heartbeat is None or not _COLLECTIVE_FAILURE.search(str(err)):
+            raise
+        raise CollectiveTimeout(describe_stall(info, spec.parallel.timeout_s, err)) from err
     finally:
+        if info.heartbeat is not None:
+            info.heartbeat.stop()
         if info.initialized:
             torch.distributed.destroy_process_group()
 
 
+def model_config(spec: RunSpec) -> fot.LongLlamaConfig:
+    """The run's model config, validated, from the checkpoint's config.json alone (no weights are read)."""
+    if spec.checkpoint is None:
+        return build_config(spec)
+    try:
+        cfg = fot.LongLlamaConfig.from_pretrained(spec.checkpoint, **model_fields(spec))
+    except OSError as err:
+        raise ValueError(f"checkpoint={spec.checkpoint!r} has no readable config.json: {err}") from None
+    cfg.validate_longllama()  # from_pretrained validates before it applies the model: overrides
+    return cfg
+
+
+def prepare_run_dir(spec: RunSpec, info: DistInfo, out_dir: Path) -> str:
+    """Check that the run directory can be written and, on resume, that the config keeps what the run learns
+    (``resume_changes``); only then write OUT/config.yaml. Returns the config's YAML."""
+    check_out_dir(out_dir, "run.out_dir")
+    config_yaml = dump_yaml(spec)
+    saved = out_dir / "config.yaml"
+    if spec.run.resume and saved.is_file():
+        refused, allowed = resume_changes(saved.read_text(), spec, str(saved))
+        if refused and not spec.run.force_config_change:
+            raise ValueError(f"run.resume=true, but the config changes what the run learns: {'; '.join(refused)} "
+                             f"(saved in {saved}). Resume with the saved values, start another run.out_dir, or pass "
+                             "--run.force_config_change=true to continue with the new ones.")
+        if info.is_main:
+            for change in refused:
+                logger.warning("resume: forced config change (run.force_config_change=true): %s", change)
+            for change in allowed:
+                logger.info("resume: config change allowed: %s", change)
+    barrier(info)  # every rank has read the saved config before rank 0 replaces it
+    if info.is_main:
+        with atomic_path(saved) as tmp:
+            tmp.write_text(config_yaml)
+    barrier(info)
+    return config_yaml
+
+
 def _train(spec: RunSpec, info: DistInfo) -> Path:
     out_dir = Path(spec.run.out_dir)
-    config_yaml = dump_yaml(spec)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(config_yaml)
-    barrier(info)
+    with checking_user_input():
+        cfg = model_config(spec)  # a bad model field fails here, in seconds, before any weights are built
+        config_yaml = prepare_run_dir(spec, info, out_dir)
+        tokenizer = load_tokenizer(spec)
+        if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={cfg.vocab_size}; "
+                             f"set --model.vocab_size={len(tokenizer)} (or larger).")
+        window = spec.data.window or cfg.max_position_embeddings
+        if window > cfg.max_position_embeddings:
+            raise ValueError(f"data.window={window} exceeds the model's window max_position_embeddings="
+                             f"{cfg.max_position_embeddings}; every row must be one window.")
+        spec.train.grad_accum = resolve_grad_accum(spec, window, info.world)
     torch.manual_seed(spec.train.seed)
-    tokenizer = run_tokenizer(spec)
     model = build_model(spec)
     cfg = model.config
-    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={cfg.vocab_size}; set "
-                         f"--model.vocab_size={len(tokenizer)} (or larger).")
-    window = spec.data.window or cfg.max_position_embeddings
-    if window > cfg.max_position_embeddings:
-        raise ValueError(f"data.window={window} exceeds the model's window max_position_embeddings="
-                         f"{cfg.max_position_embeddings}; every row must be one window.")
-    spec.train.grad_accum = resolve_grad_accum(spec, window, info.world)
     model.to(info.device).train()
     logger.info("model: %.2fM parameters, %d layers, memory layers %s, window %d; %d process(es), %s, %s",
                 count_parameters(model) / 1e6, cfg.num_hidden_layers, cfg.mem_layers, window, info.world,
@@ -103,7 +170,8 @@ def _train(spec: RunSpec, info: DistInfo) -> Path:
     batches = build_batches(spec, tokenizer, cfg.vocab_size, window, info.rank, info.world)
     objective = Objective(spec.crossbatch, spec.train.micro_batch_size, spec.data.pack, spec.train.max_steps,
                           spec.train.seed, world_size=info.world, rank=info.rank)
-    start = load_latest(out_dir, model, optimizer, scheduler, batches, info) if spec.run.resume else 0
+    with checking_user_input():  # no checkpoint verifies, or another process count
+        start = load_latest(out_dir, model, optimizer, scheduler, batches, info) if spec.run.resume else 0
     if start:
         logger.info("resumed from step %d", start)
     tokens_per_step = spec.train.micro_batch_size * window * spec.train.grad_accum * info.world
@@ -143,6 +211,8 @@ def train_step(spec, info, model, optimizer, scheduler, batches, plan):
 
 def loop(spec, info, model, optimizer, scheduler, batches, objective, run_log, start, out_dir, config_yaml):
     for step in range(start, spec.train.max_steps):
+        if info.heartbeat is not None:
+            info.heartbeat.step = step
         plan = objective.plan(step)
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
@@ -176,15 +246,18 @@ def main(argv: list[str] | None = None) -> None:
 
         tokenizer_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s --config FILE [--section.key=value ...] | tokenizer ...")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            usage="%(prog)s --config FILE [--section.key=value ...] | tokenizer ...")
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml), e.g. configs/ci_tiny.yaml")
     args, rest = parser.parse_known_args(argv)
-    try:
+    with user_errors(parser.prog):
         spec = load_config(args.config, parse_overrides(rest))
-    except ValueError as err:
-        parser.error(str(err))
-    train(spec)
+    try:
+        train(spec)
+    except UserError as err:
+        fail(parser.prog, str(err))
+    except CollectiveTimeout as err:
+        fail(parser.prog, str(err), status=1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import contextlib
 import datetime
 import logging
 import os
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -26,10 +28,84 @@ class DistInfo:
     world: int
     device: torch.device
     initialized: bool
+    heartbeat: Heartbeat | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within ``parallel.timeout_s``; the message names the rank(s) that stopped."""
+
+
+class Heartbeat:
+    """Every rank's sign of life and current step in the job's TCP store (the one torchrun's rendezvous serves at
+    MASTER_ADDR:MASTER_PORT), written by a daemon thread every ``period`` seconds.
+
+    A stopped or dead process stops beating, while a rank blocked in a collective keeps beating, so when a
+    collective times out the ranks whose count no longer advances are the ones that stalled."""
+
+    PREFIX = "fot/heartbeat/"
+
+    def __init__(self, rank: int, world: int, period: float):
+        self.rank, self.world, self.period = rank, world, period
+        self.step = 0
+        self.beats = 0
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=max(10.0, 4 * period)))
+        self._beat()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fot-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self.beats += 1
+        self.store.set(f"{self.PREFIX}{self.rank}", f"{self.beats} {self.step}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - the store went away with the job; nothing left to report to
+                return
+
+    def snapshot(self) -> dict[int, tuple[int, int]]:
+        """``{rank: (beats, step)}`` of every rank that has beaten at least once."""
+        out = {}
+        for r in range(self.world):
+            key = f"{self.PREFIX}{r}"
+            if self.store.check([key]):
+                beats, step = self.store.get(key).decode().split()
+                out[r] = (int(beats), int(step))
+        return out
+
+    def stalled(self) -> tuple[list[int], dict[int, tuple[int, int]]]:
+        """Ranks that do not beat over three periods (a stopped or dead process), and the last snapshot."""
+        first = self.snapshot()
+        time.sleep(3 * self.period)
+        last = self.snapshot()
+        silent = [r for r in range(self.world) if r != self.rank and (r not in last or last[r] == first.get(r))]
+        return silent, last
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def describe_stall(info: DistInfo, timeout_s: float, err: Exception) -> str:
+    """One line for a collective that failed on this rank: which ranks stopped responding, at which step."""
+    head = (f"rank {info.rank}: a collective at step {info.heartbeat.step + 1} did not complete within "
+            f"parallel.timeout_s={timeout_s:g} s")
+    try:
+        silent, last = info.heartbeat.stalled()
+    except Exception as probe:  # noqa: BLE001 - the store is gone too: say what is known
+        return f"{head}; the heartbeat store is unreachable ({probe}); first error: {err}"
+    if silent:
+        where = ", ".join(f"rank {r}" + (f" (last seen at step {last[r][1] + 1})" if r in last else " (never seen)")
+                          for r in silent)
+        return f"{head}: {where} stopped responding (stopped, hung in the kernel, or dead)"
+    steps = ", ".join(f"rank {r} at step {s + 1}" for r, (_, s) in sorted(last.items()))
+    return f"{head}: every rank is alive ({steps}); the slowest is stuck outside collectives"
 
 
 def init_distributed(train_cfg, parallel_cfg) -> DistInfo:
@@ -57,9 +133,13 @@ def init_distributed(train_cfg, parallel_cfg) -> DistInfo:
         if backend == "nccl" and device.type != "cuda":
             raise ValueError("parallel.backend=nccl needs CUDA devices; use gloo (or auto) on CPU.")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        timeout = datetime.timedelta(seconds=parallel_cfg.timeout_s)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
         initialized = True
-    return DistInfo(rank, local_rank, world, device, initialized)
+    heartbeat = None
+    if initialized and world > 1:
+        heartbeat = Heartbeat(rank, world, period=min(2.0, parallel_cfg.timeout_s / 10))
+    return DistInfo(rank, local_rank, world, device, initialized, heartbeat)
 
 
 def barrier(info: DistInfo) -> None:
