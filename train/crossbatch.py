@@ -20,17 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `fot` and `train.*` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import fot  # noqa: E402
-from eval.common import atomic_path, check_out_dir  # noqa: E402
-from train.build import build_config, build_model, count_parameters, load_tokenizer, model_fields  # noqa: E402
-from train.checkpoint import load_latest, save_checkpoint, save_final  # noqa: E402
-from train.cli import ArgumentParser, UserError, checking_user_input, fail, user_errors  # noqa: E402
-from train.config import (  # noqa: E402
+import fot
+from eval.common import atomic_path, check_out_dir
+from train.build import build_config, build_model, count_parameters, model_fields, run_tokenizer
+from train.checkpoint import load_latest, save_checkpoint, save_final
+from train.cli import ArgumentParser, UserError, checking_user_input, fail, user_errors
+from train.config import (
     RunSpec,
     dump_yaml,
     load_config,
@@ -39,11 +36,11 @@ from train.config import (  # noqa: E402
     resume_changes,
     to_dict,
 )
-from train.data import build_batches  # noqa: E402
-from train.lr_schedule import build_lr_scheduler  # noqa: E402
-from train.metrics import RunLogger  # noqa: E402
-from train.objective import Objective  # noqa: E402
-from train.parallel import (  # noqa: E402
+from train.data import build_batches
+from train.lr_schedule import build_lr_scheduler
+from train.metrics import RunLogger
+from train.objective import Objective
+from train.parallel import (
     CollectiveTimeout,
     DistInfo,
     all_reduce_mean,
@@ -148,7 +145,7 @@ def _train(spec: RunSpec, info: DistInfo) -> Path:
     with checking_user_input():
         cfg = model_config(spec)  # a bad model field fails here, in seconds, before any weights are built
         config_yaml = prepare_run_dir(spec, info, out_dir)
-        tokenizer = load_tokenizer(spec)
+        tokenizer = run_tokenizer(spec)
         if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={cfg.vocab_size}; "
                              f"set --model.vocab_size={len(tokenizer)} (or larger).")
