@@ -13,8 +13,9 @@ is deterministic per seed and rank. A lane's position is (epoch, counter, segmen
 is the data state saved in checkpoints, and resuming re-reads only the current document of each lane.
 
 Sources: ``SyntheticLookup`` (the FoT dictionary-lookup format, token ids, no files and no tokenizer),
-``SyntheticPasskey`` (the passkey format as text), and ``TextDocuments`` (local text/json/jsonl/parquet files or
-a hub dataset through ``datasets``, optionally mixed with passkey documents).
+``SyntheticPasskey`` (the passkey format as text), ``TextDocuments`` (local text/json/jsonl/parquet files or
+a hub dataset through ``datasets``, optionally mixed with passkey documents) and ``train.synthetic.SyntheticMix``
+(long-range tasks in varied surface forms over book text, none of the evaluations' strings).
 
 Shape legend: B rows, W tokens per row, k rows per document pack.
 """
@@ -361,6 +362,16 @@ class PackedBatches:
 
 
 # ----------------------------------------------------------------------------- factory
+def build_mix(d, tokenizer, doc_tokens: int, seed: int):
+    """The ``synthetic_mix`` source of a data config (books from ``d.paths``)."""
+    from train.synthetic import BookHaystack, Scanner, SyntheticMix
+
+    scanner = Scanner()
+    haystack = BookHaystack.from_files(d.paths, d.text_field, scanner)
+    return SyntheticMix(tokenizer, haystack, doc_tokens, d.mix, seed, add_bos=d.add_bos, add_eos=d.add_eos,
+                        scanner=scanner)
+
+
 def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, world: int) -> PackedBatches:
     """The micro-batch stream of this rank for a run config."""
     d = spec.data
@@ -373,7 +384,9 @@ def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, worl
     if tokenizer is not None:
         passkey = SyntheticPasskey(tokenizer, doc_tokens, seed + 1, d.add_bos, d.add_eos,
                                    d.source == "synthetic" and d.synthetic_answers_only)
-    if d.source == "synthetic":
+    if d.source == "synthetic_mix":
+        documents = RankView(build_mix(d, tokenizer, doc_tokens, seed), rank, world)
+    elif d.source == "synthetic":
         if d.synthetic_kind == "lookup":
             source = SyntheticLookup(vocab_size, doc_tokens, d.synthetic_key_tokens, d.synthetic_value_tokens,
                                      d.synthetic_query_prob, d.synthetic_answers_only, seed)

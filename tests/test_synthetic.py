@@ -1,0 +1,214 @@
+"""The synthetic_mix training source (train/synthetic.py): its documents, answers and lengths, and the held-out
+check: a sample of the real training stream holds no evaluation string and no held-out book text."""
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eval.templates import (  # noqa: E402
+    LOOKUP_HEADER,
+    TEMPLATES,
+    GeneratedFiller,
+    RepeatedFiller,
+    eval_only_strings,
+    literal_fragments,
+    lookup_line,
+)
+from train.config import load_config  # noqa: E402
+from train.data import build_batches  # noqa: E402
+from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, training_texts  # noqa: E402
+
+BOOKS = ROOT / "assets" / "books" / "train.parquet"
+HELDOUT = ROOT / "assets" / "books" / "heldout.parquet"
+WORDS = ("river", "window", "morning", "letter", "candle", "garden", "soldier", "captain", "mother", "journey",
+         "silver", "quiet", "old", "green", "little", "under", "beside", "after", "before", "through")
+
+
+def evaluation_strings() -> list[str]:
+    """Every evaluation string, read from eval/templates.py independently of train/synthetic.py: the eval-only
+    list, each template's task line, question, answer stem and key-line fragments, the sentences of repeated
+    fillers, the literal fragments of generated haystacks and the lookup header."""
+    out = set(eval_only_strings()) | {LOOKUP_HEADER}
+    for template in TEMPLATES.values():
+        p, h = template.phrasing, template.haystack
+        out |= {p.intro, p.question, p.question.split("? ")[-1], *literal_fragments(p.key_line)}
+        if isinstance(h, RepeatedFiller):
+            out |= {s.strip() + "." for s in h.text.split(".") if s.strip()}
+        if isinstance(h, GeneratedFiller):
+            out |= {f for pattern in h.patterns for f in literal_fragments(pattern)}
+    return sorted(out)
+
+
+def leaks(text: str) -> list[str]:
+    lower = text.lower()
+    found = [s for s in evaluation_strings() if s.lower() in lower]
+    line = re.escape(lookup_line(111, 222)).replace("111", r"\d+").replace("222", r"\d+")
+    return found + re.findall(line, text, re.IGNORECASE)
+
+
+def fake_books(path: Path) -> Path:
+    """A parquet of generated 'books' for machines without assets/ (seeded word salad, sentences and numbers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    books = []
+    for _ in range(4):
+        sentences = []
+        for _ in range(600):
+            words = [WORDS[int(i)] for i in rng.integers(0, len(WORDS), int(rng.integers(4, 12)))]
+            sentences.append(" ".join(words).capitalize() + (f" {int(rng.integers(1, 999))}." if rng.random() < .2 else "."))
+        books.append(" ".join(sentences))
+    pq.write_table(pa.table({"title": [f"b{i}" for i in range(4)], "text": books}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory) -> Path:
+    return BOOKS if BOOKS.is_file() else fake_books(tmp_path_factory.mktemp("books") / "train.parquet")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(books, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from train.tokenizer import train_tokenizer
+
+    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
+    lines = [line for t in training_texts(haystack, 150, 0) for line in t.split("\n") if line.strip()]
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(iter(lines), out, vocab_size=500)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def mix_spec(books: Path, tokenizer_dir: str, **data):
+    overrides = {"data.source": "synthetic_mix", "data.paths": [str(books)], "data.tokenizer": tokenizer_dir,
+                 "data.pack": 4, "data.window": 64, "data.synthetic_doc_tokens": 256, "train.micro_batch_size": 16,
+                 "crossbatch.layout": "none", "parallel.strategy": "none", "train.device": "cpu"}
+    overrides.update({f"data.{k}": v for k, v in data.items()})
+    return load_config(None, overrides)
+
+
+def stream_texts(tokenizer, spec, batches: int) -> list[str]:
+    """The decoded text of every document pack (k consecutive rows) of ``batches`` micro-batches of the trainer's
+    own stream (train.data.build_batches)."""
+    stream = build_batches(spec, tokenizer, 4096, spec.data.window, rank=0, world=1)
+    out = []
+    for _ in range(batches):
+        b = stream.next_batch()
+        for pack in b.input_ids.view(-1, spec.data.pack * spec.data.window):
+            out.append(tokenizer.decode(pack.tolist(), skip_special_tokens=True))
+    return out
+
+
+# ----------------------------------------------------------------------------- held out of training
+def test_training_stream_holds_no_evaluation_string(books, tokenizer):
+    spec = mix_spec(books, tokenizer.name_or_path, mix={f: 1.0 for f in FAMILIES})
+    texts = stream_texts(tokenizer, spec, batches=75)  # 300 documents of up to 256 tokens
+    assert len(texts) == 300 and sum(len(t) for t in texts) > 300 * 200
+    found = {s for t in texts for s in leaks(t)}
+    assert not found, f"evaluation strings in the training stream: {sorted(found)}"
+
+
+def test_the_scan_catches_a_polluted_generator(books, tokenizer):
+    """A generator that slips held-out template text into its documents: the stream scan above finds it, and
+    SyntheticMix's own guard refuses to emit such documents."""
+
+    class Polluted(SyntheticMix):
+        def parts(self, family, rng, budget):
+            name = list(TEMPLATES)[int(rng.integers(len(TEMPLATES)))]
+            prompt = TEMPLATES[name].render(int(rng.integers(1, 50000)), 80, 80, seed=int(rng.integers(1000)))
+            return [prompt.split("\n")[int(rng.integers(5))], "\n", *super().parts(family, rng, budget)]
+
+    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
+    unguarded = Polluted(tokenizer, haystack, 256, {"recall": 1.0}, seed=0, scanner=Scanner([], []))
+    texts = [tokenizer.decode(unguarded.get(0, i).ids.tolist(), skip_special_tokens=True) for i in range(20)]
+    assert sum(bool(leaks(t)) for t in texts) >= 15  # a few template lines are mostly haystack sentences
+    guarded = Polluted(tokenizer, haystack, 256, {"recall": 1.0}, seed=0)
+    with pytest.raises(ValueError, match="without an evaluation string"):
+        for i in range(20):
+            guarded.get(0, i)
+    assert Scanner().find("some text. THE SKY IS BLUE. more") == "THE SKY IS BLUE."
+    assert Scanner().find(f"x {lookup_line(5, 7)} y") == lookup_line(5, 7)
+
+
+def test_training_stream_holds_no_held_out_book_text(books, tokenizer):
+    if not (BOOKS.is_file() and HELDOUT.is_file()):
+        pytest.skip("assets/books/{train,heldout}.parquet are absent: build them with make assets")
+    import pyarrow.parquet as pq
+
+    def lines(texts):
+        return {ln.strip() for t in texts for ln in t.split("\n") if len(ln.strip()) >= 40}
+
+    heldout = pq.read_table(HELDOUT, columns=["text"]).column("text").to_pylist()
+    # every line of the held-out books that no training book holds as well (some quotations are in both)
+    probes = lines(heldout) - lines(pq.read_table(BOOKS, columns=["text"]).column("text").to_pylist())
+    assert len(probes) > 5000
+    spec = mix_spec(books, tokenizer.name_or_path, mix={"books": 2.0, "copy": 1.0, "recall": 1.0})
+    assert not probes & lines(stream_texts(tokenizer, spec, batches=50))
+    # the same probe on documents drawn from the held-out books finds them
+    leaked = SyntheticMix(tokenizer, BookHaystack(heldout, Scanner()), 256, {"books": 1.0}, seed=0)
+    assert probes & lines(tokenizer.decode(leaked.get(0, i).ids.tolist(), skip_special_tokens=True) for i in range(20))
+    with pytest.raises(ValueError, match="held-out books are for evaluation only"):
+        BookHaystack.from_files([str(HELDOUT)], "text", Scanner())
+
+
+# ----------------------------------------------------------------------------- documents
+def test_documents_answers_lengths_and_determinism(books, tokenizer):
+    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
+    mix = SyntheticMix(tokenizer, haystack, 256, {"recall": 1, "lookup": 1, "copy": 1, "books": 1}, seed=3)
+    families = set()
+    for i in range(60):
+        family, text, ids, mask = mix.sample(0, i)
+        families.add(family)
+        assert 0.9 * 128 <= len(ids) <= 256 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids.tolist(), skip_special_tokens=True) == text
+        if family == "books":
+            assert mask[1:].all()
+            continue
+        # answers only: the marked tokens are the answers, which follow the last haystack, near the end
+        assert 0 < mask.sum() < len(ids) // 2
+        first = int(np.flatnonzero(mask)[0])
+        assert first > len(ids) // 3
+        answer = tokenizer.decode(ids[first : first + int(mask[first:].argmin() or len(ids))].tolist()).strip()
+        if family == "copy":
+            assert text.count(answer) == 2  # the marked span and its copy
+        else:
+            assert text.count(answer) >= 2  # the answer is stated earlier in the document
+    assert families == set(FAMILIES)
+    again = SyntheticMix(tokenizer, haystack, 256, {"recall": 1, "lookup": 1, "copy": 1, "books": 1}, seed=3)
+    assert all(np.array_equal(mix.get(1, i).ids, again.get(1, i).ids) for i in range(10))
+    assert not np.array_equal(mix.get(1, 0).ids, mix.get(2, 0).ids)
+
+
+def test_varied_surface_forms(books, tokenizer):
+    """Many key-line phrasings, value formats and questions, not one template."""
+    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
+    mix = SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=0)
+    answers, questions = set(), set()
+    for i in range(80):
+        _, text, ids, mask = mix.sample(0, i)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+        for a, b in zip(edges[::2], edges[1::2]):
+            answers.add(tokenizer.decode(ids[a:b].tolist()).strip())
+            before = tokenizer.decode(ids[max(0, a - 12) : a].tolist()).split("\n")[-1]
+            questions.add(re.sub(r"\w+", "w", before)[-12:])
+    shapes = {("digits" if a.isdigit() else "code" if re.fullmatch(r"[A-Z0-9./-]+", a) else "words") for a in answers}
+    assert shapes == {"digits", "code", "words"} and len({len(a) for a in answers if a.isdigit()}) >= 6
+    assert len(questions) >= 8
+
+
+def test_config_errors(books, tokenizer):
+    with pytest.raises(ValueError, match="synthetic_mix needs data.paths"):
+        load_config(None, {"data.source": "synthetic_mix", "data.tokenizer": "x"})
+    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
+    with pytest.raises(ValueError, match="unknown"):
+        SyntheticMix(tokenizer, haystack, 256, {"recal": 1.0}, seed=0)
+    with pytest.raises(ValueError, match="not all zero"):
+        SyntheticMix(tokenizer, haystack, 256, {"recall": 0.0}, seed=0)

@@ -1,0 +1,599 @@
+"""Synthetic long-range tasks in varied surface forms, over natural book text as the haystack.
+
+A document of the ``synthetic_mix`` source is one of these families, drawn per document with the mixture weights:
+
+* ``recall``: key-value recall. A named value ("the harbour gate code is 6013", "Locker of Amos: K7-QX") sits
+  somewhere in a haystack among distractor lines that name other values; at the end, questions ask for some of
+  them. Keys are numbers of 1 to 9 digits, words, codes, names and word pairs; key lines, questions and intros each
+  come in many phrasings; some haystacks are one short passage repeated, like a repeated filler.
+* ``lookup``: dictionary lookup, FoT's task in words. A header, many ``key : value`` lines in one of many line
+  formats, haystack, then queries that either repeat the line up to the value or ask in words.
+* ``copy``: a span (a book sentence, a digit or code sequence, a list of words) between one of many marker pairs,
+  haystack, then an instruction and the opening marker: the span and the closing marker are the answer.
+* ``books``: a plain book excerpt with the loss on every token (natural text only).
+
+The loss of a task document falls only on its answers (their tokens carry ``loss_mask``): the haystack, keys and
+questions never do. Answers come after the haystack, so the key is usually in an earlier window than the answer
+and only the memory layers can reach it.
+
+Held out. The haystack is text of the training books only (``assets/books/train.parquet``); lines of the books that
+hold an evaluation string are removed when they are loaded. No template here uses the passkey evaluation's key
+line, filler, question or answer stem ("The pass key is", "The secret code is", ...), nor the lookup evaluation's
+header or line format: ``find_forbidden`` lists them from ``eval/templates.py`` (so a new evaluation template is
+covered without an edit here), and every generated document is checked against it before it is returned.
+
+Lengths. A document is planned in tokens: its fixed text (lines, questions, answers) is tokenized, and the rest of
+the drawn length is haystack, converted to characters with the books' measured characters per token; a document
+that comes out longer than ``doc_tokens`` gets a shorter haystack.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from eval.templates import (
+    LOOKUP_HEADER,
+    TEMPLATES,
+    GeneratedFiller,
+    RepeatedFiller,
+    eval_only_strings,
+    literal_fragments,
+    lookup_line,
+)
+
+FAMILIES = ("recall", "lookup", "copy", "books")
+
+
+# ----------------------------------------------------------------------------- held-out strings
+def forbidden_strings() -> list[str]:
+    """Every evaluation string that training text must not contain, matched case-insensitively.
+
+    ``eval_only_strings()`` (the held-out phrasings, generated haystacks and the lookup header), plus what it
+    leaves out on purpose because the plain passkey source trains on it: the landmark template's task line,
+    question and key-line fragments, and the sentences of every repeated filler. Each phrasing's answer stem (the
+    question's last sentence, "The pass key is") is added too, so the evaluated key names never appear.
+    """
+    out = set(eval_only_strings()) | {LOOKUP_HEADER}
+    for template in TEMPLATES.values():
+        p, h = template.phrasing, template.haystack
+        out.update([p.intro, p.question, *literal_fragments(p.key_line)])
+        out.add(re.split(r"(?<=[.?!])\s+", p.question)[-1])
+        if isinstance(h, RepeatedFiller):
+            out.update(s.strip() + "." for s in h.text.split(".") if s.strip())
+        elif isinstance(h, GeneratedFiller):
+            out.update(f for pattern in h.patterns for f in literal_fragments(pattern))
+    return sorted(out)
+
+
+def forbidden_patterns() -> list[re.Pattern]:
+    """Regular expressions of the evaluations' line formats: the lookup line with any numbers in it."""
+    line = re.escape(lookup_line(111, 222)).replace("111", r"\d+").replace("222", r"\d+")
+    return [re.compile(line, re.IGNORECASE)]
+
+
+class Scanner:
+    """Finds evaluation strings and line formats in a text (case-insensitive)."""
+
+    def __init__(self, strings: Sequence[str] | None = None, patterns: Sequence[re.Pattern] | None = None):
+        strings = forbidden_strings() if strings is None else list(strings)
+        self.strings = sorted({s.lower() for s in strings if s}, key=len, reverse=True)
+        self.patterns = forbidden_patterns() if patterns is None else list(patterns)
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Start and end of every match, sorted. Literal strings are found with ``str.find``: a regex alternation
+        of them is several times slower on a whole book."""
+        lower = text.lower()
+        if len(lower) != len(text):  # a character whose lower case is longer: positions would shift
+            lower = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+        out = []
+        for s in self.strings:
+            at = lower.find(s)
+            while at >= 0:
+                out.append((at, at + len(s)))
+                at = lower.find(s, at + 1)
+        out += [m.span() for p in self.patterns for m in p.finditer(text)]
+        return sorted(out)
+
+    def find(self, text: str) -> str | None:
+        """The first evaluation string or line format in ``text``, or None."""
+        spans = self.spans(text)
+        return text[spans[0][0] : spans[0][1]] if spans else None
+
+
+# ----------------------------------------------------------------------------- the book haystack
+def drop_lines(text: str, scanner: Scanner) -> str:
+    """``text`` without the lines that hold a match of ``scanner``."""
+    keep, at = [], 0
+    for match_start, match_end in scanner.spans(text):
+        if match_start < at:
+            continue
+        start = text.rfind("\n", 0, match_start) + 1
+        end = text.find("\n", match_end)
+        end = len(text) if end < 0 else end + 1
+        keep.append(text[at:start])
+        at = end
+    return "".join(keep) + text[at:]
+
+
+class BookHaystack:
+    """Passages of training books. Lines that hold a forbidden string are removed at load time."""
+
+    def __init__(self, texts: Sequence[str], scanner: Scanner):
+        self.texts = [drop_lines(t, scanner) for t in texts if t and len(t) > 2000]
+        if not self.texts:
+            raise ValueError("the book haystack has no text of at least 2000 characters; check data.paths.")
+        sizes = np.array([len(t) for t in self.texts], np.float64)
+        self.weights = sizes / sizes.sum()
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str], text_field: str, scanner: Scanner) -> "BookHaystack":
+        import pyarrow.parquet as pq
+
+        from train.data import resolve_files
+
+        files, fmt = resolve_files(list(paths), "auto")
+        if fmt != "parquet":
+            raise ValueError(f"data.source=synthetic_mix reads books from parquet files (assets/books/train.parquet, "
+                             f"built by make assets); got {fmt} files {files}.")
+        texts: list[str] = []
+        for f in files:
+            if "heldout" in Path(f).name:
+                raise ValueError(f"data.paths names {f}: held-out books are for evaluation only.")
+            table = pq.read_table(f, columns=[text_field])
+            texts += [t for t in table.column(text_field).to_pylist() if t]
+        return cls(texts, scanner)
+
+    def passage(self, n_chars: int, rng: np.random.Generator) -> str:
+        """About ``n_chars`` characters from a random book, starting at a word and ending at one."""
+        if n_chars <= 0:
+            return ""
+        text = self.texts[int(rng.choice(len(self.texts), p=self.weights))]
+        start = int(rng.integers(0, max(1, len(text) - n_chars - 200)))
+        space = text.find(" ", start)
+        start = start if space < 0 else space + 1
+        piece = text[start : start + n_chars]
+        cut = piece.rfind(" ")
+        return (piece[:cut] if cut > n_chars // 2 else piece).strip()
+
+    def repeated(self, n_chars: int, rng: np.random.Generator) -> str:
+        """One short passage (one to three sentences) repeated to ``n_chars`` characters, like a repeated filler."""
+        unit = self.passage(int(rng.integers(40, 200)), rng)
+        sentences = re.findall(r"[^.!?]+[.!?]", unit)
+        unit = " ".join(s.strip() for s in sentences[:3]) if sentences else unit
+        unit = unit or "And so it went on."
+        return " ".join([unit] * (n_chars // (len(unit) + 1) + 1))[:n_chars]
+
+
+# ----------------------------------------------------------------------------- vocabularies
+# Word lists written for this module; none of them names the evaluations' keys (pass key, secret code, special
+# number) or their haystacks' words in their patterns.
+THINGS = ("access code", "door number", "locker combination", "ticket number", "room number", "account number",
+          "password", "code word", "serial number", "order number", "safe combination", "badge number", "gate code",
+          "reference number", "catalogue number", "watchword", "cipher", "PIN", "vault number", "box number",
+          "parcel number", "seat number", "licence number", "signal", "token", "call sign", "station code",
+          "file number", "case number", "route number")
+OWNERS = ("Amos", "Beatrix", "Cyril", "Dorothea", "Edgar", "Flora", "Gideon", "Harriet", "Isidore", "Juno",
+          "Kasimir", "Lavinia", "Magnus", "Nell", "Orson", "Philippa", "Quentin", "Rosalind", "Silas", "Theodora",
+          "Ulric", "Viola", "Wendell", "Xenia", "Yorick", "Zelda")
+PLACES = ("harbour", "north tower", "old chapel", "blue cabin", "east wing", "lighthouse", "cellar", "garden shed",
+          "observatory", "boathouse", "west gate", "attic", "granary", "workshop", "bell tower", "stable")
+ADJECTIVES = ("amber", "silent", "crooked", "golden", "hollow", "misty", "northern", "scarlet", "velvet", "wild",
+              "frozen", "gentle", "hidden", "ivory", "lucky", "patient", "rusty", "salty", "tall", "winter")
+NOUNS = ("anchor", "badger", "candle", "lantern", "meadow", "pebble", "ribbon", "saddle", "thistle", "walnut",
+         "harp", "compass", "feather", "kettle", "marble", "orchard", "parrot", "quill", "raven", "spindle",
+         "tulip", "violin", "wagon", "yarrow", "zephyr", "beacon", "cobble", "dagger", "ember", "falcon")
+SURNAMES = ("Ashdown", "Blackwood", "Carrow", "Dunmore", "Everly", "Fairfax", "Goodwin", "Hartley", "Ingram",
+            "Kettering", "Lockwood", "Merriman", "Northcott", "Pembury", "Radley", "Stanton", "Thorne", "Whitlock")
+
+
+def choose(rng: np.random.Generator, items: Sequence):
+    return items[int(rng.integers(len(items)))]
+
+
+def number_value(rng: np.random.Generator) -> str:
+    digits = int(rng.choice(np.arange(1, 10), p=[.04, .07, .12, .16, .2, .16, .11, .08, .06]))
+    first = str(int(rng.integers(1, 10)))
+    return first + "".join(str(d) for d in rng.integers(0, 10, digits - 1))
+
+
+def code_value(rng: np.random.Generator) -> str:
+    alphabet = string.ascii_uppercase + string.digits
+    groups = [int(rng.integers(1, 5)) for _ in range(int(rng.integers(1, 4)))]
+    sep = choose(rng, ("-", "-", "", "/", "."))
+    return sep.join("".join(choose(rng, alphabet) for _ in range(n)) for n in groups)
+
+
+VALUE_KINDS: dict[str, Callable[[np.random.Generator], str]] = {
+    "number": number_value,
+    "word": lambda rng: choose(rng, NOUNS + ADJECTIVES),
+    "code": code_value,
+    "name": lambda rng: f"{choose(rng, OWNERS)} {choose(rng, SURNAMES)}" if rng.random() < 0.5 else choose(rng, OWNERS),
+    "pair": lambda rng: f"{choose(rng, ADJECTIVES)} {choose(rng, NOUNS)}",
+}
+VALUE_WEIGHTS = np.array([0.5, 0.12, 0.18, 0.1, 0.1])
+
+
+def value(rng: np.random.Generator, kinds: Sequence[str] = tuple(VALUE_KINDS)) -> str:
+    weights = np.array([VALUE_WEIGHTS[list(VALUE_KINDS).index(k)] for k in kinds])
+    return VALUE_KINDS[kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]](rng)
+
+
+def key_name(rng: np.random.Generator) -> str:
+    """A named slot: "harbour gate code", "Amos's ticket number", "scarlet locker combination"..."""
+    thing = choose(rng, THINGS)
+    form = int(rng.integers(4))
+    if form == 0:
+        return f"{choose(rng, ADJECTIVES)} {thing}"
+    if form == 1:
+        return f"{choose(rng, PLACES)} {thing}"
+    if form == 2:
+        return f"{thing} of {choose(rng, OWNERS)}"
+    return f"{choose(rng, OWNERS)}'s {thing}"
+
+
+# ----------------------------------------------------------------------------- templates
+# A piece of a document: plain text, an answer (``Target``: carries the loss) or haystack (``Hay``: filled later).
+@dataclass(frozen=True)
+class Target:
+    text: str
+
+
+@dataclass(frozen=True)
+class Hay:
+    weight: float = 1.0
+
+
+RECALL_INTROS = (
+    "", "", "",
+    "Read the following text carefully; some questions come at the end.",
+    "Somewhere below a few values are mentioned. Keep track of them.",
+    "The text below is long. A few facts in it will be asked about later.",
+    "Pay attention to any numbers or names you are given in this passage.",
+    "Several items are recorded in the pages that follow. You will be tested on them.",
+    "Memorise what you are told below; it matters at the end.",
+    "This is a reading exercise. Answer the questions after the text.",
+    "Keep the values in this document in mind.",
+    "Here follows a passage with some values worth remembering.",
+    "Below is an excerpt interrupted by a few notes. Remember the notes.",
+)
+KEY_LINES = (
+    "The {name} is {value}.",
+    "Remember that the {name} is {value}.",
+    "Note: the {name} is {value}. Again, the {name} is {value}.",
+    "{Name}: {value}.",
+    "Please write down the {name}, which is {value}.",
+    "For later reference, the {name} is {value}.",
+    "I have set the {name} to {value}.",
+    "Here is something to keep: the {name} is {value}.",
+    "The {name} you will need is {value}. Do not forget it.",
+    "Important! The {name} = {value}.",
+    "It was decided that the {name} would be {value}.",
+    "{value} is the {name}. Yes, the {name} is {value}.",
+    "Log entry: {name} recorded as {value}.",
+    "The {name} reads {value}.",
+    "(The {name}, by the way, is {value}.)",
+)
+QUESTIONS = (
+    "What is the {name}? The {name} is",
+    "Question: what was the {name}? Answer:",
+    "Recall the {name} mentioned above. The {name} is",
+    "Do you remember the {name}? It is",
+    "The {name} was",
+    "Q: {Name}? A:",
+    "Tell me the {name}. The {name} is",
+    "Which value was given for the {name}? It was",
+    "Fill in the blank: the {name} is",
+    "Earlier you were told the {name}. What is it? The {name} is",
+    "{Name} =",
+    "Now, the {name}:",
+    "Looking back, the {name} was",
+)
+LOOKUP_HEADERS = (
+    "Here is a table of entries.", "The following list pairs each item with its value.", "Glossary:",
+    "Inventory of codes:", "Index of items and their values:", "A list to memorise:",
+    "Records follow, one per line.", "Lookup table (item on the left, value on the right):", "Directory:",
+    "Reference list:", "Catalogue of items:", "",
+)
+LOOKUP_LINES = (
+    "{k}: {v}", "{k} -> {v}", "{k} = {v}", "{k} maps to {v}", "{k} | {v}", "entry {k} has value {v}",
+    "{k} is {v}", "{k} => {v}", "item {k} holds {v}", "{k} (value {v})", "{k} ... {v}", "* {k}: {v}",
+)
+LOOKUP_QUERY_INTROS = (
+    "Queries:", "Now look up some items.", "Answer from the table above.", "Lookups:", "Use the list to fill in:",
+    "Check these entries:", "", "Some questions about the table.", "Retrieve the values.", "Look back and complete:",
+)
+LOOKUP_QUESTIONS = (
+    "What is the value of {k}? It is", "Look up {k}:", "{k}?", "Value for {k}:", "Find {k} in the table. It is",
+    "The entry for {k} is", "Query {k} ->", "According to the list, {k} has", "{k} was listed with",
+    "Which value goes with {k}? Answer:",
+)
+COPY_MARKERS = (
+    ("<<", ">>"), ("[[", "]]"), ("BEGIN", "END"), ("{{", "}}"), ("<quote>", "</quote>"), ("### start", "### end"),
+    ("(*", "*)"), ("START>", "<STOP"), ("--- begin copy ---", "--- end copy ---"), ("|>", "<|"), ("@@", "@@"),
+    ("%%", "%%"),
+)
+COPY_INTROS = (
+    "", "", "Part of this text is marked. You will have to copy it later.",
+    "Notice the marked passage below.", "One passage is set off by markers; keep it in mind.",
+    "A marked fragment appears below.",
+)
+COPY_ASKS = (
+    "Repeat the marked passage:", "Copy the text between {open} and {close}:", "The marked passage was:",
+    "Now write out the marked text exactly.", "Reproduce it:", "Quote the marked fragment word for word:",
+    "What did the marker enclose?", "Copy it here:", "Write the marked part again:", "Recite the passage:",
+)
+
+
+def fill(pattern: str, **values: str) -> str:
+    name = values.get("name")
+    if name is not None:
+        values["Name"] = name[0].upper() + name[1:]
+    return pattern.format(**values)
+
+
+# ----------------------------------------------------------------------------- families
+def haystack_style(rng: np.random.Generator) -> str:
+    return "repeated" if rng.random() < 0.25 else "books"
+
+
+def recall_parts(rng: np.random.Generator, budget: int) -> list:
+    """One to four named values among the haystack, then questions about one to three of them."""
+    n_keys = int(rng.integers(1, 5))
+    names: list[str] = []
+    while len(names) < n_keys:
+        name = key_name(rng)
+        if all(name not in other and other not in name for other in names):
+            names.append(name)
+    kinds = (choose(rng, tuple(VALUE_KINDS)),) if rng.random() < 0.5 else tuple(VALUE_KINDS)
+    values = [value(rng, kinds) for _ in names]
+    lines = [fill(choose(rng, KEY_LINES), name=n, value=v) for n, v in zip(names, values)]
+    cuts = np.sort(rng.random(n_keys))  # depths of the key lines in the haystack
+    parts: list = []
+    intro = choose(rng, RECALL_INTROS)
+    if intro:
+        parts.append(intro + "\n")
+    previous = 0.0
+    for depth, line in zip(cuts, lines):
+        parts += [Hay(depth - previous), " " if rng.random() < 0.5 else "\n", line, " " if rng.random() < 0.5 else "\n"]
+        previous = depth
+    parts += [Hay(1.0 - previous), "\n"]
+    asked = rng.permutation(n_keys)[: int(rng.integers(1, min(3, n_keys) + 1))]
+    for i in asked:
+        parts += [fill(choose(rng, QUESTIONS), name=names[i]), Target(" " + values[i]), choose(rng, (".\n", "\n"))]
+    return parts
+
+
+def lookup_parts(rng: np.random.Generator, budget: int) -> list:
+    """A dictionary of items in one line format, haystack, then queries about some of them."""
+    line_format = choose(rng, LOOKUP_LINES)
+    key_kinds = (choose(rng, ("number", "word", "code", "pair", "name")),)
+    value_kinds = (choose(rng, ("number", "number", "word", "code")),)
+    n_items = int(rng.integers(2, max(3, budget // 22)))
+    keys: list[str] = []
+    for _ in range(n_items * 3):
+        k = value(rng, key_kinds)
+        if k not in keys:
+            keys.append(k)
+        if len(keys) == n_items:
+            break
+    vals = [value(rng, value_kinds) for _ in keys]
+    parts: list = []
+    header = choose(rng, LOOKUP_HEADERS)
+    if header:
+        parts.append(header + "\n")
+    parts += ["\n".join(fill(line_format, k=k, v=v) for k, v in zip(keys, vals)), "\n"]
+    parts += [Hay(), "\n"]
+    intro = choose(rng, LOOKUP_QUERY_INTROS)
+    if intro:
+        parts.append(intro + "\n")
+    repeat_line = rng.random() < 0.5
+    stem = line_format.split("{v}")[0].rstrip()
+    for i in rng.permutation(len(keys))[: int(rng.integers(1, min(8, len(keys)) + 1))]:
+        pattern = stem if repeat_line else choose(rng, LOOKUP_QUESTIONS)
+        parts += [fill(pattern, k=keys[i]), Target(" " + vals[i]), "\n"]
+    return parts
+
+
+def copy_span(rng: np.random.Generator, hay: "BookHaystack") -> str:
+    kind = int(rng.integers(4))
+    if kind == 0:
+        return hay.passage(int(rng.integers(30, 160)), rng)
+    if kind == 1:
+        return " ".join(number_value(rng) for _ in range(int(rng.integers(2, 6))))
+    if kind == 2:
+        return " ".join(code_value(rng) for _ in range(int(rng.integers(2, 5))))
+    return " ".join(value(rng, ("word", "pair", "name")) for _ in range(int(rng.integers(3, 9))))
+
+
+def copy_parts(rng: np.random.Generator, budget: int, hay: "BookHaystack") -> list:
+    """A marked span inside the haystack; at the end, an instruction, the opening marker, then the span."""
+    open_, close = choose(rng, COPY_MARKERS)
+    span = copy_span(rng, hay)
+    parts: list = []
+    intro = choose(rng, COPY_INTROS)
+    if intro:
+        parts.append(intro + "\n")
+    depth = float(rng.random())
+    parts += [Hay(depth), " ", f"{open_} {span} {close}", " ", Hay(1.0 - depth), "\n"]
+    parts += [fill(choose(rng, COPY_ASKS), open=open_, close=close), "\n", open_, Target(f" {span} {close}"), "\n"]
+    return parts
+
+
+def books_parts(rng: np.random.Generator, budget: int) -> list:
+    """A plain book excerpt; the whole document carries the loss."""
+    return [Hay()]
+
+
+# ----------------------------------------------------------------------------- documents
+class SyntheticMix:
+    """Documents of the synthetic task families over the book haystack, as token ids with a loss mask.
+
+    Document ``index`` of ``epoch`` draws its family from ``weights`` and its length uniformly from
+    ``[min_tokens, doc_tokens]`` (BOS and EOS included); everything about it is a function of
+    ``(seed, epoch, index)``. Task documents carry the loss on their answers only; ``books`` documents on every
+    token.
+    """
+
+    def __init__(self, tokenizer, haystack: BookHaystack, doc_tokens: int, weights: dict[str, float], seed: int,
+                 min_tokens: int | None = None, add_bos: bool = True, add_eos: bool = True,
+                 scanner: Scanner | None = None):
+        unknown = sorted(set(weights) - set(FAMILIES))
+        if unknown or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+            raise ValueError(f"data.mix={weights}: give non-negative weights, not all zero, for families among "
+                             f"{', '.join(FAMILIES)}" + (f" ({unknown} unknown)." if unknown else "."))
+        if doc_tokens < 32:
+            raise ValueError(f"synthetic_mix documents need at least 32 tokens, got data.synthetic_doc_tokens="
+                             f"{doc_tokens}.")
+        digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+        if any(i is None or i == getattr(tokenizer, "unk_token_id", None) for i in digits):
+            raise ValueError("synthetic_mix needs a tokenizer with one piece per digit (sentencepiece "
+                             "split_digits=True: python -m train.synthetic tokenizer).")
+        self.tokenizer, self.haystack, self.seed = tokenizer, haystack, seed
+        self.doc_tokens = doc_tokens
+        self.min_tokens = max(16, min(min_tokens or doc_tokens // 2, doc_tokens))
+        self.families = [f for f in FAMILIES if weights.get(f, 0) > 0]
+        probs = np.array([weights[f] for f in self.families], np.float64)
+        self.probs = probs / probs.sum()
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.scanner = scanner or Scanner()
+        sample = " ".join(haystack.passage(4000, np.random.default_rng([seed, i])) for i in range(8))
+        self.chars_per_token = len(sample) / max(1, len(self._ids(sample)))
+
+    def __len__(self) -> int:
+        return 1 << 40  # unbounded
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def parts(self, family: str, rng: np.random.Generator, budget: int) -> list:
+        if family == "recall":
+            return recall_parts(rng, budget)
+        if family == "lookup":
+            return lookup_parts(rng, budget)
+        if family == "copy":
+            return copy_parts(rng, budget, self.haystack)
+        return books_parts(rng, budget)
+
+    def render(self, parts: list, hay_chars: int, rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
+        """The document's text and the character ranges of its answers."""
+        total = sum(p.weight for p in parts if isinstance(p, Hay)) or 1.0
+        repeated = haystack_style(rng) == "repeated"
+        pieces, targets, at = [], [], 0
+        for p in parts:
+            if isinstance(p, Hay):
+                n = int(hay_chars * p.weight / total)
+                text = self.haystack.repeated(n, rng) if repeated and n > 0 else self.haystack.passage(n, rng)
+            elif isinstance(p, Target):
+                text = p.text
+                targets.append((at, at + len(text)))
+            else:
+                text = p
+            pieces.append(text)
+            at += len(text)
+        return "".join(pieces), targets
+
+    def encode(self, text: str, targets: list[tuple[int, int]], everything: bool):
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        mask = [everything or any(s < b and a < e for a, b in targets) for s, e in offsets]
+        if self.add_bos and self.tokenizer.bos_token_id is not None:
+            ids, mask = [self.tokenizer.bos_token_id] + ids, [False] + mask
+        if self.add_eos and self.tokenizer.eos_token_id is not None:
+            ids, mask = ids + [self.tokenizer.eos_token_id], mask + [everything]
+        return np.asarray(ids, np.int64), np.asarray(mask, bool)
+
+    def sample(self, epoch: int, index: int):
+        """(family, text, ids int64 [N], loss mask bool [N]) of one document."""
+        rng = np.random.default_rng([self.seed, epoch, index, 41])
+        family = self.families[int(rng.choice(len(self.families), p=self.probs))]
+        tokens = int(rng.integers(self.min_tokens, self.doc_tokens + 1))
+        for attempt in range(12):
+            parts = self.parts(family, rng, tokens)
+            fixed = "".join(p.text if isinstance(p, Target) else p for p in parts if not isinstance(p, Hay))
+            n_fixed = len(self._ids(fixed)) + 2 if fixed else 2
+            if n_fixed > tokens and attempt < 11:
+                continue  # too many items for this length: draw again
+            hay_chars = int(max(tokens - n_fixed, 0) * self.chars_per_token)
+            for _ in range(4):  # the haystack's tokens per character vary: rescale it to the drawn length
+                text, targets = self.render(parts, hay_chars, rng)
+                ids, mask = self.encode(text, targets, family == "books")
+                if hay_chars == 0 or 0.92 * tokens <= len(ids) <= self.doc_tokens:
+                    break
+                hay_chars = int(hay_chars * (tokens - n_fixed) / max(len(ids) - n_fixed, 1) * 0.98)
+            if len(ids) <= self.doc_tokens and self.scanner.find(text) is None:
+                return family, text, ids, mask
+        raise ValueError(f"no {family} document of at most {self.doc_tokens} tokens without an evaluation string in "
+                         f"12 draws (epoch {epoch}, index {index}); raise data.synthetic_doc_tokens.")
+
+    def get(self, epoch: int, index: int):
+        from train.data import Document
+
+        _, _, ids, mask = self.sample(epoch, index)
+        return Document(ids, mask)
+
+
+def training_texts(haystack: BookHaystack, documents: int, seed: int) -> list[str]:
+    """Texts to train a tokenizer on: book passages and the templates' text (keys, questions, markers)."""
+    out = []
+    for i in range(documents):
+        rng = np.random.default_rng([seed, i, 43])
+        out.append(haystack.passage(int(rng.integers(500, 4000)), rng))
+        for family in ("recall", "lookup", "copy"):
+            parts = {"recall": recall_parts, "lookup": lookup_parts}.get(family)
+            parts = parts(rng, 128) if parts else copy_parts(rng, 128, haystack)
+            out.append("".join(p.text if isinstance(p, Target) else p for p in parts if not isinstance(p, Hay)))
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> None:
+    """``tokenizer``: train the mix's tokenizer; ``sample``: print generated documents with their answers marked."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m train.synthetic", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tok = sub.add_parser("tokenizer", help="train a BPE tokenizer (digits split) on book passages and templates")
+    tok.add_argument("--out", required=True)
+    tok.add_argument("--vocab_size", type=int, default=2000)
+    tok.add_argument("--documents", type=int, default=3000, help="book passages (plus one task text each)")
+    show = sub.add_parser("sample", help="print documents and their answers")
+    show.add_argument("--tokenizer", required=True)
+    show.add_argument("--doc_tokens", type=int, default=512)
+    show.add_argument("--documents", type=int, default=4)
+    for p in (tok, show):
+        p.add_argument("--paths", nargs="+", default=["assets/books/train.parquet"])
+        p.add_argument("--text_field", default="text")
+        p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    haystack = BookHaystack.from_files(args.paths, args.text_field, Scanner())
+    if args.command == "tokenizer":
+        from train.tokenizer import train_tokenizer
+
+        lines = [line for text in training_texts(haystack, args.documents, args.seed) for line in text.split("\n")]
+        tokenizer = train_tokenizer(iter([line for line in lines if line.strip()]), args.out, args.vocab_size)
+        print(f"saved a {len(tokenizer)}-piece tokenizer to {args.out}")
+        return
+    from transformers import AutoTokenizer
+
+    mix = SyntheticMix(AutoTokenizer.from_pretrained(args.tokenizer), haystack, args.doc_tokens,
+                       {f: 1.0 for f in FAMILIES}, args.seed)
+    for i in range(args.documents):
+        family, text, ids, mask = mix.sample(0, i)
+        shown = text
+        answers = [mix.tokenizer.decode(ids[a:b]) for a, b in _runs(mask)]
+        print(f"=== {family}: {len(ids)} tokens, {int(mask.sum())} with loss; answers {answers[:8]}\n{shown}\n")
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+if __name__ == "__main__":
+    main()
