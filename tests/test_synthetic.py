@@ -167,7 +167,7 @@ def test_documents_answers_lengths_and_determinism(books, tokenizer):
     for i in range(60):
         family, text, ids, mask = mix.sample(0, i)
         families.add(family)
-        assert 0.9 * 128 <= len(ids) <= 256 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert 0.9 * 192 <= len(ids) <= 256 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(ids.tolist(), skip_special_tokens=True) == text
         if family == "books":
             assert mask[1:].all()

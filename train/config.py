@@ -63,7 +63,7 @@ class DataConfig:
         mix: for ``source: synthetic_mix`` (train/synthetic.py), the weight of each document family: ``recall``
             (key-value recall), ``lookup`` (dictionary lookup), ``copy`` (copy a marked span) and ``books``
             (plain book text, loss on every token); the haystack is book text from the parquet files in ``paths``.
-            Documents have ``synthetic_doc_tokens / 2 ... synthetic_doc_tokens`` tokens.
+            Documents have ``3/4 synthetic_doc_tokens ... synthetic_doc_tokens`` tokens.
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"

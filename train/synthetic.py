@@ -435,7 +435,8 @@ class SyntheticMix:
     """Documents of the synthetic task families over the book haystack, as token ids with a loss mask.
 
     Document ``index`` of ``epoch`` draws its family from ``weights`` and its length uniformly from
-    ``[min_tokens, doc_tokens]`` (BOS and EOS included); everything about it is a function of
+    ``[min_tokens, doc_tokens]`` (BOS and EOS included; ``min_tokens`` defaults to 3/4 of ``doc_tokens``, so a
+    pack of k windows is mostly text, not padding); everything about it is a function of
     ``(seed, epoch, index)``. Task documents carry the loss on their answers only; ``books`` documents on every
     token.
     """
@@ -456,7 +457,7 @@ class SyntheticMix:
                              "split_digits=True: python -m train.synthetic tokenizer).")
         self.tokenizer, self.haystack, self.seed = tokenizer, haystack, seed
         self.doc_tokens = doc_tokens
-        self.min_tokens = max(16, min(min_tokens or doc_tokens // 2, doc_tokens))
+        self.min_tokens = max(16, min(min_tokens or doc_tokens * 3 // 4, doc_tokens))
         self.families = [f for f in FAMILIES if weights.get(f, 0) > 0]
         probs = np.array([weights[f] for f in self.families], np.float64)
         self.probs = probs / probs.sum()
@@ -517,9 +518,10 @@ class SyntheticMix:
             parts = self.parts(family, rng, tokens)
             fixed = "".join(p.text if isinstance(p, Target) else p for p in parts if not isinstance(p, Hay))
             n_fixed = len(self._ids(fixed)) + 2 if fixed else 2
-            if n_fixed > tokens and attempt < 11:
-                continue  # too many items for this length: draw again
-            hay_chars = int(max(tokens - n_fixed, 0) * self.chars_per_token)
+            if n_fixed > self.doc_tokens:
+                continue  # too many items for the longest document: draw again
+            tokens = max(tokens, n_fixed)
+            hay_chars = int((tokens - n_fixed) * self.chars_per_token)
             for _ in range(4):  # the haystack's tokens per character vary: rescale it to the drawn length
                 text, targets = self.render(parts, hay_chars, rng)
                 ids, mask = self.encode(text, targets, family == "books")
