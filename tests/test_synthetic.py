@@ -75,12 +75,16 @@ def books(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(books, tmp_path_factory):
+def haystack(books) -> BookHaystack:
+    return BookHaystack.from_files([str(books)], "text", Scanner())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(haystack, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from train.tokenizer import train_tokenizer
 
-    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
     lines = [line for t in training_texts(haystack, 150, 0) for line in t.split("\n") if line.strip()]
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer(iter(lines), out, vocab_size=500)
@@ -116,7 +120,7 @@ def test_training_stream_holds_no_evaluation_string(books, tokenizer):
     assert not found, f"evaluation strings in the training stream: {sorted(found)}"
 
 
-def test_the_scan_catches_a_polluted_generator(books, tokenizer):
+def test_the_scan_catches_a_polluted_generator(haystack, tokenizer):
     """A generator that slips held-out template text into its documents: the stream scan above finds it, and
     SyntheticMix's own guard refuses to emit such documents."""
 
@@ -126,7 +130,6 @@ def test_the_scan_catches_a_polluted_generator(books, tokenizer):
             prompt = TEMPLATES[name].render(int(rng.integers(1, 50000)), 80, 80, seed=int(rng.integers(1000)))
             return [prompt.split("\n")[int(rng.integers(5))], "\n", *super().parts(family, rng, budget)]
 
-    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
     unguarded = Polluted(tokenizer, haystack, 256, {"recall": 1.0}, seed=0, scanner=Scanner([], []))
     texts = [tokenizer.decode(unguarded.get(0, i).ids.tolist(), skip_special_tokens=True) for i in range(20)]
     assert sum(bool(leaks(t)) for t in texts) >= 15  # a few template lines are mostly haystack sentences
@@ -160,8 +163,7 @@ def test_training_stream_holds_no_held_out_book_text(books, tokenizer):
 
 
 # ----------------------------------------------------------------------------- documents
-def test_documents_answers_lengths_and_determinism(books, tokenizer):
-    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
+def test_documents_answers_lengths_and_determinism(haystack, tokenizer):
     mix = SyntheticMix(tokenizer, haystack, 256, {"recall": 1, "lookup": 1, "copy": 1, "books": 1}, seed=3)
     families = set()
     for i in range(60):
@@ -187,9 +189,8 @@ def test_documents_answers_lengths_and_determinism(books, tokenizer):
     assert not np.array_equal(mix.get(1, 0).ids, mix.get(2, 0).ids)
 
 
-def test_varied_surface_forms(books, tokenizer):
+def test_varied_surface_forms(haystack, tokenizer):
     """Many key-line phrasings, value formats and questions, not one template."""
-    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
     mix = SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=0)
     answers, questions = set(), set()
     for i in range(80):
@@ -204,10 +205,9 @@ def test_varied_surface_forms(books, tokenizer):
     assert len(questions) >= 8
 
 
-def test_config_errors(books, tokenizer):
+def test_config_errors(haystack, tokenizer):
     with pytest.raises(ValueError, match="synthetic_mix needs data.paths"):
         load_config(None, {"data.source": "synthetic_mix", "data.tokenizer": "x"})
-    haystack = BookHaystack.from_files([str(books)], "text", Scanner())
     with pytest.raises(ValueError, match="unknown"):
         SyntheticMix(tokenizer, haystack, 256, {"recal": 1.0}, seed=0)
     with pytest.raises(ValueError, match="not all zero"):
