@@ -13,3 +13,24 @@ _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 LLAMA = {k: v for k, v in copy.deepcopy(llama_fields("tiny_cpu")).items() if k not in _TOKEN_IDS}
 LONG = dict(LLAMA, last_context_length=PRESETS["tiny_cpu"]["last_context_length"])
 MEM_LAYERS = list(PRESETS["tiny_cpu"]["mem_layers"])
+
+
+def check_args(parser, args, positive: tuple[str, ...] = ()) -> None:
+    """Report a bad argument every benchmark shares in one line with exit status 2 (``train.cli.fail``) before
+    any work: ``--model`` must be a checkpoint directory, ``--json``'s folder writable, and the ``positive``
+    arguments (ints or lists of ints) above zero."""
+    from pathlib import Path
+
+    from eval.common import check_model_dir, check_out_dir
+    from train.cli import user_errors
+
+    with user_errors(parser.prog):
+        if getattr(args, "model", None):
+            check_model_dir(args.model)
+        for name in positive:
+            value = getattr(args, name)
+            bad = [v for v in (value if isinstance(value, list) else [value]) if v is not None and v <= 0]
+            if bad:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {bad}.")
+        if getattr(args, "json", None):
+            check_out_dir(Path(args.json).resolve().parent, "--json's folder")

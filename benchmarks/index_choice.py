@@ -37,7 +37,9 @@ from collections import deque
 import numpy as np
 import torch
 
+from benchmarks.bench_config import check_args
 from benchmarks.memory_scaling import build_model, input_ids
+from train.cli import ArgumentParser
 
 
 def capture(model, ids: torch.Tensor, min_queries: int):
@@ -159,13 +161,14 @@ def fot_ivf_rows(keys_GMH: torch.Tensor, queries_GXH: torch.Tensor, k: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=65536, help="input length (memory size ~ this)")
     parser.add_argument("--model", help="a trained checkpoint directory (its tokenizer reads passkey text)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--queries", type=int, default=512, help="queries per head, from the last windows")
     parser.add_argument("--heads", type=int, default=2, help="KV heads measured (of the last memory layer)")
     args = parser.parse_args()
+    check_args(parser, args, positive=("tokens", "k", "queries", "heads"))
     import faiss
 
     from fot.search import FaissIVFSearch, exact_topk, recall_at_k

@@ -31,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench_config import check_args
 from benchmarks.bench_config import LONG as BENCH
+from train.cli import ArgumentParser
 RECALL_EVERY = 16  # probe every 16th search call of a layer
 RECALL_QUERIES = 64  # queries per probe
 
@@ -173,9 +175,10 @@ def growth_exponent(rows: list[dict]) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 65536, 131072, 262144])
-    parser.add_argument("--backends", nargs="+", default=["off", "dense", "exact", "faiss-flat", "faiss-ivf"])
+    parser.add_argument("--backends", nargs="+", default=["off", "dense", "exact", "faiss-flat", "faiss-ivf"],
+                        choices=["off", "dense", "exact", "faiss-flat", "faiss-ivf"])
     parser.add_argument("--k", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
@@ -185,6 +188,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_args(parser, args, positive=("tokens", "k", "nprobe", "threads", "max_seconds", "decode_prompt"))
     if args.case:
         case = json.loads(args.case)
         if case[0] == "decode":

@@ -31,8 +31,10 @@ import subprocess
 import sys
 import time
 
+from benchmarks.bench_config import check_args
 from benchmarks.bench_config import LONG as BENCH
 from benchmarks.bench_config import MEM_LAYERS
+from train.cli import ArgumentParser
 
 
 def memory_attention_flops(tokens: int) -> float:
@@ -130,7 +132,7 @@ def spawn(tokens: int, mem: bool, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--mem-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn-impl", default="auto", choices=["auto", "torch", "reference"])
@@ -146,6 +148,7 @@ def main() -> None:
         help="skip the reference's slow default mode above this many tokens",
     )  # fmt: skip
     args = parser.parse_args()
+    check_args(parser, args, positive=("tokens", "repeats"))
     if bool(args.reference_src) != bool(args.reference_python):
         parser.error("--reference-src and --reference-python go together")
     if args.peak:

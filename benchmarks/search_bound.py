@@ -40,8 +40,10 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.bench_config import check_args
 from benchmarks.memory_scaling import build_model, input_ids
 from benchmarks.prefill import gemm_peak_gflops
+from train.cli import ArgumentParser
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -168,7 +170,7 @@ def interpolate(points: list[tuple[int, float]], M: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=262144)
     parser.add_argument("--model", help="a trained checkpoint directory (passkey text through its tokenizer)")
     parser.add_argument("--k", type=int, default=32)
@@ -178,6 +180,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=1, help="KV heads measured per memory layer")
     parser.add_argument("--target", type=float, default=1.5, help="the prefill target, x memory off")
     args = parser.parse_args()
+    check_args(parser, args, positive=("tokens", "k", "nprobe", "queries", "heads", "target"))
     import faiss
 
     torch.set_num_threads(1)

@@ -33,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench_config import check_args
 from benchmarks.bench_config import LLAMA as BENCH
+from train.cli import ArgumentParser
 CASES = ("hf", "ours_mem_off", "ours_crossbatch_d4")
 MODEL_CASES = CASES + ("ours_lora_crossbatch_d4",)
 LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -118,7 +120,7 @@ def run_case(case: str, batch: int, pack: int, steps: int, model_dir: str | None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="rows per step (512 tokens each)")
     parser.add_argument("--pack", type=int, default=2, help="consecutive rows per document (k); batch/pack >= 4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case and round")
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per case")
     parser.add_argument("--case", choices=MODEL_CASES, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
+    check_args(parser, args, positive=("batch", "pack", "steps", "rounds", "threads"))
     if args.case:
         print(json.dumps(run_case(args.case, args.batch, args.pack, args.steps, args.model, args.threads)))
         return

@@ -395,15 +395,17 @@ def setting_model(log: TrialLog | None, setting: Setting, pending: bool, load, d
 
 
 def cli_main(build_parser, prepare, run, argv: list[str] | None = None):
-    """Parse ``argv``, ``prepare(args)`` (a ``ValueError`` exits with status 2 and its message), then
+    """Parse ``argv``, ``prepare(args)`` (a ``ValueError`` exits with status 2 and its message in one line), then
     ``run(args, prepared)`` with logging routed around the progress bars."""
+    from train.cli import fail
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         prepared = prepare(args)
     except ValueError as err:
-        parser.error(str(err))  # exits with status 2 and the message on stderr
+        fail(parser.prog, str(err))  # one line on stderr, exit status 2
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():

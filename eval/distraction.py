@@ -79,6 +79,7 @@ from eval.common import (
 )
 from eval.passkey import PromptEncoder
 from eval.perplexity import DEFAULT_CHUNK, aggregate, bucket_edges, check_files, read_texts, summarize
+from train.cli import ArgumentParser
 from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.distraction")
@@ -287,7 +288,7 @@ def plot_distraction(path: Path, results: dict[str, dict], title: str) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local checkpoint directory (or a LoRA adapter directory)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--files", nargs="+", required=True, help=".txt (one document each), .jsonl or .parquet files")

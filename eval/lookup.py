@@ -59,6 +59,7 @@ from eval.common import (
 )
 from eval.passkey import PromptEncoder, describe_setting, generation_kwargs
 from eval.templates import LOOKUP_HEADER, lookup_line, lookup_query
+from train.cli import ArgumentParser
 from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.lookup")
@@ -276,7 +277,7 @@ def format_table(sizes: list[int], results: dict[str, list[dict]]) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local checkpoint directory (config.json + weights)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES,

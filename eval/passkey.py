@@ -68,6 +68,7 @@ from eval.common import (
     write_json,
 )
 from eval.templates import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
+from train.cli import ArgumentParser
 from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.passkey")
@@ -414,7 +415,7 @@ def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[d
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local checkpoint directory (config.json + weights)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,

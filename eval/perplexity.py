@@ -74,6 +74,7 @@ from eval.common import (
     write_json,
 )
 from eval.passkey import PromptEncoder, build_prompt, make_trials, trial_rng
+from train.cli import ArgumentParser
 from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.perplexity")
@@ -368,7 +369,7 @@ def plot_perplexity(path: Path, results: dict[str, dict], window: int, title: st
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local checkpoint directory (config.json + weights)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--settings", nargs="+", default=["memory", "no-memory"], help=f"any of: {SETTING_HELP}")

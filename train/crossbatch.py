@@ -209,7 +209,7 @@ def train_step(spec, info, model, optimizer, scheduler, batches, plan):
 def loop(spec, info, model, optimizer, scheduler, batches, objective, run_log, start, out_dir, config_yaml):
     for step in range(start, spec.train.max_steps):
         if info.heartbeat is not None:
-            info.heartbeat.step = step
+            info.heartbeat.at_step(step)
         plan = objective.plan(step)
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()

@@ -41,7 +41,7 @@ class CollectiveTimeout(RuntimeError):
 
 class Heartbeat:
     """Every rank's sign of life and current step in the job's TCP store (the one torchrun's rendezvous serves at
-    MASTER_ADDR:MASTER_PORT), written by a daemon thread every ``period`` seconds.
+    MASTER_ADDR:MASTER_PORT), written at every step (``at_step``) and by a daemon thread every ``period`` seconds.
 
     A stopped or dead process stops beating, while a rank blocked in a collective keeps beating, so when a
     collective times out the ranks whose count no longer advances are the ones that stalled."""
@@ -52,6 +52,7 @@ class Heartbeat:
         self.rank, self.world, self.period = rank, world, period
         self.step = 0
         self.beats = 0
+        self._lock = threading.Lock()  # the thread and the training loop share one store client
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                    timeout=datetime.timedelta(seconds=max(10.0, 4 * period)))
         self._beat()
@@ -60,23 +61,31 @@ class Heartbeat:
         self._thread.start()
 
     def _beat(self) -> None:
-        self.beats += 1
-        self.store.set(f"{self.PREFIX}{self.rank}", f"{self.beats} {self.step}")
+        with self._lock:
+            self.beats += 1
+            self.store.set(f"{self.PREFIX}{self.rank}", f"{self.beats} {self.step}")
+
+    def at_step(self, step: int) -> None:
+        """Record that this rank starts ``step`` (0-based), so a report names the step a stalled rank was on."""
+        self.step = step
+        self._beat()
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             try:
                 self._beat()
-            except Exception:  # noqa: BLE001 - the store went away with the job; nothing left to report to
-                return
+            except Exception:  # noqa: BLE001 - a store hiccup; stopping would make this healthy rank look stalled
+                continue
 
     def snapshot(self) -> dict[int, tuple[int, int]]:
         """``{rank: (beats, step)}`` of every rank that has beaten at least once."""
         out = {}
         for r in range(self.world):
             key = f"{self.PREFIX}{r}"
-            if self.store.check([key]):
-                beats, step = self.store.get(key).decode().split()
+            with self._lock:
+                value = self.store.get(key).decode() if self.store.check([key]) else None
+            if value is not None:
+                beats, step = value.split()
                 out[r] = (int(beats), int(step))
         return out
 

@@ -65,11 +65,16 @@ def train_tokenizer(texts: Iterator[str], out_dir: str | Path, vocab_size: int, 
 
 
 def corpus_texts(paths: list[str], fmt: str, text_field: str, chunk_chars: int) -> Iterator[str]:
-    """Texts of local files, cut into pieces of at most ``chunk_chars`` characters (sentencepiece's limit)."""
+    """Texts of local files, cut into pieces of at most ``chunk_chars`` characters (sentencepiece's limit). The
+    files are opened here, so a path that matches nothing or a missing column raises ``ValueError`` at once."""
     from train.config import DataConfig
     from train.data import load_text_dataset
 
     ds = load_text_dataset(DataConfig(source="files", paths=paths, format=fmt, text_field=text_field))
+    return _chunks(ds, text_field, chunk_chars)
+
+
+def _chunks(ds, text_field: str, chunk_chars: int) -> Iterator[str]:
     for row in ds:
         text = row[text_field] or ""
         for line in text.split("\n"):
@@ -91,7 +96,10 @@ def synthetic_texts(kind: str, documents: int, seed: int) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from eval.common import check_out_dir
+    from train.cli import ArgumentParser, fail, user_errors
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--vocab_size", type=int, default=1000)
     parser.add_argument("--paths", nargs="*", default=[], help="files or globs (text/json/jsonl/parquet)")
@@ -104,11 +112,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if bool(args.paths) == bool(args.synthetic):
         parser.error("give either --paths or --synthetic")
-    if args.synthetic:
-        texts = synthetic_texts(args.synthetic, args.documents, args.seed)
-    else:
-        texts = corpus_texts(args.paths, args.format, args.text_field, args.chunk_chars)
-    tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
+    with user_errors(parser.prog):
+        for flag in ("vocab_size", "documents", "chunk_chars"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
+        check_out_dir(args.out, "--out")
+        if args.synthetic:
+            texts = synthetic_texts(args.synthetic, args.documents, args.seed)
+        else:
+            texts = corpus_texts(args.paths, args.format, args.text_field, args.chunk_chars)
+    try:
+        tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
+    except RuntimeError as err:  # sentencepiece reports a too small vocabulary only once it has read the corpus
+        if "Vocabulary size is smaller than required_chars" not in str(err):
+            raise
+        fail(parser.prog, f"--vocab_size {args.vocab_size} is too small for this corpus: {err}")
     print(f"saved a {len(tokenizer)}-piece BPE tokenizer to {args.out} (load it with AutoTokenizer.from_pretrained)")
 
 
