@@ -2,16 +2,12 @@
 check: a sample of the real training stream holds no evaluation string and no held-out book text."""
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from eval.templates import (  # noqa: E402
+from eval.templates import (
     LOOKUP_HEADER,
     TEMPLATES,
     GeneratedFiller,
@@ -20,9 +16,11 @@ from eval.templates import (  # noqa: E402
     literal_fragments,
     lookup_line,
 )
-from train.config import load_config  # noqa: E402
-from train.data import build_batches  # noqa: E402
-from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, training_texts  # noqa: E402
+from train.config import load_config
+from train.data import build_batches
+from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, training_texts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BOOKS = ROOT / "assets" / "books" / "train.parquet"
 HELDOUT = ROOT / "assets" / "books" / "heldout.parquet"
