@@ -61,7 +61,8 @@ def fake_books(path: Path) -> Path:
         sentences = []
         for _ in range(600):
             words = [WORDS[int(i)] for i in rng.integers(0, len(WORDS), int(rng.integers(4, 12)))]
-            sentences.append(" ".join(words).capitalize() + (f" {int(rng.integers(1, 999))}." if rng.random() < .2 else "."))
+            number = f" {int(rng.integers(1, 999))}" if rng.random() < 0.2 else ""
+            sentences.append(" ".join(words).capitalize() + number + ".")
         books.append(" ".join(sentences))
     pq.write_table(pa.table({"title": [f"b{i}" for i in range(4)], "text": books}), path)
     return path

@@ -514,7 +514,7 @@ class SyntheticMix:
         rng = np.random.default_rng([self.seed, epoch, index, 41])
         family = self.families[int(rng.choice(len(self.families), p=self.probs))]
         tokens = int(rng.integers(self.min_tokens, self.doc_tokens + 1))
-        for attempt in range(12):
+        for _ in range(12):  # draws: a document too long even without haystack, or holding an evaluation string
             parts = self.parts(family, rng, tokens)
             fixed = "".join(p.text if isinstance(p, Target) else p for p in parts if not isinstance(p, Hay))
             n_fixed = len(self._ids(fixed)) + 2 if fixed else 2
