@@ -70,6 +70,10 @@ def test_a_changed_resume_is_refused_before_the_run_directory_changes(tmp_path, 
         assert change in message
     assert "--run.force_config_change=true" in message and "\n" not in message
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml too
+    (run / "config.yaml").rename(tmp_path / "config.yaml")  # without it, the newest checkpoint's copy is compared
+    with pytest.raises(ValueError, match=r"train.seed: 0 -> 5 \(saved in .*step_00000002/config.yaml\)"):
+        train_in_process(run, **{"run.resume": True, "train.seed": 5})
+    (tmp_path / "config.yaml").rename(run / "config.yaml")
     with caplog.at_level(logging.INFO):
         train_in_process(run, **{"run.resume": True, "train.max_steps": 6, "run.keep_last": 3})
     notes = [r.getMessage() for r in caplog.records if "config change allowed" in r.getMessage()]
@@ -146,6 +150,17 @@ def test_unwritable_run_directory_is_one_line(where, tmp_path):
         where = str(tmp_path / "file" / "run")
     assert_one_line_error(cli("--config", str(CI), f"--run.out_dir={where}"), f"run.out_dir '{where}'",
                           "cannot be created and written")
+
+
+def test_a_fresh_run_into_an_earlier_runs_folder_is_refused(tmp_path):
+    """Without the check, the earlier run's higher-numbered checkpoints survive pruning and the new run's own
+    checkpoints are deleted."""
+    run = train_in_process(tmp_path / "run")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"already holds a run \(step_00000002, step_00000004\): continue it with "
+                                         r"--run.resume=true, or choose another run.out_dir"):
+        train_in_process(run)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):

@@ -25,7 +25,7 @@ import torch
 import fot
 from eval.common import atomic_path, check_out_dir
 from train.build import build_config, build_model, count_parameters, model_fields, run_tokenizer
-from train.checkpoint import load_latest, save_checkpoint, save_final
+from train.checkpoint import load_latest, save_checkpoint, save_final, step_dirs
 from train.cli import ArgumentParser, UserError, checking_user_input, fail, user_errors
 from train.config import (
     RunSpec,
@@ -115,36 +115,49 @@ def model_config(spec: RunSpec) -> fot.LongLlamaConfig:
     return cfg
 
 
-def prepare_run_dir(spec: RunSpec, info: DistInfo, out_dir: Path) -> str:
+def check_run_dir(spec: RunSpec, info: DistInfo, out_dir: Path) -> str:
     """Check that the run directory can be written and, on resume, that the config keeps what the run learns
-    (``resume_changes``); only then write OUT/config.yaml. Returns the config's YAML."""
+    (``resume_changes``, against OUT/config.yaml or, when that is gone, the newest checkpoint's copy). Returns the
+    config's YAML, for ``write_run_config`` once the run has started."""
     check_out_dir(out_dir, "run.out_dir")
     config_yaml = dump_yaml(spec)
     saved = out_dir / "config.yaml"
-    if spec.run.resume and saved.is_file():
-        refused, allowed = resume_changes(saved.read_text(), spec, str(saved))
+    copies = [saved] + [path / "config.yaml" for _, path in reversed(step_dirs(out_dir))]
+    reference = next((p for p in copies if p.is_file()), None)
+    earlier = [path.name for _, path in step_dirs(out_dir)] + [n for n in ("final",) if (out_dir / n).exists()]
+    if not spec.run.resume and earlier:
+        # A fresh run here would mix its checkpoints with the earlier run's, and pruning (which keeps the highest
+        # steps) would delete the new run's own.
+        raise ValueError(f"run.out_dir {str(out_dir)!r} already holds a run ({', '.join(earlier)}): continue it with "
+                         "--run.resume=true, or choose another run.out_dir.")
+    if spec.run.resume and reference is not None:
+        refused, allowed = resume_changes(reference.read_text(), spec, str(reference))
         if refused and not spec.run.force_config_change:
             raise ValueError(f"run.resume=true, but the config changes what the run learns: {'; '.join(refused)} "
-                             f"(saved in {saved}). Resume with the saved values, start another run.out_dir, or pass "
-                             "--run.force_config_change=true to continue with the new ones.")
+                             f"(saved in {reference}). Resume with the saved values, start another run.out_dir, or "
+                             "pass --run.force_config_change=true to continue with the new ones.")
         if info.is_main:
             for change in refused:
                 logger.warning("resume: forced config change (run.force_config_change=true): %s", change)
             for change in allowed:
                 logger.info("resume: config change allowed: %s", change)
+    return config_yaml
+
+
+def write_run_config(out_dir: Path, config_yaml: str, info: DistInfo) -> None:
+    """Replace OUT/config.yaml (atomically) once the run has passed every check and restored its checkpoint."""
     barrier(info)  # every rank has read the saved config before rank 0 replaces it
     if info.is_main:
-        with atomic_path(saved) as tmp:
+        with atomic_path(out_dir / "config.yaml") as tmp:
             tmp.write_text(config_yaml)
     barrier(info)
-    return config_yaml
 
 
 def _train(spec: RunSpec, info: DistInfo) -> Path:
     out_dir = Path(spec.run.out_dir)
     with checking_user_input():
         cfg = model_config(spec)  # a bad model field fails here, in seconds, before any weights are built
-        config_yaml = prepare_run_dir(spec, info, out_dir)
+        config_yaml = check_run_dir(spec, info, out_dir)
         tokenizer = run_tokenizer(spec)
         if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={cfg.vocab_size}; "
@@ -169,6 +182,7 @@ def _train(spec: RunSpec, info: DistInfo) -> Path:
                           spec.train.seed, world_size=info.world, rank=info.rank)
     with checking_user_input():  # no checkpoint verifies, or another process count
         start = load_latest(out_dir, model, optimizer, scheduler, batches, info) if spec.run.resume else 0
+    write_run_config(out_dir, config_yaml, info)
     if start:
         logger.info("resumed from step %d", start)
     tokens_per_step = spec.train.micro_batch_size * window * spec.train.grad_accum * info.world
