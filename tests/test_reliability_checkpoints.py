@@ -103,10 +103,10 @@ def test_resume_refuses_when_no_checkpoint_verifies(uninterrupted, tmp_path):
     run = copy_run(uninterrupted, tmp_path)
     flip_byte(run / NEWEST / "dcp" / "__0_0.distcp")
     truncate(run / OLDER / "rank0.pt")
-    metrics = (run / "metrics.jsonl").read_text()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"no checkpoint in .* verifies \(step_00000006: .*; step_00000004: "):
         train_in_process(run, **{"run.resume": True})
-    assert (run / "metrics.jsonl").read_text() == metrics  # nothing of the run was discarded
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing moved or rewritten
 
 
 def test_a_kill_while_pruning_never_leaves_a_partial_checkpoint(uninterrupted, tmp_path, monkeypatch):
@@ -160,3 +160,78 @@ def test_every_file_and_directory_is_synced_before_the_rename(tmp_path, monkeypa
     assert files | {str(tmp / MANIFEST)} <= before, sorted(files - before)
     assert {str(tmp), str(tmp / "dcp")} <= before  # the directories' entries
     assert ("fsync", str(run)) in events[publish + 1:]  # the rename itself
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL at one point of a checkpoint write: nothing after it runs."""
+
+
+# (function in train.checkpoint's namespace, the file it writes (None: any call), its call that writes step 6, kill
+# before or after that call, step resumed from); DCP also calls torch.save, for its non-tensor items
+STAGES = {
+    "after-dcp-shards": ("dcp.save", None, 3, "after", 4),
+    "after-rank-file": ("torch.save", "rank0.pt", 3, "after", 4),
+    "after-trainer-file": ("torch.save", "trainer.pt", 3, "after", 4),
+    "after-manifest": ("write_manifest", None, 3, "after", 4),
+    "after-rename-before-pruning": ("list_checkpoints", None, 3, "before", 6),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_kill_at_each_stage_of_a_checkpoint_write_resumes_exactly(stage, uninterrupted, tmp_path, monkeypatch,
+                                                                    caplog):
+    import train.checkpoint as checkpoint
+
+    name, target, nth, when, resumed_from = STAGES[stage]
+    owner = checkpoint
+    for part in name.split(".")[:-1]:
+        owner = getattr(owner, part)
+    attr = name.split(".")[-1]
+    real, calls = getattr(owner, attr), []
+
+    def dying(*args, **kwargs):
+        if target is not None and not (len(args) > 1 and Path(str(args[1])).name == target):
+            return real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == nth and when == "before":
+            raise Killed(stage)
+        out = real(*args, **kwargs)
+        if len(calls) == nth:
+            raise Killed(stage)
+        return out
+
+    monkeypatch.setattr(owner, attr, dying)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train_in_process(run)
+    monkeypatch.setattr(owner, attr, real)
+    with caplog.at_level(logging.INFO):
+        train_in_process(run, **{"run.resume": True})
+    assert any(r.getMessage() == f"resumed from step {resumed_from}" for r in caplog.records)
+    assert not any("skipping checkpoint" in r.getMessage() for r in caplog.records)
+    assert not list(run.glob(".step_*"))  # the unfinished write is removed
+    assert steps(run) == list(range(1, 9))
+    assert_same_weights(run, uninterrupted)
+
+
+def test_resume_with_another_process_count_is_refused(uninterrupted, tmp_path):
+    run = copy_run(uninterrupted, tmp_path)
+    manifest = json.loads((run / NEWEST / MANIFEST).read_text())
+    (run / NEWEST / MANIFEST).write_text(json.dumps({**manifest, "world": 2}))  # as written by 2 processes
+    with pytest.raises(ValueError, match="written by 2 processes, this run has 1; resume with the same"):
+        train_in_process(run, **{"run.resume": True})
+
+
+def test_seal_vouches_only_for_a_whole_checkpoint_written_before_manifests(uninterrupted, tmp_path):
+    from train.checkpoint import seal
+
+    run = copy_run(uninterrupted, tmp_path)
+    for name in (NEWEST, OLDER):
+        (run / name / MANIFEST).unlink()  # as the trainer wrote checkpoints before manifests
+    assert seal(run / NEWEST) == 5 and verify(run / NEWEST, ONE_PROCESS) is None
+    truncate(run / OLDER / "dcp" / "__0_0.distcp")
+    with pytest.raises(ValueError, match="is not whole: dcp/__0_0.distcp is missing or shorter than"):
+        seal(run / OLDER)
+    with pytest.raises(ValueError, match="already has a manifest.json"):
+        seal(run / NEWEST)
+    assert not (run / OLDER / MANIFEST).exists()

@@ -251,16 +251,27 @@ def clean_partial(out_dir: Path) -> None:
 def newest_verified(out_dir: Path, info: DistInfo) -> tuple[int, Path | None]:
     """The newest checkpoint that verifies against its manifest, as ``(step, path)``, or ``(0, None)`` when the
     run directory holds no ``step_*`` directory at all. Each newer one is skipped with one logged line naming it
-    and why; a damaged one is renamed ``step_*.damaged``. Raises ``ValueError`` when there are checkpoints but none
-    verifies (starting afresh would discard the run). Collective."""
+    and why; a damaged one (its manifest readable) is renamed ``step_*.damaged``. Raises ``ValueError``, changing
+    nothing, when there are checkpoints but none verifies (starting afresh would discard the run). Collective."""
     skipped = []
     for step, path in reversed(step_dirs(out_dir)):
         problem = verify(path, info)
         if problem is None:
+            _set_aside(skipped, out_dir, info)
             return step, path
-        skipped.append(f"{path.name}: {problem}")
-        barrier(info)  # every rank has read the directory before rank 0 moves it
-        if info.is_main:
+        skipped.append((path, problem))
+    if skipped:
+        reasons = "; ".join(f"{path.name}: {problem}" for path, problem in skipped)
+        raise ValueError(f"run.resume=true, but no checkpoint in {out_dir} verifies ({reasons}); restore a good "
+                         "checkpoint there, or start afresh in another run.out_dir.")
+    return 0, None
+
+
+def _set_aside(skipped: list[tuple[Path, str]], out_dir: Path, info: DistInfo) -> None:
+    """Log one line per skipped checkpoint, and rename the damaged ones ``step_*.damaged`` (rank 0)."""
+    barrier(info)  # every rank has read the directories before rank 0 moves them
+    if info.is_main:
+        for path, problem in skipped:
             where = ""
             if (path / MANIFEST).is_file():
                 damaged = path.with_name(path.name + DAMAGED_SUFFIX)
@@ -270,11 +281,7 @@ def newest_verified(out_dir: Path, info: DistInfo) -> tuple[int, Path | None]:
                 fsync_dir(out_dir)
                 where = f" (moved to {damaged.name})"
             logger.warning("resume: skipping checkpoint %s%s: %s", path.name, where, problem)
-        barrier(info)
-    if skipped:
-        raise ValueError(f"run.resume=true, but no checkpoint in {out_dir} verifies ({'; '.join(skipped)}); restore "
-                         "a good checkpoint there, or start afresh in another run.out_dir.")
-    return 0, None
+    barrier(info)
 
 
 def load_latest(out_dir: Path, model, optimizer, scheduler, data, info: DistInfo) -> int:
