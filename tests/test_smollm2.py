@@ -167,3 +167,29 @@ def test_convert_cli_reports_a_missing_file_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "is not a file" in err and "train.assets --model" in err and "Traceback" not in err
+
+
+ROOT = ASSETS.parent
+needs_base = pytest.mark.skipif(not (ROOT / "models" / "smollm2-fot" / "config.json").is_file(),
+                                reason="no models/smollm2-fot: run make smollm2")
+
+
+@slow
+@needs_base
+@pytest.mark.parametrize("name", ["smollm2-fot-lora", "smollm2-fot-lora-d1"])
+def test_shipped_adapters_load_on_the_base_and_touch_only_memory_layers(name, monkeypatch):
+    """The committed adapters load with one from_pretrained call (base + adapter), hold LoRA weights on the memory
+    layers' attention only, and change the logits of the base."""
+    import re
+
+    monkeypatch.chdir(ROOT)  # adapter_config.json names the base relative to the repository root
+    tuned = LongLlamaForCausalLM.from_pretrained(f"models/{name}")
+    base = LongLlamaForCausalLM.from_pretrained("models/smollm2-fot")
+    lora = [n for n, _ in tuned.named_parameters() if "lora_" in n]
+    layers = {int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in lora}
+    modules = {re.search(r"\.(\w+_proj)\.lora_", n).group(1) for n in lora}
+    assert layers == set(MEM_LAYERS) and modules == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    ids = torch.arange(1000, 1384).unsqueeze(0)  # 384 tokens: the first 128 go through memory
+    with torch.no_grad():
+        a, b = tuned(ids).logits, base(ids).logits
+    assert torch.isfinite(a).all() and max_err(a, b) > 1e-2
