@@ -45,14 +45,14 @@ from train.cli import ArgumentParser
 def capture(model, ids: torch.Tensor, min_queries: int):
     """(keys [G, M, H], queries [G, X, H]) of the model's last memory layer: its memory at the last search call,
     and the queries of its last search calls, at least ``min_queries`` of them (X >= min_queries)."""
-    import fot.cache
+    import fot
+    from fot.search import default_search_factory
 
     recorded = {}  # search object -> (its latest query blocks, its memory keys at the last call)
     order = []  # search objects, by first call
-    make = fot.cache.make_search
 
-    def recording(name, nprobe):
-        search = make(name, nprobe)
+    def recording(config, layer_idx):
+        search = default_search_factory(config, layer_idx)
         inner = search.search
 
         def search_and_record(q_BGXH, view, k):
@@ -69,12 +69,8 @@ def capture(model, ids: torch.Tensor, min_queries: int):
         search.search = search_and_record
         return search
 
-    fot.cache.make_search = recording
-    try:
-        with torch.inference_mode():
-            model(ids, logits_to_keep=1)
-    finally:
-        fot.cache.make_search = make
+    with torch.inference_mode():
+        model(ids, logits_to_keep=1, past_key_values=fot.LongLlamaCache(model.config, search_factory=recording))
     queries, keys = recorded[order[-1]]  # the last memory layer
     return keys.float().clone(), torch.cat(list(queries), dim=1).float()
 
@@ -94,7 +90,7 @@ def timed(fn):
 
 def faiss_rows(faiss, keys: np.ndarray, queries: np.ndarray, k: int, nlist: int):
     """Rows (family, setting, build s, search s, ids, index bytes) for the plain FAISS indexes of one head."""
-    from fot.search import IVF_NORM_MARGIN, _lift_keys
+    from fot.search import IVF_NORM_MARGIN, lift_keys
 
     rows = []
     (_, ids), t = timed(lambda: faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT))
@@ -113,13 +109,13 @@ def faiss_rows(faiss, keys: np.ndarray, queries: np.ndarray, k: int, nlist: int)
 
     bound_sq = float((keys * keys).sum(1).max()) * IVF_NORM_MARGIN**2
     dl = d + 1 + (d + 1) % 2  # lifted, padded to an even width for 2-dim PQ sub-vectors
-    kl = pad_columns(_lift_keys(torch.from_numpy(keys), bound_sq), dl)  # [k, sqrt(R^2 - |k|^2), 0...]
+    kl = pad_columns(lift_keys(torch.from_numpy(keys), bound_sq), dl)  # [k, sqrt(R^2 - |k|^2), 0...]
     ql = pad_columns(queries, dl)  # [q, 0, 0...]
     base = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(dl), dl, nlist, dl // 2, 4)
     base.by_residual = False
     base.cp.min_points_per_centroid = 1
     refine = faiss.IndexRefineFlat(base)
-    lifted_sample = pad_columns(_lift_keys(torch.from_numpy(sample), bound_sq), dl)
+    lifted_sample = pad_columns(lift_keys(torch.from_numpy(sample), bound_sq), dl)
     _, build = timed(lambda: (refine.train(lifted_sample), refine.add(kl)))
     for nprobe, factor in ((16, 4), (64, 4), (64, 8), (128, 8)):
         base.nprobe, refine.k_factor = nprobe, factor

@@ -71,15 +71,13 @@ def input_ids(tokens: int, model_path: str | None):
     return torch.tensor([trial.prompt_ids[:tokens]])
 
 
-def install_recall_probe(stats: dict) -> None:
-    """Wrap every search backend the caches create so a sample of real queries is also searched exactly."""
-    import fot.cache
-    from fot.search import exact_topk, recall_at_k
+def recall_probe_factory(stats: dict):
+    """A search factory for the caches: each backend it builds also searches a sample of its real queries
+    exactly and counts the recall in ``stats``."""
+    from fot.search import default_search_factory, exact_topk, recall_at_k
 
-    make = fot.cache.make_search
-
-    def probed(name, nprobe):
-        search = make(name, nprobe)
+    def probed(config, layer_idx):
+        search = default_search_factory(config, layer_idx)
         inner = search.search
         calls = [0]
 
@@ -99,7 +97,7 @@ def install_recall_probe(stats: dict) -> None:
         search.search = search_with_probe
         return search
 
-    fot.cache.make_search = probed
+    return probed
 
 
 def run_case(tokens: int, backend: str, k: int | None, nprobe: int, model_path: str | None, threads: int) -> dict:
@@ -110,16 +108,19 @@ def run_case(tokens: int, backend: str, k: int | None, nprobe: int, model_path: 
         import faiss
 
         faiss.omp_set_num_threads(threads)
+    import fot
+    from fot.search import default_search_factory
+
     stats = {"hits": 0, "total": 0, "probe_seconds": 0.0}
-    if backend == "faiss-ivf":
-        install_recall_probe(stats)
+    factory = recall_probe_factory(stats) if backend == "faiss-ivf" else default_search_factory
     model = build_model(backend, k, nprobe, model_path)
     ids = input_ids(tokens, model_path)
     with torch.inference_mode():
-        model(ids[:, :1024])  # warm-up
+        model(ids[:, :1024], past_key_values=fot.LongLlamaCache(model.config, search_factory=factory))  # warm-up
         stats.update(hits=0, total=0, probe_seconds=0.0)
+        cache = fot.LongLlamaCache(model.config, search_factory=factory)
         start = time.perf_counter()
-        model(ids, logits_to_keep=1)
+        model(ids, logits_to_keep=1, past_key_values=cache)
         seconds = time.perf_counter() - start - stats["probe_seconds"]
     recall = stats["hits"] / stats["total"] if stats["total"] else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -40,7 +40,7 @@ from train.cli import ArgumentParser
 def memory_attention_flops(tokens: int) -> float:
     """FLOPs of dense memory attention over one forward: QK^T and PV (2 FLOPs per multiply-add each) for every
     query head of every memory layer, each window against the memory of all windows before it."""
-    from fot.modeling import plan_chunks
+    from fot.model import plan_chunks
 
     heads, head_dim = BENCH["num_attention_heads"], BENCH["hidden_size"] // BENCH["num_attention_heads"]
     chunks = plan_chunks(tokens, BENCH["max_position_embeddings"], BENCH["last_context_length"])

@@ -40,6 +40,7 @@ import time
 import numpy as np
 import torch
 
+import fot
 from benchmarks.bench_config import check_args
 from benchmarks.memory_scaling import build_model, input_ids
 from benchmarks.prefill import gemm_peak_gflops
@@ -59,46 +60,41 @@ class Recorder:
         self.samples: dict[tuple[int, int], dict] = {}  # (layer order, size) -> {"keys", "queries"}
         self.layers: list[object] = []
 
-    def install(self):
-        import fot.cache
+    def factory(self, config, layer_idx):
+        """A search factory for the caches: the configured backend, recording as the class docstring says."""
+        from fot.search import default_search_factory
 
-        make = fot.cache.make_search
+        search = default_search_factory(config, layer_idx)
+        inner = search.search
 
-        def recording(name, nprobe):
-            search = make(name, nprobe)
-            inner = search.search
+        def search_and_record(q_BGXH, view, k):
+            if search not in self.layers:
+                self.layers.append(search)
+            layer = self.layers.index(search)
+            M = view.k_BGMH.shape[2]
+            self.calls.append((layer, M, q_BGXH.shape[0] * q_BGXH.shape[1] * q_BGXH.shape[2]))
+            for size in self.sizes:
+                sample = self.samples.setdefault((layer, size), {"keys": None, "queries": []})
+                have = sum(q.shape[1] for q in sample["queries"])
+                if M >= size and have < self.min_queries:
+                    if sample["keys"] is None:  # memory as it stood when the sample began
+                        sample["keys"] = view.k_BGMH[0, : self.heads, :size].float().clone()
+                    sample["queries"].append(q_BGXH[0, : self.heads].float().clone())
+            return inner(q_BGXH, view, k)
 
-            def search_and_record(q_BGXH, view, k):
-                if search not in self.layers:
-                    self.layers.append(search)
-                layer = self.layers.index(search)
-                M = view.k_BGMH.shape[2]
-                self.calls.append((layer, M, q_BGXH.shape[0] * q_BGXH.shape[1] * q_BGXH.shape[2]))
-                for size in self.sizes:
-                    sample = self.samples.setdefault((layer, size), {"keys": None, "queries": []})
-                    have = sum(q.shape[1] for q in sample["queries"])
-                    if M >= size and have < self.min_queries:
-                        if sample["keys"] is None:  # memory as it stood when the sample began
-                            sample["keys"] = view.k_BGMH[0, : self.heads, :size].float().clone()
-                        sample["queries"].append(q_BGXH[0, : self.heads].float().clone())
-                return inner(q_BGXH, view, k)
-
-            search.search = search_and_record
-            return search
-
-        fot.cache.make_search = recording
-        return make
+        search.search = search_and_record
+        return search
 
 
 def keys_scored(faiss, keys: torch.Tensor, queries: torch.Tensor, k: int, target: float):
     """(keys scored per query just below ``target`` recall, nlist, nprobe reaching it, its recall) for the
     cheapest of three IVF sizes, on one head's keys [M, H] and queries [X, H]."""
-    from fot.search import IVF_NORM_MARGIN, IVF_POINTS_PER_LIST, _lift_keys, exact_topk, recall_at_k
+    from fot.search import IVF_NORM_MARGIN, IVF_POINTS_PER_LIST, exact_topk, lift_keys, recall_at_k
 
     M, H = keys.shape
     exact_scores, _ = exact_topk(queries[None, None], keys[None, None], None, k)
     bound_sq = float(keys.pow(2).sum(1).max()) * IVF_NORM_MARGIN**2
-    lifted = _lift_keys(keys, bound_sq)
+    lifted = lift_keys(keys, bound_sq)
     q_lifted = np.ascontiguousarray(np.concatenate([queries.numpy(), np.zeros((len(queries), 1), "float32")], 1))
     best = None
     for factor in (2, 4, 8):
@@ -130,16 +126,15 @@ def keys_scored(faiss, keys: torch.Tensor, queries: torch.Tensor, k: int, target
     return best
 
 
-def timed_forward(model, ids) -> float:
+def timed_forward(model, ids, cache=None) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
-        model(ids, logits_to_keep=1)
+        model(ids, logits_to_keep=1, past_key_values=cache)
     return time.perf_counter() - start
 
 
 def free_search_forward(args, ids) -> float:
     """Prefill time with every top-k search replaced by a free one (the first k slots)."""
-    import fot.cache
     from fot.search import KeySearch
 
     class FreeSearch(KeySearch):
@@ -150,12 +145,8 @@ def free_search_forward(args, ids) -> float:
             slots = torch.arange(k, device=q_BGXH.device).clamp(max=view.k_BGMH.shape[2] - 1)
             return slots.expand(B, G, X, k).contiguous()
 
-    make = fot.cache.make_search
-    fot.cache.make_search = lambda name, nprobe: FreeSearch()
-    try:
-        return timed_forward(build_model("exact", args.k, args.nprobe, args.model), ids)
-    finally:
-        fot.cache.make_search = make
+    model = build_model("exact", args.k, args.nprobe, args.model)
+    return timed_forward(model, ids, fot.LongLlamaCache(model.config, search_factory=lambda config, i: FreeSearch()))
 
 
 def interpolate(points: list[tuple[int, float]], M: int) -> float:
@@ -193,15 +184,9 @@ def main() -> None:
 
     sizes = [N // 8, N // 4, N // 2, N - N // 8]
     recorder = Recorder(sizes, args.queries, args.heads)
-    make = recorder.install()
-    try:
-        model = build_model("faiss-ivf", args.k, args.nprobe, args.model)
-        with torch.inference_mode():
-            model(ids, logits_to_keep=1)
-    finally:
-        import fot.cache
-
-        fot.cache.make_search = make
+    model = build_model("faiss-ivf", args.k, args.nprobe, args.model)
+    with torch.inference_mode():
+        model(ids, logits_to_keep=1, past_key_values=fot.LongLlamaCache(model.config, search_factory=recorder.factory))
     H = model.config.head_dim
     del model
 

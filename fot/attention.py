@@ -19,10 +19,12 @@ dtype, so a bf16 memory is never cast to fp32 as a whole.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .types import IMPLEMENTATIONS, LocalKV, MemoryKV
 
 MASKED_SCORE = -1e6  # the reference clamps masked scores to max(score + mask, -1e6)
 
@@ -35,61 +37,13 @@ def masked_score(dtype: torch.dtype) -> float:
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """The softmax runs in fp32 (the reference), or in the input dtype when that is wider (float64 specs)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 MEMORY_BLOCK = 8192  # memory slots per fused call when the memory dtype differs from the compute dtype
 SMALL_GATHER = 1024  # retrieved rows per KV head up to which one advanced-indexing gather beats index_select
 
 
-# ----------------------------------------------------------------------------- RoPE
-def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """Inverse frequencies of LLaMA's rotary embedding, fp32 [H/2]."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-
-
-def rope_cos_sin(positions_T: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos and sin [T, H] for integer positions, computed in fp32 and cast to ``dtype``."""
-    freqs_TH2 = positions_T.to(torch.float32)[:, None] * inv_freq.to(positions_T.device)[None, :]
-    emb_TH = torch.cat((freqs_TH2, freqs_TH2), dim=-1)
-    return emb_TH.cos().to(dtype), emb_TH.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x_BXTH: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, heads, T, H] by the angles of ``cos``/``sin`` [T, H] (LLaMA's half-split layout)."""
-    return x_BXTH * cos_TH + rotate_half(x_BXTH) * sin_TH
-
-
 # ----------------------------------------------------------------------------- inputs
-@dataclass
-class LocalKV:
-    """The local keys a chunk of queries attends to.
-
-    ``k_BGSH`` are rotated keys (positions 0..S-1 of the local window), ``v_BGSH`` values. The T queries sit
-    at the last T positions (offset S - T): query t sees local keys 0 .. S - T + t. ``valid_BS`` marks
-    non-padding keys (None: all valid).
-    """
-
-    k_BGSH: torch.Tensor
-    v_BGSH: torch.Tensor
-    valid_BS: torch.Tensor | None
-
-
-@dataclass
-class MemoryKV:
-    """Memory keys (pre-RoPE), values and validity. ``valid_BM`` None means every slot is valid."""
-
-    k_BGMH: torch.Tensor
-    v_BGMH: torch.Tensor
-    valid_BM: torch.Tensor | None
-
-    @property
-    def size(self) -> int:
-        return self.k_BGMH.shape[-2]
-
-
 def local_visibility(T: int, local: LocalKV) -> torch.Tensor:
     """Bool [B or 1, 1, T, S]: True where query t may attend local key s (causal with offset, and padding)."""
     S = local.k_BGSH.shape[-2]
@@ -158,6 +112,26 @@ def reference_memory_attention(
     return out_BNTH
 
 
+# ----------------------------------------------------------------------------- private aten adapter
+# The fused paths merge partial attentions (local window, memory blocks) by their log-sum-exps, and the split
+# backward runs the kernel's own backward with the *merged* output and LSE. The public
+# ``scaled_dot_product_attention`` returns neither the LSE nor accepts one, so on CPU these two private aten
+# ops of PyTorch's flash-attention kernel are used, here and nowhere else. Private ops may change in any torch
+# release: tests/test_attention.py checks their schemas and results against a matmul softmax.
+def cpu_flash_attention(q, k, v, *, is_causal: bool, scale: float, attn_mask=None):
+    """(out [B, X, T, H], lse fp32 [B, X, T]) of softmax attention on CPU; ``attn_mask`` additive."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+    )
+    return out, lse
+
+
+def cpu_flash_attention_backward(grad_out, q, k, v, out, lse, *, is_causal: bool, scale: float):
+    """(dq, dk, dv) of ``cpu_flash_attention`` given its (or a merged) output and log-sum-exp."""
+    back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    return back(grad_out, q, k, v, out, lse, 0.0, is_causal, scale=scale)
+
+
 # ----------------------------------------------------------------------------- fused path
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, masked_score(dtype))
@@ -172,10 +146,7 @@ def attention_with_lse(q, k, v, bias=None, is_causal=False):
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
-        )
-        return out, lse
+        return cpu_flash_attention(q, k, v, is_causal=is_causal, scale=scale, attn_mask=bias)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if is_causal:
         T, S = q.shape[-2], k.shape[-2]
@@ -247,10 +218,9 @@ class _SplitSoftmaxAttention(torch.autograd.Function):
         B, N, T, H = q_BNTH.shape
         G = k_mem_BGMH.shape[1]
         scale = 1.0 / math.sqrt(H)
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_l, lse_l = flash(q_BNTH, k_BNTH, v_BNTH, 0.0, True, scale=scale)
+        out_l, lse_l = cpu_flash_attention(q_BNTH, k_BNTH, v_BNTH, is_causal=True, scale=scale)
         q_BGXH = q_BNTH.reshape(B, G, (N // G) * T, H)
-        out_m, lse_m = flash(q_BGXH, k_mem_BGMH, v_mem_BGMH, 0.0, False, scale=scale)
+        out_m, lse_m = cpu_flash_attention(q_BGXH, k_mem_BGMH, v_mem_BGMH, is_causal=False, scale=scale)
         merged, lse = merge_lse(out_l, lse_l, out_m.reshape(B, N, T, H), lse_m.reshape(B, N, T))
         out = merged.to(q_BNTH.dtype)
         ctx.save_for_backward(q_BNTH, k_BNTH, v_BNTH, k_mem_BGMH, v_mem_BGMH, out, lse)
@@ -264,11 +234,10 @@ class _SplitSoftmaxAttention(torch.autograd.Function):
         G = k_mem.shape[1]
         X = (N // G) * T
         grad_BNTH = grad_BNTH.contiguous()
-        back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        dq_l, dk, dv = back(grad_BNTH, q, k, v, out, lse, 0.0, True, scale=ctx.scale)
-        dq_m, dk_mem, dv_mem = back(
+        dq_l, dk, dv = cpu_flash_attention_backward(grad_BNTH, q, k, v, out, lse, is_causal=True, scale=ctx.scale)
+        dq_m, dk_mem, dv_mem = cpu_flash_attention_backward(
             grad_BNTH.reshape(B, G, X, H), q.reshape(B, G, X, H), k_mem, v_mem,
-            out.reshape(B, G, X, H), lse.reshape(B, G, X), 0.0, False, scale=ctx.scale,
+            out.reshape(B, G, X, H), lse.reshape(B, G, X), is_causal=False, scale=ctx.scale,
         )  # fmt: skip
         return dq_l + dq_m.reshape(B, N, T, H), dk, dv, dk_mem, dv_mem
 
@@ -319,15 +288,6 @@ def differentiable_memory_attention(q_BNTH: torch.Tensor, local: LocalKV, memory
     return F.scaled_dot_product_attention(q_BNTH, k, v, attn_mask=bias, enable_gqa=G != N)
 
 
-def _needs_grad(q_BNTH: torch.Tensor, local: LocalKV, memory: MemoryKV | None) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    tensors = [q_BNTH, local.k_BGSH, local.v_BGSH]
-    if memory is not None:
-        tensors += [memory.k_BGMH, memory.v_BGMH]
-    return any(t.requires_grad for t in tensors)
-
-
 def fused_memory_attention(
     q_BNTH: torch.Tensor,
     local: LocalKV,
@@ -340,10 +300,8 @@ def fused_memory_attention(
     Local attention and memory attention are computed by a fused kernel with LSE and merged exactly. Memory
     queries are regrouped per KV head ([B, G, R*T, H]) so GQA memory is never repeated. ``grouping`` splits
     the work into (heads, queries) blocks, bounding peak memory the way the reference's grouping does.
-    When a gradient is needed, the computation goes through ``differentiable_memory_attention`` instead.
+    It has no backward of its own (training uses ``differentiable_memory_attention``).
     """
-    if _needs_grad(q_BNTH, local, memory):
-        return differentiable_memory_attention(q_BNTH, local, memory)
     B, N, T, H = q_BNTH.shape
     if grouping is not None and (grouping[0] < N or grouping[1] < T):
         step_h, step_q = grouping
@@ -418,39 +376,16 @@ def window_group_attention(
 
 
 # ----------------------------------------------------------------------------- top-k memory
-class GatherScratch:
-    """Reusable output buffers for the retrieved keys and values of top-k attention (inference only).
-
-    A block's gather is megabytes; allocated fresh each time, the allocator hands back unmapped pages and
-    every 4 KiB page costs a fault on first write, which on CPU took longer than the gather itself (the
-    retrieval step of a 64K-token prefill spent most of its time there). The cache owns one scratch for its
-    lifetime, so a prefill maps these pages once. Callers must be done with the previous block's tensors
-    before asking for the next (``_topk_block`` is: nothing it returns aliases them).
-    """
-
-    def __init__(self):
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-        """Two uninitialised tensors of ``shape`` (for keys and values), views of a buffer kept for reuse."""
-        n = math.prod(shape)
-        key = (dtype, torch.device(device))
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < 2 * n:
-            buf = self._buffers[key] = torch.empty(2 * n, dtype=dtype, device=device)
-        return buf[:n].view(shape), buf[n : 2 * n].view(shape)
-
-
-def gather_memory(
-    memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype, scratch: GatherScratch | None = None
-):
+def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype, scratch=None):
     """Keys and values of the retrieved slots, [B, N, T, K, H] in ``dtype`` (slot -1 gives slot 0, masked later).
 
     Query head n reads KV head n // R, so GQA memory is gathered, never repeated whole. Rows are copied with
     ``index_select`` per (batch row, KV head), which moves whole H-vectors (much faster than ``gather`` with
     an index expanded over H), straight into the output when the dtypes agree. Small gathers (decoding) use
     one advanced-indexing call instead: fewer calls, and at 32 rows per head it is 1.6x faster, while at 16K
-    rows per head the per-head ``index_select`` is. With ``scratch``, the large gathers write into its buffers.
+    rows per head the per-head ``index_select`` is. With ``scratch`` (an object whose ``take(shape, dtype,
+    device)`` returns two reusable tensors, e.g. the cache's ``GatherScratch``), the large gathers write into
+    its buffers.
     """
     B, N, T, K = idx_BNTK.shape
     G, M, H = memory.k_BGMH.shape[1:]
@@ -478,10 +413,13 @@ def gather_memory(
     return k.view(B, N, T, K, H), v.view(B, N, T, K, H)
 
 
-def reference_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK: torch.Tensor) -> torch.Tensor:
+def reference_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK: torch.Tensor | None):
     """The kNN-memory spec: each query attends to its local keys and to its own retrieved memory slots
     (``idx`` [B, N, T, K], -1 = none), all in one fp32 softmax; scores scaled by 1/sqrt(H), a masked local
-    key scores -1e6, a missing (-1) or invalid retrieved slot is excluded."""
+    key scores -1e6, a missing (-1) or invalid retrieved slot is excluded. Without memory (None: nothing
+    stored yet) it is local attention. Differentiable: training with top-k memory uses it."""
+    if memory is None:
+        return reference_memory_attention(q_BNTH, local, None)
     B, N, T, H = q_BNTH.shape
     G = local.k_BGSH.shape[1]
     dtype = q_BNTH.dtype
@@ -506,15 +444,15 @@ def _retrieved_ok(memory: MemoryKV, idx_BNTK: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV, idx_BNTK, query_block: int = 128,
-                         scratch: GatherScratch | None = None):  # fmt: skip
+def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK, query_block: int = 128,
+                         scratch=None):  # fmt: skip
     """Fast path of ``reference_topk_attention``: fused local attention with LSE, retrieved slots gathered
     ``query_block`` queries at a time (bounding the [B, N, T, K, H] gather, into ``scratch`` when given),
-    merged by LSE."""
-    if _needs_grad(q_BNTH, local, memory):
-        return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
+    merged by LSE. Inference only: the gathers write into preallocated buffers, which autograd rejects."""
     B, N, T, H = q_BNTH.shape
     out_loc, lse_loc = _local_part(q_BNTH, local)
+    if memory is None:
+        return out_loc
     if T <= query_block:  # one block (decoding, short chunks): no output buffer
         return _topk_block(q_BNTH, memory, idx_BNTK, out_loc, lse_loc, scratch)
     out = torch.empty_like(q_BNTH)
@@ -539,22 +477,73 @@ def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc, scratch=No
     return merged.to(q_BNTH.dtype)
 
 
-def memory_attention(
-    q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str, grouping=None, idx_BNTK=None, scratch=None
-) -> torch.Tensor:
-    """Dispatch to the implementation named by ``impl`` ("torch", "triton" or "reference"); with ``idx_BNTK``
-    (top-k retrieved slots) to the kNN-memory attention (``scratch``: a ``GatherScratch`` for its gathers)."""
-    if impl == "reference":
-        if idx_BNTK is not None:
-            return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
-        return reference_memory_attention(q_BNTH, local, memory, grouping)
-    if impl == "torch":
-        if idx_BNTK is not None:
-            return fused_topk_attention(q_BNTH, local, memory, idx_BNTK, scratch=scratch)
-        return fused_memory_attention(q_BNTH, local, memory, grouping)
-    if impl == "triton":
-        return triton_memory_attention(q_BNTH, local, memory, idx_BNTK)
-    raise ValueError(f"unknown attention implementation {impl!r}; use 'torch', 'triton' or 'reference'.")
+# ----------------------------------------------------------------------------- registry
+# Every entry takes (q_BNTH, local, memory, *, idx_BNTK, grouping, scratch) and returns [B, N, T, H] in the
+# query dtype; ``memory`` None means nothing to attend besides the local window. The kind is the forward
+# plan's ``attention_kind``: inference entries need no backward, training entries have one.
+AttentionFunction = Callable[..., torch.Tensor]
+
+
+def _reference_dense(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
+    return reference_memory_attention(q_BNTH, local, memory, grouping)
+
+
+def _reference_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
+    return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
+
+
+def _torch_dense(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
+    return fused_memory_attention(q_BNTH, local, memory, grouping)
+
+
+def _torch_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
+    return fused_topk_attention(q_BNTH, local, memory, idx_BNTK, scratch=scratch)
+
+
+def _torch_dense_training(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
+    return differentiable_memory_attention(q_BNTH, local, memory)
+
+
+def _triton(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
+    return triton_memory_attention(q_BNTH, local, memory, idx_BNTK)
+
+
+ATTENTION_FUNCTIONS: dict[tuple[str, str], AttentionFunction] = {
+    ("reference", "dense"): _reference_dense,
+    ("reference", "top-k"): _reference_topk,
+    ("reference", "dense-training"): _reference_dense,
+    ("reference", "top-k-training"): _reference_topk,
+    ("torch", "dense"): _torch_dense,
+    ("torch", "top-k"): _torch_topk,
+    ("torch", "dense-training"): _torch_dense_training,
+    # the gathered top-k path has no fused backward; the reference is the differentiable implementation
+    ("torch", "top-k-training"): _reference_topk,
+    ("triton", "dense"): _triton,
+    ("triton", "top-k"): _triton,
+    ("triton", "dense-training"): _triton,
+    ("triton", "top-k-training"): _triton,
+}
+
+
+def attention_function(impl: str, kind: str) -> AttentionFunction:
+    """The registered attention of implementation ``impl`` for ``kind`` (``ForwardPlan.attention_kind``)."""
+    try:
+        return ATTENTION_FUNCTIONS[(impl, kind)]
+    except KeyError:
+        kinds = sorted({k for _, k in ATTENTION_FUNCTIONS})
+        raise ValueError(
+            f"no attention registered for implementation {impl!r} and kind {kind!r}; implementations are "
+            f"{IMPLEMENTATIONS}, kinds {kinds}."
+        ) from None
+
+
+def memory_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str, grouping=None, idx_BNTK=None,
+                     scratch=None, training: bool = False) -> torch.Tensor:  # fmt: skip
+    """The registered attention of ``impl`` for these inputs: top-k when ``idx_BNTK`` is given, dense otherwise,
+    its training entry when ``training``. A convenience for callers outside a forward plan (tests, benchmarks)."""
+    kind = "top-k" if idx_BNTK is not None else "dense"
+    fn = attention_function(impl, f"{kind}-training" if training else kind)
+    return fn(q_BNTH, local, memory, idx_BNTK=idx_BNTK, grouping=grouping, scratch=scratch)
 
 
 def triton_memory_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK=None) -> torch.Tensor:

@@ -5,10 +5,11 @@ Shape legend: B batch, G KV heads, S local tokens, T new tokens, H head dim.
 ``LongLlamaCache`` is a transformers ``Cache`` so ``generate`` can carry it, reorder it for beam search and
 repeat it for multiple return sequences. All writes to state go through it, from the model's layer loop,
 never from inside an attention forward. In inference, attention stages a chunk's keys in the free slots after
-the committed prefix (so decoding reads views and never re-copies the window); with autograd on it extends a
-frozen snapshot by concatenation, so activation checkpointing recomputes exactly. Either way the model's layer
-loop commits the chunk afterwards. Buffers written while autograd is on are copied first (copy-on-write), so
-views saved for backward stay valid.
+the committed prefix (so decoding reads views and never re-copies the window); in training (the forward plan's
+``training``, passed to every write) it extends a frozen snapshot by concatenation, so activation checkpointing
+recomputes exactly. Either way the model's layer loop commits the chunk afterwards. Buffers written in
+training are copied first (copy-on-write), so views saved for backward stay valid. The cache's ``policy`` is
+its default; a forward's plan may override it for one call without changing it.
 
 Local windows keep both the raw (pre-RoPE) keys, which memory needs, and the keys rotated at positions
 relative to the start of the local window, which local attention needs. Positions restart at 0 whenever the
@@ -29,21 +30,47 @@ import copy
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.cache_utils import Cache
 
-from .attention import GatherScratch, LocalKV, MemoryKV, apply_rope, rope_cos_sin
 from .config import CACHE_POLICIES, LongLlamaConfig
 from .memory import MemoryStore, copy_on_write
-from .search import KeySearch, make_search
+from .rope import apply_rope, rope_cos_sin
+from .search import KeySearch, SearchFactory, default_search_factory
+from .types import ForwardPlan, LocalKV
 
 INITIAL_LOCAL_CAPACITY = 256
+
+
+class GatherScratch:
+    """Reusable output buffers for the retrieved keys and values of top-k attention (inference only).
+
+    A block's gather is megabytes; allocated fresh each time, the allocator hands back unmapped pages and
+    every 4 KiB page costs a fault on first write, which on CPU took longer than the gather itself (the
+    retrieval step of a 64K-token prefill spent most of its time there). The cache owns one scratch for its
+    lifetime, so a prefill maps these pages once. Callers must be done with the previous block's tensors
+    before asking for the next (``fot.attention.fused_topk_attention`` is: nothing it returns aliases them).
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        """Two uninitialised tensors of ``shape`` (for keys and values), views of a buffer kept for reuse."""
+        n = math.prod(shape)
+        key = (dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < 2 * n:
+            buf = self._buffers[key] = torch.empty(2 * n, dtype=dtype, device=device)
+        return buf[:n].view(shape), buf[n : 2 * n].view(shape)
 
 
 class LocalWindow:
@@ -105,13 +132,14 @@ class LocalWindow:
             return LocalSnapshot(None, None, None)
         return LocalSnapshot(self.rot_k[:, :, :n], self.v[:, :, :n], None if self.all_valid else self.valid[:, :n])
 
-    def commit(self, k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT) -> None:
-        """Append a chunk that was attended to the window."""
+    def commit(self, k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT, *, training: bool) -> None:
+        """Append a chunk that was attended to the window (``training``: copy the buffers first)."""
         self._check_input(k_raw_BGTH)
         end = self.length + k_raw_BGTH.shape[2]
         if end > self.capacity:
             self._grow(end, k_raw_BGTH)
-        self.raw_k, self.rot_k, self.v, self.valid = copy_on_write(self.raw_k, self.rot_k, self.v, self.valid)
+        buffers = copy_on_write(self.raw_k, self.rot_k, self.v, self.valid, training=training)
+        self.raw_k, self.rot_k, self.v, self.valid = buffers
         self.raw_k[:, :, self.length : end] = k_raw_BGTH.detach()
         self.rot_k[:, :, self.length : end] = k_rot_BGTH.detach()
         self.v[:, :, self.length : end] = v_BGTH.detach()
@@ -119,7 +147,7 @@ class LocalWindow:
         self.all_valid = not self._any_padding(valid_BT)
         self.length = end
 
-    def evict(self, keep: int, inv_freq: torch.Tensor | None):
+    def evict(self, keep: int, inv_freq: torch.Tensor | None, *, training: bool):
         """Drop all but the last ``keep`` tokens; return the evicted (raw_k, v, valid) for memory."""
         n_out = self.length - keep
         evicted = (
@@ -128,7 +156,8 @@ class LocalWindow:
             self.valid[:, :n_out].clone(),
         )
         if keep:
-            self.raw_k, self.rot_k, self.v, self.valid = copy_on_write(self.raw_k, self.rot_k, self.v, self.valid)
+            buffers = copy_on_write(self.raw_k, self.rot_k, self.v, self.valid, training=training)
+            self.raw_k, self.rot_k, self.v, self.valid = buffers
             for buf in (self.raw_k, self.v):
                 buf[:, :, :keep] = buf[:, :, n_out : self.length].clone()
             self.valid[:, :keep] = self.valid[:, n_out : self.length].clone()
@@ -184,11 +213,10 @@ class MemoryReader:
     recomputed during backward sees exactly the memory its forward saw, whatever was appended since.
     """
 
-    def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None, windows: int = 1,
+    def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None,
                  scratch: GatherScratch | None = None):  # fmt: skip
         self.search, self.top_k = search, top_k
         self.scratch = scratch  # the cache's buffers for top-k gathers (``GatherScratch``)
-        self.windows = windows  # > 1: the chunk is that many windows stacked as batch rows (window-major)
         self.dtype = store.dtype
         self._view = store.view()
         self.num_kv_heads = None if store.k_BGMH is None else store.k_BGMH.shape[1]
@@ -210,10 +238,17 @@ class LongLlamaCache(Cache):
 
     Args:
         config: the model config (window length, memory layers, memory dtype, cache policy).
-        cache_policy: overrides ``config.cache_policy`` ("slide" or "flush").
+        cache_policy: overrides ``config.cache_policy`` ("slide" or "flush") as this cache's default; a
+            forward's ``cache_policy`` argument overrides it for that call only.
+        search_factory: builds the search backend of each memory layer with ``mem_top_k``, called as
+            ``search_factory(config, layer_idx)``; by default the backend of ``config.mem_index``.
+        gather_scratch: builds the buffers top-k gathers reuse (``GatherScratch``); a factory returning None
+            makes every gather allocate fresh tensors.
     """
 
-    def __init__(self, config: LongLlamaConfig, cache_policy: str | None = None):
+    def __init__(self, config: LongLlamaConfig, cache_policy: str | None = None,
+                 search_factory: SearchFactory = default_search_factory,
+                 gather_scratch: Callable[[], GatherScratch | None] = GatherScratch):  # fmt: skip
         super().__init__(layers=[])
         policy = cache_policy or config.cache_policy
         if policy not in CACHE_POLICIES:
@@ -226,16 +261,18 @@ class LongLlamaCache(Cache):
         self.top_k = config.mem_top_k
         self.memories: dict[int, MemoryStore] = {}
         self.searches: dict[int, KeySearch] = {}
+        self.search_factory = search_factory
         self._new_memories()
         self.seen_tokens = 0
-        self.scratch = GatherScratch()  # reused by every top-k gather while this cache lives
+        self.gather_scratch = gather_scratch
+        self.scratch = gather_scratch()  # reused by every top-k gather while this cache lives
 
     def _new_memories(self) -> None:
         cfg = self.config
         for i in cfg.mem_layers:
             self.memories[i] = MemoryStore(cfg.mem_torch_dtype, cfg.mem_max_tokens, name=f"memory layer {i}")
             if cfg.mem_top_k is not None:
-                self.searches[i] = make_search(cfg.mem_index, cfg.mem_nprobe)
+                self.searches[i] = self.search_factory(cfg, i)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -288,37 +325,36 @@ class LongLlamaCache(Cache):
         raise ValueError("LongLlamaCache cannot be cropped: tokens already moved to memory cannot be taken back.")
 
     # ------------------------------------------------------------------ writes (model loop only)
-    def make_room(self, T: int, last_context_length: int, inv_freqs: list[torch.Tensor | None]) -> None:
-        """Evict local tokens (policy-dependent) so that a chunk of T tokens fits in the window."""
+    def make_room(self, T: int, inv_freqs: list[torch.Tensor | None], *, plan: ForwardPlan) -> None:
+        """Evict local tokens (by ``plan.cache_policy``) so that a chunk of T tokens fits in the window."""
         S = self.local_length
         if S == 0 or S + T <= self.window:
             return
-        keep = 0 if self.policy == "flush" else min(S, last_context_length, self.window - T)
+        keep = 0 if plan.cache_policy == "flush" else min(S, plan.last_context_length, self.window - T)
         for idx, local in enumerate(self.locals):
-            k_raw, v, valid = local.evict(keep, inv_freqs[idx])
+            k_raw, v, valid = local.evict(keep, inv_freqs[idx], training=plan.training)
             if idx in self.memories:
-                self.append_memory(idx, k_raw, v, valid)
+                self.append_memory(idx, k_raw, v, valid, training=plan.training)
 
     def expect_memory(self, tokens: int) -> None:
         """``tokens`` more tokens are about to go to every memory layer: each store allocates them at once."""
         for store in self.memories.values():
             store.expect(tokens)
 
-    def append_memory(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT) -> None:
-        """Write to a memory layer's store and keep its search index current."""
+    def append_memory(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT, *, training: bool = False) -> None:
+        """Write to a memory layer's store and keep its search index current (``training``: copy-on-write)."""
         store = self.memories[layer_idx]
         filled_before = store.length
-        slots = store.append(k_raw_BGTH, v_BGTH, valid_BT)
+        slots = store.append(k_raw_BGTH, v_BGTH, valid_BT, training=training)
         search = self.searches.get(layer_idx)
         if search is not None and slots.numel():
             evicted = filled_before + slots.numel() > store.length
             search.update(store, slots, evicted)
 
-    def memory_reader(self, layer_idx: int, windows: int = 1) -> MemoryReader | None:
+    def memory_reader(self, layer_idx: int) -> MemoryReader | None:
         if layer_idx not in self.memories:
             return None
-        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k, windows,
-                            self.scratch)  # fmt: skip
+        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k, self.scratch)
 
     def clear_memory(self, rows=None) -> None:
         """Forget what batch ``rows`` (all when None) have in memory; the local windows are kept."""
@@ -345,7 +381,7 @@ class LongLlamaCache(Cache):
         new.locals = [local.copy() for local in self.locals]
         new.memories = {i: store.copy() for i, store in self.memories.items()}
         new.searches = {i: search.copy() for i, search in self.searches.items()}
-        new.scratch = GatherScratch()
+        new.scratch = self.gather_scratch()
         return new
 
     def save(self, path) -> None:
@@ -353,22 +389,25 @@ class LongLlamaCache(Cache):
         save_cache(self, path)
 
     @classmethod
-    def load(cls, path, config: LongLlamaConfig, device=None) -> "LongLlamaCache":
+    def load(cls, path, config: LongLlamaConfig, device=None,
+             search_factory: SearchFactory = default_search_factory) -> "LongLlamaCache":  # fmt: skip
         """Read a cache saved by ``save`` for a model with ``config``; see ``load_cache``."""
-        return load_cache(path, config, device)
+        return load_cache(path, config, device, search_factory)
 
-    def local_for_attention(self, layer_idx: int):
-        """What a layer's attention extends with its chunk: the window itself (inference) or a snapshot."""
+    def local_for_attention(self, layer_idx: int, *, training: bool):
+        """What a layer's attention extends with its chunk: the window itself (inference) or, in training, a
+        frozen snapshot (a checkpointed layer then recomputes exactly)."""
         local = self.locals[layer_idx]
-        return local.snapshot() if torch.is_grad_enabled() else local
+        return local.snapshot() if training else local
 
-    def commit(self, layer_idx: int, k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT, to_memory: bool) -> None:
+    def commit(self, layer_idx: int, k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT, *, to_memory: bool,
+               training: bool) -> None:  # fmt: skip
         """After layer ``layer_idx`` attended a chunk: keep it locally, or move it straight to memory."""
         if to_memory:
             if layer_idx in self.memories:
-                self.append_memory(layer_idx, k_raw_BGTH, v_BGTH, valid_BT)
+                self.append_memory(layer_idx, k_raw_BGTH, v_BGTH, valid_BT, training=training)
         else:
-            self.locals[layer_idx].commit(k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT)
+            self.locals[layer_idx].commit(k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT, training=training)
 
     # ------------------------------------------------------------------ batch surgery
     def _select(self, index: torch.Tensor) -> None:
@@ -509,8 +548,10 @@ def _running(pid: int) -> bool:
     return True
 
 
-def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None) -> LongLlamaCache:
-    """Read a cache written by ``save_cache`` for a model with ``config``; raise ValueError on any mismatch."""
+def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None,
+               search_factory: SearchFactory = default_search_factory) -> LongLlamaCache:  # fmt: skip
+    """Read a cache written by ``save_cache`` for a model with ``config``; raise ValueError on any mismatch.
+    A saved search index is restored when ``search_factory`` builds the same backend it was saved from."""
     path = os.fspath(path)
     _remove_stale_temps(path)
     try:
@@ -532,7 +573,7 @@ def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None) ->
         raise ValueError(f"{path} was saved for a different model configuration ({detail}).")
     if _checksum(tensors, header) != header.get("sha256"):
         raise ValueError(f"{path} is corrupt: its header or tensors do not match the checksum it was saved with.")
-    cache = LongLlamaCache(config, cache_policy=header["policy"])
+    cache = LongLlamaCache(config, cache_policy=header["policy"], search_factory=search_factory)
     cache.seen_tokens = header["seen_tokens"]
     for i, local in enumerate(cache.locals):
         if f"local.{i}.raw_k" in tensors:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import LocalKV, MemoryKV, memory_attention
+from .types import LocalKV, MemoryKV
 
 
 @dataclass
@@ -154,18 +154,19 @@ def crossbatch_attention(
     v_BGTH: torch.Tensor,
     valid_BT: torch.Tensor | None,
     plan: CrossBatchPlan,
-    impl: str,
+    attend,
     grouping=None,
 ) -> torch.Tensor:
     """A memory layer's training attention: each row attends causally to itself and, in the same softmax, to
     its active contexts. Rows are grouped by their number of active contexts and each group attends only to
-    those (inactive contexts cost nothing; a row with none runs plain causal attention)."""
+    those (inactive contexts cost nothing; a row with none runs plain causal attention). ``attend`` is the
+    dense attention of ``fot.attention.ATTENTION_FUNCTIONS`` the forward plan chose."""
     k_pool, v_pool, valid_pool = plan.row_pool(k_raw_BGTH, v_BGTH, valid_BT)
     n_active_B = plan.active_BC.sum(1)
     counts = torch.unique(n_active_B).tolist()
     if len(counts) == 1 and counts[0] == plan.num_contexts:  # every row uses every context
         memory = _gather_contexts(plan.sources_BC, plan.active_BC, k_pool, v_pool, valid_pool)
-        return memory_attention(q_BNTH, local, memory, impl, grouping)
+        return attend(q_BNTH, local, memory, grouping=grouping)
     outputs, order = [], []
     for count in counts:
         rows = (n_active_B == count).nonzero().squeeze(1)
@@ -179,7 +180,7 @@ def crossbatch_attention(
             sources = plan.sources_BC[rows].gather(1, cols)
             active = torch.ones_like(sources, dtype=torch.bool)
             memory = _gather_contexts(sources, active, k_pool, v_pool, valid_pool)
-        outputs.append(memory_attention(q_BNTH[rows], sub_local, memory, impl, grouping))
+        outputs.append(attend(q_BNTH[rows], sub_local, memory, grouping=grouping))
         order.append(rows)
     inverse = torch.argsort(torch.cat(order))
     return torch.cat(outputs, dim=0)[inverse]

@@ -16,16 +16,16 @@ import copy
 
 import torch
 
-from .attention import MemoryKV
+from .types import MemoryKV
 
 INITIAL_CAPACITY = 1024
 GROWTH = 1.25
 
 
-def copy_on_write(*tensors: torch.Tensor):
-    """Buffers about to be written in place. With autograd on, earlier views of them may be saved for
-    backward (as attention inputs), so the write goes to a fresh copy instead; in inference it is in place."""
-    if torch.is_grad_enabled():
+def copy_on_write(*tensors: torch.Tensor, training: bool):
+    """Buffers about to be written in place. In training, earlier views of them may be saved for backward (as
+    attention inputs), so the write goes to a fresh copy instead; in inference it is in place."""
+    if training:
         return tuple(t.clone() for t in tensors)
     return tensors
 
@@ -51,12 +51,14 @@ class MemoryStore:
         self.total_appended = 0
         self.all_valid = True  # lets readers skip the mask when no padding ever entered memory
         self.expected = 0  # slots the caller announced (``expect``); growing allocates them at once
+        self.allocations = 0  # how many times the buffers were (re)allocated, each copying what is filled
 
     @property
     def capacity(self) -> int:
         return 0 if self.k_BGMH is None else self.k_BGMH.shape[2]
 
     def _allocate(self, capacity: int, like: torch.Tensor) -> None:
+        self.allocations += 1
         B, G, _, H = like.shape
         k = like.new_empty((B, G, capacity, H), dtype=self.dtype)
         v = like.new_empty((B, G, capacity, H), dtype=self.dtype)
@@ -100,8 +102,10 @@ class MemoryStore:
                 "weights and inputs, or use a wider dtype (fp16 overflows easily)."
             )
 
-    def append(self, k_BGTH: torch.Tensor, v_BGTH: torch.Tensor, valid_BT: torch.Tensor | None) -> torch.Tensor:
-        """Append T slots; ``k`` must already be pre-RoPE ("as if at position 0").
+    def append(self, k_BGTH: torch.Tensor, v_BGTH: torch.Tensor, valid_BT: torch.Tensor | None, *,
+               training: bool = False) -> torch.Tensor:  # fmt: skip
+        """Append T slots; ``k`` must already be pre-RoPE ("as if at position 0"). With ``training`` the buffers
+        are copied before the write (``copy_on_write``).
 
         Returns:
             the int64 slot indices written (for search indexes to update), in append order.
@@ -118,7 +122,8 @@ class MemoryStore:
         bounded_full = self.max_tokens is not None and self.length + T > self.max_tokens
         self._reserve(self.max_tokens if bounded_full else self.length + T, k_BGTH)
         slots = (self.next_slot + torch.arange(T)) % self.capacity if bounded_full else None
-        self.k_BGMH, self.v_BGMH, self.valid_BM = copy_on_write(self.k_BGMH, self.v_BGMH, self.valid_BM)
+        buffers = copy_on_write(self.k_BGMH, self.v_BGMH, self.valid_BM, training=training)
+        self.k_BGMH, self.v_BGMH, self.valid_BM = buffers
         if slots is None:
             slots = torch.arange(self.next_slot, self.next_slot + T)
             sl = slice(self.next_slot, self.next_slot + T)

@@ -1,6 +1,23 @@
-"""The decoder blocks: RMSNorm, MLP, attention with optional memory, decoder layer.
+"""The decoder: RMSNorm, MLP, attention with optional memory, decoder layer, and the windowing of long inputs
+through the layers (``run_windows``).
 
-Shape legend: B batch, T chunk tokens, N query heads, G KV heads, H head dim, D model dim.
+Shape legend: B batch, T chunk tokens, N query heads, G KV heads, H head dim, D model dim; window groups:
+P windows of W tokens, X = P*B rows.
+
+Windowing of an input of N new tokens (W = ``max_position_embeddings``, L = ``last_context_length``):
+  1. The first max(N - L, 0) tokens are cut into windows of W tokens counted from the start of the input;
+     the last of these may be short.
+  2. When the local cache is empty, each such window attends causally to itself and (memory layers) to the
+     whole memory, then its keys/values are appended to memory, so a window sees itself only locally.
+  3. The final L tokens form the last window, which becomes the local cache (e.g. N=1500, W=2048, L=1024
+     gives 476 + 1024).
+  4. With a non-empty local cache (generation, or a call continuing a cache), every chunk first makes room
+     according to the cache policy (see ``fot.cache``) and is then appended to the local window.
+Logits cover all N tokens (or the last ``logits_to_keep``).
+
+Window groups: in inference with dense, unbounded memory and no padding, consecutive full windows of step 2
+run several at a time as batch rows (``run_window_group``), with the results of running them one by one.
+Which windows form a group is computed up front (``plan_window_groups``) from the forward plan (``fot.plan``).
 
 Parameter names are Hugging Face LLaMA's (``self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...),
 so LLaMA, OpenLLaMA and LongLLaMA state dicts load unchanged. A layer is a memory layer when its index is
@@ -9,14 +26,19 @@ in ``config.mem_layers``; the difference is only which inputs its attention rece
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention import LocalKV, apply_rope, memory_attention, window_group_attention
+from .attention import attention_function, window_group_attention
+from .cache import LocalSnapshot, LongLlamaCache
 from .config import LongLlamaConfig
 from .crossbatch import CrossBatchPlan, crossbatch_attention
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .types import ForwardPlan, LocalKV
 
 
 class LongLlamaRMSNorm(nn.Module):
@@ -65,21 +87,23 @@ class LongLlamaAttention(nn.Module):
     def forward(
         self,
         x_BTD: torch.Tensor,
-        rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+        *,
+        rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
         local,
         memory,
         valid_BT: torch.Tensor | None,
-        impl: str,
-        grouping: tuple[int, int] | None,
+        plan: ForwardPlan,
         crossbatch: CrossBatchPlan | None = None,
+        windows: int = 1,
     ):
         """Attend a chunk.
 
         ``local`` is a ``LocalWindow`` (inference) or ``LocalSnapshot`` (training). ``memory`` is a
-        ``MemoryReader`` (memory layers) or None: dense attention to its whole view, or, with ``mem_top_k``,
-        to each query's retrieved slots. In training with ``crossbatch``, memory layers instead attend to the
-        other rows' raw keys (position 0) and values named by the plan, in the same softmax. The caller
-        commits the returned keys/values to the cache.
+        ``MemoryReader`` (memory layers) or None: dense attention to its whole view, or, in the plan's top-k
+        mode, to each query's retrieved slots. With ``crossbatch`` (training), memory layers instead attend to
+        the other rows' raw keys (position 0) and values named by it, in the same softmax. ``windows`` > 1: the
+        chunk is that many consecutive windows stacked as batch rows (window-major, ``window_group_attention``).
+        The caller commits the returned keys/values to the cache.
 
         Returns:
             (output [B, T, D], (raw keys before RoPE, rotated keys, values), each [B, G, T, H]).
@@ -97,19 +121,21 @@ class LongLlamaAttention(nn.Module):
         else:
             k_rot_BGTH = k_BGTH
         local_kv: LocalKV = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
+        attend = attention_function(plan.impl, plan.attention_kind)
         if self.is_memory_layer and crossbatch is not None:
-            out_BNTH = crossbatch_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, valid_BT, crossbatch, impl, grouping)
-        elif self.is_memory_layer and memory is not None and memory.windows > 1:
-            out_BNTH = window_group_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, memory.view(), memory.windows,
+            out_BNTH = crossbatch_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, valid_BT, crossbatch, attend,
+                                            plan.grouping)  # fmt: skip
+        elif self.is_memory_layer and windows > 1:
+            out_BNTH = window_group_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, memory.view(), windows,
                                               memory.dtype)  # fmt: skip
         else:
             mem_kv, idx_BNTK = None, None
-            if self.is_memory_layer and memory is not None:
+            if self.is_memory_layer:
                 mem_kv = memory.view()
-                if mem_kv is not None and memory.top_k is not None:
+                if mem_kv is not None and plan.memory_mode == "top-k":
                     idx_BNTK = memory.retrieve(q_BNTH)
             scratch = None if memory is None else memory.scratch
-            out_BNTH = memory_attention(q_BNTH, local_kv, mem_kv, impl, grouping, idx_BNTK, scratch)
+            out_BNTH = attend(q_BNTH, local_kv, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping, scratch=scratch)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out_BTD), (k_BGTH, k_rot_BGTH, v_BGTH)
 
@@ -126,11 +152,141 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x_BTD, rope_cos_sin=None, local=None, memory=None, valid_BT=None, impl="torch", grouping=None,
-                crossbatch=None):  # fmt: skip
+    def forward(self, x_BTD, *, rope_cos_sin, local, memory, valid_BT, plan: ForwardPlan, crossbatch=None,
+                windows: int = 1):  # fmt: skip
+        """``x_BTD`` is positional (a checkpointed layer passes only positional arguments through the
+        checkpoint function); everything else is a keyword (``LongLlamaAttention.forward``)."""
         attn_BTD, kv = self.self_attn(
-            self.input_layernorm(x_BTD), rope_cos_sin, local, memory, valid_BT, impl, grouping, crossbatch
-        )
+            self.input_layernorm(x_BTD), rope_cos_sin=rope_cos_sin, local=local, memory=memory, valid_BT=valid_BT,
+            plan=plan, crossbatch=crossbatch, windows=windows,
+        )  # fmt: skip
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD, kv
+
+
+# ----------------------------------------------------------------------------- windowing of long inputs
+def plan_chunks(n_tokens: int, window: int, last_context_length: int) -> list[tuple[int, int]]:
+    """Split N tokens into windows of W over the first max(N - L, 0) tokens, then the last L tokens."""
+    mem_len = max(n_tokens - last_context_length, 0)
+    chunks = [(s, min(s + window, mem_len)) for s in range(0, mem_len, window)]
+    chunks.append((mem_len, n_tokens))
+    return chunks
+
+
+@dataclass(frozen=True)
+class WindowGroup:
+    """Tokens [start, end) of the input, run as ``windows`` consecutive full windows stacked as batch rows
+    (``windows`` > 1) or as one chunk, and either moved to memory afterwards or kept in the local window."""
+
+    start: int
+    end: int
+    windows: int
+    to_memory: bool
+
+
+def plan_window_groups(n_tokens: int, window: int, last_context_length: int, *, fresh: bool,
+                       group_size: int) -> list[WindowGroup]:  # fmt: skip
+    """The chunks of ``plan_chunks`` in the order they run. With an empty local window (``fresh``) every chunk
+    but the last goes to memory, and up to ``group_size`` consecutive full windows of those form one group."""
+    chunks = plan_chunks(n_tokens, window, last_context_length)
+    groups: list[WindowGroup] = []
+    for i, (start, end) in enumerate(chunks):
+        if end == start:
+            continue
+        to_memory = fresh and i < len(chunks) - 1
+        last = groups[-1] if groups else None
+        joins = (
+            last is not None and to_memory and last.to_memory and end - start == window
+            and last.end - last.start == last.windows * window and last.windows < group_size
+        )  # fmt: skip
+        if joins:
+            groups[-1] = replace(last, end=end, windows=last.windows + 1)
+        else:
+            groups.append(WindowGroup(start, end, 1, to_memory))
+    return groups
+
+
+def layer_inv_freqs(config: LongLlamaConfig, layers: nn.ModuleList, device) -> list[torch.Tensor | None]:
+    """Each layer's RoPE inverse frequencies, or None for a memory layer without positional encoding."""
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, device=device)
+    return [inv_freq if layer.self_attn.use_rope else None for layer in layers]
+
+
+def run_chunk(layers: nn.ModuleList, x_BTD, cache: LongLlamaCache, valid_BT, *, to_memory: bool,
+              plan: ForwardPlan, inv_freqs, keep_hidden: bool, crossbatch: CrossBatchPlan | None = None):  # fmt: skip
+    """One chunk of T tokens through every layer, positioned after the cache's local window; each layer's keys
+    and values are committed to the cache after it ran (kept locally, or moved to memory with ``to_memory``).
+    Returns the pre-norm output [B, T, D] and, with ``keep_hidden``, the hidden states before each layer and
+    after the last."""
+    offset = cache.local_length
+    T = x_BTD.shape[1]
+    inv_freq = next((f for f in inv_freqs if f is not None), None)
+    rope = None
+    if inv_freq is not None:
+        rope = rope_cos_sin(torch.arange(offset, offset + T, device=x_BTD.device), inv_freq, x_BTD.dtype)
+    hidden = [x_BTD] if keep_hidden else None
+    for idx, layer in enumerate(layers):
+        x_BTD, kv = layer(
+            x_BTD, rope_cos_sin=rope, local=cache.local_for_attention(idx, training=plan.training),
+            memory=cache.memory_reader(idx), valid_BT=valid_BT, plan=plan, crossbatch=crossbatch,
+        )  # fmt: skip
+        if crossbatch is None:  # a crossbatch step keeps no state
+            cache.commit(idx, *kv, valid_BT, to_memory=to_memory, training=plan.training)
+        if keep_hidden:
+            hidden.append(x_BTD)
+    return x_BTD, hidden
+
+
+def run_windows(layers: nn.ModuleList, x_BND, cache: LongLlamaCache, valid_BN, *, plan: ForwardPlan, inv_freqs,
+                keep_hidden: bool):  # fmt: skip
+    """Windowing (module docstring): the window groups of ``plan_window_groups``, one after another.
+    Returns the pre-norm output [B, N, D] and per-group hidden states."""
+    groups = plan_window_groups(x_BND.shape[1], cache.window, plan.last_context_length,
+                                fresh=cache.local_length == 0, group_size=plan.window_group)  # fmt: skip
+    # everything bound for memory is allocated once
+    cache.expect_memory(sum(g.end - g.start for g in groups if g.to_memory))
+    outputs, chunk_hidden = [], []
+    for group in groups:
+        x_BTD = x_BND[:, group.start : group.end]
+        if group.windows > 1:
+            x, hidden = run_window_group(layers, x_BTD, cache, windows=group.windows, plan=plan,
+                                         inv_freqs=inv_freqs, keep_hidden=keep_hidden)  # fmt: skip
+        else:
+            if not group.to_memory:
+                cache.make_room(group.end - group.start, inv_freqs, plan=plan)
+            valid = None if valid_BN is None else valid_BN[:, group.start : group.end]
+            x, hidden = run_chunk(layers, x_BTD, cache, valid, to_memory=group.to_memory, plan=plan,
+                                  inv_freqs=inv_freqs, keep_hidden=keep_hidden)  # fmt: skip
+        cache.seen_tokens += group.end - group.start
+        outputs.append(x)
+        chunk_hidden.append(hidden)
+    return (torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]), chunk_hidden
+
+
+def run_window_group(layers: nn.ModuleList, x_BTD, cache: LongLlamaCache, *, windows: int, plan: ForwardPlan,
+                     inv_freqs, keep_hidden: bool):  # fmt: skip
+    """P = ``windows`` full windows that go straight to memory, run as P*B batch rows (window-major), with
+    the results of running them one by one: each row attends causally inside its window, a memory layer's
+    window p also to the memory and to windows 0..p-1 (``window_group_attention``), and the keys go to
+    memory in window order after each layer. Returns the pre-norm output [B, P*W, D] and hidden states."""
+    B, PW, D = x_BTD.shape
+    P = windows
+    W = PW // P
+    inv_freq = next((f for f in inv_freqs if f is not None), None)
+    rope = None if inv_freq is None else rope_cos_sin(torch.arange(W, device=x_BTD.device), inv_freq, x_BTD.dtype)
+    x_XWD = x_BTD.reshape(B, P, W, D).transpose(0, 1).reshape(P * B, W, D)  # X = P*B rows, window-major
+    hidden = [x_BTD] if keep_hidden else None
+    for idx, layer in enumerate(layers):
+        x_XWD, (k_raw_XGWH, _, v_XGWH) = layer(
+            x_XWD, rope_cos_sin=rope, local=LocalSnapshot(None, None, None), memory=cache.memory_reader(idx),
+            valid_BT=None, plan=plan, windows=P,
+        )  # fmt: skip
+        G, H = k_raw_XGWH.shape[1], k_raw_XGWH.shape[3]
+        # [P*B, G, W, H] -> [B, G, P*W, H]: each row's windows in order, as running them one by one stores them
+        k_raw_BGTH = k_raw_XGWH.reshape(P, B, G, W, H).permute(1, 2, 0, 3, 4).reshape(B, G, PW, H)
+        v_BGTH = v_XGWH.reshape(P, B, G, W, H).permute(1, 2, 0, 3, 4).reshape(B, G, PW, H)
+        cache.commit(idx, k_raw_BGTH, None, v_BGTH, None, to_memory=True, training=plan.training)
+        if keep_hidden:
+            hidden.append(x_XWD.reshape(P, B, W, D).transpose(0, 1).reshape(B, PW, D))
+    return x_XWD.reshape(P, B, W, D).transpose(0, 1).reshape(B, PW, D), hidden

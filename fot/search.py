@@ -36,13 +36,14 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .attention import MemoryKV
-from .config import MEM_INDEXES
+from .config import MEM_INDEXES, LongLlamaConfig
 from .memory import MemoryStore
+from .types import MemoryKV
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,15 @@ def import_faiss():
     return faiss
 
 
-def exact_topk(q_BGXH: torch.Tensor, k_BGMH: torch.Tensor, valid_BM: torch.Tensor | None, k: int):
-    """Exact top-k by inner product, scored block by block (fp32). Returns (scores, idx) [B, G, X, K]."""
+def exact_topk(q_BGXH: torch.Tensor, k_BGMH: torch.Tensor, valid_BM: torch.Tensor | None, k: int,
+               block: int = SEARCH_BLOCK):  # fmt: skip
+    """Exact top-k by inner product, scored ``block`` slots at a time (fp32). Returns (scores, idx) [B, G, X, K]."""
     B, G, X, _ = q_BGXH.shape
     M = k_BGMH.shape[2]
     q = q_BGXH.float()
     best_s = best_i = None
-    for m0 in range(0, M, SEARCH_BLOCK):
-        m1 = min(m0 + SEARCH_BLOCK, M)
+    for m0 in range(0, M, block):
+        m1 = min(m0 + block, M)
         s = torch.matmul(q, k_BGMH[:, :, m0:m1].float().transpose(-1, -2))  # [B, G, X, m]
         if valid_BM is not None:
             s = s.masked_fill(~valid_BM[:, None, None, m0:m1], float("-inf"))
@@ -119,6 +121,7 @@ class KeySearch:
     """Interface: ``update`` after the store changed, ``search`` for top-k slot indices."""
 
     name = "abstract"
+    trainable = True  # retrieval is a fixed function of memory, so a recomputed (checkpointed) forward agrees
 
     def update(self, store: MemoryStore, slots: torch.Tensor, evicted: bool) -> None:
         """Called after ``store.append`` wrote ``slots`` (``evicted``: they overwrote older keys)."""
@@ -152,10 +155,15 @@ class KeySearch:
 
 
 class ExactSearch(KeySearch):
+    """Blockwise matmul + ``torch.topk`` over ``block`` memory slots at a time (``exact_topk``)."""
+
     name = "exact"
 
+    def __init__(self, block: int = SEARCH_BLOCK):
+        self.block = block
+
     def search(self, q_BGXH, view, k):
-        return exact_topk(q_BGXH, view.k_BGMH, view.valid_BM, k)[1]
+        return exact_topk(q_BGXH, view.k_BGMH, view.valid_BM, k, self.block)[1]
 
 
 def _faiss_rows(q_BGXH, view: MemoryKV):
@@ -165,20 +173,6 @@ def _faiss_rows(q_BGXH, view: MemoryKV):
         valid = None if view.valid_BM is None else view.valid_BM[b]
         for g in range(G):
             yield b, g, q_BGXH[b, g].float().contiguous(), view.k_BGMH[b, g].float().contiguous(), valid
-
-
-def _filter_invalid(ids: torch.Tensor, valid: torch.Tensor | None, k: int, dist: torch.Tensor | None = None):
-    """Keep, per row, the first k ids that are valid slots (ids are sorted best first; -1 = none). With
-    ``dist`` (the ids' distances), returns (ids, their distances), a dropped one's distance being inf."""
-    if valid is None:
-        return ids[:, :k] if dist is None else (ids[:, :k], dist[:, :k])
-    ok = (ids >= 0) & valid[ids.clamp(min=0)]
-    order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)  # valid ones first, in rank order
-    kept_ok = ok.gather(1, order)[:, :k]
-    kept = ids.gather(1, order)[:, :k].masked_fill(~kept_ok, -1)
-    if dist is None:
-        return kept
-    return kept, dist.gather(1, order)[:, :k].masked_fill(~kept_ok, float("inf"))
 
 
 class FaissFlatSearch(KeySearch):
@@ -203,18 +197,25 @@ class FaissFlatSearch(KeySearch):
         return torch.from_numpy(ids).long()
 
     def search(self, q_BGXH, view, k):
+        """``faiss.knn`` takes no ID selector, so invalid slots are left out of the keys it gets (the keys are
+        copied to contiguous fp32 for it anyway) and its answers are mapped back to slots."""
         B, G, X, _ = q_BGXH.shape
         out = torch.full((B, G, X, k), -1, dtype=torch.long, device=q_BGXH.device)
         for b, g, xq, xb, valid in _faiss_rows(q_BGXH, view):
-            n_invalid = 0 if valid is None else int((~valid).sum())
-            want = min(k + n_invalid, xb.shape[0])
-            ids = self._knn(xq, xb, want).to(out.device)
-            kept = _filter_invalid(ids, valid, k)
-            out[b, g, :, : kept.shape[1]] = kept
+            slots = None
+            if valid is not None:
+                slots = valid.nonzero().squeeze(1)
+                xb = xb[slots.to(xb.device)]
+            if xb.shape[0] == 0:
+                continue
+            ids = self._knn(xq, xb, min(k, xb.shape[0])).to(out.device)
+            if slots is not None:
+                ids = torch.where(ids >= 0, slots.to(out.device)[ids.clamp(min=0)], ids)
+            out[b, g, :, : ids.shape[1]] = ids
         return out
 
 
-def _lift_keys(keys: torch.Tensor, bound_sq: float):
+def lift_keys(keys: torch.Tensor, bound_sq: float):
     """Keys [n, H] -> float32 numpy [n, H + 1]: [k, sqrt(R^2 - |k|^2)] (the MIPS -> L2 reduction)."""
     k = keys.float().cpu()
     extra = (bound_sq - k.pow(2).sum(1, keepdim=True)).clamp(min=0).sqrt()
@@ -247,10 +248,16 @@ class FaissIVFSearch(KeySearch):
     memory itself and rebuilt as it grows, with badly placed keys searched exactly (module docstring)."""
 
     name = "faiss-ivf"
+    trainable = False  # the index changes as memory grows, so a recomputed forward could retrieve differently
 
-    def __init__(self, nprobe: int = 32):
+    def __init__(self, nprobe: int = 32, min_train: int = IVF_MIN_TRAIN,
+                 rebuild_growth: float = IVF_REBUILD_GROWTH):  # fmt: skip
+        """``min_train``: keys before the first training; ``rebuild_growth``: retrain when memory has grown by
+        this factor since the last training (module docstring)."""
         self.faiss = import_faiss()
         self.nprobe = nprobe
+        self.min_train = min_train
+        self.rebuild_growth = rebuild_growth
         self.indexes: dict[tuple[int, int], _IVFHead] = {}
         self.trained_at = 0  # memory size at the last (re)training
         self.bound_sq = 0.0  # R^2 of the lifting
@@ -331,7 +338,7 @@ class FaissIVFSearch(KeySearch):
         n_out = 0
         for b in range(B):
             for g in range(G):
-                keys = _lift_keys(view.k_BGMH[b, g], self.bound_sq)
+                keys = lift_keys(view.k_BGMH[b, g], self.bound_sq)
                 quantizer = faiss.IndexFlatL2(H + 1)
                 index = faiss.IndexIVFFlat(quantizer, H + 1, nlist, faiss.METRIC_L2)
                 index.cp.min_points_per_centroid = 1  # training on the memory itself; no warning spam
@@ -366,48 +373,42 @@ class FaissIVFSearch(KeySearch):
             order = head.outlier_dist.argsort(descending=True)
             demoted = head.outliers[order[cap:]]
             head.outliers, head.outlier_dist = head.outliers[order[:cap]], head.outlier_dist[order[:cap]]
-            moved = _lift_keys(keys_MH[demoted.to(keys_MH.device)], self.bound_sq)
+            moved = lift_keys(keys_MH[demoted.to(keys_MH.device)], self.bound_sq)
             self._add_to_lists(head, moved, demoted, head.assign(moved)[1])
 
     def _add_to_lists(self, head: _IVFHead, lifted, slots: torch.Tensor, lists: torch.Tensor) -> None:
         """Append lifted keys (numpy [n, H + 1]) with ids ``slots`` to the lists already chosen for them."""
         if not len(lifted):
             return
-        faiss = self.faiss
+        from faiss.contrib.ivf_tools import add_preassigned
+
         x = np.ascontiguousarray(lifted, dtype="float32")
         ids = np.ascontiguousarray(slots.numpy(), dtype="int64")
-        assign = np.ascontiguousarray(lists.numpy(), dtype="int64")
-        head.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+        add_preassigned(head.index, x, np.ascontiguousarray(lists.numpy(), dtype="int64"), ids)
 
     def update(self, store, slots, evicted):
-        if store.length < IVF_MIN_TRAIN:
+        if store.length < self.min_train:
             return
         self._padded = None
         if not self.indexes:
             self._build(store, "first training")
             return
-        if store.length >= IVF_REBUILD_GROWTH * self.trained_at:
-            self._build(store, f"memory grew {IVF_REBUILD_GROWTH}x")
+        if store.length >= self.rebuild_growth * self.trained_at:
+            self._build(store, f"memory grew {self.rebuild_growth}x")
             return
         new_keys = store.k_BGMH[:, :, slots.to(store.k_BGMH.device)]
         if float(new_keys.float().pow(2).sum(-1).max()) > self.bound_sq:
             self._build(store, "a new key is longer than the lifting bound")
             return
-        faiss = self.faiss
-        ids = slots.numpy().astype("int64")
+        ids = np.ascontiguousarray(slots.numpy(), dtype="int64")
         for (b, g), head in self.indexes.items():
             if evicted:
-                head.index.remove_ids(faiss.IDSelectorArray(ids.size, faiss.swig_ptr(ids)))
+                head.index.remove_ids(ids)
                 kept = ~torch.isin(head.outliers, slots)
                 head.outliers, head.outlier_dist = head.outliers[kept], head.outlier_dist[kept]
-            self._add(head, _lift_keys(new_keys[b, g], self.bound_sq), slots, store.k_BGMH[b, g])
+            self._add(head, lift_keys(new_keys[b, g], self.bound_sq), slots, store.k_BGMH[b, g])
 
     def search(self, q_BGXH, view, k):
-        if torch.is_grad_enabled() and q_BGXH.requires_grad:
-            raise ValueError(
-                "mem_index='faiss-ivf' is for inference: its index changes as memory grows, so a recomputed "
-                "(checkpointed) forward could retrieve differently. Train with mem_index='exact' or 'faiss-flat'."
-            )
         if not self.indexes:  # not trained yet: memory is still small, search it exactly
             return ExactSearch().search(q_BGXH, view, k)
         B, G, X, _ = q_BGXH.shape
@@ -417,15 +418,12 @@ class FaissIVFSearch(KeySearch):
         dist = torch.full((B, G, X, k), float("inf"))  # squared L2 of each candidate
         valid_BM = None if view.valid_BM is None else view.valid_BM.cpu()
         out_np, dist_np = out.numpy(), dist.numpy()  # FAISS writes each head's results straight into them
+        selectors = _valid_selectors(valid_BM, B)
         for (b, g), head in self.indexes.items():
-            valid = None if valid_BM is None else valid_BM[b]
-            n_invalid = 0 if valid is None else int((~valid).sum())
-            if n_invalid == 0:
-                head.index.search(lifted[b, g].numpy(), k, D=dist_np[b, g], I=out_np[b, g])
-                continue
-            d, ids = head.index.search(lifted[b, g].numpy(), k + n_invalid)
-            kept, d_kept = _filter_invalid(torch.from_numpy(ids).long(), valid, k, torch.from_numpy(d))
-            out[b, g, :, : kept.shape[1]], dist[b, g, :, : kept.shape[1]] = kept, d_kept
+            params = None
+            if selectors[b] is not None:  # only valid slots are candidates; nprobe must be given again here
+                params = self.faiss.SearchParametersIVF(sel=selectors[b][0], nprobe=head.index.nprobe)
+            head.index.search(lifted[b, g].numpy(), k, params=params, D=dist_np[b, g], I=out_np[b, g])
         if any(head.outliers.numel() for head in self.indexes.values()):
             if self._padded is None:
                 self._padded = _padded_outliers(self.indexes, view.k_BGMH.cpu(), B, G)
@@ -444,6 +442,22 @@ class FaissIVFSearch(KeySearch):
             total += n * (index.d * 4 + 8) + index.nlist * index.d * 4  # lifted vectors + ids, centroids
             total += head.outliers.numel() * 8
         return total
+
+
+def _valid_selectors(valid_BM: torch.Tensor | None, B: int) -> list:
+    """Per batch row, (a FAISS ``IDSelectorBitmap`` of its valid slots, the bitmap it reads), or None when every
+    slot is valid. The bitmap is returned with the selector because the selector does not own it."""
+    if valid_BM is None:
+        return [None] * B
+    faiss = import_faiss()
+    selectors = []
+    for row in valid_BM:
+        if bool(row.all()):
+            selectors.append(None)
+            continue
+        bitmap = np.packbits(row.numpy(), bitorder="little")  # bit i of the bitmap: slot i is valid
+        selectors.append((faiss.IDSelectorBitmap(bitmap), bitmap))
+    return selectors
 
 
 def _centroids(faiss, index) -> torch.Tensor:
@@ -478,6 +492,15 @@ def _merge_outliers(q_BGXH, valid_BM, kept_BGXK, s_kept, padded, k: int) -> torc
     scores, best = torch.cat([s_kept, s_out], -1).topk(k, dim=-1)  # one selection over both candidate sets
     ids = torch.cat([kept_BGXK, slots[:, :, None, :].expand(B, G, X, n)], -1).gather(-1, best)
     return ids.masked_fill(torch.isneginf(scores), -1)
+
+
+SearchFactory = Callable[[LongLlamaConfig, int], KeySearch]
+
+
+def default_search_factory(config: LongLlamaConfig, layer_idx: int) -> KeySearch:
+    """The backend of ``config.mem_index`` for memory layer ``layer_idx``. A cache takes any callable with this
+    signature (``LongLlamaCache(config, search_factory=...)``), so a caller can supply its own backends."""
+    return make_search(config.mem_index, config.mem_nprobe)
 
 
 def make_search(mem_index: str, nprobe: int = 32) -> KeySearch:

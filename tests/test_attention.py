@@ -9,15 +9,9 @@ import math
 import pytest
 import torch
 
-from fot.attention import (
-    LocalKV,
-    MemoryKV,
-    apply_rope,
-    fused_memory_attention,
-    reference_memory_attention,
-    rope_cos_sin,
-    rope_inv_freq,
-)
+from fot.attention import differentiable_memory_attention, fused_memory_attention, reference_memory_attention
+from fot.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from fot.types import LocalKV, MemoryKV
 from tests.naive import naive_attention, rotate
 
 SHAPES = [  # B, N, G, T, S, M
@@ -109,7 +103,7 @@ def test_training_attention_gradients_match_naive(shape, padding):
     leaves = (q, k, v, mk, mv)
     w = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     local, memory = kv(k, v, valid_s, mk, mv, valid_m)
-    fast = torch.autograd.grad((fused_memory_attention(q, local, memory) * w).sum(), leaves)
+    fast = torch.autograd.grad((differentiable_memory_attention(q, local, memory) * w).sum(), leaves)
     slow = torch.autograd.grad((truth(q, k, v, valid_s, mk, mv, valid_m) * w).sum(), leaves)
     for got, want in zip(fast, slow):
         assert (got - want).abs().max() < 1e-9
@@ -170,3 +164,57 @@ def test_rope_matches_naive_rotation():
     s1 = (rotate(q, [9], theta) * rotate(k, [4], theta)).sum()
     s2 = (rotate(q, [25], theta) * rotate(k, [20], theta)).sum()
     assert math.isclose(s1.item(), s2.item(), rel_tol=1e-9, abs_tol=1e-9)
+
+
+# ----------------------------------------------------------------------------- private aten adapter
+def test_private_cpu_flash_ops_keep_the_schema_and_results_fot_relies_on():
+    """fot.attention calls two private aten ops (its adapter explains why). A torch release that renames them,
+    changes their arguments or what they return fails here, with the schema it found."""
+    from fot.attention import cpu_flash_attention, cpu_flash_attention_backward
+
+    forward = str(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default._schema)
+    backward = str(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default._schema)
+    assert forward == (
+        "aten::_scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, Tensor value, "
+        "float dropout_p=0., bool is_causal=False, *, Tensor? attn_mask=None, float? scale=None) "
+        "-> (Tensor output, Tensor logsumexp)"
+    ), forward
+    assert backward == (
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward(Tensor grad_out, Tensor query, Tensor key, "
+        "Tensor value, Tensor out, Tensor logsumexp, float dropout_p, bool is_causal, *, Tensor? attn_mask=None, "
+        "float? scale=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+    ), backward
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    scale = 0.25
+    for causal in (False, True):
+        scores = (q @ k.transpose(-1, -2)) * scale
+        if causal:
+            scores = scores.masked_fill(torch.ones(17, 17, dtype=torch.bool).triu(1), float("-inf"))
+        want_lse = torch.logsumexp(scores, -1)
+        want = torch.softmax(scores, -1) @ v
+        out, lse = cpu_flash_attention(q.detach(), k.detach(), v.detach(), is_causal=causal, scale=scale)
+        assert (out - want).abs().max() < 1e-10 and (lse - want_lse).abs().max() < 1e-10
+        grad_out = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+        got_grads = cpu_flash_attention_backward(grad_out, q.detach(), k.detach(), v.detach(), out, lse,
+                                                 is_causal=causal, scale=scale)  # fmt: skip
+        for got, expected in zip(got_grads, want_grads, strict=True):
+            assert (got - expected).abs().max() < 1e-10
+
+
+def test_attention_registry_covers_every_implementation_and_kind():
+    from fot.attention import ATTENTION_FUNCTIONS, attention_function, reference_topk_attention
+
+    kinds = ("dense", "top-k", "dense-training", "top-k-training")
+    assert set(ATTENTION_FUNCTIONS) == {(i, k) for i in ("reference", "torch", "triton") for k in kinds}
+    with pytest.raises(ValueError, match="no attention registered for implementation 'cuda'"):
+        attention_function("cuda", "dense")
+    # training with top-k memory differentiates the reference (the fused gather has no backward)
+    q, k, v, _, mk, mv, _ = make_inputs(1, 4, 2, 5, 5, 40)
+    q.requires_grad_()
+    idx = torch.randint(0, 40, (1, 4, 5, 3), generator=torch.Generator().manual_seed(1))
+    local, memory = kv(k, v, None, mk, mv, None)
+    got = attention_function("torch", "top-k-training")(q, local, memory, idx_BNTK=idx)
+    want = reference_topk_attention(q, local, memory, idx)
+    assert torch.equal(got, want) and got.requires_grad

@@ -23,7 +23,7 @@ def naive_for(model, policy, last_context_length=None):
 
 
 def naive_continue(naive: NaiveLongLlama, ids: torch.Tensor, valid=None) -> torch.Tensor:
-    """A call on a non-empty cache (fot.modeling rule 4): windows of W over the first N - L tokens, then the
+    """A call on a non-empty cache (fot.model rule 4): windows of W over the first N - L tokens, then the
     last L tokens, each run as one cache step."""
     N, W, L = ids.shape[1], naive.s.window, naive.L
     n_mem = max(N - L, 0)
@@ -161,7 +161,7 @@ def test_chunked_continuation_with_padding_equals_spec(policy):
 
 
 def test_long_continuation_is_split_into_windows_then_last_context():
-    """fot.modeling's rule 4: a long call on a non-empty cache runs plan_chunks' pieces as cache steps."""
+    """fot.model's rule 4: a long call on a non-empty cache runs plan_chunks' pieces as cache steps."""
     model = tiny_model()
     ids, more = tokens(1, 50, seed=14), tokens(1, 150, seed=15)
     naive = naive_for(model, "slide")
@@ -204,6 +204,14 @@ def test_cache_policy_override_on_forward():
         logits = model(cont, past_key_values=cache, cache_policy="flush").logits
     assert cache.local_length == 10
     assert max_err(logits, naive.step(cont)) < TOL64
+    # the override was for that call only: the cache still slides
+    assert cache.policy == "slide"
+    naive.policy = "slide"
+    more = tokens(1, 60, seed=20)  # 10 + 60 > 64: slide keeps min(10, L, 64 - 60) = 4 tokens, flush none
+    with torch.no_grad():
+        logits = model(more, past_key_values=cache, last_context_length=60).logits
+    assert cache.policy == "slide" and cache.local_length == 64
+    assert max_err(logits, naive.step(more)) < TOL64
 
 
 # ----------------------------------------------------------------------------- generate

@@ -113,11 +113,15 @@ def memory_layer_forward(model, x_BTD, plan):
     layer = model.model.layers[idx]
     cache = LongLlamaCache(model.config)
     inv = model.model._inv_freqs(x_BTD.device)[idx]
-    from fot.attention import rope_cos_sin
+    from fot.rope import rope_cos_sin
+    from fot.types import ForwardPlan
 
     rope = rope_cos_sin(torch.arange(x_BTD.shape[1]), inv, x_BTD.dtype)
-    impl = model.model._attn_impl(x_BTD.device)
-    out, _ = layer.self_attn(x_BTD, rope, cache.local_for_attention(idx), None, None, impl, None, plan)
+    impl = model.model.impl_resolver(model.config.attn_impl, x_BTD.device)
+    training = torch.is_grad_enabled()
+    forward_plan = ForwardPlan(impl=impl, memory_mode="crossbatch", training=training)
+    out, _ = layer.self_attn(x_BTD, rope_cos_sin=rope, local=cache.local_for_attention(idx, training=training),
+                             memory=None, valid_BT=None, plan=forward_plan, crossbatch=plan)  # fmt: skip
     return out
 
 

@@ -34,6 +34,26 @@ def test_explicit_triton_that_cannot_run_raises(monkeypatch):
 
 def test_auto_picks_torch_on_cpu_and_logs_it(caplog):
     model = tiny_model(dtype=torch.float32, mem_layers=[1], mem_dtype="float32")
-    with caplog.at_level("INFO", logger="fot.modeling"):
+    with caplog.at_level("INFO", logger="fot.plan"):
         model(tokens(1, 10, seed=0))
     assert "chose 'torch'" in caplog.text
+
+
+def test_auto_is_resolved_once_per_device_and_logged_once(caplog):
+    model = tiny_model(dtype=torch.float32, mem_layers=[1], mem_dtype="float32")
+    with caplog.at_level("INFO", logger="fot.plan"), torch.no_grad():
+        for _ in range(3):
+            model(tokens(1, 10, seed=0))
+    assert caplog.text.count("chose 'torch'") == 1
+
+
+def test_the_forward_plan_is_frozen():
+    import dataclasses
+
+    from fot.types import ForwardPlan
+
+    plan = ForwardPlan(impl="torch", memory_mode="dense", training=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.training = True
+    assert plan.attention_kind == "dense"
+    assert ForwardPlan(impl="torch", memory_mode="top-k", training=True).attention_kind == "top-k-training"

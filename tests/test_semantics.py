@@ -4,7 +4,7 @@ import functools
 import pytest
 import torch
 
-from fot.modeling import plan_chunks
+from fot.model import plan_chunks
 from tests.naive import NaiveLongLlama, Spec, naive_logits, weights_f64
 from tests.tiny import (
     BF16_MEAN,

@@ -1,0 +1,117 @@
+"""The forward plan: every decision of a forward pass, made once at its start.
+
+``resolve_plan`` turns the config, the call's arguments, the cache and autograd's state into a frozen
+``ForwardPlan`` (``fot.types``) that the decoder passes, by keyword, to everything below it. Nothing below
+re-decides the implementation, the memory mode, training or inference, the window grouping or the cache
+policy. ``AttnImplResolver`` resolves ``attn_impl`` once per model and device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import CACHE_POLICIES, LongLlamaConfig, validate_last_context_length
+from .types import ForwardPlan
+
+logger = logging.getLogger(__name__)
+
+WINDOW_GROUP_QUERIES = 1024  # short windows bound for memory run in groups of at least this many tokens
+WINDOW_GROUP_MAX = 8  # windows per group at most
+
+
+def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
+    """The concrete implementation for ``device``: "auto" picks Triton on CUDA when it can run there and the
+    fused torch path otherwise; an explicit "triton" that cannot run raises, with the reason."""
+    from .kernels import unavailable_reason
+
+    if attn_impl == "auto":
+        return "triton" if device.type == "cuda" and unavailable_reason(device) is None else "torch"
+    if attn_impl == "triton":
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"attn_impl='triton' cannot run on {device}: {reason}. Use attn_impl='torch' or 'auto'.")
+    return attn_impl
+
+
+class AttnImplResolver:
+    """``resolve_attn_impl`` once per (``attn_impl``, device); an "auto" choice is logged when it is made."""
+
+    def __init__(self):
+        self._resolved: dict[tuple[str, torch.device], str] = {}
+
+    def __call__(self, attn_impl: str, device: torch.device) -> str:
+        key = (attn_impl, torch.device(device))
+        if key not in self._resolved:
+            impl = resolve_attn_impl(attn_impl, key[1])
+            if attn_impl == "auto":
+                logger.info("fot: attn_impl='auto' chose %r on %s", impl, key[1].type)
+            self._resolved[key] = impl
+        return self._resolved[key]
+
+
+def records_gradients(model: torch.nn.Module, inputs_embeds: torch.Tensor) -> bool:
+    """Whether a forward trains: autograd records it and a parameter or the input requires a gradient. This is
+    the one place fot reads autograd's global state; everything below follows the plan."""
+    if not torch.is_grad_enabled():
+        return False
+    return inputs_embeds.requires_grad or any(p.requires_grad for p in model.parameters())
+
+
+def window_group_size(config: LongLlamaConfig, cache, *, impl: str, memory_mode: str, training: bool,
+                      padded: bool, group_queries: int = WINDOW_GROUP_QUERIES) -> int:  # fmt: skip
+    """How many full windows bound for memory run together; 1 = one at a time.
+
+    Grouping serves inference with dense, unbounded memory and no padding on the fused torch path, starting
+    from an empty local window: there it is exact and feeds the CPU attention kernel at least
+    ``group_queries`` queries per call (0: no grouping).
+    """
+    W = config.max_position_embeddings
+    if (training or impl != "torch" or memory_mode != "dense" or padded or cache.local_length
+            or config.mem_attention_grouping is not None or W >= group_queries
+            or any(store.max_tokens is not None for store in cache.memories.values())):  # fmt: skip
+        return 1
+    return min(WINDOW_GROUP_MAX, -(-group_queries // W))
+
+
+def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, crossbatch: bool, padded: bool,
+                 last_context_length: int | None, cache_policy: str | None,
+                 group_queries: int = WINDOW_GROUP_QUERIES) -> ForwardPlan:  # fmt: skip
+    """The plan of one forward.
+
+    Args:
+        config: the model config.
+        cache: the ``LongLlamaCache`` the forward continues (its policy is the default; its search backends
+            decide whether memory is top-k).
+        impl: the resolved attention implementation (``AttnImplResolver``).
+        training: autograd records the forward and a parameter or the input requires a gradient.
+        crossbatch: memory layers attend to other batch rows (training contexts) instead of memory.
+        padded: the new tokens include padding.
+        last_context_length, cache_policy: the call's overrides, or None for the config's and cache's.
+        group_queries: queries per call that window groups aim for (``window_group_size``).
+    """
+    L = config.last_context_length if last_context_length is None else last_context_length
+    validate_last_context_length(L, config.max_position_embeddings)
+    policy = cache.policy if cache_policy is None else cache_policy
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy={policy!r} is unknown; use one of {CACHE_POLICIES}.")
+    if crossbatch:
+        mode = "crossbatch"
+    else:
+        mode = "top-k" if cache.top_k is not None else "dense"
+    if training and mode == "top-k":
+        for search in cache.searches.values():
+            if not search.trainable:
+                raise ValueError(
+                    f"mem_index={search.name!r} is for inference: its index changes as memory grows, so a "
+                    "recomputed (checkpointed) forward could retrieve differently. Train with mem_index='exact' or "
+                    "'faiss-flat', or run this forward under torch.no_grad()."
+                )
+    group = window_group_size(config, cache, impl=impl, memory_mode=mode, training=training, padded=padded,
+                              group_queries=group_queries)  # fmt: skip
+    grouping = None if config.mem_attention_grouping is None else tuple(config.mem_attention_grouping)
+    return ForwardPlan(
+        impl=impl, memory_mode=mode, training=training, window_group=group, grouping=grouping,
+        cache_policy=policy, last_context_length=L,
+    )  # fmt: skip
