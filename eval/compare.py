@@ -4,7 +4,8 @@
         --settings memory no-memory --out docs/img/perplexity.png
 
 Each ``LABEL=DIR`` names an output folder of eval/passkey.py, eval/perplexity.py or eval/distraction.py (its
-``results.json``); all must come from the same eval. The curves are every (run, setting) pair, or only the
+``results.json``); all must come from the same eval. Passkey runs of one model at different lengths join as
+``LABEL=DIR1,DIR2``. The curves are every (run, setting) pair, or only the
 settings named by ``--settings``: one colour per run, one line style per setting.
 
 * passkey: accuracy (%) against prompt length (the lengths of the first run; a run without a length shows a gap);
@@ -49,17 +50,34 @@ def load_runs(specs: list[str]) -> tuple[str, dict[str, dict]]:
             raise ValueError(f"--runs takes LABEL=DIR, got {spec!r}.")
         if label in runs:
             raise ValueError(f"--runs names the label {label!r} twice.")
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            raise ValueError(f"{str(path)!r} does not exist: is {folder!r} the --out of a finished eval run?")
-        report = json.loads(path.read_text())
-        if report.get("task") not in AXES:
-            raise ValueError(f"{str(path)!r} is not a passkey, perplexity or distraction result.")
-        runs[label] = report
-        tasks.add(report["task"])
+        reports = []
+        for part in folder.split(","):
+            path = Path(part) / "results.json"
+            if not path.is_file():
+                raise ValueError(f"{str(path)!r} does not exist: is {part!r} the --out of a finished eval run?")
+            report = json.loads(path.read_text())
+            if report.get("task") not in AXES:
+                raise ValueError(f"{str(path)!r} is not a passkey, perplexity or distraction result.")
+            reports.append(report)
+            tasks.add(report["task"])
+        runs[label] = merge_passkey(label, reports) if len(reports) > 1 else reports[0]
     if len(tasks) != 1:
         raise ValueError(f"--runs mixes results of different evals: {sorted(tasks)}.")
     return tasks.pop(), runs
+
+
+def merge_passkey(label: str, reports: list[dict]) -> dict:
+    """One passkey report from several runs of one model at different lengths (``LABEL=DIR1,DIR2``)."""
+    if any(r["task"] != "passkey" for r in reports):
+        raise ValueError(f"--runs {label}=...: only passkey runs (at different lengths) can be joined with ','.")
+    results: dict[str, list] = {}
+    for report in reports:
+        for name, rows in report["results"].items():
+            have = {row["length"] for row in results.get(name, [])}
+            if have & {row["length"] for row in rows}:
+                raise ValueError(f"--runs {label}=...: setting {name!r} has the same length in two runs.")
+            results.setdefault(name, []).extend(rows)
+    return {**reports[0], "results": results}
 
 
 def curves(task: str, runs: dict[str, dict], settings: list[str] | None) -> dict[tuple[str, str], dict]:
@@ -113,7 +131,8 @@ def plot(task: str, lines: dict[tuple[str, str], dict], window: int | None, path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, metavar="LABEL=DIR", help="eval output folders to compare")
+    p.add_argument("--runs", nargs="+", required=True, metavar="LABEL=DIR",
+                   help="eval output folders to compare (passkey: LABEL=DIR1,DIR2 joins lengths)")
     p.add_argument("--settings", nargs="+", help="only these settings (default: every setting of every run)")
     p.add_argument("--out", help="the plot's path (.png, .svg, ...)")
     p.add_argument("--title", help="the plot's title (default: the eval's name)")
@@ -130,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))  # one line on stderr, exit status 2
     print(markdown(task, lines))
     if args.out:
-        window = next(iter(runs.values())).get("window")
+        windows = [r["window"] for r in runs.values() if r.get("window")]
+        window = min(windows) if windows else None  # a full:W setting can widen one run's recorded window
         plot(task, lines, window, Path(args.out), args.title or task)
         print(f"wrote {args.out}")
 

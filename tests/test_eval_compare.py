@@ -34,6 +34,18 @@ def test_passkey_table_has_every_curve_and_gaps(tmp_path):
     assert table[2:] == ["| 1,024 | 25% | 90% |", "| 4,096 | 5% | - |", "| 16,384 | - | 70% |"]
 
 
+def test_passkey_runs_at_other_lengths_join(tmp_path):
+    a = write(tmp_path / "a", passkey({"memory": {1024: 25.0, 4096: 5.0}}))
+    b = write(tmp_path / "b", passkey({"memory": {16384: 0.0}}))
+    task, runs = compare.load_runs([f"fot={a},{b}"])
+    assert compare.curves(task, runs, None) == {("fot", "memory"): {1024: 25.0, 4096: 5.0, 16384: 0.0}}
+    with pytest.raises(ValueError, match="same length in two runs"):
+        compare.load_runs([f"fot={a},{a}"])
+    p = write(tmp_path / "p", {"task": "perplexity", "results": {}})
+    with pytest.raises(ValueError, match="only passkey runs"):
+        compare.load_runs([f"x={p},{p}"])
+
+
 def test_perplexity_and_distraction_points():
     ppl = {"buckets": [{"lo": 0, "hi": 512, "ppl": 21.5}, {"lo": 512, "hi": 1024, "ppl": 30.25}]}
     assert compare.points("perplexity", ppl) == {512: 21.5, 1024: 30.25}
