@@ -100,13 +100,15 @@ DEMO_THREADS ?= 1
 # Retrain the demo model (train/README.md, "The demo model"): the book corpus if missing, the tokenizer, stage 1
 # (answer inside a window), stage 2 (answer from earlier windows through memory), stage 3 (with negatives), ship.
 # Synthetic tasks in varied phrasings over the training books; no evaluation template is ever in the data.
+# Each stage resumes from its newest checkpoint, so an interrupted `make demo-model` continues where it stopped
+# (delete runs/demo_stage* to start afresh).
 .PHONY: demo-model
 demo-model: $(STAMP)
 	@test -f assets/books/train.parquet || $(MAKE) assets
 	$(OFFLINE) $(PY) -m train.synthetic tokenizer --out runs/tokenizer_mix --vocab_size 2000
-	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo_stage1.yaml
-	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo_stage2.yaml
-	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo.yaml
+	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo_stage1.yaml --run.resume=true
+	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo_stage2.yaml --run.resume=true
+	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo.yaml --run.resume=true
 	rm -rf $(DEMO_MODEL).new && cp -r runs/demo_stage3/final $(DEMO_MODEL).new
 	rm -rf $(DEMO_MODEL) && mv $(DEMO_MODEL).new $(DEMO_MODEL)
 
