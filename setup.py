@@ -45,7 +45,8 @@ setup(
         "faiss": ["faiss-cpu>=1.8"],
         "faiss-gpu": ["faiss-gpu"],
         "triton": ["triton>=3.7.1,<3.8"],  # torch 2.13 wheels are built against triton 3.7.1
-        "train": ["datasets", "sentencepiece", "protobuf", "wandb", "pyyaml", "tqdm"],
+        # omegaconf 2.4 is the first whose structured configs take Literal fields (train/config.py).
+        "train": ["datasets", "sentencepiece", "protobuf", "wandb", "pyyaml", "omegaconf>=2.4,<3", "tqdm"],
         "eval": ["matplotlib"],
         "dev": ["pytest", "pytest-xdist", "psutil", "matplotlib", "sentencepiece", "protobuf", "pyyaml", "peft"],
         # Loading GGUF checkpoints through transformers (from_pretrained(..., gguf_file=...)).

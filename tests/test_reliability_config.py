@@ -115,7 +115,7 @@ def test_malformed_yaml_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--optim.lrr=1"], "unknown config key 'optim.lrr'"),
-    (["--train.max_steps=many"], "train.max_steps: expected an integer"),
+    (["--train.max_steps=many"], "train.max_steps: Value 'many' of type 'str' could not be converted to Integer"),
     (["--parallel.timeout_s=0"], "parallel.timeout_s must be > 0"),
     (["--nonsense"], "override --nonsense has no value"),
 ])

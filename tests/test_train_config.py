@@ -81,17 +81,27 @@ CI = ROOT / "configs" / "ci_tiny.yaml"
     "overrides, match",
     [
         ({"nonsense": 1}, "unknown config key 'nonsense'"),
-        ({"optim.lrr": 1e-3}, "unknown config key 'optim.lrr'"),
-        ({"model.hiden_size": 8}, "model.hiden_size"),
-        ({"optim.lr": "fast"}, "optim.lr: expected a number"),
-        ({"train.max_steps": 2.5}, "train.max_steps: expected an integer"),
-        ({"run.resume": "yes please"}, "run.resume: expected true or false"),
-        ({"train.dtype": "float16"}, "train.dtype: 'float16' is not allowed"),
-        ({"crossbatch.layout": "ring"}, "crossbatch.layout"),
-        ({"model.mem_layers": "2"}, "model.mem_layers"),
-        ({"model.vocab_size": True}, "model.vocab_size"),
-        ({"data": 3}, "data: expected a mapping"),
-        ({"optim.lr.x": 1}, "optim.lr.*not a section"),
+        ({"optim.lrr": 1e-3}, r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\); known keys of optim: "
+                              "beta1, "),
+        ({"optim": {"lrr": 1e-3}}, r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+        ({"nonsense.x": 1}, "unknown config key 'nonsense'; known keys of the config: adapter, checkpoint"),
+        ({"model.hiden_size": 8}, r"unknown config key 'model.hiden_size' \(did you mean 'model.hidden_size'"),
+        ({"optim.lr": "fast"}, "optim.lr: .*'fast'.*Float"),
+        ({"train.max_steps": 2.5}, "train.max_steps: .*'2.5'.*Integer"),
+        ({"run.resume": "yes please"}, "run.resume: .*'yes please'.*bool"),
+        ({"train.dtype": "float16"}, r"train.dtype: .*'float16'.*\['float32', 'bfloat16'\]"),
+        ({"crossbatch.layout": "ring"}, r"crossbatch.layout: .*'ring'.*\['reference', 'paper', 'none'\]"),
+        ({"data.window": "big"}, "data.window: .*'big'.*Integer"),
+        ({"adapter.layers": "all"}, r"adapter.layers: .*'all'.*list\[int\].*memory"),
+        ({"data.paths": "books.parquet"}, "data.paths: .*str.*list"),
+        ({"crossbatch.d_choices": [2, "x"]}, r"crossbatch.d_choices\[1\]: .*'x'.*Integer"),
+        ({"data.mix": 3}, r"data.mix: .*int.*Dict\[str, float\]"),
+        ({"data.mix": {"recall": "x"}}, "data.mix.recall: .*'x'.*Float"),
+        ({"model.mem_layers": "2"}, "model.mem_layers: .*str.*list"),
+        ({"model.mem_layers": [1, "a"]}, r"model.mem_layers\[1\]: .*'a'.*Integer"),
+        ({"model.vocab_size": True}, "model.vocab_size: .*'True'.*Integer"),
+        ({"data": 3}, "data: .*int.*DataConfig"),
+        ({"optim.lr.x": 1}, "optim.lr: .*Float"),
         ({"train.micro_batch_size": 6}, "train.micro_batch_size=6 must be a positive multiple of data.pack=4"),
         ({"data.pack": 0}, "data.pack"),
         ({"train.grad_accum": 0}, "train.grad_accum"),
@@ -121,12 +131,29 @@ def test_config_errors_name_the_key(overrides, match):
         load_config(CI, overrides)
 
 
+def test_values_of_every_kind_are_accepted(tmp_path):
+    """Optionals, a list-or-choice union, a mapping that replaces its default, an empty section, interpolation."""
+    spec = load_config(CI, {"data.window": None, "adapter.layers": "memory", "data.mix": {"recall": 1},
+                            "model.rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert spec.data.window is None and spec.adapter.layers == "memory"
+    assert spec.data.mix == {"recall": 1.0}  # replaced, not merged with the default recall/lookup/copy
+    assert spec.model["rope_parameters"]["rope_theta"] == 10000.0 and spec.model["mem_layers"] == [1]
+    assert load_config(CI, {"adapter.layers": [0, 2]}).adapter.layers == [0, 2]
+    config = tmp_path / "run.yaml"
+    config.write_text("log:\nrun:\n  out_dir: runs/x\ndata:\n  tokenizer: ${run.out_dir}/tok\n  mix: {copy: 2}\n")
+    spec = load_config(config)
+    assert spec.log.every == 1 and spec.data.tokenizer == "runs/x/tok" and spec.data.mix == {"copy": 2.0}
+
+
 def test_file_and_model_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must be a YAML mapping"):
+        load_config(bad)
+    bad.write_text("train:\n  max_steps: [3\n")
+    with pytest.raises(ValueError, match="bad.yaml is not valid YAML: while parsing a flow sequence"):
         load_config(bad)
     spec = load_config(CI, {"train.batch_tokens": 1000})
     with pytest.raises(ValueError, match="train.batch_tokens=1000 is not a multiple"):

@@ -15,21 +15,24 @@ A run config is a YAML mapping with these top-level keys (every one optional exc
     adapter: AdapterConfig              # train LoRA adapters through peft instead of every weight
 
 Command-line overrides are ``--section.key=value`` (``--checkpoint=DIR`` for top-level keys); values are parsed
-as YAML, so ``--model.mem_layers=[2,3]`` and ``--run.resume=true`` work. Unknown keys and values of the wrong
-type raise ``ValueError`` naming the dotted key.
+as YAML, so ``--model.mem_layers=[2,3]`` and ``--run.resume=true`` work. OmegaConf checks keys and types against
+these dataclasses (structured configs): unknown keys and values of the wrong type raise ``ValueError`` naming the
+dotted key. Strings may use OmegaConf interpolation (``${run.out_dir}/tokenizer``, ``${oc.env:HOME}``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
+import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 
 @dataclass
@@ -242,128 +245,6 @@ class RunSpec:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
-# ----------------------------------------------------------------------------- type checking
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def check_value(key: str, value: Any, tp) -> Any:
-    """Return ``value`` converted to ``tp`` where that is lossless (int -> float), or raise ``ValueError``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return check_value(key, value, arg)
-            except ValueError as err:
-                errors.append(err)
-        raise ValueError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key}: {value!r} is not allowed; use {_type_name(tp)}.")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}.")
-        return [check_value(f"{key}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}.")
-        return dict(value)
-    if tp in (dict, list):
-        if not isinstance(value, tp):
-            raise ValueError(f"{key}: expected a {'mapping' if tp is dict else 'list'}, got {value!r}.")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}.")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}.")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _EXPONENT.fullmatch(value):  # YAML 1.1 reads 2e-5 as a string
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}.")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, key)
-    raise TypeError(f"internal: no checker for {tp} at {key}")
-
-
-def build_dataclass(cls, values: Any, prefix: str = ""):
-    """Build ``cls`` from a mapping, checking every key and type."""
-    where = prefix or "the config"
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping, got {values!r}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ValueError(f"unknown config key {dotted!r}; known keys{' of ' + prefix if prefix else ''}: "
-                             f"{', '.join(sorted(names))}.")
-        kwargs[key] = check_value(dotted, value, hints[key])
-    return cls(**kwargs)
-
-
-# ----------------------------------------------------------------------------- model fields
-def longllama_fields() -> dict[str, Any]:
-    """The LongLlamaConfig field names and their annotated types (the keys ``model:`` accepts)."""
-    import sys
-
-    from fot import LongLlamaConfig
-
-    hints: dict[str, Any] = {}
-    for klass in reversed(LongLlamaConfig.__mro__):
-        namespace = vars(sys.modules[klass.__module__])
-        for name, ann in klass.__dict__.get("__annotations__", {}).items():
-            if name.startswith("_"):
-                continue
-            try:
-                hints[name] = eval(ann, namespace) if isinstance(ann, str) else ann  # noqa: S307 - own annotations
-            except Exception:  # noqa: BLE001 - an annotation we cannot resolve is checked by LongLlamaConfig
-                hints[name] = Any
-    for extra in ("rope_scaling", "torch_dtype", "dtype", "architectures"):
-        hints.setdefault(extra, Any)
-    return hints
-
-
-def check_model_fields(model: dict[str, Any]) -> dict[str, Any]:
-    fields = longllama_fields()
-    out = {}
-    for key, value in model.items():
-        if key not in fields:
-            raise ValueError(f"unknown config key 'model.{key}': not a LongLlamaConfig field. Known fields include "
-                             f"vocab_size, hidden_size, num_hidden_layers, mem_layers, max_position_embeddings.")
-        tp = fields[key]
-        try:
-            out[key] = check_value(f"model.{key}", value, tp)
-        except TypeError:  # an annotation we cannot check structurally; LongLlamaConfig validates it
-            out[key] = value
-    return out
-
-
 # ----------------------------------------------------------------------------- loading
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """``["--a.b=1", "--c", "x"]`` -> ``{"a.b": 1, "c": "x"}`` with YAML-parsed values."""
@@ -389,21 +270,59 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    for dotted, value in overrides.items():
-        parts = dotted.split(".")
-        node = tree
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"override --{dotted}: {part!r} is not a section.")
-            node = child
-        node[parts[-1]] = value
-    return tree
+def _assignments(cfg: DictConfig, key: str, value: Any):
+    """``key: value`` as ``(dotted key, value)`` pairs for ``OmegaConf.update``. A mapping given for a section (a
+    dataclass) is split into its keys, so that a mapping inside a section (``data.mix``, ``model``) replaces its
+    default, as a list does, instead of merging with it. An empty section (``log:`` alone) keeps the defaults."""
+    node = OmegaConf.select(cfg, key)
+    section = OmegaConf.is_dict(node) and dataclasses.is_dataclass(OmegaConf.get_type(node))
+    if section and isinstance(value, dict | None):
+        for sub, item in (value or {}).items():
+            yield from _assignments(cfg, f"{key}.{sub}", item)
+    else:
+        yield key, value
+
+
+@functools.cache
+def _model_schema() -> type:
+    """The keys ``model:`` accepts, LongLlamaConfig's fields and the legacy ``rope_scaling`` and ``torch_dtype``, as a
+    dataclass whose fields are MISSING unless set. A field whose annotation OmegaConf cannot check (``str |
+    torch.dtype``) is Any here; LongLlamaConfig validates it."""
+    import torch
+
+    from fot import LongLlamaConfig
+
+    names = [f.name for f in dataclasses.fields(LongLlamaConfig)] + ["rope_scaling", "torch_dtype"]
+    hints = typing.get_type_hints(LongLlamaConfig, localns={"torch": torch})
+
+    def checkable(name: str):
+        tp = hints.get(name, Any)
+        try:
+            OmegaConf.structured(dataclasses.make_dataclass(name, [(name, tp, field(default=MISSING))]))
+        except OmegaConfBaseException:
+            return Any
+        return tp
+
+    return dataclasses.make_dataclass("LongLlamaConfig", [(n, checkable(n), field(default=MISSING)) for n in names])
+
+
+def _one_line(err: OmegaConfBaseException, prefix: str = "") -> ValueError:
+    """OmegaConf's error as one line naming the dotted key; an unknown key also gets the close matches and the keys
+    its section knows."""
+    key = prefix + str(err.full_key or "")
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(err.object_type):
+        section, _, name = key.rpartition(".")
+        known = sorted(f.name for f in dataclasses.fields(err.object_type))
+        close = [f"{section}.{m}" if section else m for m in difflib.get_close_matches(name, known)]
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        return ValueError(f"unknown config key {key!r}{hint}; known keys of {section or 'the config'}: "
+                          f"{', '.join(known)}.")
+    return ValueError(f"{key + ': ' if key else ''}{str(err).splitlines()[0]}")
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunSpec:
-    """Read a YAML run config, apply dotted overrides, validate, return a ``RunSpec``."""
+    """Read a YAML run config, apply dotted overrides, check keys and types (OmegaConf), validate, return a
+    ``RunSpec``."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -415,9 +334,22 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: a run config must be a YAML mapping of sections, got {type(tree).__name__}.")
-    apply_overrides(tree, overrides or {})
-    spec = build_dataclass(RunSpec, tree)
-    spec.model = check_model_fields(spec.model)
+    cfg = OmegaConf.structured(RunSpec)
+    try:
+        for key, value in [*tree.items(), *(overrides or {}).items()]:
+            for dotted, item in _assignments(cfg, str(key), value):
+                OmegaConf.update(cfg, dotted, item, merge=False)
+        spec = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _one_line(err) from None
+    model = OmegaConf.structured(_model_schema())
+    try:
+        for key, value in spec.model.items():
+            OmegaConf.update(model, key, value, merge=False)
+    except OmegaConfBaseException as err:
+        raise _one_line(err, "model.") from None
+    checked = OmegaConf.to_container(model)
+    spec.model = {key: checked[key] for key in spec.model}
     validate(spec)
     return spec
 
