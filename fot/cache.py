@@ -244,11 +244,15 @@ class LongLlamaCache(Cache):
             ``search_factory(config, layer_idx)``; by default the backend of ``config.mem_index``.
         gather_scratch: builds the buffers top-k gathers reuse (``GatherScratch``); a factory returning None
             makes every gather allocate fresh tensors.
+        preallocate_memory: a forward announces how many tokens it moves to memory (``expect_memory``), so each
+            store is allocated once, at its final size. False grows the stores step by step instead (x1.25, each
+            step copying all of memory), with the same results.
     """
 
     def __init__(self, config: LongLlamaConfig, cache_policy: str | None = None,
                  search_factory: SearchFactory = default_search_factory,
-                 gather_scratch: Callable[[], GatherScratch | None] = GatherScratch):  # fmt: skip
+                 gather_scratch: Callable[[], GatherScratch | None] = GatherScratch,
+                 preallocate_memory: bool = True):  # fmt: skip
         super().__init__(layers=[])
         policy = cache_policy or config.cache_policy
         if policy not in CACHE_POLICIES:
@@ -266,6 +270,7 @@ class LongLlamaCache(Cache):
         self.seen_tokens = 0
         self.gather_scratch = gather_scratch
         self.scratch = gather_scratch()  # reused by every top-k gather while this cache lives
+        self.preallocate_memory = preallocate_memory
 
     def _new_memories(self) -> None:
         cfg = self.config
@@ -337,7 +342,10 @@ class LongLlamaCache(Cache):
                 self.append_memory(idx, k_raw, v, valid, training=plan.training)
 
     def expect_memory(self, tokens: int) -> None:
-        """``tokens`` more tokens are about to go to every memory layer: each store allocates them at once."""
+        """``tokens`` more tokens are about to go to every memory layer: each store allocates them at once (unless
+        the cache was made with ``preallocate_memory=False``)."""
+        if not self.preallocate_memory:
+            return
         for store in self.memories.values():
             store.expect(tokens)
 
@@ -469,7 +477,7 @@ def _checksum(tensors: dict[str, torch.Tensor], header: dict) -> str:
     return digest.hexdigest()
 
 
-def save_cache(cache: LongLlamaCache, path: str | os.PathLike) -> None:
+def save_cache(cache: LongLlamaCache, path: str | os.PathLike, writer: Callable = save_file) -> None:
     """Write the cache (local windows, memories, search indexes, counters) to one safetensors file, atomically.
 
     The header records the format, the model fingerprint (layers, heads, dims, memory dtype ...) and a
@@ -477,6 +485,9 @@ def save_cache(cache: LongLlamaCache, path: str | os.PathLike) -> None:
     inside a temporary folder next to ``path`` (``<path>.tmp-<pid>``) and renamed into place: safetensors
     writes through a hidden temporary file of its own, which a killed save would otherwise leave behind at
     full size. A later save or load of the same path removes the folders of processes that no longer run.
+
+    ``writer(tensors, filename, metadata=...)`` writes the file, as ``safetensors.torch.save_file`` (the default)
+    does; tests pass one that fails halfway, as a full disk would.
     """
     tensors: dict[str, torch.Tensor] = {}
     for i, local in enumerate(cache.locals):
@@ -512,7 +523,7 @@ def save_cache(cache: LongLlamaCache, path: str | os.PathLike) -> None:
     try:
         os.mkdir(tmp_dir)
         tmp = os.path.join(tmp_dir, "cache.safetensors")
-        save_file(tensors, tmp, metadata={"fot": json.dumps(header)})
+        writer(tensors, tmp, metadata={"fot": json.dumps(header)})
         os.replace(tmp, path)
     except Exception as err:
         raise OSError(f"cannot write the cache to {path}: {_reason(err)}") from err

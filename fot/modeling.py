@@ -59,7 +59,15 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
 
 
 class LongLlamaModel(LongLlamaPreTrainedModel):
-    """The decoder stack: embeddings, ``num_hidden_layers`` layers (some with memory), final norm."""
+    """The decoder stack: embeddings, ``num_hidden_layers`` layers (some with memory), final norm.
+
+    Attributes:
+        impl_resolver: the ``AttnImplResolver`` that turns ``config.attn_impl`` into an implementation, once per
+            device; replace it to decide differently whether Triton can run (e.g.
+            ``AttnImplResolver(unavailable_reason=...)``).
+        window_group_queries: full windows bound for memory run in groups of about this many queries in
+            inference (0: one at a time).
+    """
 
     def __init__(self, config: LongLlamaConfig):
         config.validate_longllama()
@@ -68,8 +76,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.impl_resolver = AttnImplResolver()  # attn_impl resolved once per device
-        # full windows bound for memory run in groups of about this many queries in inference (0: one at a time)
+        self.impl_resolver = AttnImplResolver()
         self.window_group_queries = WINDOW_GROUP_QUERIES
         self.post_init()
 

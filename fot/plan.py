@@ -9,6 +9,7 @@ policy. ``AttnImplResolver`` resolves ``attn_impl`` once per model and device.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -20,12 +21,22 @@ logger = logging.getLogger(__name__)
 WINDOW_GROUP_QUERIES = 1024  # short windows bound for memory run in groups of at least this many tokens
 WINDOW_GROUP_MAX = 8  # windows per group at most
 
+UnavailableReason = Callable[[torch.device], str | None]
 
-def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
-    """The concrete implementation for ``device``: "auto" picks Triton on CUDA when it can run there and the
-    fused torch path otherwise; an explicit "triton" that cannot run raises, with the reason."""
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None (``fot.kernels.unavailable_reason``, imported
+    only when asked)."""
     from .kernels import unavailable_reason
 
+    return unavailable_reason(device)
+
+
+def resolve_attn_impl(attn_impl: str, device: torch.device,
+                      unavailable_reason: UnavailableReason = triton_unavailable_reason) -> str:  # fmt: skip
+    """The concrete implementation for ``device``: "auto" picks Triton on CUDA when it can run there and the
+    fused torch path otherwise; an explicit "triton" that cannot run raises, with the reason that
+    ``unavailable_reason(device)`` gives."""
     if attn_impl == "auto":
         return "triton" if device.type == "cuda" and unavailable_reason(device) is None else "torch"
     if attn_impl == "triton":
@@ -36,15 +47,21 @@ def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
 
 
 class AttnImplResolver:
-    """``resolve_attn_impl`` once per (``attn_impl``, device); an "auto" choice is logged when it is made."""
+    """``resolve_attn_impl`` once per (``attn_impl``, device); an "auto" choice is logged when it is made.
 
-    def __init__(self):
+    Args:
+        unavailable_reason: ``(device) -> str | None``, why the Triton kernels cannot run on a device (None: they
+            can). Tests pass their own to reach the error of a Triton that cannot run on any machine.
+    """
+
+    def __init__(self, unavailable_reason: UnavailableReason = triton_unavailable_reason):
+        self.unavailable_reason = unavailable_reason
         self._resolved: dict[tuple[str, torch.device], str] = {}
 
     def __call__(self, attn_impl: str, device: torch.device) -> str:
         key = (attn_impl, torch.device(device))
         if key not in self._resolved:
-            impl = resolve_attn_impl(attn_impl, key[1])
+            impl = resolve_attn_impl(attn_impl, key[1], self.unavailable_reason)
             if attn_impl == "auto":
                 logger.info("fot: attn_impl='auto' chose %r on %s", impl, key[1].type)
             self._resolved[key] = impl

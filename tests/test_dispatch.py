@@ -4,8 +4,7 @@ run raise; "auto" picks torch on the CPU."""
 import pytest
 import torch
 
-import fot
-import fot.kernels
+from fot.plan import AttnImplResolver
 from tests.tiny import tiny_model, tokens
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'fot[triton]')")
@@ -24,11 +23,11 @@ def test_triton_impl_in_the_model_equals_torch(top_k):
     assert (got - expected).abs().max() < 1e-4
 
 
-def test_explicit_triton_that_cannot_run_raises(monkeypatch):
+def test_explicit_triton_that_cannot_run_raises():
     model = tiny_model(dtype=torch.float32, mem_layers=[1], mem_dtype="float32")
     model.config.attn_impl = "triton"
-    monkeypatch.setattr(fot.kernels, "unavailable_reason", lambda device: "no CUDA device and TRITON_INTERPRET unset")
-    with pytest.raises(ValueError, match="attn_impl='triton' cannot run"):
+    model.model.impl_resolver = AttnImplResolver(unavailable_reason=lambda device: "no CUDA device here")
+    with pytest.raises(ValueError, match="attn_impl='triton' cannot run on cpu: no CUDA device here"):
         model(tokens(1, 10, seed=0))
 
 

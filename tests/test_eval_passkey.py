@@ -362,10 +362,12 @@ def test_cli_evaluates_a_lora_adapter_on_its_base(model_dir, tmp_path):
 
 
 def test_cli_scores_a_model_that_knows_the_keys_100_percent(model_dir, encoder, monkeypatch):
-    """generate() patched to answer every prompt correctly: the CLI's prompts, seeds and scoring agree."""
+    """The CLI given a model whose generate() answers every prompt correctly: its prompts, seeds and scoring
+    agree."""
     trials = passkey.make_trials(encoder, [100], trials=3, seed=5)
     knows = ScriptedModel({tuple(t.prompt_ids): t.answer_ids for t in trials[100]})
-    monkeypatch.setattr(fot.LongLlamaForCausalLM, "generate", lambda self, *a, **kw: knows.generate(*a, **kw))
+    knows.config = fot.LongLlamaConfig.from_pretrained(model_dir)
+    monkeypatch.setattr(passkey, "load_model", lambda *args: knows)
     report = passkey.main(["--model", str(model_dir), "--lengths", "100", "--trials", "3", "--seed", "5",
                            "--settings", "memory", "--device", "cpu"])
     assert report["results"]["memory"][0]["accuracy"] == 100.0

@@ -18,10 +18,11 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import fot
-import fot.cache
 import fot.search
+from fot.cache import save_cache
 from fot.memory import MemoryStore
 from fot.search import FaissIVFSearch, default_search_factory, exact_topk, lift_keys, make_search, recall_at_k
 from tests.naive import MASKED, NaiveLongLlama, Spec, rotate, weights_f64
@@ -790,8 +791,6 @@ def test_cache_for_a_different_config_is_refused_naming_the_field(tmp_path, fiel
 
 
 def test_non_fot_files_are_refused_clearly(tmp_path):
-    from safetensors.torch import save_file
-
     config = tiny_config()
     plain = tmp_path / "weights.safetensors"
     save_file({"x": torch.zeros(3)}, plain)
@@ -805,37 +804,32 @@ def test_non_fot_files_are_refused_clearly(tmp_path):
         fot.LongLlamaCache.load(tmp_path / "missing.safetensors", config)
 
 
-def _failing_save_file(real):
-    def save_file(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)  # the temp file is written in full ...
-        with open(filename, "r+b") as f:
-            f.truncate(100)  # ... then the disk "fills up" halfway through
-        raise OSError(28, "No space left on device")
-
-    return save_file
+def _disk_full_writer(tensors, filename, metadata=None):
+    save_file(tensors, filename, metadata=metadata)  # the temp file is written in full ...
+    with open(filename, "r+b") as f:
+        f.truncate(100)  # ... then the disk "fills up" halfway through
+    raise OSError(28, "No space left on device")
 
 
-def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+def test_save_is_atomic_when_writing_fails(tmp_path):
     model, cache, path = _saved(tmp_path)
     before = path.read_bytes()
-    monkeypatch.setattr(fot.cache, "save_file", _failing_save_file(fot.cache.save_file))
     with torch.no_grad():
         model(tokens(1, 5, seed=34), past_key_values=cache)  # the cache changed since it was saved
     with pytest.raises(OSError):
-        cache.save(path)
+        save_cache(cache, path, writer=_disk_full_writer)
     assert path.read_bytes() == before  # the old file is intact ...
     fot.LongLlamaCache.load(path, model.config)  # ... and still loads
     fresh = tmp_path / "new.safetensors"
     with pytest.raises(OSError):
-        cache.save(fresh)
+        save_cache(cache, fresh, writer=_disk_full_writer)
     assert not fresh.exists()  # no partial file at a new target either
 
 
-def test_failed_save_leaves_no_temp_file(tmp_path, monkeypatch):
+def test_failed_save_leaves_no_temp_file(tmp_path):
     _, cache, path = _saved(tmp_path)
-    monkeypatch.setattr(fot.cache, "save_file", _failing_save_file(fot.cache.save_file))
     with pytest.raises(OSError):
-        cache.save(path)
+        save_cache(cache, path, writer=_disk_full_writer)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
@@ -951,7 +945,7 @@ def test_memory_ram_within_1_25x_of_keys_and_values(faiss1, small_ivf, backend, 
 
 
 @pytest.mark.parametrize("top_k, max_tokens", [(None, None), (4, None), (4, 1500)])
-def test_prefill_allocates_each_memory_once_at_its_final_size(monkeypatch, top_k, max_tokens):
+def test_prefill_allocates_each_memory_once_at_its_final_size(top_k, max_tokens):
     """A fresh forward announces how many tokens go to memory, so each store is allocated once, exactly,
     instead of growing (and copying all of memory) step by step; the outputs do not change."""
     model = tiny_model(mem_layers=[0, 2], mem_top_k=top_k, mem_max_tokens=max_tokens, dtype=torch.float32)
@@ -961,9 +955,8 @@ def test_prefill_allocates_each_memory_once_at_its_final_size(monkeypatch, top_k
     final = 2560 if max_tokens is None else max_tokens
     for store in out.past_key_values.memories.values():
         assert store.allocations == 1 and store.capacity == store.length == final
-    monkeypatch.setattr(MemoryStore, "expect", lambda store, tokens: None)  # grow step by step instead
     with torch.no_grad():
-        stepwise = model(ids, use_cache=True)
+        stepwise = model(ids, past_key_values=fot.LongLlamaCache(model.config, preallocate_memory=False), use_cache=True)
     assert all(store.allocations > 1 for store in stepwise.past_key_values.memories.values())
     assert torch.equal(out.logits, stepwise.logits)
 
