@@ -3,13 +3,13 @@
 Shape legend: B batch, G KV heads, S local tokens, T new tokens, H head dim.
 
 ``LongLlamaCache`` is a transformers ``Cache`` so ``generate`` can carry it, reorder it for beam search and
-repeat it for multiple return sequences. All writes to state go through it, from the model's layer loop,
-never from inside an attention forward. In inference, attention stages a chunk's keys in the free slots after
-the committed prefix (so decoding reads views and never re-copies the window); in training (the forward plan's
-``training``, passed to every write) it extends a frozen snapshot by concatenation, so activation checkpointing
-recomputes exactly. Either way the model's layer loop commits the chunk afterwards. Buffers written in
-training are copied first (copy-on-write), so views saved for backward stay valid. The cache's ``policy`` is
-its default; a forward's plan may override it for one call without changing it.
+repeat it for multiple return sequences. All writes to state go through it, from the model's decoder layers and
+layer loop, never from inside an attention forward. In inference, a decoder layer stages its chunk's keys in the
+free slots after the committed prefix before it attends (so decoding reads views and never re-copies the
+window); in training (the forward plan's ``training``, passed to every write) it extends a frozen snapshot by
+concatenation, so activation checkpointing recomputes exactly. Either way the model's layer loop commits the
+chunk afterwards. Buffers written in training are copied first (copy-on-write), so views saved for backward stay
+valid. The cache's ``policy`` is its default; a forward's plan may override it for one call without changing it.
 
 Local windows keep both the raw (pre-RoPE) keys, which memory needs, and the keys rotated at positions
 relative to the start of the local window, which local attention needs. Positions restart at 0 whenever the
@@ -403,8 +403,8 @@ class LongLlamaCache(Cache):
         return load_cache(path, config, device, search_factory)
 
     def local_for_attention(self, layer_idx: int, *, training: bool):
-        """What a layer's attention extends with its chunk: the window itself (inference) or, in training, a
-        frozen snapshot (a checkpointed layer then recomputes exactly)."""
+        """What a decoder layer extends with its chunk before attending: the window itself (inference) or, in
+        training, a frozen snapshot (a checkpointed layer then recomputes exactly)."""
         local = self.locals[layer_idx]
         return local.snapshot() if training else local
 

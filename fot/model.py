@@ -68,7 +68,11 @@ class LongLlamaMLP(nn.Module):
 
 
 class LongLlamaAttention(nn.Module):
-    """Causal self-attention over the local window, plus the memory in memory layers."""
+    """Causal self-attention over the local window, plus the memory in memory layers.
+
+    ``project`` makes a chunk's queries, keys and values; ``forward`` attends the queries to what the decoder layer
+    gathered for them (``LongLlamaDecoderLayer.forward``). Attention reads state and never writes it.
+    """
 
     def __init__(self, config: LongLlamaConfig, layer_idx: int):
         super().__init__()
@@ -84,65 +88,68 @@ class LongLlamaAttention(nn.Module):
         self.v_proj = nn.Linear(D, G * H, bias=bias)
         self.o_proj = nn.Linear(N * H, D, bias=bias)
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        *,
-        rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
-        local,
-        memory,
-        valid_BT: torch.Tensor | None,
-        plan: ForwardPlan,
-        crossbatch: CrossBatchPlan | None = None,
-        windows: int = 1,
-    ):
-        """Attend a chunk.
-
-        ``local`` is a ``LocalWindow`` (inference) or ``LocalSnapshot`` (training). ``memory`` is a
-        ``MemoryReader`` (memory layers) or None: dense attention to its whole view, or, in the plan's top-k
-        mode, to each query's retrieved slots. With ``crossbatch`` (training), memory layers instead attend to
-        the other rows' raw keys (position 0) and values named by it, in the same softmax. ``windows`` > 1: the
-        chunk is that many consecutive windows stacked as batch rows (window-major, ``window_group_attention``).
-        The caller commits the returned keys/values to the cache.
+    def project(self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None):
+        """Queries, keys and values of a chunk, rotated at the positions of ``rope_cos_sin`` unless the layer uses
+        no RoPE.
 
         Returns:
-            (output [B, T, D], (raw keys before RoPE, rotated keys, values), each [B, G, T, H]).
+            (q [B, N, T, H] rotated, raw keys before RoPE, rotated keys, values, each [B, G, T, H]).
         """
         B, T, _ = x_BTD.shape
         q_BNTH = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGTH = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGTH = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            # Under autocast the projections come out in the autocast dtype while the tables are in the
-            # residual stream's; rotating in the projections' dtype keeps q, k and v (and the cache) in one.
-            cos_TH, sin_TH = (t.to(q_BNTH.dtype) for t in rope_cos_sin)
-            q_BNTH = apply_rope(q_BNTH, cos_TH, sin_TH)
-            k_rot_BGTH = apply_rope(k_BGTH, cos_TH, sin_TH)
-        else:
-            k_rot_BGTH = k_BGTH
-        local_kv: LocalKV = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
+        if not self.use_rope:
+            return q_BNTH, k_BGTH, k_BGTH, v_BGTH
+        # Under autocast the projections come out in the autocast dtype while the tables are in the residual
+        # stream's; rotating in the projections' dtype keeps q, k and v (and the cache) in one.
+        cos_TH, sin_TH = (t.to(q_BNTH.dtype) for t in rope_cos_sin)
+        return apply_rope(q_BNTH, cos_TH, sin_TH), k_BGTH, apply_rope(k_BGTH, cos_TH, sin_TH), v_BGTH
+
+    def forward(
+        self,
+        q_BNTH: torch.Tensor,
+        *,
+        local_kv: LocalKV,
+        k_raw_BGTH: torch.Tensor,
+        v_BGTH: torch.Tensor,
+        memory,
+        idx_BNTK: torch.Tensor | None,
+        valid_BT: torch.Tensor | None,
+        plan: ForwardPlan,
+        crossbatch: CrossBatchPlan | None = None,
+        windows: int = 1,
+    ) -> torch.Tensor:
+        """Attend a chunk's queries.
+
+        ``local_kv`` is the local window with the chunk's keys at its end. ``memory`` is a ``MemoryReader`` (memory
+        layers) or None: dense attention to its whole view, or, in the plan's top-k mode, to each query's slots
+        ``idx_BNTK``. With ``crossbatch`` (training), memory layers instead attend to the other rows' raw keys
+        (position 0) and values named by it, in the same softmax. ``windows`` > 1: the chunk is that many
+        consecutive windows stacked as batch rows (window-major, ``window_group_attention``).
+
+        Returns:
+            the output [B, T, D].
+        """
+        B, _, T, _ = q_BNTH.shape
         attend = attention_function(plan.impl, plan.attention_kind)
         if self.is_memory_layer and crossbatch is not None:
-            out_BNTH = crossbatch_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, valid_BT, crossbatch, attend,
+            out_BNTH = crossbatch_attention(q_BNTH, local_kv, k_raw_BGTH, v_BGTH, valid_BT, crossbatch, attend,
                                             plan.grouping)  # fmt: skip
         elif self.is_memory_layer and windows > 1:
-            out_BNTH = window_group_attention(q_BNTH, local_kv, k_BGTH, v_BGTH, memory.view(), windows,
+            out_BNTH = window_group_attention(q_BNTH, local_kv, k_raw_BGTH, v_BGTH, memory.view(), windows,
                                               memory.dtype)  # fmt: skip
         else:
-            mem_kv, idx_BNTK = None, None
-            if self.is_memory_layer:
-                mem_kv = memory.view()
-                if mem_kv is not None and plan.memory_mode == "top-k":
-                    idx_BNTK = memory.retrieve(q_BNTH)
+            mem_kv = memory.view() if self.is_memory_layer else None
             scratch = None if memory is None else memory.scratch
             out_BNTH = attend(q_BNTH, local_kv, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping, scratch=scratch)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(out_BTD), (k_BGTH, k_rot_BGTH, v_BGTH)
+        return self.o_proj(out_BTD)
 
 
 class LongLlamaDecoderLayer(GradientCheckpointingLayer):
     """One decoder block. Checkpointing (``gradient_checkpointing_enable``) recomputes it in backward, which is
-    exact because a layer never writes to the cache: the model's layer loop commits what it returns."""
+    exact because in training a layer never writes to the cache: the model's layer loop commits what it returns."""
 
     def __init__(self, config: LongLlamaConfig, layer_idx: int):
         super().__init__()
@@ -154,15 +161,30 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, x_BTD, *, rope_cos_sin, local, memory, valid_BT, plan: ForwardPlan, crossbatch=None,
                 windows: int = 1):  # fmt: skip
-        """``x_BTD`` is positional (a checkpointed layer passes only positional arguments through the
-        checkpoint function); everything else is a keyword (``LongLlamaAttention.forward``)."""
-        attn_BTD, kv = self.self_attn(
-            self.input_layernorm(x_BTD), rope_cos_sin=rope_cos_sin, local=local, memory=memory, valid_BT=valid_BT,
-            plan=plan, crossbatch=crossbatch, windows=windows,
+        """Run the block on a chunk.
+
+        ``x_BTD`` is positional (a checkpointed layer passes only positional arguments through the checkpoint
+        function); everything else is a keyword. ``local`` is a ``LocalWindow`` (inference) or a ``LocalSnapshot``
+        (training), ``memory`` a ``MemoryReader`` or None; the rest is as in ``LongLlamaAttention.forward``.
+
+        Returns:
+            (output [B, T, D], (raw keys before RoPE, rotated keys, values), each [B, G, T, H]), for the caller to
+            commit to the cache.
+        """
+        q_BNTH, k_raw_BGTH, k_rot_BGTH, v_BGTH = self.self_attn.project(self.input_layernorm(x_BTD), rope_cos_sin)
+        # What attention reads is gathered here, outside it: the chunk joins the local window (the cache's window
+        # stages it in its free slots, a training snapshot concatenates it) and top-k memory is searched.
+        local_kv = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
+        idx_BNTK = None
+        if memory is not None and plan.memory_mode == "top-k" and memory.view() is not None:
+            idx_BNTK = memory.retrieve(q_BNTH)
+        attn_BTD = self.self_attn(
+            q_BNTH, local_kv=local_kv, k_raw_BGTH=k_raw_BGTH, v_BGTH=v_BGTH, memory=memory, idx_BNTK=idx_BNTK,
+            valid_BT=valid_BT, plan=plan, crossbatch=crossbatch, windows=windows,
         )  # fmt: skip
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-        return x_BTD, kv
+        return x_BTD, (k_raw_BGTH, k_rot_BGTH, v_BGTH)
 
 
 # ----------------------------------------------------------------------------- windowing of long inputs

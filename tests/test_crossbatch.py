@@ -120,9 +120,10 @@ def memory_layer_forward(model, x_BTD, plan):
     impl = model.model.impl_resolver(model.config.attn_impl, x_BTD.device)
     training = torch.is_grad_enabled()
     forward_plan = ForwardPlan(impl=impl, memory_mode="crossbatch", training=training)
-    out, _ = layer.self_attn(x_BTD, rope_cos_sin=rope, local=cache.local_for_attention(idx, training=training),
-                             memory=None, valid_BT=None, plan=forward_plan, crossbatch=plan)  # fmt: skip
-    return out
+    q, k_raw, k_rot, v = layer.self_attn.project(x_BTD, rope)
+    local_kv = cache.local_for_attention(idx, training=training).extend(k_rot, v, None)
+    return layer.self_attn(q, local_kv=local_kv, k_raw_BGTH=k_raw, v_BGTH=v, memory=None, idx_BNTK=None,
+                           valid_BT=None, plan=forward_plan, crossbatch=plan)  # fmt: skip
 
 
 def spec_attention(attn, x_BTD, plan, dtype=torch.float64):

@@ -955,8 +955,9 @@ def test_prefill_allocates_each_memory_once_at_its_final_size(top_k, max_tokens)
     final = 2560 if max_tokens is None else max_tokens
     for store in out.past_key_values.memories.values():
         assert store.allocations == 1 and store.capacity == store.length == final
+    growing = fot.LongLlamaCache(model.config, preallocate_memory=False)  # grows step by step instead
     with torch.no_grad():
-        stepwise = model(ids, past_key_values=fot.LongLlamaCache(model.config, preallocate_memory=False), use_cache=True)
+        stepwise = model(ids, past_key_values=growing, use_cache=True)
     assert all(store.allocations > 1 for store in stepwise.past_key_values.memories.values())
     assert torch.equal(out.logits, stepwise.logits)
 
