@@ -176,7 +176,7 @@ needs_base = pytest.mark.skipif(not (ROOT / "models" / "smollm2-fot" / "config.j
 
 @slow
 @needs_base
-@pytest.mark.parametrize("name", ["smollm2-fot-lora", "smollm2-fot-lora-d1"])
+@pytest.mark.parametrize("name", ["smollm2-fot-lora", "smollm2-fot-lora-d1", "smollm2-fot-lora-synth"])
 def test_shipped_adapters_load_on_the_base_and_touch_only_memory_layers(name, monkeypatch):
     """The committed adapters load with one from_pretrained call (base + adapter), hold LoRA weights on the memory
     layers' attention only, and change the logits of the base."""
