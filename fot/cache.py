@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.cache_utils import Cache
 
-from .config import CACHE_POLICIES, LongLlamaConfig
+from .config import LongLlamaConfig
 from .memory import MemoryStore, copy_on_write
 from .rope import apply_rope, rope_cos_sin
 from .search import KeySearch, SearchFactory, default_search_factory
@@ -254,10 +254,7 @@ class LongLlamaCache(Cache):
                  gather_scratch: Callable[[], GatherScratch | None] = GatherScratch,
                  preallocate_memory: bool = True):  # fmt: skip
         super().__init__(layers=[])
-        policy = cache_policy or config.cache_policy
-        if policy not in CACHE_POLICIES:
-            raise ValueError(f"cache_policy={policy!r} is unknown; use one of {CACHE_POLICIES}.")
-        self.policy = policy
+        self.policy = cache_policy or config.cache_policy  # validated by the plan of each forward
         self.window = config.max_position_embeddings
         self.mem_layers = tuple(config.mem_layers)
         self.locals = [LocalWindow(self.window) for _ in range(config.num_hidden_layers)]

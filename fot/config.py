@@ -4,9 +4,9 @@ A published LongLLaMA ``config.json`` (``model_type`` "longllama", an ``auto_map
 ``rope_scaling: null``, every ``mem_*`` key) loads unchanged: ``auto_map`` is kept as plain metadata and
 ignored, because ``import fot`` registers our classes for ``model_type`` "longllama" with the Auto* factories.
 
-Validation raises ``ValueError`` naming the field, the offending value and the fix. It runs when the config
-is built and again when a model is built from it (``from_pretrained`` keyword overrides are applied to the
-config after construction, so the model re-checks).
+Validation raises ``ValueError`` naming the field, the offending value and the fix. It runs once, when the
+config is built (``from_pretrained``'s keyword overrides of the fields it checks are applied before), and again
+when one of those fields is assigned afterwards; an assignment that fails is undone.
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ MEM_DTYPES = ("float32", "float16", "bfloat16")
 CACHE_POLICIES = ("slide", "flush")
 MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf")
 ATTN_IMPLS = ("auto", "torch", "triton", "reference")
+# What ``validate_longllama`` checks: assigning one of these to a built config validates it again.
+VALIDATED_FIELDS = frozenset({
+    "hidden_size", "num_attention_heads", "head_dim", "num_key_value_heads", "num_hidden_layers", "mem_layers",
+    "max_position_embeddings", "last_context_length", "gradient_checkpoint_every_ith", "mem_dtype",
+    "mem_attention_grouping", "mem_index", "mem_top_k", "mem_max_tokens", "mem_nprobe", "cache_policy", "attn_impl",
+    "rope_parameters",
+})  # fmt: skip
 
 
 class LongLlamaConfig(PreTrainedConfig):
@@ -116,10 +123,29 @@ class LongLlamaConfig(PreTrainedConfig):
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
         if self.last_context_length is None:
             self.last_context_length = min(1024, self.max_position_embeddings)
-        if isinstance(self.mem_attention_grouping, list):
-            self.mem_attention_grouping = tuple(self.mem_attention_grouping)
         super().__post_init__(**kwargs)
         self.validate_longllama()
+
+    def __setattr__(self, key, value):
+        if key == "mem_attention_grouping" and isinstance(value, list):  # JSON and YAML give lists
+            value = tuple(value)
+        if key not in VALIDATED_FIELDS or not getattr(self, "_post_init_done", False):
+            super().__setattr__(key, value)  # building: ``__post_init__`` validates the whole config once
+            return
+        previous = getattr(self, key)
+        super().__setattr__(key, value)
+        try:
+            self.validate_longllama()
+        except ValueError:
+            super().__setattr__(key, previous)
+            raise
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "LongLlamaConfig":
+        """``PreTrainedConfig.from_dict``, with ``from_pretrained``'s keyword overrides of the validated fields
+        applied before the config is built (transformers would set them on the built config one by one)."""
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in VALIDATED_FIELDS}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
 
     # ------------------------------------------------------------------ validation
     def validate_longllama(self) -> None:
@@ -174,8 +200,6 @@ class LongLlamaConfig(PreTrainedConfig):
         if self.mem_dtype not in MEM_DTYPES:
             raise ValueError(f"mem_dtype={self.mem_dtype!r} is not supported; use one of {', '.join(MEM_DTYPES)}.")
         grouping = self.mem_attention_grouping
-        if isinstance(grouping, list):  # JSON and YAML give lists
-            grouping = self.mem_attention_grouping = tuple(grouping)
         if grouping is not None:
             ok = (
                 isinstance(grouping, tuple)
@@ -199,8 +223,7 @@ class LongLlamaConfig(PreTrainedConfig):
                 "attention to all of memory, which searches nothing). Set mem_top_k (e.g. 32) to use the index, "
                 "or drop mem_index."
             )
-        if self.cache_policy not in CACHE_POLICIES:
-            raise ValueError(f"cache_policy={self.cache_policy!r} is unknown; use one of {CACHE_POLICIES}.")
+        validate_cache_policy(self.cache_policy)
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r} is unknown; use one of {', '.join(ATTN_IMPLS)}.")
 
@@ -233,3 +256,9 @@ def validate_last_context_length(last_context_length: Any, window: int) -> None:
             f"last_context_length={last_context_length} exceeds max_position_embeddings={window} (the window); "
             f"use a value <= {window}."
         )
+
+
+def validate_cache_policy(cache_policy: Any) -> None:
+    """Raise ``ValueError`` unless ``cache_policy`` is one of ``CACHE_POLICIES``."""
+    if cache_policy not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy={cache_policy!r} is unknown; use one of {CACHE_POLICIES}.")

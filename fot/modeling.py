@@ -70,7 +70,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     """
 
     def __init__(self, config: LongLlamaConfig):
-        config.validate_longllama()
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)

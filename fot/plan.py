@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .config import CACHE_POLICIES, LongLlamaConfig, validate_last_context_length
+from .config import LongLlamaConfig, validate_cache_policy, validate_last_context_length
 from .types import ForwardPlan
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
     L = config.last_context_length if last_context_length is None else last_context_length
     validate_last_context_length(L, config.max_position_embeddings)
     policy = cache.policy if cache_policy is None else cache_policy
-    if policy not in CACHE_POLICIES:
-        raise ValueError(f"cache_policy={policy!r} is unknown; use one of {CACHE_POLICIES}.")
+    validate_cache_policy(policy)  # a cache takes any policy: the one a forward runs with is checked here
     if crossbatch:
         mode = "crossbatch"
     else:

@@ -355,7 +355,7 @@ def test_forward_rejects_foreign_caches_and_position_ids():
     with pytest.raises(ValueError, match="last_context_length"):
         model(ids, last_context_length=65)
     with pytest.raises(ValueError, match="cache_policy"):
-        fot.LongLlamaCache(model.config, cache_policy="lru")
+        model(ids, past_key_values=fot.LongLlamaCache(model.config, cache_policy="lru"))
 
 
 def test_generate_continues_a_prefilled_cache():

@@ -120,15 +120,16 @@ def test_reference_format_with_rope_scaling_is_rejected(tmp_path):
         AutoConfig.from_pretrained(tmp_path)
 
 
-def test_model_build_revalidates_mutated_config():
+def test_assigning_a_field_revalidates_the_config_and_a_bad_value_is_undone():
     cfg = tiny_config()
-    cfg.mem_layers = [7]
     with pytest.raises(ValueError, match="mem_layers"):
-        fot.LongLlamaForCausalLM(cfg)
-    cfg = tiny_config()
-    cfg.last_context_length = TINY["max_position_embeddings"] + 1
+        cfg.mem_layers = [7]
+    assert cfg.mem_layers == TINY["mem_layers"]
     with pytest.raises(ValueError, match="last_context_length"):
-        fot.LongLlamaModel(cfg)
+        cfg.last_context_length = TINY["max_position_embeddings"] + 1
+    assert cfg.last_context_length == TINY["last_context_length"]
+    cfg.mem_attention_grouping = [1, 16]  # as JSON and YAML give it
+    assert cfg.mem_attention_grouping == (1, 16)
 
 
 def test_last_context_length_default_follows_a_short_window():

@@ -42,7 +42,6 @@ def build_model(spec) -> torch.nn.Module:
         model = fot.LongLlamaForCausalLM(fot.LongLlamaConfig(**fields))
     else:
         model = fot.LongLlamaForCausalLM.from_pretrained(spec.checkpoint, dtype=torch.float32, **fields)
-        model.config.validate_longllama()
     model = model.float()
     if spec.adapter.kind == "lora":
         model = add_lora(model, spec.adapter, spec.train.seed)

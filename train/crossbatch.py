@@ -111,7 +111,6 @@ def model_config(spec: RunSpec) -> fot.LongLlamaConfig:
         cfg = fot.LongLlamaConfig.from_pretrained(spec.checkpoint, **model_fields(spec))
     except OSError as err:
         raise ValueError(f"checkpoint={spec.checkpoint!r} has no readable config.json: {err}") from None
-    cfg.validate_longllama()  # from_pretrained validates before it applies the model: overrides
     return cfg
 
 
