@@ -71,7 +71,7 @@ class AttnImplResolver:
 def records_gradients(model: torch.nn.Module, inputs_embeds: torch.Tensor) -> bool:
     """Whether a forward trains: autograd records it and a parameter or the input requires a gradient. This is
     the one place fot reads autograd's global state; everything below follows the plan."""
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():  # the plan's one read of autograd's mode: layers below follow plan.training
         return False
     return inputs_embeds.requires_grad or any(p.requires_grad for p in model.parameters())
 
