@@ -18,7 +18,7 @@ the saved config:
 
 Every CLI checks before it loads a model that ``--out`` can be written (``open_trials``), appends each finished
 trial to ``OUT/trials.jsonl`` as it arrives (``TrialLog``), continues a killed run with ``--resume``, and writes
-results.json and its plots atomically at the end (``atomic_path``).
+results.json (``run_report``) and its plots atomically at the end (``print_and_write``, ``atomic_path``).
 
 The evaluation scripts run from a checkout; ``fot`` never imports them.
 """
@@ -149,6 +149,47 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# ----------------------------------------------------------------------------- arguments every CLI takes
+def add_model_arguments(p, model_help: str = "local checkpoint directory (config.json + weights)") -> None:
+    """``--model`` and ``--tokenizer``."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+
+
+def add_settings_argument(p) -> None:
+    p.add_argument("--settings", nargs="+", default=["memory", "no-memory"], help=f"any of: {SETTING_HELP}")
+
+
+def add_run_arguments(p, out_help: str, resume: bool = True) -> None:
+    """``--device``, ``--dtype``, ``--threads``, ``--out`` (described by ``out_help``) and, with ``resume``,
+    ``--resume``."""
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", help=out_help)
+    if resume:
+        p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+
+
+def check_model_args(args) -> tuple[list[Setting], Path, Path, dict]:
+    """The checks of ``--threads``, ``--settings``, ``--model`` and ``--tokenizer``, made before anything is loaded.
+    Returns the settings, the model and tokenizer directories and the model's saved config."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+    settings = parse_settings(args.settings)
+    model_dir = check_model_dir(args.model)
+    tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
+    return settings, model_dir, tokenizer_dir, model_config(model_dir)
+
+
+def check_vocab(tokenizer, tokenizer_dir: Path, config: dict) -> None:
+    """A ``ValueError`` when ``tokenizer`` has more tokens than the model's saved ``vocab_size``."""
+    vocab = config.get("vocab_size")
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(f"mismatched tokenizer: {str(tokenizer_dir)!r} has {len(tokenizer)} tokens but the model's "
+                         f"vocab_size is {vocab}; pass --tokenizer DIR with the tokenizer the model was trained with.")
+
+
 # ----------------------------------------------------------------------------- outputs
 @contextmanager
 def atomic_path(path: Path):
@@ -168,6 +209,32 @@ def atomic_path(path: Path):
 def write_json(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run_report(task: str, args, model_dir: Path, tokenizer_dir: Path, window: int, fields: dict, configs: dict,
+               results: dict, answer_methods: list[str] | None = None) -> dict:
+    """What results.json holds: the task, checkpoint, tokenizer and window, the tool's own ``fields``, where it
+    ran, with ``answer_methods`` how many answers were tokenized each way, then each setting's configuration and
+    results."""
+    report = {"task": task, "model": str(model_dir), "tokenizer": str(tokenizer_dir), "window": window, **fields,
+              "device": str(args.device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+    if answer_methods is not None:
+        report["answer_tokenization"] = {m: answer_methods.count(m) for m in sorted(set(answer_methods))}
+    return {**report, "settings": configs, "results": results}
+
+
+def print_and_write(args, report: dict, table: str, plots: dict) -> dict:
+    """Print ``table``; with ``--out``, write ``report`` to results.json and each plot there (``plots[name](path)``
+    draws file ``name``), and say what was written. Returns ``report``."""
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        write_json(out / "results.json", report)
+        for name, plot in plots.items():
+            plot(out / name)
+        written = [str(out / name) for name in ("results.json", *plots)]
+        print(f"wrote {', '.join(written[:-1])} and {written[-1]}")
+    return report
 
 
 LINE_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]  # keep overlapping curves visible

@@ -65,17 +65,17 @@ import torch
 from eval.common import (
     LINE_STYLES,
     new_figure,
-    SETTING_HELP,
     Setting,
-    check_model_dir,
-    check_tokenizer_dir,
+    add_model_arguments,
+    add_run_arguments,
+    add_settings_argument,
+    check_model_args,
+    check_vocab,
     cli_main,
-    default_device,
     finish_plot,
     load_model,
-    model_config,
-    parse_settings,
-    write_json,
+    print_and_write,
+    run_report,
 )
 from eval.passkey import PromptEncoder
 from eval.perplexity import DEFAULT_CHUNK, aggregate, bucket_edges, check_files, read_texts, summarize
@@ -289,8 +289,7 @@ def plot_distraction(path: Path, results: dict[str, dict], title: str) -> None:
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local checkpoint directory (or a LoRA adapter directory)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    add_model_arguments(p, "local checkpoint directory (or a LoRA adapter directory)")
     p.add_argument("--files", nargs="+", required=True, help=".txt (one document each), .jsonl or .parquet files")
     p.add_argument("--text-field", default="text", help="the text field (.jsonl) or column (.parquet)")
     p.add_argument("--split-tokens", type=int,
@@ -300,15 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of distracting documents before the target (default 0 1 3 7)")
     p.add_argument("--distractor-tokens", type=int, default=4096, help="tokens per distractor (default 4096)")
     p.add_argument("--targets", type=int, default=4, help="target documents (default 4)")
-    p.add_argument("--settings", nargs="+", default=["memory", "no-memory"], help=f"any of: {SETTING_HELP}")
+    add_settings_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the distractor draws")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help=f"target positions per lm_head call (default {DEFAULT_CHUNK})")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="output directory for results.json and distraction.png")
+    add_run_arguments(p, "output directory for results.json and distraction.png", resume=False)
     return p
 
 
@@ -326,7 +322,7 @@ class Prepared:
 
 def validate_args(args) -> tuple[Path, Path, list[Setting], dict, list[int]]:
     """Checks that need no tokenizer or model; returns the directories, settings, saved config and counts."""
-    for name in ("target_tokens", "distractor_tokens", "targets", "chunk", "threads", "split_tokens"):
+    for name in ("target_tokens", "distractor_tokens", "targets", "chunk", "split_tokens"):
         value, least = getattr(args, name), 2 if name == "target_tokens" else 1
         if value is not None and value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}.")
@@ -339,10 +335,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], dict, list[int]]:
                          f"distractor ({args.distractor_tokens}); use at least "
                          f"{max(args.target_tokens, args.distractor_tokens)}.")
     check_files(args.files)
-    settings = parse_settings(args.settings)
-    model_dir = check_model_dir(args.model)
-    tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
-    config = model_config(model_dir)
+    settings, model_dir, tokenizer_dir, config = check_model_args(args)
     for setting in settings:
         window, lcl = setting_window(config, setting)
         for d in args.distractors:
@@ -361,10 +354,7 @@ def prepare(args) -> Prepared:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(tokenizer_dir)
-    vocab = config.get("vocab_size")
-    if vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(f"mismatched tokenizer: {str(tokenizer_dir)!r} has {len(tokenizer)} tokens but the model's "
-                         f"vocab_size is {vocab}; pass --tokenizer DIR with the tokenizer the model was trained with.")
+    check_vocab(tokenizer, tokenizer_dir, config)
     encoder = PromptEncoder(tokenizer, add_bos=not args.no_bos)
     docs = read_documents(encoder, check_files(args.files), args.text_field, args.split_tokens)
     targets = pick_targets(docs, args.targets, args.target_tokens)
@@ -400,26 +390,19 @@ def run(args, prepared: Prepared | None = None) -> dict:
                 results[setting.name]["seconds"])
             del model
 
-    report = {
-        "task": "distraction", "model": str(p.model_dir), "tokenizer": str(p.tokenizer_dir), "window": p.window,
+    fields = {
         "files": args.files, "text_field": args.text_field, "split_tokens": args.split_tokens,
         "target_tokens": args.target_tokens, "distractor_tokens": args.distractor_tokens, "distractors": p.counts,
         "targets": len(p.draws), "seed": args.seed, "bos": p.bos, "chunk": args.chunk,
         "documents": len(p.docs), "texts": len({d.text for d in p.docs}),
         "draws": [{"target": dr.target.source, "target_doc_tokens": dr.target.tokens,
                    "distractors": [doc.source for doc in dr.distractors]} for dr in p.draws],
-        "device": str(args.device), "dtype": args.dtype, "threads": torch.get_num_threads(), "settings": configs,
-        "results": results,
     }
-    print(format_table(results))
-    if args.out:
-        out = Path(args.out)
-        write_json(out / "results.json", report)
-        plot_distraction(out / "distraction.png", results,
-                         f"distraction: {p.model_dir.name} ({len(p.draws)} targets of {args.target_tokens} tokens, "
-                         f"distractors of {args.distractor_tokens})")
-        print(f"wrote {out / 'results.json'} and {out / 'distraction.png'}")
-    return report
+    report = run_report("distraction", args, p.model_dir, p.tokenizer_dir, p.window, fields, configs, results)
+    title = (f"distraction: {p.model_dir.name} ({len(p.draws)} targets of {args.target_tokens} tokens, distractors "
+             f"of {args.distractor_tokens})")
+    return print_and_write(args, report, format_table(results),
+                           {"distraction.png": lambda path: plot_distraction(path, results, title)})
 
 
 def main(argv: list[str] | None = None) -> dict:

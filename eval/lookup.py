@@ -29,7 +29,6 @@ and every query) and lookup.png (accuracy against memory size, log2 axis, window
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import time
@@ -40,22 +39,20 @@ import numpy as np
 import torch
 
 from eval.common import (
-    RESUME_HELP,
-    SETTING_HELP,
     Setting,
     TrialLog,
-    check_model_dir,
-    check_tokenizer_dir,
+    add_model_arguments,
+    add_run_arguments,
+    add_settings_argument,
+    check_model_args,
     cli_main,
-    default_device,
     load_model,
-    model_config,
     open_trials,
-    parse_settings,
     plot_accuracy,
+    print_and_write,
     run_identity,
+    run_report,
     setting_model,
-    write_json,
 )
 from eval.passkey import PromptEncoder, describe_setting, generation_kwargs
 from eval.templates import LOOKUP_HEADER, lookup_line, lookup_query
@@ -278,23 +275,18 @@ def format_table(sizes: list[int], results: dict[str, list[dict]]) -> str:
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local checkpoint directory (config.json + weights)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    add_model_arguments(p)
     p.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES,
                    help=f"dictionary (memory) sizes in tokens (default: {' '.join(map(str, DEFAULT_SIZES))})")
     p.add_argument("--trials", type=int, default=4, help="dictionaries per size (default 4)")
     p.add_argument("--queries", type=int, default=8, help="queries per dictionary (default 8)")
-    p.add_argument("--settings", nargs="+", default=["memory", "no-memory"], help=f"any of: {SETTING_HELP}")
+    add_settings_argument(p)
     p.add_argument("--last-context-length", type=int, help="override last_context_length for prefill and generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (size, trial) is seeded from it")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to dictionaries")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="output directory for trials.jsonl, results.json and lookup.png; checked before "
-                                 "any model is loaded")
-    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    add_run_arguments(p, "output directory for trials.jsonl, results.json and lookup.png; checked before any model "
+                         "is loaded")
     return p
 
 
@@ -324,12 +316,8 @@ def prepare(args) -> Prepared:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if len(set(args.sizes)) != len(args.sizes):
         raise ValueError(f"--sizes lists a size twice: {args.sizes}.")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}.")
-    settings = parse_settings(args.settings)
-    model_dir = check_model_dir(args.model)
-    tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
-    window = model_config(model_dir)["max_position_embeddings"]
+    settings, model_dir, tokenizer_dir, config = check_model_args(args)
+    window = config["max_position_embeddings"]
     small = [n for n in args.sizes if n <= window]
     if small:
         raise ValueError(f"--sizes {small}: a dictionary must be longer than the model's window ({window} tokens) "
@@ -368,24 +356,18 @@ def run(args, prepared: Prepared | None = None) -> dict:
         logger.info("%s: %.1f s", setting.name, time.perf_counter() - start)
         del model
 
+    fields = {"sizes": sizes, "trials": args.trials, "queries": args.queries, "seed": args.seed,
+              "bos": prepared.encoder.add_bos}
     methods = [q.method for ds in prepared.dictionaries.values() for d in ds for q in d.queries]
-    report = {
-        "task": "lookup", "model": str(prepared.model_dir), "tokenizer": str(prepared.tokenizer_dir),
-        "window": prepared.window, "sizes": sizes, "trials": args.trials, "queries": args.queries,
-        "seed": args.seed, "bos": prepared.encoder.add_bos, "device": str(args.device), "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "answer_tokenization": {m: methods.count(m) for m in sorted(set(methods))},
-        "settings": configs, "results": results,
-    }
-    print(format_table(sizes, results))
-    if args.out:
-        out = Path(args.out)
-        write_json(out / "results.json", report)
-        title = (f"dictionary lookup: {prepared.model_dir.name} ({args.trials} dictionaries x {args.queries} "
-                 "queries per size)")
-        plot_accuracy(out / "lookup.png", sizes, {n: [r["accuracy"] for r in rows] for n, rows in results.items()},
-                      prepared.window, title, xlabel="memory size (dictionary tokens)")
-        print(f"wrote {out / 'results.json'} and {out / 'lookup.png'}")
-    return report
+    report = run_report("lookup", args, prepared.model_dir, prepared.tokenizer_dir, prepared.window, fields, configs,
+                        results, methods)
+    title = (f"dictionary lookup: {prepared.model_dir.name} ({args.trials} dictionaries x {args.queries} queries per "
+             "size)")
+    accuracy = {n: [r["accuracy"] for r in rows] for n, rows in results.items()}
+    return print_and_write(args, report, format_table(sizes, results), {
+        "lookup.png": lambda path: plot_accuracy(path, sizes, accuracy, prepared.window, title,
+                                                 xlabel="memory size (dictionary tokens)"),
+    })  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,7 +36,6 @@ with ``--depths``, passkey_depth.png (a length x depth heatmap of accuracy per s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -49,23 +48,21 @@ import numpy as np
 import torch
 
 from eval.common import (
-    RESUME_HELP,
-    SETTING_HELP,
     Setting,
     TrialLog,
-    check_model_dir,
-    check_tokenizer_dir,
+    add_model_arguments,
+    add_run_arguments,
+    add_settings_argument,
+    check_model_args,
     cli_main,
-    default_device,
     load_model,
-    model_config,
     open_trials,
-    parse_settings,
     plot_accuracy,
+    print_and_write,
     run_identity,
+    run_report,
     save_figure,
     setting_model,
-    write_json,
 )
 from eval.templates import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
 from train.cli import ArgumentParser
@@ -416,8 +413,7 @@ def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[d
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local checkpoint directory (config.json + weights)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    add_model_arguments(p)
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,
                    help=f"prompt lengths in tokens (default: {' '.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--trials", type=int, default=20, help="prompts per length, template and depth (default 20)")
@@ -426,17 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=float, nargs="+",
                    help="place the key at these fractions of the filler (0 = start, 1 = end) instead of a uniform "
                         "split, and plot a length x depth heatmap")
-    p.add_argument("--settings", nargs="+", default=["memory", "no-memory"], help=f"any of: {SETTING_HELP}")
+    add_settings_argument(p)
     p.add_argument("--last-context-length", type=int, help="override last_context_length for generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy for generate()")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (length, trial) is seeded from it")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to prompts")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="output directory for trials.jsonl, results.json, passkey.png (and "
-                                 "passkey_depth.png); checked before any model is loaded")
-    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    add_run_arguments(p, "output directory for trials.jsonl, results.json, passkey.png (and passkey_depth.png); "
+                         "checked before any model is loaded")
     return p
 
 
@@ -462,14 +454,10 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
             raise ValueError(f"--depths {args.depths}: depths are fractions of the filler in [0, 1].")
         if len(set(args.depths)) != len(args.depths):
             raise ValueError(f"--depths lists a depth twice: {args.depths}.")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}.")
     if args.last_context_length is not None and args.last_context_length < 1:
         raise ValueError(f"--last-context-length must be >= 1, got {args.last_context_length}.")
-    settings = parse_settings(args.settings)
-    model_dir = check_model_dir(args.model)
-    tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
-    window = model_config(model_dir).get("max_position_embeddings")
+    settings, model_dir, tokenizer_dir, config = check_model_args(args)
+    window = config.get("max_position_embeddings")
     if args.last_context_length is not None and window is not None and args.last_context_length > window:
         raise ValueError(f"--last-context-length {args.last_context_length} exceeds the model's window "
                          f"(max_position_embeddings={window}); use a value <= {window}.")
@@ -517,22 +505,16 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
         del model
     window = configs[settings[-1].name]["window"]
 
+    fields = {"lengths": lengths, "trials": args.trials, "templates": args.template, "depths": args.depths,
+              "seed": args.seed, "bos": encoder.add_bos}
     methods = [tr.answer_method for ts in trials.values() for tr in ts]
-    report = {
-        "task": "passkey", "model": str(model_dir), "tokenizer": str(tokenizer_dir), "window": window,
-        "lengths": lengths, "trials": args.trials, "templates": args.template, "depths": args.depths,
-        "seed": args.seed, "bos": encoder.add_bos, "device": str(args.device), "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "answer_tokenization": {m: methods.count(m) for m in sorted(set(methods))},
-        "settings": configs, "results": results,
-    }
-    print(format_table(lengths, results))
+    report = run_report("passkey", args, model_dir, tokenizer_dir, window, fields, configs, results, methods)
+    tables = [format_table(lengths, results)]
     if len(args.template) > 1:
-        print("\nper template (accuracy %)\n" + format_breakdown(lengths, results, "by_template", "template"))
+        tables.append("\nper template (accuracy %)\n" + format_breakdown(lengths, results, "by_template", "template"))
     if args.depths:
-        print("\nper depth (accuracy %)\n" + format_breakdown(lengths, results, "by_depth", "depth"))
-    if args.out:
-        write_outputs(Path(args.out), report, model_dir.name)
-    return report
+        tables.append("\nper depth (accuracy %)\n" + format_breakdown(lengths, results, "by_depth", "depth"))
+    return print_and_write(args, report, "\n".join(tables), plots(report, model_dir.name))
 
 
 def describe_setting(setting: Setting, cfg, args) -> dict:
@@ -543,19 +525,17 @@ def describe_setting(setting: Setting, cfg, args) -> dict:
             "cache_policy": args.cache_policy or cfg.cache_policy}
 
 
-def write_outputs(out: Path, report: dict, model_name: str) -> None:
-    """results.json, passkey.png and, with depths, passkey_depth.png under ``out``."""
+def plots(report: dict, model_name: str) -> dict:
+    """passkey.png and, with depths, passkey_depth.png, each as a function of the path to draw it to."""
     lengths, results, templates = report["lengths"], report["results"], report["templates"]
-    write_json(out / "results.json", report)
     what = templates[0] if len(templates) == 1 else f"mean of {len(templates)} templates"
-    plot_accuracy(out / "passkey.png", lengths, {n: [r["accuracy"] for r in rows] for n, rows in results.items()},
-                  report["window"], f"passkey retrieval: {model_name}, {what} ({report['trials']} trials per cell)")
-    written = [out / "results.json", out / "passkey.png"]
+    accuracy = {n: [r["accuracy"] for r in rows] for n, rows in results.items()}
+    title = f"passkey retrieval: {model_name}, {what} ({report['trials']} trials per cell)"
+    out = {"passkey.png": lambda path: plot_accuracy(path, lengths, accuracy, report["window"], title)}
     if report["depths"]:
-        plot_depth_heatmap(out / "passkey_depth.png", lengths, results,
-                           f"passkey accuracy by key depth: {model_name}, {what}")
-        written.append(out / "passkey_depth.png")
-    print("wrote " + ", ".join(map(str, written)))
+        depth_title = f"passkey accuracy by key depth: {model_name}, {what}"
+        out["passkey_depth.png"] = lambda path: plot_depth_heatmap(path, lengths, results, depth_title)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -56,22 +56,21 @@ import torch
 from eval.common import (
     LINE_STYLES,
     new_figure,
-    RESUME_HELP,
-    SETTING_HELP,
     Setting,
     TrialLog,
-    check_model_dir,
-    check_tokenizer_dir,
+    add_model_arguments,
+    add_run_arguments,
+    add_settings_argument,
+    check_model_args,
+    check_vocab,
     cli_main,
-    default_device,
     finish_plot,
     load_model,
-    model_config,
     open_trials,
-    parse_settings,
+    print_and_write,
     run_identity,
+    run_report,
     setting_model,
-    write_json,
 )
 from eval.passkey import PromptEncoder, build_prompt, make_trials, trial_rng
 from train.cli import ArgumentParser
@@ -370,9 +369,8 @@ def plot_perplexity(path: Path, results: dict[str, dict], window: int, title: st
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local checkpoint directory (config.json + weights)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    p.add_argument("--settings", nargs="+", default=["memory", "no-memory"], help=f"any of: {SETTING_HELP}")
+    add_model_arguments(p)
+    add_settings_argument(p)
     p.add_argument("--length", type=int, default=4096, help="document length in tokens (default 4096)")
     p.add_argument("--docs", type=int, default=8, help="documents (default 8)")
     p.add_argument("--source", choices=["passkey", "files"], default="passkey", help="where documents come from")
@@ -382,12 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help=f"positions per lm_head call (default {DEFAULT_CHUNK})")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", help="output directory for trials.jsonl, results.json and perplexity.png; checked "
-                                 "before any model is loaded")
-    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    add_run_arguments(p, "output directory for trials.jsonl, results.json and perplexity.png; checked before any "
+                         "model is loaded")
     return p
 
 
@@ -419,16 +413,11 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], dict]:
         raise ValueError(f"--docs must be >= 1, got {args.docs}.")
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}.")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}.")
     if args.source == "files":
         check_files(args.files)
     elif args.files:
         raise ValueError("--files is only read with --source files; add --source files or drop --files.")
-    settings = parse_settings(args.settings)
-    model_dir = check_model_dir(args.model)
-    tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
-    config = model_config(model_dir)
+    settings, model_dir, tokenizer_dir, config = check_model_args(args)
     return model_dir, tokenizer_dir, settings, config
 
 
@@ -439,10 +428,7 @@ def prepare(args) -> Prepared:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(tokenizer_dir)
-    vocab = config.get("vocab_size")
-    if vocab is not None and len(tokenizer) > vocab:
-        raise ValueError(f"mismatched tokenizer: {str(tokenizer_dir)!r} has {len(tokenizer)} tokens but the model's "
-                         f"vocab_size is {vocab}; pass --tokenizer DIR with the tokenizer the model was trained with.")
+    check_vocab(tokenizer, tokenizer_dir, config)
     encoder = PromptEncoder(tokenizer, add_bos=not args.no_bos)
     if args.source == "passkey":
         docs = passkey_documents(encoder, args.length, args.docs, args.seed)
@@ -476,24 +462,17 @@ def run(args, prepared: Prepared | None = None) -> dict:
                         results[setting.name]["seconds"])
             del model
 
-    report = {
-        "task": "perplexity", "model": str(p.model_dir), "tokenizer": str(p.tokenizer_dir), "window": p.window,
+    mean_tokens = float(np.mean([d.tokens for d in p.docs]))
+    fields = {
         "source": args.source, "files": args.files if args.source == "files" else None,
         "text_field": args.text_field if args.source == "files" else None, "length": args.length,
-        "docs": len(p.docs), "doc_tokens": [d.tokens for d in p.docs],
-        "mean_tokens": float(np.mean([d.tokens for d in p.docs])), "seed": args.seed, "bos": p.bos,
-        "chunk": args.chunk, "edges": edges, "device": str(args.device), "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "settings": configs, "results": results,
+        "docs": len(p.docs), "doc_tokens": [d.tokens for d in p.docs], "mean_tokens": mean_tokens, "seed": args.seed,
+        "bos": p.bos, "chunk": args.chunk, "edges": edges,
     }
-    print(format_table(results))
-    if args.out:
-        out = Path(args.out)
-        write_json(out / "results.json", report)
-        plot_perplexity(out / "perplexity.png", results, p.window,
-                        f"perplexity: {p.model_dir.name} ({len(p.docs)} {args.source} documents, "
-                        f"{report['mean_tokens']:.0f} tokens)")
-        print(f"wrote {out / 'results.json'} and {out / 'perplexity.png'}")
-    return report
+    report = run_report("perplexity", args, p.model_dir, p.tokenizer_dir, p.window, fields, configs, results)
+    title = f"perplexity: {p.model_dir.name} ({len(p.docs)} {args.source} documents, {mean_tokens:.0f} tokens)"
+    return print_and_write(args, report, format_table(results),
+                           {"perplexity.png": lambda path: plot_perplexity(path, results, p.window, title)})
 
 
 def main(argv: list[str] | None = None) -> dict:
