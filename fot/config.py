@@ -125,11 +125,13 @@ class LongLlamaConfig(PreTrainedConfig):
             self.last_context_length = min(1024, self.max_position_embeddings)
         super().__post_init__(**kwargs)
         self.validate_longllama()
+        # Our own flag, not transformers' ``_post_init_done`` (which older transformers 5.x do not set).
+        object.__setattr__(self, "_longllama_built", True)
 
     def __setattr__(self, key, value):
         if key == "mem_attention_grouping" and isinstance(value, list):  # JSON and YAML give lists
             value = tuple(value)
-        if key not in VALIDATED_FIELDS or not getattr(self, "_post_init_done", False):
+        if key not in VALIDATED_FIELDS or not getattr(self, "_longllama_built", False):
             super().__setattr__(key, value)  # building: ``__post_init__`` validates the whole config once
             return
         previous = getattr(self, key)
@@ -139,6 +141,11 @@ class LongLlamaConfig(PreTrainedConfig):
         except ValueError:
             super().__setattr__(key, previous)
             raise
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("_longllama_built", None)  # the build flag above is state, not configuration
+        return output
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "LongLlamaConfig":

@@ -132,6 +132,14 @@ def test_assigning_a_field_revalidates_the_config_and_a_bad_value_is_undone():
     assert cfg.mem_attention_grouping == (1, 16)
 
 
+def test_a_saved_and_reloaded_config_still_revalidates_and_saves_no_build_state(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    assert "_longllama_built" not in (tmp_path / "config.json").read_text()
+    cfg = fot.LongLlamaConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mem_layers"):
+        cfg.mem_layers = [7]
+
+
 def test_last_context_length_default_follows_a_short_window():
     # The reference default is 1024; a plain LLaMA with a shorter window gets its window instead of an error.
     assert fot.LongLlamaConfig().last_context_length == 1024
