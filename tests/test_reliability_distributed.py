@@ -82,3 +82,27 @@ def test_a_stopped_rank_ends_the_job_with_one_line_naming_it(tmp_path):
     # torchrun itself ends with its own ChildFailedError traceback; the workers print none
     ours = re.escape(str(ROOT)) + r'/(train|fot)/[^"]*\.py"'  # a frame of our code, not of torchrun in .venv
     assert not re.search(r'File "' + ours, stderr), stderr[-4000:]
+
+
+def test_heartbeat_stop_ends_its_thread_before_returning(monkeypatch):
+    """A heartbeat thread left inside the store client at interpreter exit can abort a finished rank, so stop()
+    waits for it."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from train.parallel import Heartbeat
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    beat = Heartbeat(rank=0, world=1, period=0.01)
+    time.sleep(0.05)
+    beat.stop()
+    assert not beat._thread.is_alive()
+    assert beat.snapshot()[0][0] >= 1
+    del server

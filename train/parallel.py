@@ -98,7 +98,10 @@ class Heartbeat:
         return silent, last
 
     def stop(self) -> None:
+        """End the thread and wait for it: a daemon thread still inside the store client when the interpreter exits
+        can abort the process ("terminate called without an active exception") after a successful run."""
         self._stop.set()
+        self._thread.join(timeout=max(10.0, 4 * self.period))  # at most one store call's timeout
 
 
 def describe_stall(info: DistInfo, timeout_s: float, err: Exception) -> str:
