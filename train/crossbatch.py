@@ -91,7 +91,10 @@ def train(spec: RunSpec) -> Path:
         info = init_distributed(spec.train, spec.parallel)
     setup_logging(info)
     try:
-        return _train(spec, info)
+        out = _train(spec, info)
+        if info.initialized:  # every rank finishes its collectives before any tears down gloo's connections
+            torch.distributed.barrier()
+        return out
     except RuntimeError as err:
         if info.heartbeat is None or not _COLLECTIVE_FAILURE.search(str(err)):
             raise

@@ -102,6 +102,8 @@ class Heartbeat:
         can abort the process ("terminate called without an active exception") after a successful run."""
         self._stop.set()
         self._thread.join(timeout=max(10.0, 4 * self.period))  # at most one store call's timeout
+        if not self._thread.is_alive():
+            self.store = None  # close the client now, not during interpreter shutdown
 
 
 def describe_stall(info: DistInfo, timeout_s: float, err: Exception) -> str:
