@@ -353,15 +353,23 @@ def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "p
     return rows
 
 
+def row_at(rows: list[dict], length: int) -> dict | None:
+    """A setting's row for ``length``, or None when ``--lengths-for`` leaves that length out of the setting."""
+    return next((r for r in rows if r["length"] == length), None)
+
+
 def format_table(lengths: list[int], results: dict[str, list[dict]]) -> str:
-    """Rows = requested lengths with the actual mean token count, columns = settings (accuracy % and n)."""
+    """Rows = requested lengths with the actual mean token count, columns = settings (accuracy % and n; "-" where
+    a setting does not run at that length)."""
     names = list(results)
     width = max([14] + [len(n) + 2 for n in names])
     header = f"{'length':>8} {'tokens':>8}" + "".join(f"{n:>{width}}" for n in names)
     lines = [header, "-" * len(header)]
-    for i, length in enumerate(lengths):
-        first = results[names[0]][i]
-        cells = "".join(f"{results[n][i]['accuracy']:>{width - 6}.1f}% ({results[n][i]['n']:>2})" for n in names)
+    for length in lengths:
+        rows = [row_at(results[n], length) for n in names]
+        first = next(r for r in rows if r is not None)
+        cells = "".join(f"{'-':>{width}}" if r is None else f"{r['accuracy']:>{width - 6}.1f}% ({r['n']:>2})"
+                        for r in rows)
         lines.append(f"{length:>8} {first['mean_tokens']:>8.0f}{cells}")
     return "\n".join(lines)
 
@@ -369,16 +377,27 @@ def format_table(lengths: list[int], results: dict[str, list[dict]]) -> str:
 def format_breakdown(lengths: list[int], results: dict[str, list[dict]], field: str, label: str) -> str:
     """Rows = (length, template or depth) from each row's ``field`` breakdown, columns = settings (accuracy %)."""
     names = list(results)
-    groups = list(results[names[0]][0][field])
+    groups = list(next(iter(results.values()))[0][field])
     width = max([12] + [len(n) + 2 for n in names])
     first = max([len(label)] + [len(g) for g in groups]) + 2
     header = f"{'length':>8}  {label:<{first}}" + "".join(f"{n:>{width}}" for n in names)
     lines = [header, "-" * len(header)]
-    for i, length in enumerate(lengths):
+    for length in lengths:
+        rows = [row_at(results[n], length) for n in names]
         for g in groups:
-            cells = "".join(f"{results[n][i][field][g]['accuracy']:>{width - 1}.1f}%" for n in names)
+            cells = "".join(f"{'-':>{width}}" if r is None else f"{r[field][g]['accuracy']:>{width - 1}.1f}%"
+                            for r in rows)
             lines.append(f"{length:>8}  {g:<{first}}{cells}")
     return "\n".join(lines)
+
+
+def accuracy_curve(rows: list[dict], lengths: list[int], field: str | None = None, group: str | None = None) -> list:
+    """Accuracy per length (NaN where the setting did not run: plots leave a gap)."""
+    out = []
+    for length in lengths:
+        r = row_at(rows, length)
+        out.append(float("nan") if r is None else (r if field is None else r[field][group])["accuracy"])
+    return out
 
 
 def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[dict]], title: str) -> None:
@@ -390,14 +409,16 @@ def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[d
     import matplotlib.pyplot as plt
 
     names = list(results)
-    depths = list(results[names[0]][0]["by_depth"])
+    depths = list(results[names[0]][0]["by_depth"])  # every setting runs at one length at least
     panel = max(2.4, 0.75 * len(lengths))
     fig, axes = plt.subplots(1, len(names), figsize=(1.6 + panel * len(names), 1.8 + 0.45 * len(depths)),
                              sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names):
-        acc = np.array([[row["by_depth"][d]["accuracy"] for row in results[name]] for d in depths])
-        image = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        acc = np.array([accuracy_curve(results[name], lengths, "by_depth", d) for d in depths])
+        image = ax.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap="viridis", aspect="auto")
         for (i, j), value in np.ndenumerate(acc):
+            if np.isnan(value):  # a length this setting does not run at (--lengths-for): left blank
+                continue
             ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
                     color="white" if value < 60 else "black")  # readable on both ends of the colormap
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
@@ -423,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="place the key at these fractions of the filler (0 = start, 1 = end) instead of a uniform "
                         "split, and plot a length x depth heatmap")
     add_settings_argument(p)
+    p.add_argument("--lengths-for", nargs="+", default=[], metavar="SETTING=LO:HI",
+                   help="run a setting only at the lengths in [LO, HI] (either bound may be left out), e.g. "
+                        "memory=:8192 topk-ivf:32=16384: (dense memory where it is fast, kNN beyond)")
     p.add_argument("--last-context-length", type=int, help="override last_context_length for generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy for generate()")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (length, trial) is seeded from it")
@@ -436,7 +460,30 @@ def run_config(args, model_dir: Path, tokenizer_dir: Path, settings: list[Settin
     """What determines a run's results: a resumed run must have the same (``TrialLog``)."""
     return {**run_identity("passkey", args, model_dir, tokenizer_dir, settings), "lengths": sorted(args.lengths),
             "trials": args.trials, "templates": args.template, "depths": args.depths,
-            "last_context_length": args.last_context_length, "cache_policy": args.cache_policy}
+            "last_context_length": args.last_context_length, "cache_policy": args.cache_policy,
+            **({"lengths_for": args.lengths_for} if args.lengths_for else {})}
+
+
+def parse_lengths_for(texts: list[str], settings: list[Setting], lengths: list[int]) -> dict[str, list[int]]:
+    """``--lengths-for`` -> the lengths each setting runs at (all of them unless named)."""
+    names = [s.name for s in settings]
+    out = {name: sorted(lengths) for name in names}
+    seen = set()
+    for text in texts:
+        name, sep, bounds = text.rpartition("=")
+        lo, colon, hi = bounds.partition(":")
+        if not sep or not colon or not (lo.isdigit() or not lo) or not (hi.isdigit() or not hi):
+            raise ValueError(f"--lengths-for {text!r}: write SETTING=LO:HI, e.g. memory=:8192 or topk-ivf:32=16384:.")
+        if name not in names:
+            raise ValueError(f"--lengths-for {text!r}: {name!r} is not among --settings {names}.")
+        if name in seen:
+            raise ValueError(f"--lengths-for names {name!r} twice.")
+        seen.add(name)
+        low, high = int(lo or 0), int(hi) if hi else math.inf
+        out[name] = [n for n in sorted(lengths) if low <= n <= high]
+        if not out[name]:
+            raise ValueError(f"--lengths-for {text!r}: none of --lengths {sorted(lengths)} is in that range.")
+    return out
 
 
 def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
@@ -461,6 +508,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
     if args.last_context_length is not None and window is not None and args.last_context_length > window:
         raise ValueError(f"--last-context-length {args.last_context_length} exceeds the model's window "
                          f"(max_position_embeddings={window}); use a value <= {window}.")
+    args.setting_lengths = parse_lengths_for(args.lengths_for, settings, args.lengths)
     log = open_trials(args, run_config(args, model_dir, tokenizer_dir, settings))
     return model_dir, tokenizer_dir, settings, log
 
@@ -494,19 +542,20 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
 
     results, configs = {}, {}
     for setting in settings:
-        pending = any(logged_trial(log, setting.name, tr) is None for ts in trials.values() for tr in ts)
+        mine = {n: ts for n, ts in trials.items() if n in args.setting_lengths[setting.name]}
+        pending = any(logged_trial(log, setting.name, tr) is None for ts in mine.values() for tr in ts)
         model, configs[setting.name] = setting_model(
             log, setting, pending, lambda: load_model(model_dir, setting, args.device, args.dtype),
             lambda cfg: describe_setting(setting, cfg, args))
         start = time.perf_counter()
-        results[setting.name] = evaluate(model, trials, args.device, desc=setting.name, log=log,
+        results[setting.name] = evaluate(model, mine, args.device, desc=setting.name, log=log,
                                          setting=setting.name, **gen_kwargs)
         logger.info("%s: %.1f s", setting.name, time.perf_counter() - start)
         del model
     window = configs[settings[-1].name]["window"]
 
     fields = {"lengths": lengths, "trials": args.trials, "templates": args.template, "depths": args.depths,
-              "seed": args.seed, "bos": encoder.add_bos}
+              "seed": args.seed, "bos": encoder.add_bos, "setting_lengths": args.setting_lengths}
     methods = [tr.answer_method for ts in trials.values() for tr in ts]
     report = run_report("passkey", args, model_dir, tokenizer_dir, window, fields, configs, results, methods)
     tables = [format_table(lengths, results)]
@@ -529,7 +578,7 @@ def plots(report: dict, model_name: str) -> dict:
     """passkey.png and, with depths, passkey_depth.png, each as a function of the path to draw it to."""
     lengths, results, templates = report["lengths"], report["results"], report["templates"]
     what = templates[0] if len(templates) == 1 else f"mean of {len(templates)} templates"
-    accuracy = {n: [r["accuracy"] for r in rows] for n, rows in results.items()}
+    accuracy = {n: accuracy_curve(rows, lengths) for n, rows in results.items()}
     title = f"passkey retrieval: {model_name}, {what} ({report['trials']} trials per cell)"
     out = {"passkey.png": lambda path: plot_accuracy(path, lengths, accuracy, report["window"], title)}
     if report["depths"]:

@@ -414,8 +414,30 @@ def test_depths_write_a_length_by_depth_heatmap(model_dir, tmp_path, capsys):
     assert (out / "passkey_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lengths_for_runs_each_setting_at_its_own_lengths(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    passkey.main(["--model", str(model_dir), "--lengths", "100", "160", "240", "--trials", "2", "--depths", "0", "1",
+                  "--settings", "memory", "topk:4", "no-memory", "--lengths-for", "memory=:160", "topk:4=160:",
+                  "--device", "cpu", "--out", str(out)])
+    table = capsys.readouterr().out.split("per depth")[0].splitlines()
+    row = {line.split()[0]: re.findall(r"\S+%|(?<= )-(?= |$)", line) for line in table[2:] if line.strip()}
+    assert [c == "-" for c in row["100"]] == [False, True, False]  # memory, topk:4, no-memory
+    assert [c == "-" for c in row["160"]] == [False, False, False]
+    assert [c == "-" for c in row["240"]] == [True, False, False]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["setting_lengths"] == {"memory": [100, 160], "topk:4": [160, 240], "no-memory": [100, 160, 240]}
+    for name, lengths in saved["setting_lengths"].items():
+        assert [r["length"] for r in saved["results"][name]] == lengths
+    trials = [json.loads(line)["key"] for line in (out / "trials.jsonl").read_text().splitlines()[1:]]
+    assert not any(k[0] == "memory" and k[3] == 240 for k in trials if k[0] != "setting")
+    assert (out / "passkey_depth.png").is_file() and (out / "passkey.png").is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}"], "does not exist"),
+    (["--model", "{model}", "--lengths-for", "memory=8192"], "write SETTING=LO:HI"),
+    (["--model", "{model}", "--lengths-for", "topk:4=:100"], "is not among --settings"),
+    (["--model", "{model}", "--lengths", "100", "--lengths-for", "memory=200:"], "none of --lengths [100]"),
     (["--model", "{empty}"], "has no config.json"),
     (["--model", "{no_tok}"], "no tokenizer in"),
     (["--model", "{model}", "--settings", "memory", "bogus"], "unknown setting 'bogus'"),

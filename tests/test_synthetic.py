@@ -18,7 +18,7 @@ from eval.templates import (
 )
 from train.config import load_config
 from train.data import build_batches
-from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, training_texts
+from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, _runs, training_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def test_training_stream_holds_no_held_out_book_text(books, tokenizer):
 
 # ----------------------------------------------------------------------------- documents
 def test_documents_answers_lengths_and_determinism(haystack, tokenizer):
-    mix = SyntheticMix(tokenizer, haystack, 256, {"recall": 1, "lookup": 1, "copy": 1, "books": 1}, seed=3)
+    mix = SyntheticMix(tokenizer, haystack, 256, {f: 1 for f in FAMILIES}, seed=3)
     families = set()
     for i in range(60):
         family, text, ids, mask = mix.sample(0, i)
@@ -172,6 +172,10 @@ def test_documents_answers_lengths_and_determinism(haystack, tokenizer):
         assert tokenizer.decode(ids.tolist(), skip_special_tokens=True) == text
         if family == "books":
             assert mask[1:].all()
+            continue
+        if family == "repeat":  # every recurrence of the span after its first carries the loss
+            runs = [tokenizer.decode(ids[a:b].tolist()).strip() for a, b in _runs(mask)]
+            assert runs and all(text.count(r) >= 2 for r in runs)
             continue
         # answers only: the marked tokens are the answers, which follow the last haystack, near the end
         assert 0 < mask.sum() < len(ids) // 2
@@ -183,7 +187,7 @@ def test_documents_answers_lengths_and_determinism(haystack, tokenizer):
         else:
             assert text.count(answer) >= 2  # the answer is stated earlier in the document
     assert families == set(FAMILIES)
-    again = SyntheticMix(tokenizer, haystack, 256, {"recall": 1, "lookup": 1, "copy": 1, "books": 1}, seed=3)
+    again = SyntheticMix(tokenizer, haystack, 256, {f: 1 for f in FAMILIES}, seed=3)
     assert all(np.array_equal(mix.get(1, i).ids, again.get(1, i).ids) for i in range(10))
     assert not np.array_equal(mix.get(1, 0).ids, mix.get(2, 0).ids)
 
@@ -202,6 +206,21 @@ def test_varied_surface_forms(haystack, tokenizer):
     shapes = {("digits" if a.isdigit() else "code" if re.fullmatch(r"[A-Z0-9./-]+", a) else "words") for a in answers}
     assert shapes == {"digits", "code", "words"} and len({len(a) for a in answers if a.isdigit()}) >= 6
     assert len(questions) >= 8
+
+
+def test_loss_on_all_tokens_and_value_kinds(haystack, tokenizer):
+    answers = SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=5, value_kinds=["number"])
+    everything = SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=5, value_kinds=["number"], loss_on="all")
+    for i in range(20):
+        _, text, ids, mask = answers.sample(0, i)
+        _, text_all, ids_all, mask_all = everything.sample(0, i)
+        assert text == text_all and np.array_equal(ids, ids_all)  # the same document, only the mask differs
+        assert mask_all[1:].all() and 0 < mask.sum() < len(ids) // 2
+        assert all(tokenizer.decode(ids[a:b].tolist()).strip().isdigit() for a, b in _runs(mask))
+    with pytest.raises(ValueError, match="data.mix_values"):
+        SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=0, value_kinds=["numbr"])
+    with pytest.raises(ValueError, match="data.mix_loss"):
+        SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=0, loss_on="some")
 
 
 def test_config_errors(haystack, tokenizer):

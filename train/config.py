@@ -67,6 +67,11 @@ class DataConfig:
             (key-value recall), ``lookup`` (dictionary lookup), ``copy`` (copy a marked span) and ``books``
             (plain book text, loss on every token); the haystack is book text from the parquet files in ``paths``.
             Documents have ``3/4 synthetic_doc_tokens ... synthetic_doc_tokens`` tokens.
+        mix_loss: for ``synthetic_mix``, where a task document carries the loss: "answers" (only the answers) or
+            "all" (every token, answers included; the haystack's language-model signal trains the mechanisms the
+            answers need, such as copying what followed an earlier occurrence).
+        mix_values: for ``synthetic_mix``, the kinds of value that recall and lookup items take, among "number",
+            "word", "code", "name" and "pair"; null means all of them.
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"
@@ -89,6 +94,8 @@ class DataConfig:
     synthetic_value_tokens: int = 4
     synthetic_query_prob: float = 0.3
     synthetic_answers_only: bool = False
+    mix_loss: Literal["answers", "all"] = "answers"
+    mix_values: list[str] | None = None
     passkey_fraction: float = 0.0
     mix: dict[str, float] = field(default_factory=lambda: {"recall": 0.5, "lookup": 0.25, "copy": 0.25})
 

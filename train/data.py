@@ -369,7 +369,8 @@ def build_mix(d, tokenizer, doc_tokens: int, seed: int):
     scanner = Scanner()
     haystack = BookHaystack.from_files(d.paths, d.text_field, scanner)
     return SyntheticMix(tokenizer, haystack, doc_tokens, d.mix, seed, add_bos=d.add_bos, add_eos=d.add_eos,
-                        scanner=scanner)
+                        scanner=scanner, loss_on=d.mix_loss,
+                        value_kinds=d.mix_values)
 
 
 def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, world: int) -> PackedBatches:

@@ -10,6 +10,9 @@ A document of the ``synthetic_mix`` source is one of these families, drawn per d
   formats, haystack, then queries that either repeat the line up to the value or ask in words.
 * ``copy``: a span (a book sentence, a digit or code sequence, a list of words) between one of many marker pairs,
   haystack, then an instruction and the opening marker: the span and the closing marker are the answer.
+* ``repeat``: a span (words, digits, codes or a book sentence) that recurs two to four times in a haystack; every
+  recurrence carries the loss. It is the densest signal for the copy-what-followed-before (induction) mechanism
+  that the other families' answers rely on: a question's answer stem repeats its key line up to the value.
 * ``books``: a plain book excerpt with the loss on every token (natural text only).
 
 The loss of a task document falls only on its answers (their tokens carry ``loss_mask``): the haystack, keys and
@@ -47,7 +50,7 @@ from eval.templates import (
     lookup_line,
 )
 
-FAMILIES = ("recall", "lookup", "copy", "books")
+FAMILIES = ("recall", "lookup", "copy", "repeat", "books")
 
 
 # ----------------------------------------------------------------------------- held-out strings
@@ -342,15 +345,15 @@ def haystack_style(rng: np.random.Generator) -> str:
     return "repeated" if rng.random() < 0.25 else "books"
 
 
-def recall_parts(rng: np.random.Generator, budget: int) -> list:
-    """One to four named values among the haystack, then questions about one to three of them."""
+def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = tuple(VALUE_KINDS)) -> list:
+    """One to four named values (of ``value_kinds``) among the haystack, then questions about one to three."""
     n_keys = int(rng.integers(1, 5))
     names: list[str] = []
     while len(names) < n_keys:
         name = key_name(rng)
         if all(name not in other and other not in name for other in names):
             names.append(name)
-    kinds = (choose(rng, tuple(VALUE_KINDS)),) if rng.random() < 0.5 else tuple(VALUE_KINDS)
+    kinds = (choose(rng, tuple(value_kinds)),) if rng.random() < 0.5 else tuple(value_kinds)
     values = [value(rng, kinds) for _ in names]
     lines = [fill(choose(rng, KEY_LINES), name=n, value=v) for n, v in zip(names, values)]
     cuts = np.sort(rng.random(n_keys))  # depths of the key lines in the haystack
@@ -369,11 +372,12 @@ def recall_parts(rng: np.random.Generator, budget: int) -> list:
     return parts
 
 
-def lookup_parts(rng: np.random.Generator, budget: int) -> list:
+def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = ("number", "number", "word",
+                                                                                       "code")) -> list:
     """A dictionary of items in one line format, haystack, then queries about some of them."""
     line_format = choose(rng, LOOKUP_LINES)
     key_kinds = (choose(rng, ("number", "word", "code", "pair", "name")),)
-    value_kinds = (choose(rng, ("number", "number", "word", "code")),)
+    value_kinds = (choose(rng, tuple(value_kinds)),)
     n_items = int(rng.integers(2, max(3, budget // 22)))
     keys: list[str] = []
     for _ in range(n_items * 3):
@@ -425,6 +429,17 @@ def copy_parts(rng: np.random.Generator, budget: int, hay: "BookHaystack") -> li
     return parts
 
 
+def repeat_parts(rng: np.random.Generator, budget: int, hay: "BookHaystack") -> list:
+    """A span that recurs two to four times, separated by haystack; the loss is on every recurrence."""
+    span = copy_span(rng, hay)
+    times = int(rng.integers(2, 5))
+    cuts = np.diff(np.concatenate([[0.0], np.sort(rng.random(times)), [1.0]]))
+    parts: list = [Hay(float(cuts[0])), " "]
+    for i in range(times):
+        parts += [Target(span) if i else span, " ", Hay(float(cuts[i + 1])), " "]
+    return parts
+
+
 def books_parts(rng: np.random.Generator, budget: int) -> list:
     """A plain book excerpt; the whole document carries the loss."""
     return [Hay()]
@@ -443,7 +458,14 @@ class SyntheticMix:
 
     def __init__(self, tokenizer, haystack: BookHaystack, doc_tokens: int, weights: dict[str, float], seed: int,
                  min_tokens: int | None = None, add_bos: bool = True, add_eos: bool = True,
-                 scanner: Scanner | None = None):
+                 scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None):
+        if loss_on not in ("answers", "all"):
+            raise ValueError(f"data.mix_loss={loss_on!r}: use 'answers' or 'all'.")
+        self.loss_on = loss_on
+        bad = sorted(set(value_kinds or ()) - set(VALUE_KINDS))
+        if bad or (value_kinds is not None and not value_kinds):
+            raise ValueError(f"data.mix_values={value_kinds}: list one or more of {', '.join(VALUE_KINDS)}.")
+        self.value_kinds = tuple(value_kinds) if value_kinds else None
         unknown = sorted(set(weights) - set(FAMILIES))
         if unknown or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
             raise ValueError(f"data.mix={weights}: give non-negative weights, not all zero, for families among "
@@ -474,11 +496,13 @@ class SyntheticMix:
 
     def parts(self, family: str, rng: np.random.Generator, budget: int) -> list:
         if family == "recall":
-            return recall_parts(rng, budget)
+            return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS))
         if family == "lookup":
-            return lookup_parts(rng, budget)
+            return lookup_parts(rng, budget, self.value_kinds or ("number", "number", "word", "code"))
         if family == "copy":
             return copy_parts(rng, budget, self.haystack)
+        if family == "repeat":
+            return repeat_parts(rng, budget, self.haystack)
         return books_parts(rng, budget)
 
     def render(self, parts: list, hay_chars: int, rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
@@ -497,7 +521,9 @@ class SyntheticMix:
                 text = p
             pieces.append(text)
             at += len(text)
-        return "".join(pieces), targets
+        text = "".join(pieces)
+        lead = len(text) - len(text.lstrip())  # an empty first haystack leaves a separator in front: drop it
+        return text[lead:], [(a - lead, b - lead) for a, b in targets]
 
     def encode(self, text: str, targets: list[tuple[int, int]], everything: bool):
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -524,7 +550,7 @@ class SyntheticMix:
             hay_chars = int((tokens - n_fixed) * self.chars_per_token)
             for _ in range(4):  # the haystack's tokens per character vary: rescale it to the drawn length
                 text, targets = self.render(parts, hay_chars, rng)
-                ids, mask = self.encode(text, targets, family == "books")
+                ids, mask = self.encode(text, targets, family == "books" or self.loss_on == "all")
                 if hay_chars == 0 or 0.92 * tokens <= len(ids) <= self.doc_tokens:
                     break
                 hay_chars = int(hay_chars * (tokens - n_fixed) / max(len(ids) - n_fixed, 1) * 0.98)
