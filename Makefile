@@ -4,7 +4,8 @@
 #   make test-latest  the same tests in .venv-latest, rebuilt at the newest versions setup.py allows
 #   make test-oldest  the same tests in .venv-oldest: the lock, but the oldest supported transformers
 #   make lock    re-resolve requirements.lock at the newest versions setup.py allows
-#   make demo    passkey retrieval of the shipped models/fot-tiny, memory on and off (runs/demo/)
+#   make demo    passkey retrieval of the shipped models/fot-tiny to 64K tokens, memory on and off (runs/demo/);
+#                make demo-long adds 256K tokens (runs/demo_long/)
 #   make demo-model  train the next demo model from scratch with our trainer (about two hours; not yet shipped)
 #   make bench   run the prefill benchmark
 #   make assets  fetch the SmolLM2 GGUF and build the book corpus (assets/); make smollm2 converts the GGUF
@@ -89,13 +90,20 @@ lock:
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK) && rm -rf $(LOCK_VENV)
 
-# The shipped demo model: window 128, so the sweep reaches 128x past it. DEMO_THREADS=2 took 2.8 minutes on the
-# 2-core CPU; the default of one thread is slower but does not collapse when another job holds the cores (two
-# threads on two busy cores run 2-30x slower).
+# The shipped demo model: window 128, passkey prompts from one window to 512x past it, every template of
+# eval/templates.py (the landmark one and the held-out ones; each row is their mean), keys at the start, middle and
+# end. Dense memory up to 8K tokens, where it is fast; kNN memory (faiss-ivf, k 32) from 16K on; memory off at every
+# length as the baseline. One trial per (template, depth): 15 prompts per length. DEMO_THREADS=2 uses both cores
+# (two threads on two cores that another job holds run several times slower). make demo-long adds 256K tokens
+# (10 prompts; about half an hour on 2 cores: docs/results.md).
 DEMO_MODEL := models/fot-tiny
-DEMO_LENGTHS := 256 512 1024 2048 4096 8192 16384
-DEMO_TRIALS := 20
-DEMO_THREADS ?= 1
+DEMO_LENGTHS := 128 512 2048 8192 16384 65536
+DEMO_RANGES := memory=:8192 topk-ivf:32=16384:
+DEMO_TRIALS := 1
+DEMO_DEPTHS := 0 0.5 1
+DEMO_THREADS ?= 2
+DEMO_PASSKEY = $(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --template all \
+	--settings memory topk-ivf:32 no-memory --lengths-for $(DEMO_RANGES) --threads $(DEMO_THREADS) --device cpu
 
 # Retrain the demo model (train/README.md, "The demo model"): the book corpus if missing, the tokenizer, stage 1
 # (answer inside a window), stage 2 (answer from earlier windows through memory), stage 3 (with negatives).
@@ -113,13 +121,16 @@ demo-model: $(STAMP)
 	passed the held-out passkey templates (train/README.md, \"The demo model\"). Check it with: python eval/passkey.py \
 	--model runs/demo_stage3/final --template all --lengths 128 1024 4096 --out runs/demo_check"
 
-.PHONY: demo
+.PHONY: demo demo-long
 demo: $(STAMP)
 	@test -f $(DEMO_MODEL)/config.json || { echo "make demo: $(DEMO_MODEL)/config.json is missing. It is in git: \
 	restore it with git checkout -- $(DEMO_MODEL)" >&2; exit 1; }
 	rm -rf runs/demo  # each make demo is a fresh run (eval/passkey.py refuses to mix it with older trials)
-	$(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --settings memory no-memory \
-		--lengths $(DEMO_LENGTHS) --trials $(DEMO_TRIALS) --threads $(DEMO_THREADS) --device cpu --out runs/demo
+	$(DEMO_PASSKEY) --lengths $(DEMO_LENGTHS) --trials $(DEMO_TRIALS) --depths $(DEMO_DEPTHS) --out runs/demo
+
+# 256K tokens: one trial per template at depths 0 and 1, resumable (rerun to continue an interrupted run).
+demo-long: $(STAMP)
+	$(DEMO_PASSKEY) --lengths 262144 --trials 1 --depths 0 1 --out runs/demo_long --resume
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/prefill.py

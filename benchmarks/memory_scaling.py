@@ -58,8 +58,9 @@ def build_model(backend: str, k: int | None, nprobe: int, model_path: str | None
     return fot.LongLlamaForCausalLM(config).eval()
 
 
-def input_ids(tokens: int, model_path: str | None):
-    """[1, tokens] ids: random ids for the bench model; a passkey prompt for a trained checkpoint."""
+def input_ids(tokens: int, model_path: str | None, template: str = "landmark"):
+    """[1, tokens] ids: random ids for the bench model; a passkey prompt of ``template`` (eval/templates.py) for a
+    trained checkpoint."""
     import torch
 
     if model_path is None:
@@ -67,7 +68,8 @@ def input_ids(tokens: int, model_path: str | None):
     from train.tokenizer import load_tokenizer
     from eval.passkey import PromptEncoder, make_trials
 
-    trial = make_trials(PromptEncoder(load_tokenizer(Path(model_path))), [tokens], 1, seed=0)[tokens][0]
+    trial = make_trials(PromptEncoder(load_tokenizer(Path(model_path))), [tokens], 1, seed=0,
+                        templates=[template])[tokens][0]
     return torch.tensor([trial.prompt_ids[:tokens]])
 
 
@@ -100,7 +102,8 @@ def recall_probe_factory(stats: dict):
     return probed
 
 
-def run_case(tokens: int, backend: str, k: int | None, nprobe: int, model_path: str | None, threads: int) -> dict:
+def run_case(tokens: int, backend: str, k: int | None, nprobe: int, model_path: str | None, template: str,
+             threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -114,7 +117,7 @@ def run_case(tokens: int, backend: str, k: int | None, nprobe: int, model_path: 
     stats = {"hits": 0, "total": 0, "probe_seconds": 0.0}
     factory = recall_probe_factory(stats) if backend == "faiss-ivf" else default_search_factory
     model = build_model(backend, k, nprobe, model_path)
-    ids = input_ids(tokens, model_path)
+    ids = input_ids(tokens, model_path, template)
     with torch.inference_mode():
         model(ids[:, :1024], past_key_values=fot.LongLlamaCache(model.config, search_factory=factory))  # warm-up
         stats.update(hits=0, total=0, probe_seconds=0.0)
@@ -128,8 +131,8 @@ def run_case(tokens: int, backend: str, k: int | None, nprobe: int, model_path: 
             "recall": recall, "peak_rss_mib": peak}  # fmt: skip
 
 
-def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, model_path: str | None, threads: int,
-               steps: int = 200) -> dict:  # fmt: skip
+def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, model_path: str | None, template: str,
+               threads: int, steps: int = 200) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -138,7 +141,7 @@ def run_decode(prompt: int, backend: str, k: int | None, nprobe: int, model_path
 
         faiss.omp_set_num_threads(threads)
     model = build_model(backend, k, nprobe, model_path)
-    ids = input_ids(prompt, model_path)
+    ids = input_ids(prompt, model_path, template)
     with torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
         cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
@@ -186,6 +189,9 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600.0)
     parser.add_argument("--decode-prompt", type=int, default=16384)
     parser.add_argument("--model", help="a trained checkpoint directory, read on passkey text (module docstring)")
+    parser.add_argument("--template", default="landmark",
+                        help="with --model: the passkey template whose text is read (eval/templates.py), e.g. "
+                             "number-ledger for varied text full of numbers")
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,7 +206,7 @@ def main() -> None:
 
     variants = [(b, None) for b in args.backends if b in ("off", "dense")]
     variants += [(b, k) for b in args.backends if b not in ("off", "dense") for k in args.k]
-    source = f"{args.model} on passkey text" if args.model else "bench model (random weights) on random ids"
+    source = f"{args.model} on {args.template} passkey text" if args.model else "bench model (random weights) on random ids"
     print(f"memory scaling, {source}, {args.threads} thread(s), nprobe={args.nprobe}")
     header = f"{'backend':<12}{'k':>5}{'tokens':>8}{'seconds':>10}{'x off':>7}{'recall@k':>10}{'RSS MiB':>9}"
     print(header)
@@ -213,7 +219,7 @@ def main() -> None:
             if guess is not None and guess > args.max_seconds:
                 print(f"{backend:<12}{k or '-':>5}{tokens:>8}   skipped (predicted {guess:.0f} s > {args.max_seconds:.0f} s)")
                 continue
-            row = spawn(args, tokens, backend, k, args.nprobe, args.model)
+            row = spawn(args, tokens, backend, k, args.nprobe, args.model, args.template)
             history.append((tokens, row["seconds"]))
             if backend == "off":
                 off[tokens] = row["seconds"]
@@ -230,7 +236,7 @@ def main() -> None:
     print(f"\ndecode one token after a {args.decode_prompt}-token prompt")
     decode_off = None
     for backend, k in variants:
-        row = spawn(args, "decode", args.decode_prompt, backend, k, args.nprobe, args.model)
+        row = spawn(args, "decode", args.decode_prompt, backend, k, args.nprobe, args.model, args.template)
         decode_off = row["ms_per_token"] if backend == "off" else decode_off
         ratio = row["ms_per_token"] / decode_off if decode_off else float("nan")
         print(f"{backend:<12}{k or '-':>5}{row['ms_per_token']:>10.2f} ms{ratio:>7.2f}x off", flush=True)

@@ -72,6 +72,8 @@ class DataConfig:
             answers need, such as copying what followed an earlier occurrence).
         mix_values: for ``synthetic_mix``, the kinds of value that recall and lookup items take, among "number",
             "word", "code", "name" and "pair"; null means all of them.
+        mix_max_keys: for ``synthetic_mix``, a recall document names 1 to this many values (the others are
+            distractors for the one asked).
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"
@@ -96,6 +98,7 @@ class DataConfig:
     synthetic_answers_only: bool = False
     mix_loss: Literal["answers", "all"] = "answers"
     mix_values: list[str] | None = None
+    mix_max_keys: int = 4
     passkey_fraction: float = 0.0
     mix: dict[str, float] = field(default_factory=lambda: {"recall": 0.5, "lookup": 0.25, "copy": 0.25})
 

@@ -345,9 +345,11 @@ def haystack_style(rng: np.random.Generator) -> str:
     return "repeated" if rng.random() < 0.25 else "books"
 
 
-def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = tuple(VALUE_KINDS)) -> list:
-    """One to four named values (of ``value_kinds``) among the haystack, then questions about one to three."""
-    n_keys = int(rng.integers(1, 5))
+def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = tuple(VALUE_KINDS),
+                 max_keys: int = 4) -> list:
+    """One to ``max_keys`` named values (of ``value_kinds``) among the haystack, then questions about one to three
+    of them."""
+    n_keys = int(rng.integers(1, max_keys + 1))
     names: list[str] = []
     while len(names) < n_keys:
         name = key_name(rng)
@@ -458,7 +460,8 @@ class SyntheticMix:
 
     def __init__(self, tokenizer, haystack: BookHaystack, doc_tokens: int, weights: dict[str, float], seed: int,
                  min_tokens: int | None = None, add_bos: bool = True, add_eos: bool = True,
-                 scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None):
+                 scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None,
+                 max_keys: int = 4):
         if loss_on not in ("answers", "all"):
             raise ValueError(f"data.mix_loss={loss_on!r}: use 'answers' or 'all'.")
         self.loss_on = loss_on
@@ -466,6 +469,9 @@ class SyntheticMix:
         if bad or (value_kinds is not None and not value_kinds):
             raise ValueError(f"data.mix_values={value_kinds}: list one or more of {', '.join(VALUE_KINDS)}.")
         self.value_kinds = tuple(value_kinds) if value_kinds else None
+        if max_keys < 1:
+            raise ValueError(f"data.mix_max_keys={max_keys}: a recall document holds at least one key.")
+        self.max_keys = max_keys
         unknown = sorted(set(weights) - set(FAMILIES))
         if unknown or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
             raise ValueError(f"data.mix={weights}: give non-negative weights, not all zero, for families among "
@@ -496,7 +502,7 @@ class SyntheticMix:
 
     def parts(self, family: str, rng: np.random.Generator, budget: int) -> list:
         if family == "recall":
-            return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS))
+            return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS), self.max_keys)
         if family == "lookup":
             return lookup_parts(rng, budget, self.value_kinds or ("number", "number", "word", "code"))
         if family == "copy":
