@@ -217,6 +217,12 @@ def test_loss_on_all_tokens_and_value_kinds(haystack, tokenizer):
         assert text == text_all and np.array_equal(ids, ids_all)  # the same document, only the mask differs
         assert mask_all[1:].all() and 0 < mask.sum() < len(ids) // 2
         assert all(tokenizer.decode(ids[a:b].tolist()).strip().isdigit() for a, b in _runs(mask))
+    one = SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=5, value_kinds=["number"], max_keys=1)
+    four = SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=5, value_kinds=["number"], max_keys=4)
+    asked = lambda mix: [len(_runs(mix.sample(0, i)[3])) for i in range(30)]  # noqa: E731
+    assert set(asked(one)) == {1} and max(asked(four)) > 1  # one key is asked once; more keys, more questions
+    with pytest.raises(ValueError, match="data.mix_max_keys"):
+        SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=0, max_keys=0)
     with pytest.raises(ValueError, match="data.mix_values"):
         SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=0, value_kinds=["numbr"])
     with pytest.raises(ValueError, match="data.mix_loss"):
