@@ -579,7 +579,9 @@ def plots(report: dict, model_name: str) -> dict:
     lengths, results, templates = report["lengths"], report["results"], report["templates"]
     what = templates[0] if len(templates) == 1 else f"mean of {len(templates)} templates"
     accuracy = {n: accuracy_curve(rows, lengths) for n, rows in results.items()}
-    title = f"passkey retrieval: {model_name}, {what} ({report['trials']} trials per cell)"
+    per = "template and depth" if report["depths"] else "template" if len(templates) > 1 else "length"
+    n = report["trials"]
+    title = f"passkey retrieval: {model_name}, {what} ({n} trial{'s' if n > 1 else ''} per {per})"
     out = {"passkey.png": lambda path: plot_accuracy(path, lengths, accuracy, report["window"], title)}
     if report["depths"]:
         depth_title = f"passkey accuracy by key depth: {model_name}, {what}"
