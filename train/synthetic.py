@@ -16,7 +16,7 @@ A document of the ``synthetic_mix`` source is one of these families, drawn per d
 * ``books``: a plain book excerpt with the loss on every token (natural text only).
 
 The loss of a task document falls only on its answers (their tokens carry ``loss_mask``): the haystack, keys and
-questions never do. Answers come after the haystack, so the key is usually in an earlier window than the answer
+questions never do, unless ``data.mix_loss`` is "all" (every token). Answers come after the haystack, so the key is usually in an earlier window than the answer
 and only the memory layers can reach it.
 
 Held out. The haystack is text of the training books only (``assets/books/train.parquet``); lines of the books that
@@ -374,8 +374,10 @@ def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[st
     return parts
 
 
-def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = ("number", "number", "word",
-                                                                                       "code")) -> list:
+LOOKUP_VALUE_KINDS = ("number", "number", "word", "code")  # drawn per dictionary: numbers half the time
+
+
+def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = LOOKUP_VALUE_KINDS) -> list:
     """A dictionary of items in one line format, haystack, then queries about some of them."""
     line_format = choose(rng, LOOKUP_LINES)
     key_kinds = (choose(rng, ("number", "word", "code", "pair", "name")),)
@@ -504,7 +506,7 @@ class SyntheticMix:
         if family == "recall":
             return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS), self.max_keys)
         if family == "lookup":
-            return lookup_parts(rng, budget, self.value_kinds or ("number", "number", "word", "code"))
+            return lookup_parts(rng, budget, self.value_kinds or LOOKUP_VALUE_KINDS)
         if family == "copy":
             return copy_parts(rng, budget, self.haystack)
         if family == "repeat":
