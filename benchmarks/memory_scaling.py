@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_config import check_args
+from eval.templates import TEMPLATES
 from benchmarks.bench_config import LONG as BENCH
 from train.cli import ArgumentParser
 RECALL_EVERY = 16  # probe every 16th search call of a layer
@@ -189,7 +190,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600.0)
     parser.add_argument("--decode-prompt", type=int, default=16384)
     parser.add_argument("--model", help="a trained checkpoint directory, read on passkey text (module docstring)")
-    parser.add_argument("--template", default="landmark",
+    parser.add_argument("--template", default="landmark", choices=list(TEMPLATES),
                         help="with --model: the passkey template whose text is read (eval/templates.py), e.g. "
                              "number-ledger for varied text full of numbers")
     parser.add_argument("--json", help="also write all rows to this JSON file")

@@ -34,6 +34,7 @@ CASES = {
                             "model directory '{tmp}/none' does not exist"),
     "bench-bad-tokens": (["benchmarks.prefill", "--tokens", "0"], "--tokens must be positive, got [0]"),
     "bench-bad-backend": (["benchmarks.memory_scaling", "--backends", "bogus"], "invalid choice: 'bogus'"),
+    "bench-bad-template": (["benchmarks.memory_scaling", "--template", "bogus"], "invalid choice: 'bogus'"),
     "bench-unwritable-json": (["benchmarks.memory_scaling", "--json", "/proc/x/rows.json"],
                               "'/proc/x' cannot be created and written"),
 }
