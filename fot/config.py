@@ -29,6 +29,9 @@ VALIDATED_FIELDS = frozenset({
 })  # fmt: skip
 
 
+DEFAULT_NPROBE = 16  # IVF lists per query; chosen in docs/benchmarks.md, "Choosing nprobe"
+
+
 class LongLlamaConfig(PreTrainedConfig):
     r"""Configuration of a LongLLaMA / Focused Transformer decoder.
 
@@ -107,7 +110,7 @@ class LongLlamaConfig(PreTrainedConfig):
     # Ours.
     mem_top_k: int | None = None
     mem_index: str = "exact"
-    mem_nprobe: int = 16
+    mem_nprobe: int = DEFAULT_NPROBE
     mem_max_tokens: int | None = None
     cache_policy: str = "slide"
     attn_impl: str = "auto"

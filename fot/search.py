@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import MEM_INDEXES, LongLlamaConfig
+from .config import DEFAULT_NPROBE, MEM_INDEXES, LongLlamaConfig
 from .memory import MemoryStore
 from .types import MemoryKV
 
@@ -250,7 +250,7 @@ class FaissIVFSearch(KeySearch):
     name = "faiss-ivf"
     trainable = False  # the index changes as memory grows, so a recomputed forward could retrieve differently
 
-    def __init__(self, nprobe: int = 16, min_train: int = IVF_MIN_TRAIN,
+    def __init__(self, nprobe: int = DEFAULT_NPROBE, min_train: int = IVF_MIN_TRAIN,
                  rebuild_growth: float = IVF_REBUILD_GROWTH):  # fmt: skip
         """``min_train``: keys before the first training; ``rebuild_growth``: retrain when memory has grown by
         this factor since the last training (module docstring)."""
@@ -503,7 +503,7 @@ def default_search_factory(config: LongLlamaConfig, layer_idx: int) -> KeySearch
     return make_search(config.mem_index, config.mem_nprobe)
 
 
-def make_search(mem_index: str, nprobe: int = 16) -> KeySearch:
+def make_search(mem_index: str, nprobe: int = DEFAULT_NPROBE) -> KeySearch:
     """The backend named by ``mem_index``."""
     if mem_index == "exact":
         return ExactSearch()
