@@ -15,6 +15,7 @@ from train.data import (
     PackedBatches,
     RankView,
     SyntheticLookup,
+    SyntheticRepeat,
     TextDocuments,
     build_batches,
     load_text_dataset,
@@ -75,6 +76,54 @@ def test_answers_only_labels():
         assert defs and ids[defs[0] + 6 : defs[0] + 10] == value
     b = PackedBatches(RankView(src, 0, 1), 1, 2, 150, 0, 1).next_batch()
     assert ((b.labels != IGNORE) == torch.from_numpy(doc.loss_mask).view(2, 150)).all()
+
+
+def recurrence_offsets(doc, min_offset, max_offset):
+    """Brute force: the offsets o in range for which every supervised token equals the token o back."""
+    where = np.flatnonzero(doc.loss_mask)
+    return [o for o in range(min_offset, max_offset + 1) if np.array_equal(doc.ids[where], doc.ids[where - o])]
+
+
+def test_repeat_documents_hold_one_recurrence_at_the_drawn_offset():
+    fixed = SyntheticRepeat(2000, 128, (6, 20), 24, [0], True, seed=0)
+    mixed = SyntheticRepeat(2000, 128, (6, 20), 24, [0, 8, 80], True, seed=0)
+    offsets = []
+    for i in range(200):
+        doc = fixed.get(0, i)
+        assert doc.ids.dtype == np.int64 and len(doc.ids) == 128 and doc.ids[0] == 1
+        assert doc.ids[1:].min() >= SyntheticRepeat.FIRST and doc.ids.max() < 2000
+        assert 5 <= doc.loss_mask.sum() <= 19  # the recurrence after its first token
+        assert 24 in recurrence_offsets(doc, 24, 24)  # J = 0: always exactly min_offset back
+        doc = mixed.get(0, i)
+        found = recurrence_offsets(doc, 24, 104)
+        assert found
+        offsets.append(found[0])
+        # the span itself: the supervised run and the token before it, copied from offset back
+        where = np.flatnonzero(doc.loss_mask)
+        assert np.array_equal(np.diff(where), np.ones(len(where) - 1))
+        assert doc.ids[where[0] - 1] == doc.ids[where[0] - 1 - found[0]]
+    assert min(offsets) == 24 and max(offsets) > 64  # the jitters are mixed per document
+    assert np.array_equal(mixed.get(0, 5).ids, mixed.get(0, 5).ids)  # deterministic per (epoch, index)
+    assert not np.array_equal(mixed.get(0, 5).ids, mixed.get(1, 5).ids)
+    assert SyntheticRepeat(2000, 128, (6, 20), 24, [0], False, 0).get(0, 0).loss_mask is None
+
+
+def test_repeat_errors_name_the_fix():
+    with pytest.raises(ValueError, match="raise data.synthetic_doc_tokens"):
+        SyntheticRepeat(2000, 128, (6, 20), 24, [96], True, 0)  # 1 + 24 + 96 + 20 > 128
+    with pytest.raises(ValueError, match="min offset"):
+        SyntheticRepeat(2000, 128, (6, 30), 24, [0], True, 0)  # the recurrence would overlap the span
+    with pytest.raises(ValueError, match="span_tokens is a range"):
+        load_config(ROOT / "configs/demo_stage0.yaml", {"data.synthetic_span_tokens": [6]})
+
+
+def test_repeat_config_streams_without_a_tokenizer():
+    spec = load_config(ROOT / "configs/demo_stage0.yaml")
+    assert spec.data.tokenizer is None and spec.data.synthetic_kind == "repeat"
+    batch = build_batches(spec, None, 2000, 128, 0, 1).next_batch()
+    assert batch.input_ids.shape == (32, 128)
+    supervised = batch.labels != IGNORE
+    assert supervised.any(dim=1).all() and (supervised.sum(dim=1) <= 19).all()
 
 
 def stream_for(spec, rank=0, world=1):

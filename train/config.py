@@ -49,19 +49,24 @@ class DataConfig:
         text_field: the column holding a document's text.
         text_sample_by: for .txt files, what one document is: a whole file, a paragraph or a line.
         tokenizer: a directory (or hub id) loadable by ``AutoTokenizer``; "checkpoint" uses the base model's
-            tokenizer; null is only allowed for the synthetic "lookup" kind, which emits token ids directly.
+            tokenizer; null is only allowed for the synthetic "lookup" and "repeat" kinds, which emit token ids.
         pack: k, the number of consecutive rows holding consecutive windows of one document.
         window: tokens per row; null means the model's ``max_position_embeddings``.
         min_segment_tokens: a document's last, partial segment of k windows is padded if it holds at least this
             many tokens and dropped otherwise.
         add_bos / add_eos: put BOS before and EOS after every tokenized document.
-        synthetic_kind: "lookup" (FoT dictionary lookup, token ids) or "passkey" (the passkey format, text).
+        synthetic_kind: "lookup" (FoT dictionary lookup, token ids), "repeat" (random ids in which one span
+            recurs, token ids: the copying task, ``train.data.SyntheticRepeat``) or "passkey" (the passkey
+            format, text).
         synthetic_doc_tokens: length of a synthetic document in tokens (lookup) or about that (passkey);
             null means k * window.
         synthetic_key_tokens / synthetic_value_tokens: tokens per key and per value (lookup).
         synthetic_query_prob: probability that an item after the first few is a query (lookup).
+        synthetic_span_tokens / synthetic_min_offset / synthetic_jitters: the recurring span's length range
+            [lo, hi], and its recurrence ``min_offset + U[0, J]`` tokens after it, J drawn per document from the
+            jitters (repeat).
         synthetic_answers_only: compute the loss only on the answers (lookup: query values, as in the FoT
-            paper; passkey: the key after the final question).
+            paper; repeat: the recurrence after its first token; passkey: the key after the final question).
         passkey_fraction: share of documents replaced by generated passkey documents (text sources).
         mix: for ``source: synthetic_mix`` (train/synthetic.py), the weight of each document family: ``recall``
             (key-value recall), ``lookup`` (dictionary lookup), ``copy`` (copy a marked span) and ``books``
@@ -90,11 +95,14 @@ class DataConfig:
     min_segment_tokens: int = 64
     add_bos: bool = True
     add_eos: bool = True
-    synthetic_kind: Literal["lookup", "passkey"] = "lookup"
+    synthetic_kind: Literal["lookup", "repeat", "passkey"] = "lookup"
     synthetic_doc_tokens: int | None = None
     synthetic_key_tokens: int = 4
     synthetic_value_tokens: int = 4
     synthetic_query_prob: float = 0.3
+    synthetic_span_tokens: list[int] = field(default_factory=lambda: [6, 20])
+    synthetic_min_offset: int = 24
+    synthetic_jitters: list[int] = field(default_factory=lambda: [0])
     synthetic_answers_only: bool = False
     mix_loss: Literal["answers", "all"] = "answers"
     mix_values: list[str] | None = None
@@ -386,7 +394,9 @@ def validate(spec: RunSpec) -> None:
         raise ValueError("data.source=hub needs data.hub_name (a dataset id on the Hugging Face hub).")
     if not 0.0 <= d.passkey_fraction <= 1.0:
         raise ValueError(f"data.passkey_fraction must be in [0, 1], got {d.passkey_fraction}.")
-    if d.tokenizer is None and not (d.source == "synthetic" and d.synthetic_kind == "lookup"):
+    if d.synthetic_kind == "repeat" and len(d.synthetic_span_tokens) != 2:
+        raise ValueError(f"data.synthetic_span_tokens is a range [lo, hi], got {d.synthetic_span_tokens}.")
+    if d.tokenizer is None and not (d.source == "synthetic" and d.synthetic_kind in ("lookup", "repeat")):
         raise ValueError("data.tokenizer is required for text data (and the synthetic passkey kind): a directory "
                          "with tokenizer.model (python train/tokenizer.py), a hub id, or 'checkpoint'.")
     if d.tokenizer == "checkpoint" and spec.checkpoint is None:

@@ -106,6 +106,54 @@ class SyntheticLookup:
         return Document(ids_N, np.concatenate(mask)[: self.doc_tokens] if self.answers_only else None)
 
 
+class SyntheticRepeat:
+    """Random token ids in which one span recurs once: the task that forms a copying circuit (an induction head).
+
+    A document is BOS and ``doc_tokens - 1`` random ids; a span of ``span_tokens`` ids (drawn from that range)
+    is written at a random start and again ``offset`` tokens later, with ``offset = min_offset + U[0, J]`` and
+    the jitter J drawn per document from ``jitters``. With J = 0 the copy is always the same distance back, which
+    a model learns by position alone; the larger J, the more only the content (the token before) can say where
+    the copy comes from. Drawing J per document from a list mixes easy and hard documents in every batch. With
+    ``answers_only`` only the recurrence after its first token carries loss (the only predictable tokens).
+    Ids: 0 pad, 1 BOS, 2 EOS, 3-5 unused (the lookup kind's markers), 6 ... vocab_size - 1 payload.
+    """
+
+    FIRST = SyntheticLookup.FIRST
+
+    def __init__(self, vocab_size: int, doc_tokens: int, span_tokens: tuple[int, int], min_offset: int,
+                 jitters: list[int], answers_only: bool, seed: int):
+        lo, hi = span_tokens
+        if vocab_size <= self.FIRST + 1:
+            raise ValueError(f"the synthetic repeat source needs vocab_size > {self.FIRST + 1}, got {vocab_size}.")
+        if not 1 <= lo <= hi or min_offset < hi or not jitters or min(jitters) < 0:
+            raise ValueError(f"synthetic repeat: need 1 <= span {lo} <= {hi} <= min offset {min_offset} and "
+                             f"jitters >= 0, got jitters {jitters}.")
+        if 1 + min_offset + max(jitters) + hi > doc_tokens:
+            raise ValueError(f"synthetic repeat: a document of {doc_tokens} tokens cannot hold a span of {hi} "
+                             f"recurring {min_offset} + {max(jitters)} tokens later; lower the offset or jitters, "
+                             "or raise data.synthetic_doc_tokens.")
+        self.vocab_size, self.doc_tokens, self.span_tokens = vocab_size, doc_tokens, (lo, hi)
+        self.min_offset, self.jitters = min_offset, list(jitters)
+        self.answers_only, self.seed = answers_only, seed
+
+    def __len__(self) -> int:
+        return _UNBOUNDED
+
+    def get(self, epoch: int, index: int) -> Document:
+        rng = np.random.default_rng([self.seed, epoch, index, 31])
+        ids = rng.integers(self.FIRST, self.vocab_size, self.doc_tokens)
+        ids[0] = 1
+        length = int(rng.integers(self.span_tokens[0], self.span_tokens[1] + 1))
+        offset = self.min_offset + int(rng.integers(0, self.jitters[rng.integers(len(self.jitters))] + 1))
+        start = int(rng.integers(1, self.doc_tokens - offset - length + 1))
+        ids[start + offset : start + offset + length] = ids[start : start + length]
+        if not self.answers_only:
+            return Document(ids.astype(np.int64))
+        mask = np.zeros(self.doc_tokens, bool)
+        mask[start + offset + 1 : start + offset + length] = True
+        return Document(ids.astype(np.int64), mask)
+
+
 # The passkey format is eval/templates.py's "landmark" template, the one place both sides read it from.
 FILLER, PASSKEY_INTRO = GRASS.text, LANDMARK_PHRASING.intro
 EVAL_ONLY = tuple(eval_only_strings())  # held-out evaluation text: training must never emit it
@@ -391,6 +439,9 @@ def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, worl
         if d.synthetic_kind == "lookup":
             source = SyntheticLookup(vocab_size, doc_tokens, d.synthetic_key_tokens, d.synthetic_value_tokens,
                                      d.synthetic_query_prob, d.synthetic_answers_only, seed)
+        elif d.synthetic_kind == "repeat":
+            source = SyntheticRepeat(vocab_size, doc_tokens, tuple(d.synthetic_span_tokens), d.synthetic_min_offset,
+                                     d.synthetic_jitters, d.synthetic_answers_only, seed)
         else:
             source = passkey
         documents = RankView(source, rank, world)
