@@ -108,6 +108,51 @@ def test_repeat_documents_hold_one_recurrence_at_the_drawn_offset():
     assert SyntheticRepeat(2000, 128, (6, 20), 24, [0], False, 0).get(0, 0).loss_mask is None
 
 
+def test_gated_repeat_advances_on_the_loss_and_resumes_exactly():
+    def offsets(source, indices):
+        return [recurrence_offsets(source.get(0, i), 24, 104)[0] - 24 for i in indices]
+
+    gated = SyntheticRepeat(2000, 128, (6, 20), 24, [0, 40, 80], True, seed=0, gate=1.0, gate_steps=3)
+    assert offsets(gated, range(8)) == [0] * 8  # level 0: J = 0
+    for loss in [2.0, 0.5, 0.5]:  # the mean of the last 3 is 1.0, not below the gate
+        gated.after_step(loss)
+    assert gated.level_starts == [0] and offsets(gated, range(8, 12)) == [0] * 4
+    gated.after_step(0.5)  # mean 0.5 < 1.0: level 1 from the next document on
+    assert gated.level_starts == [0, 12]
+    jittered = offsets(gated, range(12, 60))
+    assert max(jittered) > 10 and max(jittered) <= 40
+    assert offsets(gated, range(8)) == [0] * 8  # documents of the earlier level are unchanged
+    state = json.loads(json.dumps(gated.state_dict()))  # plain data, as in a checkpoint
+    for loss in [0.1, 0.1, 0.1]:
+        gated.after_step(loss)
+    assert gated.level_starts == [0, 12, 60] and max(offsets(gated, range(60, 120))) > 40
+    for loss in [0.1] * 10:  # the last level holds
+        gated.after_step(loss)
+    assert len(gated.level_starts) == 3
+    resumed = SyntheticRepeat(2000, 128, (6, 20), 24, [0, 40, 80], True, seed=0, gate=1.0, gate_steps=3)
+    resumed.load_state_dict(state)
+    assert [np.array_equal(resumed.get(0, i).ids, SyntheticRepeat(2000, 128, (6, 20), 24, [0, 40, 80], True, 0,
+                                                                  1.0, 3).get(0, i).ids) for i in range(12)] == [True] * 12
+    assert offsets(resumed, range(12, 60)) == jittered
+
+
+def test_gated_repeat_level_travels_with_the_stream_state():
+    spec = load_config(ROOT / "configs/demo_stage0.yaml", {"data.synthetic_gate_steps": 2})
+    stream = build_batches(spec, None, 2000, 128, 0, 1)
+    stream.next_batch()
+    stream.after_step(0.1)
+    stream.after_step(0.1)
+    state = json.loads(json.dumps(stream.state_dict()))
+    assert state["source"]["level_starts"] == [0, 32]  # one micro-batch of 32 documents at level 0
+    expected = [stream.next_batch().input_ids for _ in range(2)]
+    resumed = build_batches(spec, None, 2000, 128, 0, 1)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, resumed.next_batch().input_ids) for x in expected)
+    fresh = build_batches(spec, None, 2000, 128, 0, 1)  # without the level: the same positions, other documents
+    fresh.load_state_dict({"lanes": state["lanes"]})
+    assert not torch.equal(fresh.next_batch().input_ids, expected[0])
+
+
 def test_repeat_errors_name_the_fix():
     with pytest.raises(ValueError, match="raise data.synthetic_doc_tokens"):
         SyntheticRepeat(2000, 128, (6, 20), 24, [96], True, 0)  # 1 + 24 + 96 + 20 > 128
@@ -115,6 +160,8 @@ def test_repeat_errors_name_the_fix():
         SyntheticRepeat(2000, 128, (6, 30), 24, [0], True, 0)  # the recurrence would overlap the span
     with pytest.raises(ValueError, match="span_tokens is a range"):
         load_config(ROOT / "configs/demo_stage0.yaml", {"data.synthetic_span_tokens": [6]})
+    with pytest.raises(ValueError, match="synthetic_jitter_gate must be a positive loss"):
+        load_config(ROOT / "configs/demo_stage0.yaml", {"data.synthetic_jitter_gate": 0})
 
 
 def test_repeat_config_streams_without_a_tokenizer():

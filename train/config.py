@@ -65,6 +65,8 @@ class DataConfig:
         synthetic_span_tokens / synthetic_min_offset / synthetic_jitters: the recurring span's length range
             [lo, hi], and its recurrence ``min_offset + U[0, J]`` tokens after it, J drawn per document from the
             jitters (repeat).
+        synthetic_jitter_gate / synthetic_gate_steps: with a gate, the jitters are levels taken in order, moving
+            to the next once the mean training loss of the last gate_steps steps is below the gate (repeat).
         synthetic_answers_only: compute the loss only on the answers (lookup: query values, as in the FoT
             paper; repeat: the recurrence after its first token; passkey: the key after the final question).
         passkey_fraction: share of documents replaced by generated passkey documents (text sources).
@@ -103,6 +105,8 @@ class DataConfig:
     synthetic_span_tokens: list[int] = field(default_factory=lambda: [6, 20])
     synthetic_min_offset: int = 24
     synthetic_jitters: list[int] = field(default_factory=lambda: [0])
+    synthetic_jitter_gate: float | None = None
+    synthetic_gate_steps: int = 25
     synthetic_answers_only: bool = False
     mix_loss: Literal["answers", "all"] = "answers"
     mix_values: list[str] | None = None
@@ -396,6 +400,9 @@ def validate(spec: RunSpec) -> None:
         raise ValueError(f"data.passkey_fraction must be in [0, 1], got {d.passkey_fraction}.")
     if d.synthetic_kind == "repeat" and len(d.synthetic_span_tokens) != 2:
         raise ValueError(f"data.synthetic_span_tokens is a range [lo, hi], got {d.synthetic_span_tokens}.")
+    if d.synthetic_jitter_gate is not None and (d.synthetic_jitter_gate <= 0 or d.synthetic_gate_steps < 1):
+        raise ValueError(f"data.synthetic_jitter_gate must be a positive loss and data.synthetic_gate_steps >= 1, got "
+                         f"{d.synthetic_jitter_gate} and {d.synthetic_gate_steps}.")
     if d.tokenizer is None and not (d.source == "synthetic" and d.synthetic_kind in ("lookup", "repeat")):
         raise ValueError("data.tokenizer is required for text data (and the synthetic passkey kind): a directory "
                          "with tokenizer.model (python train/tokenizer.py), a hub id, or 'checkpoint'.")

@@ -246,6 +246,7 @@ def loop(spec, info, model, optimizer, scheduler, batches, objective, run_log, s
                 record["d"] = d
             run_log.log(record)
         run_log.advance(loss, lr)
+        batches.after_step(loss)  # before the checkpoint, which saves a gated curriculum's level with the data
         every = spec.run.save_every
         if every and done % every == 0 and done < spec.train.max_steps:
             save_checkpoint(out_dir, done, model, optimizer, scheduler, batches, config_yaml, info,

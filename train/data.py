@@ -116,12 +116,19 @@ class SyntheticRepeat:
     the copy comes from. Drawing J per document from a list mixes easy and hard documents in every batch. With
     ``answers_only`` only the recurrence after its first token carries loss (the only predictable tokens).
     Ids: 0 pad, 1 BOS, 2 EOS, 3-5 unused (the lookup kind's markers), 6 ... vocab_size - 1 payload.
+
+    With ``gate`` the jitters are levels instead, taken in order: every document uses the current level, and
+    ``after_step(loss)`` moves to the next once the mean training loss of the last ``gate_steps`` steps is below
+    ``gate``. Measured on the demo architecture (train/README.md, "The demo model"), this curriculum forms the
+    content-based copy in about 1,250 steps where drawing J per document had not started to in 850. A level
+    holds from the first document index requested after it was reached, and those starts are the source's
+    ``state_dict()``, so a resumed run regenerates exactly the documents it would have seen.
     """
 
     FIRST = SyntheticLookup.FIRST
 
     def __init__(self, vocab_size: int, doc_tokens: int, span_tokens: tuple[int, int], min_offset: int,
-                 jitters: list[int], answers_only: bool, seed: int):
+                 jitters: list[int], answers_only: bool, seed: int, gate: float | None = None, gate_steps: int = 25):
         lo, hi = span_tokens
         if vocab_size <= self.FIRST + 1:
             raise ValueError(f"the synthetic repeat source needs vocab_size > {self.FIRST + 1}, got {vocab_size}.")
@@ -135,16 +142,45 @@ class SyntheticRepeat:
         self.vocab_size, self.doc_tokens, self.span_tokens = vocab_size, doc_tokens, (lo, hi)
         self.min_offset, self.jitters = min_offset, list(jitters)
         self.answers_only, self.seed = answers_only, seed
+        self.gate, self.gate_steps = gate, gate_steps
+        self.level_starts = [0]  # document index from which each reached level holds
+        self.recent: list[float] = []
+        self.requested = -1  # the highest document index handed out
 
     def __len__(self) -> int:
         return _UNBOUNDED
 
+    def state_dict(self) -> dict:
+        return {"level_starts": list(self.level_starts), "recent": list(self.recent), "requested": self.requested}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.level_starts, self.recent = list(state["level_starts"]), list(state["recent"])
+        self.requested = state["requested"]
+
+    def after_step(self, loss: float) -> None:
+        """Gate the curriculum on the step's (all-reduced) training loss; nothing without ``gate``."""
+        if self.gate is None or len(self.level_starts) == len(self.jitters):
+            return
+        self.recent = (self.recent + [loss])[-self.gate_steps :]
+        if len(self.recent) == self.gate_steps and sum(self.recent) / self.gate_steps < self.gate:
+            self.level_starts.append(self.requested + 1)
+            self.recent = []
+            logger.info("repeat: the mean loss of %d steps fell below %g; jitter level %d (J = %d) from document %d",
+                        self.gate_steps, self.gate, len(self.level_starts) - 1, self.jitters[len(self.level_starts) - 1],
+                        self.requested + 1)
+
+    def jitter(self, index: int, rng: np.random.Generator) -> int:
+        if self.gate is None:
+            return self.jitters[rng.integers(len(self.jitters))]
+        return self.jitters[sum(1 for start in self.level_starts if start <= index) - 1]
+
     def get(self, epoch: int, index: int) -> Document:
+        self.requested = max(self.requested, index)
         rng = np.random.default_rng([self.seed, epoch, index, 31])
         ids = rng.integers(self.FIRST, self.vocab_size, self.doc_tokens)
         ids[0] = 1
         length = int(rng.integers(self.span_tokens[0], self.span_tokens[1] + 1))
-        offset = self.min_offset + int(rng.integers(0, self.jitters[rng.integers(len(self.jitters))] + 1))
+        offset = self.min_offset + int(rng.integers(0, self.jitter(index, rng) + 1))
         start = int(rng.integers(1, self.doc_tokens - offset - length + 1))
         ids[start + offset : start + offset + length] = ids[start : start + length]
         if not self.answers_only:
@@ -319,6 +355,17 @@ class RankView:
     def get(self, epoch: int, index: int) -> Document:
         return self.source.get(epoch, index * self.world + self.rank)
 
+    def state_dict(self) -> dict | None:
+        return self.source.state_dict() if hasattr(self.source, "state_dict") else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None:
+            self.source.load_state_dict(state)
+
+    def after_step(self, loss: float) -> None:
+        if hasattr(self.source, "after_step"):
+            self.source.after_step(loss)
+
 
 # ----------------------------------------------------------------------------- packing
 class PackedBatches:
@@ -343,7 +390,11 @@ class PackedBatches:
         return self.pack * self.window
 
     def state_dict(self) -> dict:
-        return {"lanes": [dict(s) for s in self.state]}
+        state = {"lanes": [dict(s) for s in self.state]}
+        source = self.documents.state_dict() if hasattr(self.documents, "state_dict") else None
+        if source is not None:  # a source with state of its own (a gated curriculum)
+            state["source"] = source
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["lanes"]) != self.lanes:
@@ -351,6 +402,13 @@ class PackedBatches:
                              "resume with the same train.micro_batch_size and data.pack.")
         self.state = [dict(s) for s in state["lanes"]]
         self._cache = [None] * self.lanes
+        if "source" in state and hasattr(self.documents, "load_state_dict"):
+            self.documents.load_state_dict(state["source"])
+
+    def after_step(self, loss: float) -> None:
+        """Tell the source the step's training loss (a gated curriculum advances on it)."""
+        if hasattr(self.documents, "after_step"):
+            self.documents.after_step(loss)
 
     def _document(self, lane: int) -> Document:
         s = self.state[lane]
@@ -441,7 +499,8 @@ def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, worl
                                      d.synthetic_query_prob, d.synthetic_answers_only, seed)
         elif d.synthetic_kind == "repeat":
             source = SyntheticRepeat(vocab_size, doc_tokens, tuple(d.synthetic_span_tokens), d.synthetic_min_offset,
-                                     d.synthetic_jitters, d.synthetic_answers_only, seed)
+                                     d.synthetic_jitters, d.synthetic_answers_only, seed, d.synthetic_jitter_gate,
+                                     d.synthetic_gate_steps)
         else:
             source = passkey
         documents = RankView(source, rank, world)
