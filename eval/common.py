@@ -25,6 +25,9 @@ The evaluation scripts run from a checkout; ``fot`` never imports them.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import importlib.util
 import json
@@ -37,6 +40,26 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+def release_memory() -> None:
+    """Return the memory of a finished trial to the operating system before the next one starts.
+
+    glibc keeps freed heap pages for reuse instead of returning them. After a passkey trial of 1,048,576 tokens
+    (faiss-ivf, fot-tiny) the process still held 12 GB of them; the next trial's peak then passed 23 GB and the
+    24 GB machine killed it. ``gc.collect()`` then glibc's ``malloc_trim(0)`` brought a 128K trial's 1.3 GB back
+    to the 0.5 GB held before it (docs/results.md, "1M tokens"). Where the C library has no ``malloc_trim``
+    (macOS, musl) only the garbage collection runs.
+    """
+    gc.collect()
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    return None if name is None else ctypes.CDLL(name)
 
 SETTING_HELP = "memory, no-memory, topk:K, topk-flat:K, topk-ivf:K, full:W"
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}

@@ -50,6 +50,7 @@ from eval.common import (
     open_trials,
     plot_accuracy,
     print_and_write,
+    release_memory,
     run_identity,
     run_report,
     setting_model,
@@ -248,6 +249,9 @@ def evaluate(model, dictionaries: dict[int, list[Dictionary]], tokenizer, device
                     queries.append({k: v for k, v in record.items() if k != "seconds"})
                     bar.update(1)
                 records.append({"trial": d.trial, "tokens": d.tokens, "pairs": len(d.pairs), "queries": queries})
+                if cache is not None:
+                    cache = None
+                    release_memory()
             correct = sum(q["correct"] for r in records for q in r["queries"])
             n = sum(len(r["queries"]) for r in records)
             rows.append({

@@ -59,6 +59,7 @@ from eval.common import (
     open_trials,
     plot_accuracy,
     print_and_write,
+    release_memory,
     run_identity,
     run_report,
     save_figure,
@@ -335,6 +336,7 @@ def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "p
                 record = logged_trial(log, setting, tr)
                 if record is None:
                     record = score_trial(model, tr, device, **generate_kwargs)
+                    release_memory()
                     if log is not None:
                         log.put(trial_key(setting, tr), record)
                 seconds += record["seconds"]
