@@ -6,7 +6,7 @@
 #   make lock    re-resolve requirements.lock at the newest versions setup.py allows
 #   make demo    passkey retrieval of the shipped models/fot-tiny to 64K tokens, memory on and off (runs/demo/);
 #                make demo-long adds 256K tokens (runs/demo_long/)
-#   make demo-model  train the next demo model from scratch with our trainer (about two hours; not yet shipped)
+#   make demo-model  train the next demo model from scratch with our trainer (about three hours; not yet shipped)
 #   make bench   run the prefill benchmark
 #   make assets  fetch the SmolLM2 GGUF and build the book corpus (assets/); make smollm2 converts the GGUF
 #   make .venv   only create/refresh the virtual environment
@@ -105,8 +105,9 @@ DEMO_THREADS ?= 2
 DEMO_PASSKEY = $(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --template all \
 	--settings memory topk-ivf:32 no-memory --lengths-for $(DEMO_RANGES) --threads $(DEMO_THREADS) --device cpu
 
-# Retrain the demo model (train/README.md, "The demo model"): the book corpus if missing, the tokenizer, stage 1
-# (answer inside a window), stage 2 (answer from earlier windows through memory), stage 3 (with negatives).
+# Retrain the demo model (train/README.md, "The demo model"): the book corpus if missing, the tokenizer, stage 0
+# (the copying circuit on random ids, a curriculum gated on the loss), stage 1 (answer inside a window), stage 2
+# (answer from earlier windows through memory), stage 3 (with negatives).
 # Synthetic tasks in varied phrasings over the training books; no evaluation template is ever in the data.
 # Each stage resumes from its newest checkpoint, so an interrupted `make demo-model` continues where it stopped
 # (delete runs/demo_stage* to start afresh).
@@ -114,6 +115,8 @@ DEMO_PASSKEY = $(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --template
 demo-model: $(STAMP)
 	@test -f assets/books/train.parquet || $(MAKE) assets
 	$(OFFLINE) $(PY) -m train.synthetic tokenizer --out runs/tokenizer_mix --vocab_size 2000
+	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo_stage0.yaml --run.resume=true
+	$(OFFLINE) $(PY) -m train.probe --run runs/demo_stage0
 	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo_stage1.yaml --run.resume=true
 	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo_stage2.yaml --run.resume=true
 	$(OFFLINE) $(PY) train/crossbatch.py --config configs/demo.yaml --run.resume=true
