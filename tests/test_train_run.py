@@ -223,3 +223,26 @@ def test_cli_reports_config_errors(tmp_path):
     proc = subprocess.run(trainer("--config", str(CI), "--optim.lrr=1"), env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "unknown config key 'optim.lrr'" in proc.stderr
+
+
+def test_max_minutes_stops_saves_and_resume_finishes_the_same_run(tmp_path, caplog):
+    """train.max_minutes ends the run after the step that passes it: that step is checkpointed and final/ is
+    written; a resume continues to max_steps with the schedule of the whole run and matches an uninterrupted run."""
+    full = run_in_process(tmp_path / "a", **{"run.save_final": False, "run.save_every": 0})
+    cut = tmp_path / "b" / "run"
+    with caplog.at_level("INFO", logger="train"):
+        run_in_process(tmp_path / "b", **{"train.max_minutes": 1e-6, "run.save_every": 0})
+    assert "train.max_minutes=1e-06 reached: stopped after step 1 of" in caplog.text
+    assert [r["step"] for r in metrics(cut)] == [1]
+    assert (cut / "step_00000001").is_dir() and (cut / "final" / "config.json").is_file()
+    run_in_process(tmp_path / "b", **{"run.resume": True, "run.save_final": False, "run.save_every": 0})
+    a, b = metrics(full), metrics(cut)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]), (x, y)
+        assert x["lr"] == y["lr"]
+
+
+def test_max_minutes_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="train.max_minutes must be a positive number"):
+        run_in_process(tmp_path, **{"train.max_minutes": 0})

@@ -175,6 +175,9 @@ class TrainConfig:
         activation_checkpointing: recompute every ``model.gradient_checkpoint_every_ith`` layer in backward.
         compile: ``torch.compile`` every decoder layer.
         device: "auto" (cuda when available, else cpu), "cpu" or "cuda".
+        max_minutes: if set, stop after this many minutes of training in this process (checked after each step,
+            rank 0 decides for all): save a checkpoint of that step, then ``final/`` as usual. The schedule stays
+            the one of ``max_steps``, so ``--run.resume=true`` continues the same run.
     """
 
     micro_batch_size: int = 8
@@ -186,6 +189,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -415,6 +419,8 @@ def validate(spec: RunSpec) -> None:
                          "row offset in a document pack.")
     if t.batch_tokens is not None and t.batch_tokens < 1:
         raise ValueError(f"train.batch_tokens must be positive, got {t.batch_tokens}.")
+    if t.max_minutes is not None and not t.max_minutes > 0:
+        raise ValueError(f"train.max_minutes must be a positive number of minutes (or null), got {t.max_minutes}.")
     n_docs = t.micro_batch_size // d.pack
     if cb.layout == "paper":
         ds = {"constant": [cb.d], "switch": [cb.d, cb.d_after], "sampled": list(cb.d_choices)}[cb.schedule]
@@ -478,8 +484,8 @@ def dump_yaml(spec: RunSpec) -> str:
 # ----------------------------------------------------------------------------- resuming with a changed config
 # Keys a resumed run may change: how long it runs, how it logs, saves and executes, never what it learns.
 # train.max_steps also moves a cosine schedule's end and crossbatch.switch_fraction's switch, which the note says.
-RESUME_SAFE = ("train.max_steps", "train.device", "train.compile", "train.activation_checkpointing", "run.", "log.",
-               "parallel.")
+RESUME_SAFE = ("train.max_steps", "train.max_minutes", "train.device", "train.compile",
+               "train.activation_checkpointing", "run.", "log.", "parallel.")
 _ABSENT = "(absent)"
 
 

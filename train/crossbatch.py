@@ -222,7 +222,17 @@ def train_step(spec, info, model, optimizer, scheduler, batches, plan):
     return loss_sum / accum, grad_norm, tokens
 
 
+def out_of_time(deadline: float | None, info) -> bool:
+    """Whether ``train.max_minutes`` has passed; rank 0's clock decides, so every rank stops at the same step."""
+    if deadline is None:
+        return False
+    late = torch.tensor(float(info.rank == 0 and time.monotonic() > deadline), dtype=torch.float64)
+    return bool(all_reduce_sum(late, info) > 0)
+
+
 def loop(spec, info, model, optimizer, scheduler, batches, objective, run_log, start, out_dir, config_yaml):
+    minutes = spec.train.max_minutes
+    deadline = None if minutes is None else time.monotonic() + 60 * minutes
     for step in range(start, spec.train.max_steps):
         if info.heartbeat is not None:
             info.heartbeat.at_step(step)
@@ -248,9 +258,17 @@ def loop(spec, info, model, optimizer, scheduler, batches, objective, run_log, s
         run_log.advance(loss, lr)
         batches.after_step(loss)  # before the checkpoint, which saves a gated curriculum's level with the data
         every = spec.run.save_every
-        if every and done % every == 0 and done < spec.train.max_steps:
+        saved = bool(every) and done % every == 0 and done < spec.train.max_steps
+        if saved:
             save_checkpoint(out_dir, done, model, optimizer, scheduler, batches, config_yaml, info,
                             spec.run.keep_last)
+        if done < spec.train.max_steps and out_of_time(deadline, info):
+            if not saved:
+                save_checkpoint(out_dir, done, model, optimizer, scheduler, batches, config_yaml, info,
+                                spec.run.keep_last)
+            logger.info("train.max_minutes=%g reached: stopped after step %d of %d (resume with --run.resume=true)",
+                        minutes, done, spec.train.max_steps)
+            break
 
 
 def main(argv: list[str] | None = None) -> None:
