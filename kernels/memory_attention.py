@@ -461,6 +461,12 @@ def _check_inputs(q, k_loc, v_loc, k_mem, v_mem, local_valid, mem_valid, idx) ->
     reason = unavailable_reason(q.device)
     if reason is not None:
         raise RuntimeError(reason)
+    fp64 = [n for n, t in (("q", q), ("k_mem", k_mem)) if t is not None and t.dtype == torch.float64]
+    if fp64 and q.device.type == "cuda":
+        # Measured on an H200 (Triton 3.6): the fp64 tiles fail to compile ("fp64 don't support largeK MMA").
+        raise ValueError(f"{', '.join(fp64)} is float64, which the kernels run only under the Triton interpreter "
+                         "(TRITON_INTERPRET=1 on CPU); on CUDA pass float32, bfloat16 or float16, or use "
+                         "attn_impl='torch' for float64.")
     B, N, T, H = q.shape
     for name, t in (("k_loc", k_loc), ("v_loc", v_loc)):
         _check_tensor(name, t, 4, (q.dtype,), q.device)

@@ -29,6 +29,8 @@ from fot.kernels import load_memory_attention  # noqa: E402
 ma = load_memory_attention()
 
 DEVICE = "cpu" if ma.INTERPRET or not torch.cuda.is_available() else "cuda"
+# float64 runs only under the interpreter: on CUDA the launcher refuses it (test_cuda_refuses_float64_with_the_fix)
+KERNEL_FP64 = DEVICE == "cpu"
 pytestmark = pytest.mark.skipif(
     ma.unavailable_reason(DEVICE) is not None, reason=str(ma.unavailable_reason(DEVICE))
 )
@@ -219,7 +221,7 @@ def test_fully_masked_rows_follow_the_reference():
     x, dt, mdt = make_inputs(T, S, M=M_)
     x["local_valid"][0, :55] = False  # queries 0..7 of batch 0 see only padding
     x["mem_valid"][0] = False
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64) if KERNEL_FP64 else (torch.float32,):
         c = cast(x, dtype, dtype, requires_grad=True)
         ref64 = cast(x, torch.float64, torch.float64, requires_grad=True)
         w = loss_weights(T)
@@ -308,6 +310,7 @@ def test_memory_without_grad_gets_none():
     assert c["q"].grad is not None and c["k_mem"].grad is None
 
 
+@pytest.mark.skipif(not KERNEL_FP64, reason="float64 kernels run only under the Triton interpreter")
 @pytest.mark.parametrize("mode", ["dense", "retrieved"])
 def test_gradcheck_float64(mode):
     x, _, _ = make_inputs(3, 5, M=6, K=3 if mode == "retrieved" else None, B=1, N=2, G=1, H=4)
@@ -367,3 +370,10 @@ def test_cpu_without_interpreter_raises_with_reason():
     reason, raised = child.stdout.splitlines()[-2:]
     assert "TRITON_INTERPRET=1" in reason
     assert raised == f"raised: {reason}"
+
+
+@pytest.mark.skipif(KERNEL_FP64, reason="CUDA only: the interpreter runs float64")
+def test_cuda_refuses_float64_with_the_fix():
+    x, _, _ = make_inputs(3, 5, M=6, B=1, N=2, G=1, H=4)
+    with pytest.raises(ValueError, match="float64.*attn_impl='torch'"):
+        kernel(cast(x, torch.float64, torch.float64))

@@ -143,7 +143,8 @@ def test_gated_repeat_level_travels_with_the_stream_state():
     stream.after_step(0.1)
     stream.after_step(0.1)
     state = json.loads(json.dumps(stream.state_dict()))
-    assert state["source"]["level_starts"] == [0, 32]  # one micro-batch of 32 documents at level 0
+    rows = spec.train.micro_batch_size
+    assert state["source"]["level_starts"] == [0, rows]  # one micro-batch of documents at level 0
     expected = [stream.next_batch().input_ids for _ in range(2)]
     resumed = build_batches(spec, None, 2000, 128, 0, 1)
     resumed.load_state_dict(state)
@@ -168,7 +169,7 @@ def test_repeat_config_streams_without_a_tokenizer():
     spec = load_config(ROOT / "configs/demo_stage0.yaml")
     assert spec.data.tokenizer is None and spec.data.synthetic_kind == "repeat"
     batch = build_batches(spec, None, 2000, 128, 0, 1).next_batch()
-    assert batch.input_ids.shape == (32, 128)
+    assert batch.input_ids.shape == (spec.train.micro_batch_size, 128)
     supervised = batch.labels != IGNORE
     assert supervised.any(dim=1).all() and (supervised.sum(dim=1) <= 19).all()
 

@@ -246,3 +246,15 @@ def test_max_minutes_stops_saves_and_resume_finishes_the_same_run(tmp_path, capl
 def test_max_minutes_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="train.max_minutes must be a positive number"):
         run_in_process(tmp_path, **{"train.max_minutes": 0})
+
+
+def test_schedule_steps_stops_part_way_down_the_longer_schedule(tmp_path):
+    """optim.schedule_steps > max_steps: the run is the first max_steps steps of the longer run, lr and loss."""
+    common = {"optim.schedule": "cosine", "optim.warmup_steps": 2, "run.save_final": False, "run.save_every": 0}
+    full = run_in_process(tmp_path / "a", **common)
+    part = run_in_process(tmp_path / "b", **common, **{"train.max_steps": 8, "optim.schedule_steps": 20})
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 9)) and len(a) == 20
+    assert a[7]["lr"] > a[-1]["lr"]  # the cosine is still on its way down at step 8
+    for x, y in zip(a, b):
+        assert x["lr"] == y["lr"] and abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)

@@ -160,6 +160,9 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.1
+    # The steps a cosine schedule spans; null: train.max_steps. Larger than max_steps, the run stops part-way down
+    # the schedule, as a run cut short by train.max_minutes did (the shipped demo model's stages 2 and 3 did).
+    schedule_steps: int | None = None
 
 
 @dataclass
@@ -433,6 +436,8 @@ def validate(spec: RunSpec) -> None:
                     f"train.micro_batch_size / data.pack = {n_docs}]; raise micro_batch_size or lower d.")
         if cb.schedule == "switch" and cb.switch_step is None and not 0.0 < cb.switch_fraction <= 1.0:
             raise ValueError(f"crossbatch.switch_fraction must be in (0, 1], got {cb.switch_fraction}.")
+    if o.schedule_steps is not None and o.schedule_steps < 1:
+        raise ValueError(f"optim.schedule_steps must be >= 1 (or null for train.max_steps), got {o.schedule_steps}.")
     if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0 or o.warmup_steps < 0:
         raise ValueError("optim.lr must be > 0 and optim.weight_decay, optim.grad_clip, optim.warmup_steps >= 0; "
                          f"got lr={o.lr}, weight_decay={o.weight_decay}, grad_clip={o.grad_clip}, "

@@ -178,7 +178,7 @@ def _train(spec: RunSpec, info: DistInfo) -> Path:
                 spec.parallel.strategy if info.initialized else "single", info.device)
     model = parallelize(model, spec, info)
     optimizer = build_optimizer(model, spec.optim)
-    scheduler = build_lr_scheduler(optimizer, spec.optim, spec.train.max_steps)
+    scheduler = build_lr_scheduler(optimizer, spec.optim, spec.optim.schedule_steps or spec.train.max_steps)
     batches = build_batches(spec, tokenizer, cfg.vocab_size, window, info.rank, info.world)
     objective = Objective(spec.crossbatch, spec.train.micro_batch_size, spec.data.pack, spec.train.max_steps,
                           spec.train.seed, world_size=info.world, rank=info.rank)
