@@ -102,8 +102,8 @@ DEMO_RANGES := memory=:8192 topk-ivf:32=16384:
 DEMO_TRIALS := 1
 DEMO_DEPTHS := 0 0.5 1
 DEMO_THREADS ?= 2
-DEMO_PASSKEY = $(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --template all \
-	--settings memory topk-ivf:32 no-memory --lengths-for $(DEMO_RANGES) --threads $(DEMO_THREADS) --device cpu
+DEMO_PASSKEY = $(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --template all --threads $(DEMO_THREADS) \
+	--device cpu
 
 # Retrain the demo model (train/README.md, "The demo model"): the book corpus if missing, the tokenizer, stage 0
 # (the copying circuit on random ids, a curriculum gated on the loss), stage 1 (answer inside a window), stage 2
@@ -132,11 +132,13 @@ demo: $(STAMP)
 	@test -f $(DEMO_MODEL)/config.json || { echo "make demo: $(DEMO_MODEL)/config.json is missing. It is in git: \
 	restore it with git checkout -- $(DEMO_MODEL)" >&2; exit 1; }
 	rm -rf runs/demo  # each make demo is a fresh run (eval/passkey.py refuses to mix it with older trials)
-	$(DEMO_PASSKEY) --lengths $(DEMO_LENGTHS) --trials $(DEMO_TRIALS) --depths $(DEMO_DEPTHS) --out runs/demo
+	$(DEMO_PASSKEY) --settings memory topk-ivf:32 no-memory --lengths-for $(DEMO_RANGES) --lengths $(DEMO_LENGTHS) \
+	--trials $(DEMO_TRIALS) --depths $(DEMO_DEPTHS) --out runs/demo
 
 # 256K tokens: one trial per template at depths 0 and 1, resumable (rerun to continue an interrupted run).
 demo-long: $(STAMP)
-	$(DEMO_PASSKEY) --lengths 262144 --trials 1 --depths 0 1 --out runs/demo_long --resume
+	$(DEMO_PASSKEY) --settings topk-ivf:32 no-memory --lengths 262144 --trials 1 --depths 0 1 --out runs/demo_long \
+	--resume
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) benchmarks/prefill.py

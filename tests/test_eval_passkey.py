@@ -3,6 +3,7 @@ lengths and key depths for every template, the held-out templates and their leak
 scripted models, the CLI end to end on a tiny random model and on models/fot-tiny, and bad inputs."""
 
 import re
+import shlex
 
 import json
 import os
@@ -500,3 +501,19 @@ def test_script_entry_point_reports_a_missing_model(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "eval" / "passkey.py"), "--model", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("target", ["demo", "demo-long"])
+def test_make_demo_targets_pass_the_argument_checks(target, tmp_path):
+    """The eval/passkey.py line of `make demo` / `make demo-long` (read with make -n) passes every argument check
+    (a --lengths-for range with none of the target's lengths once failed here at the start of a run)."""
+    dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    line = next(x for x in dry.stdout.replace("\\\n", "").splitlines() if "eval/passkey.py --model" in x)
+    argv = shlex.split(line.split("eval/passkey.py", 1)[1])
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    args = passkey.build_parser().parse_args(argv)
+    assert Path(args.model).resolve() == FOT_TINY
+    settings = passkey.validate_args(args)[2]
+    assert {s.name for s in settings} >= {"topk-ivf:32", "no-memory"}
+    assert all(args.setting_lengths[s.name] for s in settings)
