@@ -517,3 +517,14 @@ def test_make_demo_targets_pass_the_argument_checks(target, tmp_path):
     settings = passkey.validate_args(args)[2]
     assert {s.name for s in settings} >= {"topk-ivf:32", "no-memory"}
     assert all(args.setting_lengths[s.name] for s in settings)
+
+
+def test_shipped_model_finds_keys_on_held_out_templates_through_memory_only(tmp_path):
+    """models/fot-tiny, trained on no passkey template: with the key at depth 0 of 512 tokens (three windows back),
+    memory finds it on every template, and the same weights with memory off on none (make demo's 512 column)."""
+    report = passkey.main(["--model", str(FOT_TINY), "--template", "all", "--lengths", "512", "--trials", "1",
+                           "--depths", "0", "--settings", "memory", "no-memory", "--threads", "2", "--device", "cpu",
+                           "--out", str(tmp_path / "out")])
+    (memory,), (off,) = report["results"]["memory"], report["results"]["no-memory"]
+    assert memory["correct"] == memory["n"] == len(templates.TEMPLATES)
+    assert off["correct"] == 0
