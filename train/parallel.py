@@ -161,19 +161,18 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.initialized:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= info.world
-    return value
-
-
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.initialized:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+    """The sum over ranks of a (host or device) tensor, returned where ``value`` is. The reduction runs on the
+    process's device: NCCL reduces only CUDA tensors, and the trainer's step statistics live on the host."""
+    if not info.initialized:
+        return value
+    out = value.to(info.device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(value.device)
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    return all_reduce_sum(value, info) / info.world if info.initialized else value
 
 
 def parallelize(model: torch.nn.Module, spec, info: DistInfo) -> torch.nn.Module:
