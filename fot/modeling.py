@@ -135,7 +135,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         valid_BN = new_token_validity(attention_mask, B, N, cache.seen_tokens)
         log_low_precision_once(compute_dtype(inputs_embeds), inputs_embeds.device)
         plan = resolve_plan(
-            cfg, cache, impl=self.impl_resolver(cfg.attn_impl, inputs_embeds.device),
+            cfg, cache, impl=self.impl_resolver(cfg.attn_impl, inputs_embeds.device, compute_dtype(inputs_embeds)),
             training=records_gradients(self, inputs_embeds), crossbatch=crossbatch is not None,
             padded=valid_BN is not None, last_context_length=last_context_length, cache_policy=cache_policy,
             group_queries=self.window_group_queries,

@@ -33,12 +33,16 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 def resolve_attn_impl(attn_impl: str, device: torch.device,
-                      unavailable_reason: UnavailableReason = triton_unavailable_reason) -> str:  # fmt: skip
-    """The concrete implementation for ``device``: "auto" picks Triton on CUDA when it can run there and the
-    fused torch path otherwise; an explicit "triton" that cannot run raises, with the reason that
+                      unavailable_reason: UnavailableReason = triton_unavailable_reason,
+                      dtype: torch.dtype | None = None) -> str:  # fmt: skip
+    """The concrete implementation for ``device`` and compute ``dtype``: "auto" picks Triton on CUDA when it can
+    run there and the fused torch path otherwise (float64 included: compiled Triton has no float64 matmul for the
+    kernels' tile sizes); an explicit "triton" that cannot run raises, with the reason that
     ``unavailable_reason(device)`` gives."""
     if attn_impl == "auto":
-        return "triton" if device.type == "cuda" and unavailable_reason(device) is None else "torch"
+        if device.type != "cuda" or dtype == torch.float64:
+            return "torch"
+        return "triton" if unavailable_reason(device) is None else "torch"
     if attn_impl == "triton":
         reason = unavailable_reason(device)
         if reason is not None:
@@ -47,7 +51,7 @@ def resolve_attn_impl(attn_impl: str, device: torch.device,
 
 
 class AttnImplResolver:
-    """``resolve_attn_impl`` once per (``attn_impl``, device); an "auto" choice is logged when it is made.
+    """``resolve_attn_impl`` once per (``attn_impl``, device, dtype); an "auto" choice is logged when it is made.
 
     Args:
         unavailable_reason: ``(device) -> str | None``, why the Triton kernels cannot run on a device (None: they
@@ -56,14 +60,15 @@ class AttnImplResolver:
 
     def __init__(self, unavailable_reason: UnavailableReason = triton_unavailable_reason):
         self.unavailable_reason = unavailable_reason
-        self._resolved: dict[tuple[str, torch.device], str] = {}
+        self._resolved: dict[tuple[str, torch.device, torch.dtype | None], str] = {}
 
-    def __call__(self, attn_impl: str, device: torch.device) -> str:
-        key = (attn_impl, torch.device(device))
+    def __call__(self, attn_impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        key = (attn_impl, torch.device(device), dtype)
         if key not in self._resolved:
-            impl = resolve_attn_impl(attn_impl, key[1], self.unavailable_reason)
+            impl = resolve_attn_impl(attn_impl, key[1], self.unavailable_reason, dtype)
             if attn_impl == "auto":
-                logger.info("fot: attn_impl='auto' chose %r on %s", impl, key[1].type)
+                logger.info("fot: attn_impl='auto' chose %r on %s%s", impl, key[1].type,
+                            f" for {dtype}" if dtype == torch.float64 else "")
             self._resolved[key] = impl
         return self._resolved[key]
 

@@ -56,3 +56,27 @@ def test_the_forward_plan_is_frozen():
         plan.training = True
     assert plan.attention_kind == "dense"
     assert ForwardPlan(impl="torch", memory_mode="top-k", training=True).attention_kind == "top-k-training"
+
+
+def test_auto_on_cuda_picks_triton_but_torch_for_float64():
+    """The decision alone (no CUDA tensor is made): compiled Triton has no float64 matmul at the kernels' tile
+    sizes, so "auto" keeps float64 models on the torch path; and a Triton that cannot run means torch."""
+    from fot.plan import resolve_attn_impl
+
+    cuda, runs, cannot = torch.device("cuda", 0), (lambda device: None), (lambda device: "too old a GPU")
+    assert resolve_attn_impl("auto", cuda, runs, torch.bfloat16) == "triton"
+    assert resolve_attn_impl("auto", cuda, runs, torch.float32) == "triton"
+    assert resolve_attn_impl("auto", cuda, runs, torch.float64) == "torch"
+    assert resolve_attn_impl("auto", cuda, cannot, torch.bfloat16) == "torch"
+    assert resolve_attn_impl("auto", torch.device("cpu"), runs, torch.float32) == "torch"
+    assert resolve_attn_impl("torch", cuda, runs, torch.bfloat16) == "torch"
+
+
+def test_the_resolver_decides_per_dtype(caplog):
+    resolver = AttnImplResolver(unavailable_reason=lambda device: None)
+    cuda = torch.device("cuda", 0)
+    with caplog.at_level("INFO", logger="fot.plan"):
+        assert resolver("auto", cuda, torch.bfloat16) == "triton"
+        assert resolver("auto", cuda, torch.float64) == "torch"
+        assert resolver("auto", cuda, torch.bfloat16) == "triton"
+    assert caplog.text.count("chose") == 2 and "chose 'torch' on cuda for torch.float64" in caplog.text

@@ -229,6 +229,27 @@ def test_loss_on_all_tokens_and_value_kinds(haystack, tokenizer):
         SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=0, loss_on="some")
 
 
+def test_lookup_key_kinds():
+    """``data.mix_lookup_keys`` picks the dictionaries' key kind: numbers give every line a digit key; words none."""
+    from train.synthetic import LOOKUP_HEADERS, lookup_parts
+
+    def dictionary_lines(key_kinds, seed):
+        parts = lookup_parts(np.random.default_rng(seed), 300, value_kinds=("word",), key_kinds=key_kinds)
+        block = next(p for p in parts if isinstance(p, str) and p.strip() not in LOOKUP_HEADERS)  # the dictionary
+        return [line for line in block.split("\n") if line]
+
+    for seed in range(20):
+        assert all(re.search(r"\b\d+\b", line) for line in dictionary_lines(("number",), seed))
+        assert not any(re.search(r"\d", line) for line in dictionary_lines(("word", "pair"), seed))
+
+
+def test_lookup_key_kinds_errors(haystack, tokenizer):
+    with pytest.raises(ValueError, match="data.mix_lookup_keys"):
+        SyntheticMix(tokenizer, haystack, 256, {"lookup": 1.0}, seed=0, lookup_keys=["numbers"])
+    mix = SyntheticMix(tokenizer, haystack, 256, {"lookup": 1.0}, seed=0, lookup_keys=["number", "number", "word"])
+    assert mix.lookup_keys == ("number", "number", "word")
+
+
 def test_config_errors(haystack, tokenizer):
     with pytest.raises(ValueError, match="synthetic_mix needs data.paths"):
         load_config(None, {"data.source": "synthetic_mix", "data.tokenizer": "x"})

@@ -63,6 +63,39 @@ def test_padding_masks_and_labels():
         stream.next_batch()
 
 
+def test_short_first_row_puts_a_partial_window_first_and_loses_no_token():
+    src = RankView(lookup(doc_tokens=100), 0, 1)
+    stream = PackedBatches(src, lanes=2, pack=4, window=16, pad_id=0, min_segment_tokens=4,
+                           first_row_tokens=(3, 10), seed=7)
+    got = {lane: [] for lane in range(2)}
+    for _ in range(6):
+        b = stream.next_batch()
+        mask = b.attention_mask.view(2, 4, 16).bool()
+        for lane in range(2):
+            got[lane].append((b.input_ids.view(2, 4, 16)[lane], mask[lane], b.labels.view(2, 4, 16)[lane]))
+    lengths = set()
+    for lane in range(2):
+        # lane p reads documents p, p + 2, ...; each is 100 tokens: a segment of L + 48, then the rest
+        (ids0, m0, lab0), (ids1, m1, lab1) = got[lane][0], got[lane][1]
+        L = int(m0[0].sum())
+        lengths.add(L)
+        assert 3 <= L <= 10 and m0[0, :L].all() and not m0[0, L:].any()  # row 0: L real tokens, then padding
+        assert m0[1:].all() and (ids0[0, L:] == 0).all() and (lab0[0, L:] == IGNORE).all()
+        doc = src.get(0, lane).ids
+        assert np.array_equal(torch.cat([ids0[0, :L], ids0[1:].reshape(-1)]).numpy(), doc[: L + 48])
+        rest = doc[L + 48 :]  # the second segment: full rows from row 0, padded at the end
+        assert np.array_equal(ids1.reshape(-1)[: len(rest)].numpy(), rest) and int(m1.sum()) == len(rest)
+    assert len(lengths) == 2  # drawn per document
+    # the same documents draw the same lengths after a resume from the stream's state
+    again = PackedBatches(src, lanes=2, pack=4, window=16, pad_id=0, min_segment_tokens=4,
+                          first_row_tokens=(3, 10), seed=7)
+    again.load_state_dict(json.loads(json.dumps(PackedBatches(src, 2, 4, 16, 0, 4).state_dict())))
+    assert torch.equal(again.next_batch().attention_mask.view(2, 4, 16)[:, 0].sum(1),
+                       torch.tensor([int(got[0][0][1][0].sum()), int(got[1][0][1][0].sum())]))
+    with pytest.raises(ValueError, match="first_row_tokens"):
+        PackedBatches(src, 2, 4, 16, 0, 4, first_row_tokens=(0, 16))
+
+
 def test_answers_only_labels():
     src = lookup(doc_tokens=300, answers_only=True)
     doc = src.get(0, 0)

@@ -54,6 +54,10 @@ class DataConfig:
         window: tokens per row; null means the model's ``max_position_embeddings``.
         min_segment_tokens: a document's last, partial segment of k windows is padded if it holds at least this
             many tokens and dropped otherwise.
+        first_row_tokens: [lo, hi] or null. With it, row 0 of a document's first segment holds only L tokens,
+            drawn per document from [lo, hi], and is right-padded; the document goes on in row 1. Inference puts
+            the prompt in memory in windows whose last one is usually partial (a 128-token prompt: one window of
+            64 tokens), which full training rows never show the memory layers.
         add_bos / add_eos: put BOS before and EOS after every tokenized document.
         synthetic_kind: "lookup" (FoT dictionary lookup, token ids), "repeat" (random ids in which one span
             recurs, token ids: the copying task, ``train.data.SyntheticRepeat``) or "passkey" (the passkey
@@ -81,6 +85,9 @@ class DataConfig:
             "word", "code", "name" and "pair"; null means all of them.
         mix_max_keys: for ``synthetic_mix``, a recall document names 1 to this many values (the others are
             distractors for the one asked).
+        mix_lookup_keys: for ``synthetic_mix``, the kinds of key a lookup dictionary draws from (one kind per
+            dictionary, uniformly over this list, so a repeated kind weighs more); null means "number", "word",
+            "code", "pair" and "name" once each.
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"
@@ -95,6 +102,7 @@ class DataConfig:
     pack: int = 4
     window: int | None = None
     min_segment_tokens: int = 64
+    first_row_tokens: list[int] | None = None
     add_bos: bool = True
     add_eos: bool = True
     synthetic_kind: Literal["lookup", "repeat", "passkey"] = "lookup"
@@ -111,6 +119,7 @@ class DataConfig:
     mix_loss: Literal["answers", "all"] = "answers"
     mix_values: list[str] | None = None
     mix_max_keys: int = 4
+    mix_lookup_keys: list[str] | None = None
     passkey_fraction: float = 0.0
     mix: dict[str, float] = field(default_factory=lambda: {"recall": 0.5, "lookup": 0.25, "copy": 0.25})
 

@@ -3,7 +3,10 @@
 Layout. A micro-batch of B rows holds P = B / k document packs: rows p*k ... p*k + k - 1 are k consecutive
 windows of W tokens of ONE document (the layout ``fot.crossbatch`` expects). A document is cut into segments of
 k * W tokens; each segment fills one pack. A last, partial segment is right-padded (labels -100, attention
-mask 0) when it holds at least ``data.min_segment_tokens`` tokens and dropped otherwise.
+mask 0) when it holds at least ``data.min_segment_tokens`` tokens and dropped otherwise. With
+``data.first_row_tokens: [lo, hi]`` the first segment of a document holds only L ~ U[lo, hi] tokens in its row 0
+(right-padded) and full rows after it: the later windows then see a short window in memory, as at inference, where
+the last memory window of a prompt is usually partial.
 
 Lanes. Pack slot p of every micro-batch is a "lane" that reads its own sequence of documents, segment after
 segment, so the packs of one micro-batch always come from P different documents: a negative is never a later
@@ -375,13 +378,19 @@ class PackedBatches:
     """
 
     def __init__(self, documents, lanes: int, pack: int, window: int, pad_id: int, min_segment_tokens: int,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, first_row_tokens: tuple[int, int] | None = None, seed: int = 0):
         if len(documents) < lanes:
             raise ValueError(
                 f"each rank sees {len(documents)} documents, fewer than the {lanes} document packs of a micro-batch "
                 "(train.micro_batch_size / data.pack); use more data, fewer ranks or a smaller micro-batch.")
         self.documents, self.lanes, self.pack, self.window = documents, lanes, pack, window
         self.pad_id, self.min_segment_tokens, self.vocab_size = pad_id, max(1, min_segment_tokens), vocab_size
+        if first_row_tokens is not None:
+            lo, hi = first_row_tokens
+            if not 1 <= lo <= hi <= window:
+                raise ValueError(f"data.first_row_tokens={list(first_row_tokens)}: need 1 <= lo <= hi <= the window "
+                                 f"({window}).")
+        self.first_row_tokens, self.seed = first_row_tokens, seed
         self.state = [{"epoch": 0, "counter": 0, "segment": 0} for _ in range(lanes)]
         self._cache: list[tuple[tuple, Document] | None] = [None] * lanes
 
@@ -422,9 +431,28 @@ class PackedBatches:
             cached = self._cache[lane] = (key, doc)
         return cached[1]
 
-    def _n_segments(self, doc: Document) -> int:
-        full, rest = divmod(len(doc.ids), self.segment_tokens)
-        return full + (rest >= self.min_segment_tokens)
+    def _first_row(self, lane: int) -> int:
+        """Real tokens in row 0 of the current document's first segment: the window, or with ``first_row_tokens`` a
+        length drawn per document (seeded by the document's identity, so a resumed run draws the same)."""
+        if self.first_row_tokens is None:
+            return self.window
+        s = self.state[lane]
+        rng = np.random.default_rng([self.seed, s["epoch"], lane + s["counter"] * self.lanes, 53])
+        return int(rng.integers(self.first_row_tokens[0], self.first_row_tokens[1] + 1))
+
+    def _spans(self, n_tokens: int, first_row: int) -> list[tuple[int, int]]:
+        """The document's segments as (start, end) token offsets: the first holds ``first_row`` tokens in its row 0
+        and full rows after it, the others k full rows; a last partial one is kept if it reaches
+        ``min_segment_tokens``."""
+        spans, start = [], 0
+        capacity = first_row + (self.pack - 1) * self.window
+        while start < n_tokens:
+            end = min(start + capacity, n_tokens)
+            if end - start < capacity and end - start < self.min_segment_tokens:
+                break
+            spans.append((start, end))
+            start, capacity = end, self.segment_tokens
+        return spans
 
     def _next_document(self, lane: int) -> None:
         s = self.state[lane]
@@ -433,38 +461,43 @@ class PackedBatches:
         if lane + s["counter"] * self.lanes >= len(self.documents):
             s["epoch"], s["counter"] = s["epoch"] + 1, 0
 
-    def _next_segment(self, lane: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """The lane's next segment: ids and labels int64 [k * W] (padded) and the number of real tokens."""
+    def _next_segment(self, lane: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The lane's next segment: ids and labels int64 [k * W] (padded) and which of them are real (bool)."""
         for _ in range(1000):  # documents skipped in a row before giving up
             doc = self._document(lane)
             s = self.state[lane]
-            if s["segment"] < self._n_segments(doc):
+            first_row = self._first_row(lane)
+            spans = self._spans(len(doc.ids), first_row)
+            if s["segment"] < len(spans):
                 break
             self._next_document(lane)
         else:
             raise ValueError("no document is long enough (1000 in a row were shorter than data.min_segment_tokens): "
                              "lower data.min_segment_tokens or check the data.")
-        start = s["segment"] * self.segment_tokens
-        ids = doc.ids[start : start + self.segment_tokens]
+        start, end = spans[s["segment"]]
+        ids = doc.ids[start:end]
         labels = ids.copy()
         if doc.loss_mask is not None:
-            labels[~doc.loss_mask[start : start + self.segment_tokens]] = IGNORE
+            labels[~doc.loss_mask[start:end]] = IGNORE
+        # Where the real tokens go in the k * W slots: after a short row 0 (first segment only), then contiguous.
+        short = self.window - first_row if s["segment"] == 0 else 0
+        slots = np.arange(len(ids))
+        slots[slots >= first_row] += short
         s["segment"] += 1
-        real = len(ids)
-        pad = self.segment_tokens - real
-        if pad:
-            ids = np.concatenate([ids, np.full(pad, self.pad_id, np.int64)])
-            labels = np.concatenate([labels, np.full(pad, IGNORE, np.int64)])
-        return ids, labels, real
+        ids_X = np.full(self.segment_tokens, self.pad_id, np.int64)
+        labels_X = np.full(self.segment_tokens, IGNORE, np.int64)
+        valid_X = np.zeros(self.segment_tokens, bool)
+        ids_X[slots], labels_X[slots], valid_X[slots] = ids, labels, True
+        return ids_X, labels_X, valid_X
 
     def next_batch(self) -> Batch:
-        ids, labels, real = zip(*(self._next_segment(lane) for lane in range(self.lanes)))
+        ids, labels, valid = zip(*(self._next_segment(lane) for lane in range(self.lanes)))
         B, W = self.lanes * self.pack, self.window
         ids_BW = torch.from_numpy(np.stack(ids)).view(B, W)  # lane p's segment -> rows p*k ... p*k + k - 1
         labels_BW = torch.from_numpy(np.stack(labels)).view(B, W)
-        valid_PX = torch.arange(self.segment_tokens)[None, :] < torch.tensor(real)[:, None]  # [lanes, k * W]
-        mask = None if bool(valid_PX.all()) else valid_PX.view(B, W).long()
-        return Batch(ids_BW, labels_BW, mask, int(sum(real)))
+        valid_BW = torch.from_numpy(np.stack(valid)).view(B, W)
+        mask = None if bool(valid_BW.all()) else valid_BW.long()
+        return Batch(ids_BW, labels_BW, mask, int(valid_BW.sum()))
 
 
 # ----------------------------------------------------------------------------- factory
@@ -476,7 +509,7 @@ def build_mix(d, tokenizer, doc_tokens: int, seed: int):
     haystack = BookHaystack.from_files(d.paths, d.text_field, scanner)
     return SyntheticMix(tokenizer, haystack, doc_tokens, d.mix, seed, add_bos=d.add_bos, add_eos=d.add_eos,
                         scanner=scanner, loss_on=d.mix_loss,
-                        value_kinds=d.mix_values, max_keys=d.mix_max_keys)
+                        value_kinds=d.mix_values, max_keys=d.mix_max_keys, lookup_keys=d.mix_lookup_keys)
 
 
 def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, world: int) -> PackedBatches:
@@ -509,4 +542,5 @@ def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, worl
         documents = TextDocuments(dataset, d.text_field, tokenizer, seed, rank, world, d.add_bos, d.add_eos,
                                   passkey if d.passkey_fraction > 0 else None, d.passkey_fraction)
     lanes = spec.train.micro_batch_size // d.pack
-    return PackedBatches(documents, lanes, d.pack, window, pad_id, d.min_segment_tokens, vocab_size)
+    return PackedBatches(documents, lanes, d.pack, window, pad_id, d.min_segment_tokens, vocab_size,
+                         tuple(d.first_row_tokens) if d.first_row_tokens else None, seed)

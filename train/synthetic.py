@@ -377,10 +377,15 @@ def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[st
 LOOKUP_VALUE_KINDS = ("number", "number", "word", "code")  # drawn per dictionary: numbers half the time
 
 
-def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = LOOKUP_VALUE_KINDS) -> list:
-    """A dictionary of items in one line format, haystack, then queries about some of them."""
+LOOKUP_KEY_KINDS = ("number", "word", "code", "pair", "name")
+
+
+def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = LOOKUP_VALUE_KINDS,
+                 key_kinds: Sequence[str] = LOOKUP_KEY_KINDS) -> list:
+    """A dictionary of items in one line format, haystack, then queries about some of them. The keys of one
+    dictionary are all of one kind, drawn uniformly from ``key_kinds``."""
     line_format = choose(rng, LOOKUP_LINES)
-    key_kinds = (choose(rng, ("number", "word", "code", "pair", "name")),)
+    key_kinds = (choose(rng, tuple(key_kinds)),)
     value_kinds = (choose(rng, tuple(value_kinds)),)
     n_items = int(rng.integers(2, max(3, budget // 22)))
     keys: list[str] = []
@@ -463,7 +468,7 @@ class SyntheticMix:
     def __init__(self, tokenizer, haystack: BookHaystack, doc_tokens: int, weights: dict[str, float], seed: int,
                  min_tokens: int | None = None, add_bos: bool = True, add_eos: bool = True,
                  scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None,
-                 max_keys: int = 4):
+                 max_keys: int = 4, lookup_keys: Sequence[str] | None = None):
         if loss_on not in ("answers", "all"):
             raise ValueError(f"data.mix_loss={loss_on!r}: use 'answers' or 'all'.")
         self.loss_on = loss_on
@@ -471,6 +476,11 @@ class SyntheticMix:
         if bad or (value_kinds is not None and not value_kinds):
             raise ValueError(f"data.mix_values={value_kinds}: list one or more of {', '.join(VALUE_KINDS)}.")
         self.value_kinds = tuple(value_kinds) if value_kinds else None
+        bad = sorted(set(lookup_keys or ()) - set(LOOKUP_KEY_KINDS))
+        if bad or (lookup_keys is not None and not lookup_keys):
+            raise ValueError(f"data.mix_lookup_keys={lookup_keys}: list one or more of {', '.join(LOOKUP_KEY_KINDS)} "
+                             "(repeat a kind to weight it).")
+        self.lookup_keys = tuple(lookup_keys) if lookup_keys else LOOKUP_KEY_KINDS
         if max_keys < 1:
             raise ValueError(f"data.mix_max_keys={max_keys}: a recall document holds at least one key.")
         self.max_keys = max_keys
@@ -506,7 +516,7 @@ class SyntheticMix:
         if family == "recall":
             return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS), self.max_keys)
         if family == "lookup":
-            return lookup_parts(rng, budget, self.value_kinds or LOOKUP_VALUE_KINDS)
+            return lookup_parts(rng, budget, self.value_kinds or LOOKUP_VALUE_KINDS, self.lookup_keys)
         if family == "copy":
             return copy_parts(rng, budget, self.haystack)
         if family == "repeat":
