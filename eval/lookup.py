@@ -15,8 +15,9 @@ fewer. Each (size, trial) has its own seeded generator, so every setting sees th
 
 Queries come only from pairs that end at least W tokens (W = the model's window, max_position_embeddings) before
 the end of the dictionary: no local window ever holds them, so they can only be read from memory (and
-``no-memory`` cannot see them at all). The dictionary is prefilled once; each query continues a copy of that
-cache (``cache.copy()``) with "\\nkey K value" and greedily generates as many tokens as the answer " V" has. The
+``no-memory`` cannot see them at all). The dictionary is prefilled once; each query continues a fork of that
+cache (``cache.fork()``: the local windows copied, the memory shared read-only; ``cache.copy()`` when the query
+would not fit in the window's free room) with "\\nkey K value" and greedily generates as many tokens as the answer " V" has. The
 query's and the answer's tokens are the tails of tokenize(dictionary + query) and tokenize(dictionary + query +
 " V"), as eval/passkey.py finds its answer's. A query is correct when the generated text, leading whitespace
 removed, starts with V's digits and no other digit follows (``value_matches``).
@@ -189,12 +190,15 @@ def value_matches(generated: str, value: int) -> bool:
 
 
 def answer_from_cache(model, cache, query_ids: list[int], n_tokens: int, device, **generate_kwargs) -> list[int]:
-    """Greedily generate ``n_tokens`` tokens after ``query_ids`` from a copy of ``cache`` (left unchanged)."""
+    """Greedily generate ``n_tokens`` tokens after ``query_ids`` from ``cache``, which is left unchanged: the query
+    continues a ``fork()`` (local windows copied, memory shared read-only) when it and its answer fit in the
+    window's free room, and a full ``copy()`` otherwise (at 1M tokens a copy is about 10 GB)."""
     ids = torch.tensor([query_ids], dtype=torch.long, device=device)
     mask = torch.ones(1, cache.seen_tokens + len(query_ids), dtype=torch.long, device=device)  # cached + new
+    fits = cache.local_length + len(query_ids) + n_tokens <= cache.window
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, cache=cache.copy(), max_new_tokens=n_tokens, do_sample=False,
-                             num_beams=1, use_cache=True, **generate_kwargs)
+        out = model.generate(ids, attention_mask=mask, cache=cache.fork() if fits else cache.copy(),
+                             max_new_tokens=n_tokens, do_sample=False, num_beams=1, use_cache=True, **generate_kwargs)
     return out[0, len(query_ids):].tolist()
 
 

@@ -263,11 +263,14 @@ class LongLlamaCache(Cache):
         self.memories: dict[int, MemoryStore] = {}
         self.searches: dict[int, KeySearch] = {}
         self.search_factory = search_factory
+        self.memories, self.searches = {}, {}  # a fork's shared stores are left as they are
         self._new_memories()
         self.seen_tokens = 0
+        self.shares_memory = False
         self.gather_scratch = gather_scratch
         self.scratch = gather_scratch()  # reused by every top-k gather while this cache lives
         self.preallocate_memory = preallocate_memory
+        self.shares_memory = False  # a fork(): memory is read-only
 
     def _new_memories(self) -> None:
         cfg = self.config
@@ -341,13 +344,16 @@ class LongLlamaCache(Cache):
     def expect_memory(self, tokens: int) -> None:
         """``tokens`` more tokens are about to go to every memory layer: each store allocates them at once (unless
         the cache was made with ``preallocate_memory=False``)."""
-        if not self.preallocate_memory:
+        if self.shares_memory and tokens:
+            self._check_writable(f"move {tokens} tokens to memory")
+        if not self.preallocate_memory or self.shares_memory:
             return
         for store in self.memories.values():
             store.expect(tokens)
 
     def append_memory(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT, *, training: bool = False) -> None:
         """Write to a memory layer's store and keep its search index current (``training``: copy-on-write)."""
+        self._check_writable(f"move {k_raw_BGTH.shape[2]} tokens to memory")
         store = self.memories[layer_idx]
         filled_before = store.length
         slots = store.append(k_raw_BGTH, v_BGTH, valid_BT, training=training)
@@ -363,6 +369,7 @@ class LongLlamaCache(Cache):
 
     def clear_memory(self, rows=None) -> None:
         """Forget what batch ``rows`` (all when None) have in memory; the local windows are kept."""
+        self._check_writable("clear memory")
         for store in self.memories.values():
             store.clear(rows)
         # Search indexes keep the cleared slots; every backend filters retrieved slots by validity.
@@ -379,7 +386,8 @@ class LongLlamaCache(Cache):
         """An independent copy: local windows, memories and search indexes are cloned.
 
         ``generate`` and ``forward`` extend the cache they are given. To ask several questions about one long
-        prefilled document, give each call ``cache.copy()``, so no question sees another's tokens or answer.
+        prefilled document, give each call ``cache.copy()``, so no question sees another's tokens or answer
+        (or ``fork()``, which shares the memory read-only, for continuations that fit in the window).
         """
         new = copy.copy(self)
         new.layers = list(self.layers)
@@ -387,7 +395,30 @@ class LongLlamaCache(Cache):
         new.memories = {i: store.copy() for i, store in self.memories.items()}
         new.searches = {i: search.copy() for i, search in self.searches.items()}
         new.scratch = self.gather_scratch()
+        new.shares_memory = False  # a copy of a fork owns its memory
         return new
+
+    def fork(self) -> "LongLlamaCache":
+        """A copy that shares this cache's memories and search indexes instead of cloning them: only the local
+        windows are copied, so a fork of a 1M-token cache costs kilobytes where ``copy()`` costs gigabytes.
+
+        A fork may read memory but never write it: a continuation that would move tokens to memory (one longer
+        than the window's free room, ``window - local_length`` tokens) raises instead of changing the memory that
+        this cache and its other forks share. Use ``copy()`` for those.
+        """
+        new = copy.copy(self)
+        new.layers = list(self.layers)
+        new.locals = [local.copy() for local in self.locals]
+        new.memories, new.searches = dict(self.memories), dict(self.searches)  # the same stores and indexes
+        new.scratch = self.gather_scratch()
+        new.shares_memory = True
+        return new
+
+    def _check_writable(self, what: str) -> None:
+        if self.shares_memory:
+            raise ValueError(f"this cache is a fork() and shares its memory with the cache it came from, so it "
+                             f"cannot {what}; continue a copy() instead, or keep the continuation within the "
+                             f"window's free room ({self.window - self.local_length} tokens).")
 
     def save(self, path) -> None:
         """Write this cache to ``path`` (one safetensors file); see ``save_cache``."""
@@ -416,6 +447,7 @@ class LongLlamaCache(Cache):
 
     # ------------------------------------------------------------------ batch surgery
     def _select(self, index: torch.Tensor) -> None:
+        self._check_writable("reorder or select batch rows")
         for local in self.locals:
             local.select_batch(index)
         for store in self.memories.values():

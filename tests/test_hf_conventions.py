@@ -188,21 +188,51 @@ def test_half_precision_on_cpu_is_logged_once(caplog):
 
 
 # ----------------------------------------------------------------------------- cache copies
-@pytest.mark.parametrize("overrides", [{}, {"mem_top_k": 4, "mem_index": "faiss-ivf", "mem_dtype": "float32"}])
-def test_cache_copy_lets_a_second_question_ignore_the_first(overrides):
+CACHE_MEMORIES = pytest.mark.parametrize(
+    "overrides", [{}, {"mem_top_k": 4, "mem_index": "faiss-ivf", "mem_dtype": "float32"}])
+
+
+def questions_about_a_document(overrides):
+    """A model, a prefilled 300-token document's cache, two 6-token questions and ``ask(question, cache, n)``."""
     if overrides.get("mem_index") == "faiss-ivf":
         pytest.importorskip("faiss")
     model = tiny_model(mem_layers=[1, 2], **overrides)
     doc, q1, q2 = tokens(1, 300, seed=7), tokens(1, 6, seed=8), tokens(1, 6, seed=9)
+
+    def ask(q, cache, n=8):
+        mask = torch.ones(1, 300 + q.shape[1], dtype=torch.long)
+        return model.generate(q, cache=cache, attention_mask=mask, max_new_tokens=n, do_sample=False)
+
     with torch.no_grad():
-        cache = model(doc).cache
-        ask = lambda q, c: model.generate(  # noqa: E731
-            q, cache=c, attention_mask=torch.ones(1, 300 + q.shape[1], dtype=torch.long), max_new_tokens=8,
-            do_sample=False,
-        )
+        return model, doc, model(doc).cache, q1, q2, ask
+
+
+@CACHE_MEMORIES
+def test_cache_copy_lets_a_second_question_ignore_the_first(overrides):
+    model, doc, cache, q1, q2, ask = questions_about_a_document(overrides)
+    with torch.no_grad():
         fresh_q2 = ask(q2, model(doc).cache)
         ask(q1, cache.copy())
         assert cache.seen_tokens == 300
         assert torch.equal(ask(q2, cache.copy()), fresh_q2)
         ask(q1, cache)  # without a copy, generate extends the cache it is given
         assert cache.seen_tokens == 300 + 6 + 7
+
+
+@CACHE_MEMORIES
+def test_cache_fork_answers_as_a_copy_and_never_writes_the_shared_memory(overrides):
+    _, _, cache, q1, q2, ask = questions_about_a_document(overrides)
+    with torch.no_grad():
+        memory = {i: store.k_BGMH[:, :, : store.length].clone() for i, store in cache.memories.items()}
+        assert cache.local_length + 6 + 8 <= cache.window  # the questions fit in the window's free room
+        expected = ask(q2, cache.copy())
+        ask(q1, cache.fork())
+        assert torch.equal(ask(q2, cache.fork()), expected)
+        assert cache.seen_tokens == 300 and not cache.shares_memory
+        for i, store in cache.memories.items():
+            assert store.length == memory[i].shape[2] and torch.equal(store.k_BGMH[:, :, : store.length], memory[i])
+        long_question = tokens(1, cache.window, seed=10)  # would move tokens to memory
+        with pytest.raises(ValueError, match=r"fork\(\).*continue a copy\(\) instead"):
+            ask(long_question, cache.fork(), n=1)
+        assert all(store.length == memory[i].shape[2] for i, store in cache.memories.items())
+        assert cache.fork().copy().shares_memory is False
