@@ -111,8 +111,13 @@ def stream_texts(tokenizer, spec, batches: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- held out of training
-def test_training_stream_holds_no_evaluation_string(books, tokenizer):
-    spec = mix_spec(books, tokenizer.name_or_path, mix={f: 1.0 for f in FAMILIES})
+@pytest.mark.parametrize("data", [
+    {},
+    # configs/demo_stage4.yaml's changes: number-keyed dictionaries (the lookup eval's keys) and short first windows
+    {"mix_lookup_keys": ["number"], "first_row_tokens": [8, 64]},
+])
+def test_training_stream_holds_no_evaluation_string(books, tokenizer, data):
+    spec = mix_spec(books, tokenizer.name_or_path, mix={f: 1.0 for f in FAMILIES}, **data)
     texts = stream_texts(tokenizer, spec, batches=75)  # 300 documents of up to 256 tokens
     assert len(texts) == 300 and sum(len(t) for t in texts) > 300 * 200
     found = {s for t in texts for s in leaks(t)}
