@@ -195,7 +195,7 @@ def answer_from_cache(model, cache, query_ids: list[int], n_tokens: int, device,
     window's free room, and a full ``copy()`` otherwise (at 1M tokens a copy is about 10 GB)."""
     ids = torch.tensor([query_ids], dtype=torch.long, device=device)
     mask = torch.ones(1, cache.seen_tokens + len(query_ids), dtype=torch.long, device=device)  # cached + new
-    fits = cache.local_length + len(query_ids) + n_tokens <= cache.window
+    fits = len(query_ids) + n_tokens <= cache.free_tokens
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, cache=cache.fork() if fits else cache.copy(),
                              max_new_tokens=n_tokens, do_sample=False, num_beams=1, use_cache=True, **generate_kwargs)

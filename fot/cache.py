@@ -294,6 +294,12 @@ class LongLlamaCache(Cache):
         return self.locals[0].length
 
     @property
+    def free_tokens(self) -> int:
+        """The window's free room: how many more tokens the local windows take before any moves to memory (a
+        ``fork()`` may continue this far)."""
+        return self.window - self.local_length
+
+    @property
     def memory_length(self) -> int:
         return next(iter(self.memories.values())).length if self.memories else 0
 
@@ -403,7 +409,7 @@ class LongLlamaCache(Cache):
         windows are copied, so a fork of a 1M-token cache costs kilobytes where ``copy()`` costs gigabytes.
 
         A fork may read memory but never write it: a continuation that would move tokens to memory (one longer
-        than the window's free room, ``window - local_length`` tokens) raises instead of changing the memory that
+        than the window's free room, ``free_tokens``) raises instead of changing the memory that
         this cache and its other forks share. Use ``copy()`` for those.
         """
         new = copy.copy(self)
@@ -418,7 +424,7 @@ class LongLlamaCache(Cache):
         if self.shares_memory:
             raise ValueError(f"this cache is a fork() and shares its memory with the cache it came from, so it "
                              f"cannot {what}; continue a copy() instead, or keep the continuation within the "
-                             f"window's free room ({self.window - self.local_length} tokens).")
+                             f"window's free room (free_tokens, {self.free_tokens} here).")
 
     def save(self, path) -> None:
         """Write this cache to ``path`` (one safetensors file); see ``save_cache``."""

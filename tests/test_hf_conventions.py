@@ -224,14 +224,15 @@ def test_cache_fork_answers_as_a_copy_and_never_writes_the_shared_memory(overrid
     _, _, cache, q1, q2, ask = questions_about_a_document(overrides)
     with torch.no_grad():
         memory = {i: store.k_BGMH[:, :, : store.length].clone() for i, store in cache.memories.items()}
-        assert cache.local_length + 6 + 8 <= cache.window  # the questions fit in the window's free room
+        assert 6 + 8 <= cache.free_tokens == cache.window - cache.local_length  # the questions fit in the free room
         expected = ask(q2, cache.copy())
         ask(q1, cache.fork())
         assert torch.equal(ask(q2, cache.fork()), expected)
         assert cache.seen_tokens == 300 and not cache.shares_memory
         for i, store in cache.memories.items():
             assert store.length == memory[i].shape[2] and torch.equal(store.k_BGMH[:, :, : store.length], memory[i])
-        long_question = tokens(1, cache.window, seed=10)  # would move tokens to memory
+        ask(tokens(1, cache.free_tokens, seed=10), cache.fork(), n=1)  # exactly the free room stays local
+        long_question = tokens(1, cache.free_tokens + 1, seed=10)  # one more token moves a window to memory
         with pytest.raises(ValueError, match=r"fork\(\).*continue a copy\(\) instead"):
             ask(long_question, cache.fork(), n=1)
         assert all(store.length == memory[i].shape[2] for i, store in cache.memories.items())

@@ -115,6 +115,8 @@ def stream_texts(tokenizer, spec, batches: int) -> list[str]:
     {},
     # configs/demo_stage4.yaml's changes: number-keyed dictionaries (the lookup eval's keys) and short first windows
     {"mix_lookup_keys": ["number"], "first_row_tokens": [8, 64]},
+    # configs/demo_stage5.yaml's change: haystacks of generated records dense with numbers
+    {"mix_haystacks": {"records": 1.0}},
 ])
 def test_training_stream_holds_no_evaluation_string(books, tokenizer, data):
     spec = mix_spec(books, tokenizer.name_or_path, mix={f: 1.0 for f in FAMILIES}, **data)
@@ -253,6 +255,32 @@ def test_lookup_key_kinds_errors(haystack, tokenizer):
         SyntheticMix(tokenizer, haystack, 256, {"lookup": 1.0}, seed=0, lookup_keys=["numbers"])
     mix = SyntheticMix(tokenizer, haystack, 256, {"lookup": 1.0}, seed=0, lookup_keys=["number", "number", "word"])
     assert mix.lookup_keys == ("number", "number", "word")
+
+
+def test_haystack_styles(haystack, tokenizer):
+    """``data.mix_haystacks``: the default draws as documents always have (a quarter repeated, the rest books);
+    "records" gives a haystack far denser in numbers than book passages; bad weights raise."""
+    from train.synthetic import haystack_style
+
+    rng, old = np.random.default_rng(3), np.random.default_rng(3)
+    assert [haystack_style(rng) for _ in range(400)] == [
+        "repeated" if old.random() < 0.25 else "books" for _ in range(400)]
+    rng = np.random.default_rng(4)
+    drawn = [haystack_style(rng, {"records": 0.5, "books": 0.5}) for _ in range(400)]
+    assert set(drawn) == {"records", "books"} and 150 < drawn.count("records") < 250
+
+    def digit_share(haystacks):
+        mix = SyntheticMix(tokenizer, haystack, 256, {"copy": 1.0}, seed=1, haystacks=haystacks)
+        text = "".join(mix.sample(0, i)[1] for i in range(20))
+        return sum(c.isdigit() for c in text) / len(text), text
+
+    records, text = digit_share({"records": 1.0})
+    books, _ = digit_share({"books": 1.0})
+    assert records > max(0.08, 2 * books), (records, books)
+    assert len(set(re.findall(r"\b\d{5}\b", text))) > 20  # many five-digit numbers, like the passkeys
+    for bad in ({"record": 1.0}, {"books": -1.0, "records": 2.0}, {"books": 0.0}, {}):
+        with pytest.raises(ValueError, match="data.mix_haystacks"):
+            SyntheticMix(tokenizer, haystack, 256, {"copy": 1.0}, seed=0, haystacks=bad)
 
 
 def test_config_errors(haystack, tokenizer):

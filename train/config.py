@@ -88,6 +88,9 @@ class DataConfig:
         mix_lookup_keys: for ``synthetic_mix``, the kinds of key a lookup dictionary draws from (one kind per
             dictionary, uniformly over this list, so a repeated kind weighs more); null means "number", "word",
             "code", "pair" and "name" once each.
+        mix_haystacks: for ``synthetic_mix``, the weight of each haystack style, drawn per document: "books" (a
+            book passage), "repeated" (one short passage repeated) and "records" (generated record lines dense
+            with numbers of one to five digits); null means {repeated: 0.25, books: 0.75}.
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"
@@ -120,6 +123,7 @@ class DataConfig:
     mix_values: list[str] | None = None
     mix_max_keys: int = 4
     mix_lookup_keys: list[str] | None = None
+    mix_haystacks: dict[str, float] | None = None
     passkey_fraction: float = 0.0
     mix: dict[str, float] = field(default_factory=lambda: {"recall": 0.5, "lookup": 0.25, "copy": 0.25})
 

@@ -5,7 +5,8 @@ A document of the ``synthetic_mix`` source is one of these families, drawn per d
 * ``recall``: key-value recall. A named value ("the harbour gate code is 6013", "Locker of Amos: K7-QX") sits
   somewhere in a haystack among distractor lines that name other values; at the end, questions ask for some of
   them. Keys are numbers of 1 to 9 digits, words, codes, names and word pairs; key lines, questions and intros each
-  come in many phrasings; some haystacks are one short passage repeated, like a repeated filler.
+  come in many phrasings. Some haystacks are one short passage repeated, like a repeated filler, or generated
+  records dense with numbers (``data.mix_haystacks``).
 * ``lookup``: dictionary lookup, FoT's task in words. A header, many ``key : value`` lines in one of many line
   formats, haystack, then queries that either repeat the line up to the value or ask in words.
 * ``copy``: a span (a book sentence, a digit or code sequence, a list of words) between one of many marker pairs,
@@ -341,8 +342,54 @@ def fill(pattern: str, **values: str) -> str:
 
 
 # ----------------------------------------------------------------------------- families
-def haystack_style(rng: np.random.Generator) -> str:
-    return "repeated" if rng.random() < 0.25 else "books"
+# The haystack of one document: a book passage, one short passage repeated (like a repeated filler) or generated
+# records dense with numbers (other numbers to look past when the key is one). One uniform draw against the
+# cumulative weights in this order, so the default weights draw exactly as documents always have.
+HAYSTACK_STYLES = ("repeated", "books", "records")
+DEFAULT_HAYSTACKS = {"repeated": 0.25, "books": 0.75}
+
+
+def haystack_style(rng: np.random.Generator, weights: dict[str, float] = DEFAULT_HAYSTACKS) -> str:
+    u, total, acc = rng.random(), sum(weights.values()), 0.0
+    styles = [s for s in HAYSTACK_STYLES if weights.get(s, 0) > 0]
+    for style in styles:
+        acc += weights[style] / total
+        if u < acc:
+            return style
+    return styles[-1]  # u within rounding of 1
+
+
+# Record lines, written for this module with the training vocabularies: every slot but the words is a number, of
+# one to five digits, so a numeric key sits among many numbers of its own length.
+RECORD_LINES = (
+    "{owner} paid {n3} crowns for the {adj} {noun}.",
+    "Entry {n5}: {n2} crates of {noun} went to the {place}.",
+    "Parcel {n4} left the {place} at {hh}:{mm} with {n2} crates.",
+    "At the {place}, {n2} of the {noun} crates and {n3} barrels were counted in week {n1}.",
+    "{owner} {surname} still owes {n4} crowns from season {n2}.",
+    "Tally {n1}-{n3}: the {adj} {noun} fetched {n5} at auction.",
+    "The {place} measures {n3} by {n2} paces.",
+    "{owner} walked {n2} miles and spent {n3} crowns at the {place}.",
+    "Lot {n5} ({adj} {noun}) went for {n4}; lot {n5b} for {n3}.",
+    "Between days {n1} and {n2}, the {place} took in {n4} visitors.",
+)
+
+
+def records(n_chars: int, rng: np.random.Generator) -> str:
+    """About ``n_chars`` characters of generated record lines (``RECORD_LINES``)."""
+    lines: list[str] = []
+    size = 0
+    while size < n_chars:
+        nums = {f"n{d}": str(int(rng.integers(10 ** (d - 1), 10 ** d))) for d in range(1, 6)}
+        line = fill(choose(rng, RECORD_LINES), **nums, n5b=str(int(rng.integers(10000, 100000))),
+                    hh=f"{int(rng.integers(0, 24)):02d}", mm=f"{int(rng.integers(0, 60)):02d}",
+                    owner=choose(rng, OWNERS), surname=choose(rng, SURNAMES), adj=choose(rng, ADJECTIVES),
+                    noun=choose(rng, NOUNS), place=choose(rng, PLACES))
+        lines.append(line)
+        size += len(line) + 1
+    text = " ".join(lines)[:n_chars]
+    cut = text.rfind(" ")
+    return (text[:cut] if cut > n_chars // 2 else text).strip()
 
 
 def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = tuple(VALUE_KINDS),
@@ -468,7 +515,14 @@ class SyntheticMix:
     def __init__(self, tokenizer, haystack: BookHaystack, doc_tokens: int, weights: dict[str, float], seed: int,
                  min_tokens: int | None = None, add_bos: bool = True, add_eos: bool = True,
                  scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None,
-                 max_keys: int = 4, lookup_keys: Sequence[str] | None = None):
+                 max_keys: int = 4, lookup_keys: Sequence[str] | None = None,
+                 haystacks: dict[str, float] | None = None):
+        haystacks = DEFAULT_HAYSTACKS if haystacks is None else dict(haystacks)
+        unknown = sorted(set(haystacks) - set(HAYSTACK_STYLES))
+        if unknown or not haystacks or min(haystacks.values()) < 0 or sum(haystacks.values()) <= 0:
+            raise ValueError(f"data.mix_haystacks={haystacks}: give non-negative weights, not all zero, for styles "
+                             f"among {', '.join(HAYSTACK_STYLES)}" + (f" ({unknown} unknown)." if unknown else "."))
+        self.haystacks = haystacks
         if loss_on not in ("answers", "all"):
             raise ValueError(f"data.mix_loss={loss_on!r}: use 'answers' or 'all'.")
         self.loss_on = loss_on
@@ -526,12 +580,17 @@ class SyntheticMix:
     def render(self, parts: list, hay_chars: int, rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
         """The document's text and the character ranges of its answers."""
         total = sum(p.weight for p in parts if isinstance(p, Hay)) or 1.0
-        repeated = haystack_style(rng) == "repeated"
+        style = haystack_style(rng, self.haystacks)
         pieces, targets, at = [], [], 0
         for p in parts:
             if isinstance(p, Hay):
                 n = int(hay_chars * p.weight / total)
-                text = self.haystack.repeated(n, rng) if repeated and n > 0 else self.haystack.passage(n, rng)
+                if n > 0 and style == "repeated":
+                    text = self.haystack.repeated(n, rng)
+                elif n > 0 and style == "records":
+                    text = records(n, rng)
+                else:
+                    text = self.haystack.passage(n, rng)
             elif isinstance(p, Target):
                 text = p.text
                 targets.append((at, at + len(text)))
