@@ -259,7 +259,8 @@ def test_lookup_key_kinds_errors(haystack, tokenizer):
 
 def test_haystack_styles(haystack, tokenizer):
     """``data.mix_haystacks``: the default draws as documents always have (a quarter repeated, the rest books);
-    "records" gives a haystack far denser in numbers than book passages; bad weights raise."""
+    "records" gives a haystack far denser in numbers than book passages, except in a books document; bad weights
+    raise."""
     from train.synthetic import haystack_style
 
     rng, old = np.random.default_rng(3), np.random.default_rng(3)
@@ -269,14 +270,15 @@ def test_haystack_styles(haystack, tokenizer):
     drawn = [haystack_style(rng, {"records": 0.5, "books": 0.5}) for _ in range(400)]
     assert set(drawn) == {"records", "books"} and 150 < drawn.count("records") < 250
 
-    def digit_share(haystacks):
-        mix = SyntheticMix(tokenizer, haystack, 256, {"copy": 1.0}, seed=1, haystacks=haystacks)
+    def digit_share(families, haystacks):
+        mix = SyntheticMix(tokenizer, haystack, 256, families, seed=1, haystacks=haystacks)
         text = "".join(mix.sample(0, i)[1] for i in range(20))
         return sum(c.isdigit() for c in text) / len(text), text
 
-    records, text = digit_share({"records": 1.0})
-    books, _ = digit_share({"books": 1.0})
+    records, text = digit_share({"copy": 1.0}, {"records": 1.0})
+    books, _ = digit_share({"copy": 1.0}, {"books": 1.0})
     assert records > max(0.08, 2 * books), (records, books)
+    assert digit_share({"books": 1.0}, {"records": 1.0})[0] < records / 2  # the books family stays book text
     assert len(set(re.findall(r"\b\d{5}\b", text))) > 20  # many five-digit numbers, like the passkeys
     for bad in ({"record": 1.0}, {"books": -1.0, "records": 2.0}, {"books": 0.0}, {}):
         with pytest.raises(ValueError, match="data.mix_haystacks"):

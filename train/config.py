@@ -90,7 +90,8 @@ class DataConfig:
             "code", "pair" and "name" once each.
         mix_haystacks: for ``synthetic_mix``, the weight of each haystack style, drawn per document: "books" (a
             book passage), "repeated" (one short passage repeated) and "records" (generated record lines dense
-            with numbers of one to five digits); null means {repeated: 0.25, books: 0.75}.
+            with numbers of one to five digits; a ``books`` document stays book text); null means
+            {repeated: 0.25, books: 0.75}.
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"

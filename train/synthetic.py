@@ -577,10 +577,14 @@ class SyntheticMix:
             return repeat_parts(rng, budget, self.haystack)
         return books_parts(rng, budget)
 
-    def render(self, parts: list, hay_chars: int, rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
-        """The document's text and the character ranges of its answers."""
+    def render(self, parts: list, hay_chars: int, rng: np.random.Generator,
+               family: str = "recall") -> tuple[str, list[tuple[int, int]]]:
+        """The document's text and the character ranges of its answers. A ``books`` document stays book text
+        when the style drawn is ``records``."""
         total = sum(p.weight for p in parts if isinstance(p, Hay)) or 1.0
         style = haystack_style(rng, self.haystacks)
+        if family == "books" and style == "records":
+            style = "books"
         pieces, targets, at = [], [], 0
         for p in parts:
             if isinstance(p, Hay):
@@ -626,7 +630,7 @@ class SyntheticMix:
             tokens = max(tokens, n_fixed)
             hay_chars = int((tokens - n_fixed) * self.chars_per_token)
             for _ in range(4):  # the haystack's tokens per character vary: rescale it to the drawn length
-                text, targets = self.render(parts, hay_chars, rng)
+                text, targets = self.render(parts, hay_chars, rng, family)
                 ids, mask = self.encode(text, targets, family == "books" or self.loss_on == "all")
                 if hay_chars == 0 or 0.92 * tokens <= len(ids) <= self.doc_tokens:
                     break
@@ -671,6 +675,8 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--tokenizer", required=True)
     show.add_argument("--doc_tokens", type=int, default=512)
     show.add_argument("--documents", type=int, default=4)
+    show.add_argument("--haystacks", nargs="+", metavar="STYLE=WEIGHT",
+                      help=f"haystack styles as data.mix_haystacks, e.g. records=1 (styles: {', '.join(HAYSTACK_STYLES)})")
     for p in (tok, show):
         p.add_argument("--paths", nargs="+", default=["assets/books/train.parquet"])
         p.add_argument("--text_field", default="text")
@@ -686,8 +692,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     from transformers import AutoTokenizer
 
+    haystacks = None
+    if args.haystacks:
+        try:
+            haystacks = {k: float(w) for k, w in (item.split("=") for item in args.haystacks)}
+        except ValueError:
+            parser.error(f"--haystacks {' '.join(args.haystacks)}: give STYLE=WEIGHT pairs, e.g. records=1 books=1")
     mix = SyntheticMix(AutoTokenizer.from_pretrained(args.tokenizer), haystack, args.doc_tokens,
-                       {f: 1.0 for f in FAMILIES}, args.seed)
+                       {f: 1.0 for f in FAMILIES}, args.seed, haystacks=haystacks)
     for i in range(args.documents):
         family, text, ids, mask = mix.sample(0, i)
         shown = text
