@@ -18,7 +18,7 @@ from eval.templates import (
 )
 from train.config import load_config
 from train.data import build_batches
-from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, _runs, training_texts
+from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, Target, _runs, training_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,8 +115,8 @@ def stream_texts(tokenizer, spec, batches: int) -> list[str]:
     {},
     # configs/demo_stage4.yaml's changes: number-keyed dictionaries (the lookup eval's keys) and short first windows
     {"mix_lookup_keys": ["number"], "first_row_tokens": [8, 64]},
-    # configs/demo_stage5.yaml's change: haystacks of generated records dense with numbers
-    {"mix_haystacks": {"records": 1.0}},
+    # configs/demo_stage5.yaml's changes: record haystacks dense with numbers, keys named without a value
+    {"mix_haystacks": {"records": 1.0}, "mix_mentions": 1.0},
 ])
 def test_training_stream_holds_no_evaluation_string(books, tokenizer, data):
     spec = mix_spec(books, tokenizer.name_or_path, mix={f: 1.0 for f in FAMILIES}, **data)
@@ -283,6 +283,30 @@ def test_haystack_styles(haystack, tokenizer):
     for bad in ({"record": 1.0}, {"books": -1.0, "records": 2.0}, {"books": 0.0}, {}):
         with pytest.raises(ValueError, match="data.mix_haystacks"):
             SyntheticMix(tokenizer, haystack, 256, {"copy": 1.0}, seed=0, haystacks=bad)
+
+
+def test_mentions_name_a_key_without_its_value():
+    """``mentions``: each key is named once more with words, never its value, after "the <name> is"; the question
+    still asks for the value of the key line; off, no mention line and the same draws as before."""
+    from train.synthetic import MENTION_LINES, recall_parts
+
+    pattern = re.compile("|".join(re.escape(m).replace(r"\{name\}", "(.+)").replace(r"\{Name\}", "(.+)")
+                                  for m in MENTION_LINES), re.IGNORECASE)
+    for seed in range(30):
+        parts = recall_parts(np.random.default_rng(seed), 300, mentions=1.0)
+        text = [p for p in parts if isinstance(p, str)]
+        named = [next(g for g in m.groups() if g) for m in map(pattern.fullmatch, text) if m]
+        values = [p.text.strip() for p in parts if isinstance(p, Target)]
+        key_lines = [t for t in text if any(v in t for v in values) and not pattern.fullmatch(t)]
+        assert named and len(key_lines) >= len(values)
+        others = [t for t in text if not pattern.fullmatch(t)]
+        for name in named:  # a mention names a key of this document (its key line names it too) and no value
+            assert any(name.lower() in line.lower() for line in others)
+        assert not any(v in t for t in text if pattern.fullmatch(t) for v in values if not v.isalpha())
+    plain, before = recall_parts(np.random.default_rng(7), 300), recall_parts(np.random.default_rng(7), 300, mentions=0)
+    assert plain == before and not any(isinstance(p, str) and pattern.fullmatch(p) for p in plain)
+    with pytest.raises(ValueError, match="data.mix_mentions"):
+        SyntheticMix.__init__(object.__new__(SyntheticMix), None, None, 256, {"recall": 1.0}, 0, mentions=1.5)
 
 
 def test_config_errors(haystack, tokenizer):

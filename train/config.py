@@ -92,6 +92,8 @@ class DataConfig:
             book passage), "repeated" (one short passage repeated) and "records" (generated record lines dense
             with numbers of one to five digits; a ``books`` document stays book text); null means
             {repeated: 0.25, books: 0.75}.
+        mix_mentions: for ``synthetic_mix``, the probability that a recall key is also named once with no value
+            after "the <name> is" (``train.synthetic.MENTION_LINES``), before or after its key line.
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"
@@ -125,6 +127,7 @@ class DataConfig:
     mix_max_keys: int = 4
     mix_lookup_keys: list[str] | None = None
     mix_haystacks: dict[str, float] | None = None
+    mix_mentions: float = 0.0
     passkey_fraction: float = 0.0
     mix: dict[str, float] = field(default_factory=lambda: {"recall": 0.5, "lookup": 0.25, "copy": 0.25})
 

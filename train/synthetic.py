@@ -283,6 +283,19 @@ KEY_LINES = (
     "The {name} reads {value}.",
     "(The {name}, by the way, is {value}.)",
 )
+# A key named with no value after it ("the <name> is" + words), for data.mix_mentions.
+MENTION_LINES = (
+    "The {name} is written down somewhere in these pages.",
+    "The {name} is given later on, so keep reading.",
+    "The {name} is important; you will need it.",
+    "The {name} is not easy to remember.",
+    "Everyone wanted to know what the {name} is.",
+    "The {name} is something we return to below.",
+    "Careful: the {name} is easy to confuse with other values.",
+    "The {name} is recorded once in this text.",
+    "I forgot what the {name} is, and had to look it up.",
+    "{Name} is the thing to watch for.",
+)
 QUESTIONS = (
     "What is the {name}? The {name} is",
     "Question: what was the {name}? Answer:",
@@ -393,9 +406,11 @@ def records(n_chars: int, rng: np.random.Generator) -> str:
 
 
 def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = tuple(VALUE_KINDS),
-                 max_keys: int = 4) -> list:
+                 max_keys: int = 4, mentions: float = 0.0) -> list:
     """One to ``max_keys`` named values (of ``value_kinds``) among the haystack, then questions about one to three
-    of them."""
+    of them. With probability ``mentions`` per key, a ``MENTION_LINES`` sentence also names it, with words and no
+    value after "the <name> is", at its own random depth (before or after the key line): an answer copied from the
+    first "the <name> is" in the text is then often wrong."""
     n_keys = int(rng.integers(1, max_keys + 1))
     names: list[str] = []
     while len(names) < n_keys:
@@ -406,6 +421,10 @@ def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[st
     values = [value(rng, kinds) for _ in names]
     lines = [fill(choose(rng, KEY_LINES), name=n, value=v) for n, v in zip(names, values)]
     cuts = np.sort(rng.random(n_keys))  # depths of the key lines in the haystack
+    if mentions > 0:
+        said = [(float(rng.random()), fill(choose(rng, MENTION_LINES), name=n)) for n in names if rng.random() < mentions]
+        placed = sorted([*zip(cuts.tolist(), lines), *said], key=lambda item: item[0])
+        cuts, lines = [d for d, _ in placed], [line for _, line in placed]
     parts: list = []
     intro = choose(rng, RECALL_INTROS)
     if intro:
@@ -516,7 +535,10 @@ class SyntheticMix:
                  min_tokens: int | None = None, add_bos: bool = True, add_eos: bool = True,
                  scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None,
                  max_keys: int = 4, lookup_keys: Sequence[str] | None = None,
-                 haystacks: dict[str, float] | None = None):
+                 haystacks: dict[str, float] | None = None, mentions: float = 0.0):
+        if not 0.0 <= mentions <= 1.0:
+            raise ValueError(f"data.mix_mentions={mentions}: a probability per recall key, in [0, 1].")
+        self.mentions = mentions
         haystacks = DEFAULT_HAYSTACKS if haystacks is None else dict(haystacks)
         unknown = sorted(set(haystacks) - set(HAYSTACK_STYLES))
         if unknown or not haystacks or min(haystacks.values()) < 0 or sum(haystacks.values()) <= 0:
@@ -568,7 +590,7 @@ class SyntheticMix:
 
     def parts(self, family: str, rng: np.random.Generator, budget: int) -> list:
         if family == "recall":
-            return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS), self.max_keys)
+            return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS), self.max_keys, self.mentions)
         if family == "lookup":
             return lookup_parts(rng, budget, self.value_kinds or LOOKUP_VALUE_KINDS, self.lookup_keys)
         if family == "copy":
