@@ -422,7 +422,8 @@ def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[st
     lines = [fill(choose(rng, KEY_LINES), name=n, value=v) for n, v in zip(names, values)]
     cuts = np.sort(rng.random(n_keys))  # depths of the key lines in the haystack
     if mentions > 0:
-        said = [(float(rng.random()), fill(choose(rng, MENTION_LINES), name=n)) for n in names if rng.random() < mentions]
+        said = [(float(rng.random()), fill(choose(rng, MENTION_LINES), name=n))
+                for n in names if rng.random() < mentions]
         placed = sorted([*zip(cuts.tolist(), lines), *said], key=lambda item: item[0])
         cuts, lines = [d for d, _ in placed], [line for _, line in placed]
     parts: list = []
@@ -698,7 +699,8 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--doc_tokens", type=int, default=512)
     show.add_argument("--documents", type=int, default=4)
     show.add_argument("--haystacks", nargs="+", metavar="STYLE=WEIGHT",
-                      help=f"haystack styles as data.mix_haystacks, e.g. records=1 (styles: {', '.join(HAYSTACK_STYLES)})")
+                      help=f"haystack styles as data.mix_haystacks, e.g. records=1 "
+                           f"(styles: {', '.join(HAYSTACK_STYLES)})")
     for p in (tok, show):
         p.add_argument("--paths", nargs="+", default=["assets/books/train.parquet"])
         p.add_argument("--text_field", default="text")
@@ -720,8 +722,11 @@ def main(argv: list[str] | None = None) -> None:
             haystacks = {k: float(w) for k, w in (item.split("=") for item in args.haystacks)}
         except ValueError:
             parser.error(f"--haystacks {' '.join(args.haystacks)}: give STYLE=WEIGHT pairs, e.g. records=1 books=1")
-    mix = SyntheticMix(AutoTokenizer.from_pretrained(args.tokenizer), haystack, args.doc_tokens,
-                       {f: 1.0 for f in FAMILIES}, args.seed, haystacks=haystacks)
+    try:
+        mix = SyntheticMix(AutoTokenizer.from_pretrained(args.tokenizer), haystack, args.doc_tokens,
+                           {f: 1.0 for f in FAMILIES}, args.seed, haystacks=haystacks)
+    except ValueError as e:  # bad weights or doc_tokens: one line naming the fix
+        parser.error(str(e))
     for i in range(args.documents):
         family, text, ids, mask = mix.sample(0, i)
         shown = text
