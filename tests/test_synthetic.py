@@ -117,6 +117,8 @@ def stream_texts(tokenizer, spec, batches: int) -> list[str]:
     {"mix_lookup_keys": ["number"], "first_row_tokens": [8, 64]},
     # configs/demo_stage5.yaml's changes: record haystacks dense with numbers, keys named without a value
     {"mix_haystacks": {"records": 1.0}, "mix_mentions": 1.0},
+    # tally haystacks: named quantities with numbers, phrased like key lines
+    {"mix_haystacks": {"tallies": 1.0}, "mix_mentions": 1.0},
 ])
 def test_training_stream_holds_no_evaluation_string(books, tokenizer, data):
     spec = mix_spec(books, tokenizer.name_or_path, mix={f: 1.0 for f in FAMILIES}, **data)
@@ -283,6 +285,24 @@ def test_haystack_styles(haystack, tokenizer):
     for bad in ({"record": 1.0}, {"books": -1.0, "records": 2.0}, {"books": 0.0}, {}):
         with pytest.raises(ValueError, match="data.mix_haystacks"):
             SyntheticMix(tokenizer, haystack, 256, {"copy": 1.0}, seed=0, haystacks=bad)
+
+
+def test_tallies_name_no_key_and_draw_records_as_before():
+    """"tallies": about half the lines give a named quantity a number, like a key line; no quantity's name is one a
+    recall key can take (so a tally never answers a document's question), and records without tallies draw
+    exactly as before."""
+    from train.synthetic import MEASURES, THINGS, TALLY_LINES, records
+
+    text = records(20000, np.random.default_rng(5), tallies=0.5)
+    heads = [line.split("{")[0] for line in TALLY_LINES if not line.startswith("{")]
+    lines = re.split(r"(?<=\.) (?=[A-Z])", text)
+    tallied = [line for line in lines if any(m in line for m in MEASURES)]
+    assert 0.3 < len(tallied) / len(lines) < 0.7, (len(tallied), len(lines))
+    assert any(line.startswith(h) for line in tallied for h in heads)
+    assert not any(thing in text for thing in THINGS)  # no recall key's thing, so never a key's name
+    assert not set(MEASURES) & {w for thing in THINGS for w in thing.split()}
+    assert records(3000, np.random.default_rng(9)) == records(3000, np.random.default_rng(9), tallies=0.0)
+    assert not any(m in records(3000, np.random.default_rng(9)) for m in (" toll ", " quota "))
 
 
 def test_mentions_name_a_key_without_its_value():

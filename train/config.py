@@ -89,9 +89,10 @@ class DataConfig:
             dictionary, uniformly over this list, so a repeated kind weighs more); null means "number", "word",
             "code", "pair" and "name" once each.
         mix_haystacks: for ``synthetic_mix``, the weight of each haystack style, drawn per document: "books" (a
-            book passage), "repeated" (one short passage repeated) and "records" (generated record lines dense
-            with numbers of one to five digits; a ``books`` document stays book text); null means
-            {repeated: 0.25, books: 0.75}.
+            book passage), "repeated" (one short passage repeated), "records" (generated record lines dense
+            with numbers of one to five digits) and "tallies" (records of which half the lines give a named
+            quantity a number, like a key line with another name); a ``books`` document stays book text; null
+            means {repeated: 0.25, books: 0.75}.
         mix_mentions: for ``synthetic_mix``, the probability that a recall key is also named once with no value
             after "the <name> is" (``train.synthetic.MENTION_LINES``), before or after its key line.
     """

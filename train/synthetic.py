@@ -230,15 +230,19 @@ def value(rng: np.random.Generator, kinds: Sequence[str] = tuple(VALUE_KINDS)) -
 
 def key_name(rng: np.random.Generator) -> str:
     """A named slot: "harbour gate code", "Amos's ticket number", "scarlet locker combination"..."""
-    thing = choose(rng, THINGS)
+    return qualified(rng, choose(rng, THINGS))
+
+
+def qualified(rng: np.random.Generator, head: str) -> str:
+    """``head`` made particular by an adjective, a place or an owner, in one of four forms."""
     form = int(rng.integers(4))
     if form == 0:
-        return f"{choose(rng, ADJECTIVES)} {thing}"
+        return f"{choose(rng, ADJECTIVES)} {head}"
     if form == 1:
-        return f"{choose(rng, PLACES)} {thing}"
+        return f"{choose(rng, PLACES)} {head}"
     if form == 2:
-        return f"{thing} of {choose(rng, OWNERS)}"
-    return f"{choose(rng, OWNERS)}'s {thing}"
+        return f"{head} of {choose(rng, OWNERS)}"
+    return f"{choose(rng, OWNERS)}'s {head}"
 
 
 # ----------------------------------------------------------------------------- templates
@@ -355,10 +359,12 @@ def fill(pattern: str, **values: str) -> str:
 
 
 # ----------------------------------------------------------------------------- families
-# The haystack of one document: a book passage, one short passage repeated (like a repeated filler) or generated
-# records dense with numbers (other numbers to look past when the key is one). One uniform draw against the
-# cumulative weights in this order, so the default weights draw exactly as documents always have.
-HAYSTACK_STYLES = ("repeated", "books", "records")
+# The haystack of one document: a book passage, one short passage repeated (like a repeated filler), generated
+# records dense with numbers (other numbers to look past when the key is one) or tallies (records of which half
+# the lines give a named quantity a number, the way a key line does: other "the <name> is <number>" to look past).
+# One uniform draw against the cumulative weights in this order, so the default weights draw exactly as documents
+# always have, and adding a style at the end changes no earlier config's draws.
+HAYSTACK_STYLES = ("repeated", "books", "records", "tallies")
 DEFAULT_HAYSTACKS = {"repeated": 0.25, "books": 0.75}
 
 
@@ -388,11 +394,44 @@ RECORD_LINES = (
 )
 
 
-def records(n_chars: int, rng: np.random.Generator) -> str:
-    """About ``n_chars`` characters of generated record lines (``RECORD_LINES``)."""
+# Tally lines: a named quantity and its number, phrased like KEY_LINES. The quantities (MEASURES) are none of the
+# recall keys' THINGS, so a tally never names a document's key, though it may share the key's place, owner or
+# adjective ("the harbour toll is 45" beside "the harbour gate code is 31898"): only the whole name picks the line.
+MEASURES = ("count", "total", "tally", "weight", "price", "balance", "fee", "score", "toll", "rent", "height",
+            "depth", "length", "width", "yield", "quota", "wage", "debt", "stock level", "head count")
+TALLY_LINES = (
+    "The {slot} is {n}.",
+    "{Owner} said the {slot} was {n}.",
+    "Note that the {slot} is now {n}, up from {m}.",
+    "The {slot} reads {n} today.",
+    "{Slot}: {n}.",
+    "For the record, the {slot} came to {n}.",
+    "It was agreed that the {slot} would be {n}, not {m}.",
+)
+
+
+def tally_slot(rng: np.random.Generator) -> str:
+    """A named quantity: "harbour toll", "Amos's rent", "amber weight", "stock level of Flora"..."""
+    return qualified(rng, choose(rng, MEASURES))
+
+
+def tally_number(rng: np.random.Generator) -> str:
+    return str(int(rng.integers(1, 10 ** int(rng.integers(1, 6)))))
+
+
+def records(n_chars: int, rng: np.random.Generator, tallies: float = 0.0) -> str:
+    """About ``n_chars`` characters of generated record lines (``RECORD_LINES``); with probability ``tallies`` a
+    line is a tally (``TALLY_LINES``) instead."""
     lines: list[str] = []
     size = 0
     while size < n_chars:
+        if tallies > 0 and rng.random() < tallies:
+            slot = tally_slot(rng)
+            line = choose(rng, TALLY_LINES).format(slot=slot, Slot=slot[0].upper() + slot[1:], n=tally_number(rng),
+                                                   m=tally_number(rng), Owner=choose(rng, OWNERS))
+            lines.append(line)
+            size += len(line) + 1
+            continue
         nums = {f"n{d}": str(int(rng.integers(10 ** (d - 1), 10 ** d))) for d in range(1, 6)}
         line = fill(choose(rng, RECORD_LINES), **nums, n5b=str(int(rng.integers(10000, 100000))),
                     hh=f"{int(rng.integers(0, 24)):02d}", mm=f"{int(rng.integers(0, 60)):02d}",
@@ -603,10 +642,10 @@ class SyntheticMix:
     def render(self, parts: list, hay_chars: int, rng: np.random.Generator,
                family: str = "recall") -> tuple[str, list[tuple[int, int]]]:
         """The document's text and the character ranges of its answers. A ``books`` document stays book text
-        when the style drawn is ``records``."""
+        when the style drawn is ``records`` or ``tallies``."""
         total = sum(p.weight for p in parts if isinstance(p, Hay)) or 1.0
         style = haystack_style(rng, self.haystacks)
-        if family == "books" and style == "records":
+        if family == "books" and style in ("records", "tallies"):
             style = "books"
         pieces, targets, at = [], [], 0
         for p in parts:
@@ -614,8 +653,8 @@ class SyntheticMix:
                 n = int(hay_chars * p.weight / total)
                 if n > 0 and style == "repeated":
                     text = self.haystack.repeated(n, rng)
-                elif n > 0 and style == "records":
-                    text = records(n, rng)
+                elif n > 0 and style in ("records", "tallies"):
+                    text = records(n, rng, tallies=0.5 if style == "tallies" else 0.0)
                 else:
                     text = self.haystack.passage(n, rng)
             elif isinstance(p, Target):
