@@ -365,6 +365,8 @@ def fill(pattern: str, **values: str) -> str:
 # One uniform draw against the cumulative weights in this order, so the default weights draw exactly as documents
 # always have, and adding a style at the end changes no earlier config's draws.
 HAYSTACK_STYLES = ("repeated", "books", "records", "tallies")
+# The generated styles, with the share of tally lines among their record lines (train.synthetic.records).
+GENERATED_STYLES = {"records": 0.0, "tallies": 0.5}
 DEFAULT_HAYSTACKS = {"repeated": 0.25, "books": 0.75}
 
 
@@ -400,13 +402,13 @@ RECORD_LINES = (
 MEASURES = ("count", "total", "tally", "weight", "price", "balance", "fee", "score", "toll", "rent", "height",
             "depth", "length", "width", "yield", "quota", "wage", "debt", "stock level", "head count")
 TALLY_LINES = (
-    "The {slot} is {n}.",
-    "{Owner} said the {slot} was {n}.",
-    "Note that the {slot} is now {n}, up from {m}.",
-    "The {slot} reads {n} today.",
-    "{Slot}: {n}.",
-    "For the record, the {slot} came to {n}.",
-    "It was agreed that the {slot} would be {n}, not {m}.",
+    "The {name} is {n}.",
+    "{Owner} said the {name} was {n}.",
+    "Note that the {name} is now {n}, up from {m}.",
+    "The {name} reads {n} today.",
+    "{Name}: {n}.",
+    "For the record, the {name} came to {n}.",
+    "It was agreed that the {name} would be {n}, not {m}.",
 )
 
 
@@ -427,8 +429,8 @@ def records(n_chars: int, rng: np.random.Generator, tallies: float = 0.0) -> str
     while size < n_chars:
         if tallies > 0 and rng.random() < tallies:
             slot = tally_slot(rng)
-            line = choose(rng, TALLY_LINES).format(slot=slot, Slot=slot[0].upper() + slot[1:], n=tally_number(rng),
-                                                   m=tally_number(rng), Owner=choose(rng, OWNERS))
+            line = fill(choose(rng, TALLY_LINES), name=slot, n=tally_number(rng), m=tally_number(rng),
+                        Owner=choose(rng, OWNERS))
             lines.append(line)
             size += len(line) + 1
             continue
@@ -645,7 +647,7 @@ class SyntheticMix:
         when the style drawn is ``records`` or ``tallies``."""
         total = sum(p.weight for p in parts if isinstance(p, Hay)) or 1.0
         style = haystack_style(rng, self.haystacks)
-        if family == "books" and style in ("records", "tallies"):
+        if family == "books" and style in GENERATED_STYLES:
             style = "books"
         pieces, targets, at = [], [], 0
         for p in parts:
@@ -653,8 +655,8 @@ class SyntheticMix:
                 n = int(hay_chars * p.weight / total)
                 if n > 0 and style == "repeated":
                     text = self.haystack.repeated(n, rng)
-                elif n > 0 and style in ("records", "tallies"):
-                    text = records(n, rng, tallies=0.5 if style == "tallies" else 0.0)
+                elif n > 0 and style in GENERATED_STYLES:
+                    text = records(n, rng, tallies=GENERATED_STYLES[style])
                 else:
                     text = self.haystack.passage(n, rng)
             elif isinstance(p, Target):
