@@ -30,8 +30,9 @@ OLDEST_VENV := .venv-oldest
 TRANSFORMERS_OLDEST := $(shell sed -n 's/^TRANSFORMERS_OLDEST = "\(.*\)"/\1/p' setup.py)
 PYTEST_ARGS ?=
 
-# Tests and benchmarks never touch the network: a hub call would stall before failing.
-OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+# Tests and benchmarks never touch the network: a hub call would stall before failing. USE_HUB_KERNELS=0 keeps
+# transformers (5.25 on) from swapping layers for kernels fetched from the Hub at from_pretrained.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled USE_HUB_KERNELS=0
 
 # The one test command: every suite runs exactly this, with its venv's python as $(1).
 run-tests = $(1) -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
