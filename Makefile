@@ -94,13 +94,16 @@ lock:
 # The shipped demo model: window 128, passkey prompts from one window to 512x past it, every template of
 # eval/templates.py (the landmark one and the held-out ones; each row is their mean), keys at the start, middle and
 # end. Dense memory up to 8K tokens, where it is fast; kNN memory (faiss-ivf, k 32) from 16K on; memory off at every
-# length as the baseline. One trial per (template, depth): 15 prompts per length. DEMO_THREADS=2 uses both cores
-# (two threads on two cores that another job holds run several times slower). make demo-long adds 256K tokens
-# (10 prompts; about half an hour on 2 cores: docs/results.md).
+# length as the baseline. One trial per (template, depth): 15 prompts per length, 10 from 16K on. DEMO_THREADS=2
+# uses both cores (two threads on two cores that another job holds run several times slower). make demo-long adds
+# 256K tokens (10 prompts; about half an hour on 2 cores: docs/results.md).
 DEMO_MODEL := models/fot-tiny
 DEMO_LENGTHS := 128 512 2048 8192 16384 65536
 DEMO_RANGES := memory=:8192 topk-ivf:32=16384:
 DEMO_TRIALS := 1
+# From 16K tokens on, where kNN prompts take 6-35 s each, 10 of the 15 (template, depth) prompts, spread so that each
+# template keeps two depths and each depth three or four templates (eval/passkey.py --prompts-for).
+DEMO_PROMPTS := 16384:=10
 DEMO_DEPTHS := 0 0.5 1
 DEMO_THREADS ?= 2
 DEMO_PASSKEY = $(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --template all --threads $(DEMO_THREADS) \
@@ -141,7 +144,7 @@ demo: $(STAMP)
 	restore it with git checkout -- $(DEMO_MODEL)" >&2; exit 1; }
 	rm -rf runs/demo  # each make demo is a fresh run (eval/passkey.py refuses to mix it with older trials)
 	$(DEMO_PASSKEY) --settings memory topk-ivf:32 no-memory --lengths-for $(DEMO_RANGES) --lengths $(DEMO_LENGTHS) \
-	--trials $(DEMO_TRIALS) --depths $(DEMO_DEPTHS) --out runs/demo
+	--trials $(DEMO_TRIALS) --depths $(DEMO_DEPTHS) --prompts-for $(DEMO_PROMPTS) --out runs/demo
 
 # 256K tokens: one trial per template at depths 0 and 1, resumable (rerun to continue an interrupted run).
 demo-long: $(STAMP)

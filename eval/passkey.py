@@ -16,7 +16,8 @@ of the three fixed lines and generated haystacks in place of the filler (held ou
 FILLER repeated and joined by spaces; prefix and suffix both start at the filler's start. n_prefix is uniform in
 [0, n_garbage] (or ``round(depth * n_garbage)`` with ``--depths``), then K is uniform in [1, 50000). Each
 (length, trial) pair has its own seeded generator, so every setting, template and depth sees the same keys and
-a run is reproducible.
+a run is reproducible. ``--prompts-for 16384:=10`` runs 10 of a length's prompts from 16384 tokens on, spread
+evenly over templates and depths, where a full grid would take too long.
 
 Lengths are exact: n_garbage is calibrated per template and length, then adjusted per trial (a few characters)
 until the prompt has exactly the requested number of tokens, when the fixed lines fit in it.
@@ -222,10 +223,20 @@ class Trial:
         return len(self.prompt_ids)
 
 
+def spread_cells(n_templates: int, n_depths: int, trials: int, n: int) -> list[tuple[int, int, int]]:
+    """``n`` of the (template, depth, trial) index triples, spread so that every template and every depth keeps
+    about its share: the triples in diagonals, (template + depth + trial) mod ``n_depths`` = 0 first, then 1, ...
+    With 5 templates and 3 depths, 10 of the 15 cells give each template two depths and each depth three or four
+    templates (a plain prefix would drop whole templates)."""
+    cells = [(i, j, t) for t in range(trials) for i in range(n_templates) for j in range(n_depths)]
+    return sorted(sorted(cells, key=lambda c: ((c[0] + c[1] + c[2]) % n_depths, c[2], c[0], c[1]))[:n])
+
+
 def make_trials(encoder: PromptEncoder, lengths: list[int], trials: int, seed: int,
-                templates: Sequence[str] = (DEFAULT_TEMPLATE,), depths: Sequence[float] | None = None
-                ) -> dict[int, list[Trial]]:
+                templates: Sequence[str] = (DEFAULT_TEMPLATE,), depths: Sequence[float] | None = None,
+                prompts: dict[int, int] | None = None) -> dict[int, list[Trial]]:
     """The prompts of every (length, template, depth, trial), tokenized; the same for every setting.
+    ``prompts``: at these lengths only this many of them, spread over templates and depths (``spread_cells``).
 
     ``build_prompt(tr.n_garbage, trial_rng(seed, length, tr.trial), tr.template, tr.depth)`` rebuilds a trial's
     prompt. Trial t has the same key in every template and depth.
@@ -233,14 +244,21 @@ def make_trials(encoder: PromptEncoder, lengths: list[int], trials: int, seed: i
     from tqdm.auto import tqdm
 
     out: dict[int, list[Trial]] = {}
-    cells = [(name, depth) for name in templates for depth in (depths or [None])]
-    with tqdm(total=len(lengths) * len(cells) * trials, desc="prompts", unit="prompt", leave=False,
+    depth_list = list(depths or [None])
+    full = len(templates) * len(depth_list) * trials
+    chosen = {n: spread_cells(len(templates), len(depth_list), trials, min((prompts or {}).get(n, full), full))
+              for n in lengths}
+    with tqdm(total=sum(map(len, chosen.values())), desc="prompts", unit="prompt", leave=False,
               dynamic_ncols=True) as bar:
         for length in lengths:
             out[length] = []
-            for name, depth in cells:
+            for i, name in enumerate(templates):
+                kept = [(j, t) for (ci, j, t) in chosen[length] if ci == i]
+                if not kept:
+                    continue
                 n_garbage, cpt = calibrate_n_garbage(encoder, length, name), encoder.chars_per_token(name)
-                for t in range(trials):
+                for j, t in sorted(kept):
+                    depth = depth_list[j]
                     p, ids = fit_prompt(encoder, length, n_garbage, lambda: trial_rng(seed, length, t), name, depth,
                                         cpt)
                     answer, method = encoder.answer_ids(p.text, ids, p.key)
@@ -449,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths-for", nargs="+", default=[], metavar="SETTING=LO:HI",
                    help="run a setting only at the lengths in [LO, HI] (either bound may be left out), e.g. "
                         "memory=:8192 topk-ivf:32=16384: (dense memory where it is fast, kNN beyond)")
+    p.add_argument("--prompts-for", nargs="+", default=[], metavar="LO:HI=N",
+                   help="at the lengths in [LO, HI] (either bound may be left out) run only N of the prompts of "
+                        "every template, depth and trial, spread evenly over templates and depths, e.g. 16384:=10 "
+                        "(fewer prompts where they are slow)")
     p.add_argument("--last-context-length", type=int, help="override last_context_length for generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy for generate()")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (length, trial) is seeded from it")
@@ -463,7 +485,8 @@ def run_config(args, model_dir: Path, tokenizer_dir: Path, settings: list[Settin
     return {**run_identity("passkey", args, model_dir, tokenizer_dir, settings), "lengths": sorted(args.lengths),
             "trials": args.trials, "templates": args.template, "depths": args.depths,
             "last_context_length": args.last_context_length, "cache_policy": args.cache_policy,
-            **({"lengths_for": args.lengths_for} if args.lengths_for else {})}
+            **({"lengths_for": args.lengths_for} if args.lengths_for else {}),
+            **({"prompts_for": args.prompts_for} if args.prompts_for else {})}
 
 
 def parse_lengths_for(texts: list[str], settings: list[Setting], lengths: list[int]) -> dict[str, list[int]]:
@@ -485,6 +508,29 @@ def parse_lengths_for(texts: list[str], settings: list[Setting], lengths: list[i
         out[name] = [n for n in sorted(lengths) if low <= n <= high]
         if not out[name]:
             raise ValueError(f"--lengths-for {text!r}: none of --lengths {sorted(lengths)} is in that range.")
+    return out
+
+
+def parse_prompts_for(texts: list[str], lengths: list[int], per_length: int) -> dict[int, int]:
+    """``--prompts-for`` -> {length: prompts} for the lengths it caps (``per_length``: the uncapped count)."""
+    out: dict[int, int] = {}
+    for text in texts:
+        bounds, sep, count = text.rpartition("=")
+        lo, colon, hi = bounds.partition(":")
+        if not sep or not colon or not count.isdigit() or not (lo.isdigit() or not lo) or not (hi.isdigit() or not hi):
+            raise ValueError(f"--prompts-for {text!r}: write LO:HI=N, e.g. 16384:=10 (N prompts at 16384 tokens "
+                             "and beyond).")
+        n, low, high = int(count), int(lo or 0), int(hi) if hi else math.inf
+        if not 1 <= n <= per_length:
+            raise ValueError(f"--prompts-for {text!r}: N must be between 1 and the {per_length} prompts a length "
+                             "has (templates x depths x --trials).")
+        matched = [m for m in lengths if low <= m <= high]
+        if not matched:
+            raise ValueError(f"--prompts-for {text!r}: none of --lengths {sorted(lengths)} is in that range.")
+        for m in matched:
+            if m in out:
+                raise ValueError(f"--prompts-for: length {m} is in two ranges ({texts}).")
+            out[m] = n
     return out
 
 
@@ -511,6 +557,8 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
         raise ValueError(f"--last-context-length {args.last_context_length} exceeds the model's window "
                          f"(max_position_embeddings={window}); use a value <= {window}.")
     args.setting_lengths = parse_lengths_for(args.lengths_for, settings, args.lengths)
+    per_length = len(args.template) * len(args.depths or [None]) * args.trials
+    args.prompts = parse_prompts_for(args.prompts_for, args.lengths, per_length)
     log = open_trials(args, run_config(args, model_dir, tokenizer_dir, settings))
     return model_dir, tokenizer_dir, settings, log
 
@@ -539,7 +587,7 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
         torch.set_num_threads(args.threads)
     lengths = sorted(args.lengths)
     encoder = PromptEncoder(load_tokenizer(tokenizer_dir), add_bos=not args.no_bos)
-    trials = make_trials(encoder, lengths, args.trials, args.seed, args.template, args.depths)
+    trials = make_trials(encoder, lengths, args.trials, args.seed, args.template, args.depths, args.prompts)
     gen_kwargs = generation_kwargs(args, encoder.tokenizer)
 
     results, configs = {}, {}
@@ -557,7 +605,8 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
     window = configs[settings[-1].name]["window"]
 
     fields = {"lengths": lengths, "trials": args.trials, "templates": args.template, "depths": args.depths,
-              "seed": args.seed, "bos": encoder.add_bos, "setting_lengths": args.setting_lengths}
+              "seed": args.seed, "bos": encoder.add_bos, "setting_lengths": args.setting_lengths,
+              "prompts_per_length": {n: len(trials[n]) for n in lengths}}
     methods = [tr.answer_method for ts in trials.values() for tr in ts]
     report = run_report("passkey", args, model_dir, tokenizer_dir, window, fields, configs, results, methods)
     tables = [format_table(lengths, results)]

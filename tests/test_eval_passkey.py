@@ -434,8 +434,46 @@ def test_lengths_for_runs_each_setting_at_its_own_lengths(model_dir, tmp_path, c
     assert (out / "passkey_depth.png").is_file() and (out / "passkey.png").is_file()
 
 
+def test_spread_cells_keeps_every_template_and_depth():
+    cells = passkey.spread_cells(5, 3, 1, 10)
+    assert len(set(cells)) == 10 and all(t == 0 for _, _, t in cells)
+    per_template = np.bincount([i for i, _, _ in cells], minlength=5)
+    per_depth = np.bincount([j for _, j, _ in cells], minlength=3)
+    assert per_template.tolist() == [2] * 5 and sorted(per_depth.tolist()) == [3, 3, 4]
+    assert passkey.spread_cells(5, 3, 1, 15) == [(i, j, 0) for i in range(5) for j in range(3)]
+    two = passkey.spread_cells(2, 3, 2, 6)  # 12 cells, half of them: every (template, depth) pair once
+    assert sorted((i, j) for i, j, _ in two) == [(i, j) for i in range(2) for j in range(3)]
+
+
+def test_a_prompt_subset_holds_the_full_grids_prompts(tiny_encoder):
+    """Capped lengths run some of the very prompts (key, depth, tokens) the full grid has, not other ones."""
+    names = list(templates.TEMPLATES)[:3]
+    full = passkey.make_trials(tiny_encoder, [200, 300], 2, seed=3, templates=names, depths=[0, 1])
+    part = passkey.make_trials(tiny_encoder, [200, 300], 2, seed=3, templates=names, depths=[0, 1], prompts={300: 5})
+    assert part[200] == full[200] and len(part[300]) == 5
+    assert all(tr in full[300] for tr in part[300])
+
+
+def test_prompts_for_runs_a_spread_subset_at_long_lengths(model_dir, tmp_path):
+    names = list(templates.TEMPLATES)[:2]
+    out = tmp_path / "out"
+    report = passkey.main(["--model", str(model_dir), "--template", *names, "--lengths", "100", "160", "--trials",
+                           "1", "--depths", "0", "0.5", "1", "--settings", "no-memory", "--prompts-for", "160:=4",
+                           "--device", "cpu", "--out", str(out)])
+    short, long = report["results"]["no-memory"]
+    assert short["n"] == 6 and long["n"] == 4
+    assert sorted((t["template"], t["depth"]) for t in long["trials"]) == sorted(
+        (names[i], (0.0, 0.5, 1.0)[j]) for i, j, _ in passkey.spread_cells(2, 3, 1, 4))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["prompts_per_length"] == {"100": 6, "160": 4}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}"], "does not exist"),
+    (["--model", "{model}", "--prompts-for", "160=4"], "write LO:HI=N"),
+    (["--model", "{model}", "--prompts-for", ":=0"], "N must be between 1 and"),
+    (["--model", "{model}", "--lengths", "100", "--prompts-for", "200:=1"], "none of --lengths [100]"),
+    (["--model", "{model}", "--lengths", "100", "--prompts-for", ":=1", "100:=2"], "length 100 is in two ranges"),
     (["--model", "{model}", "--lengths-for", "memory=8192"], "write SETTING=LO:HI"),
     (["--model", "{model}", "--lengths-for", "topk:4=:100"], "is not among --settings"),
     (["--model", "{model}", "--lengths", "100", "--lengths-for", "memory=200:"], "none of --lengths [100]"),
