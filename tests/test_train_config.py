@@ -164,3 +164,17 @@ def test_file_and_model_errors(tmp_path):
         parse_overrides(["--x"])
     with pytest.raises(ValueError, match="unexpected argument"):
         parse_overrides(["x=1"])
+
+
+def test_a_missing_checkpoint_directory_is_named_as_missing(monkeypatch, tmp_path):
+    """A local run directory that is not there (an earlier stage not yet run) says so, instead of reporting only
+    the failed Hub lookup that transformers tries next."""
+    from train.crossbatch import model_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = load_config(ROOT / "configs" / "demo_stage7s.yaml", {"checkpoint": str(tmp_path / "demo_model")})
+    with pytest.raises(ValueError, match="no such directory here .* run that stage first"):
+        model_config(spec)
+    (tmp_path / "demo_model").mkdir()  # there, but without a config.json: the other message
+    with pytest.raises(ValueError, match="has no readable config.json"):
+        model_config(spec)

@@ -110,9 +110,17 @@ def model_config(spec: RunSpec) -> fot.LongLlamaConfig:
     """The run's model config, validated, from the checkpoint's config.json alone (no weights are read)."""
     if spec.checkpoint is None:
         return build_config(spec)
+    if Path(spec.checkpoint).is_dir() and not (Path(spec.checkpoint) / "config.json").is_file():
+        # checked here: transformers reads a directory without config.json as the default config, without a word
+        raise ValueError(f"checkpoint={spec.checkpoint!r} has no readable config.json: the directory has none; "
+                         "point checkpoint at a directory holding config.json and the weights (a run's final/).")
     try:
         cfg = fot.LongLlamaConfig.from_pretrained(spec.checkpoint, **model_fields(spec))
     except OSError as err:
+        if not Path(spec.checkpoint).exists():  # a missing local run directory reads as a failed Hub download
+            raise ValueError(f"checkpoint={spec.checkpoint!r}: no such directory here ({Path.cwd()}), and no Hub "
+                             "model could be read by that id. If it is an earlier stage's output, run that stage "
+                             "first (make demo-model runs them in order).") from None
         raise ValueError(f"checkpoint={spec.checkpoint!r} has no readable config.json: {err}") from None
     return cfg
 
