@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from eval.templates import (
     LOOKUP_HEADER,
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BOOKS = ROOT / "assets" / "books" / "train.parquet"
 HELDOUT = ROOT / "assets" / "books" / "heldout.parquet"
+STAGE_7S_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage7s.yaml").read_text())["data"]
 WORDS = ("river", "window", "morning", "letter", "candle", "garden", "soldier", "captain", "mother", "journey",
          "silver", "quiet", "old", "green", "little", "under", "beside", "after", "before", "through")
 
@@ -119,9 +121,11 @@ def stream_texts(tokenizer, spec, batches: int) -> list[str]:
     {"mix_haystacks": {"records": 1.0}, "mix_mentions": 1.0},
     # tally haystacks: named quantities with numbers, phrased like key lines
     {"mix_haystacks": {"tallies": 1.0}, "mix_mentions": 1.0},
+    # configs/demo_stage7s.yaml's data (the shipped model's last stage), with its mix of families
+    {key: value for key, value in STAGE_7S_DATA.items() if key.startswith("mix")},
 ])
 def test_training_stream_holds_no_evaluation_string(books, tokenizer, data):
-    spec = mix_spec(books, tokenizer.name_or_path, mix={f: 1.0 for f in FAMILIES}, **data)
+    spec = mix_spec(books, tokenizer.name_or_path, **{"mix": {f: 1.0 for f in FAMILIES}, **data})
     texts = stream_texts(tokenizer, spec, batches=75)  # 300 documents of up to 256 tokens
     assert len(texts) == 300 and sum(len(t) for t in texts) > 300 * 200
     found = {s for t in texts for s in leaks(t)}

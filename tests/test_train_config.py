@@ -178,3 +178,33 @@ def test_a_missing_checkpoint_directory_is_named_as_missing(monkeypatch, tmp_pat
     (tmp_path / "demo_model").mkdir()  # there, but without a config.json: the other message
     with pytest.raises(ValueError, match="has no readable config.json"):
         model_config(spec)
+
+
+def test_make_demo_model_chains_each_stage_from_the_one_before():
+    """`make demo-model` (read with make -n): every stage trains from a checkpoint an earlier step wrote (a stage's
+    final/ or the interpolation's output), with the tokenizer the recipe builds, and the check evaluates the last
+    stage's final/ checkpoint, so a config edited out of order fails here, not hours into a run."""
+    import shlex
+    import subprocess
+
+    dry = subprocess.run(["make", "-n", "demo-model"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    written = {None}  # what earlier steps wrote; stage 0 starts from random weights
+    last = None
+    tokenizer = None
+    for line in dry.stdout.replace("\\\n", "").splitlines():
+        argv = shlex.split(line)
+        if "train.synthetic" in argv and "tokenizer" in argv:
+            tokenizer = argv[argv.index("--out") + 1]
+        elif "train.interpolate" in argv:
+            assert {argv[argv.index("--base") + 1], argv[argv.index("--tuned") + 1]} <= written
+            written.add(argv[argv.index("--out") + 1])
+        elif "train/crossbatch.py" in argv:
+            spec = load_config(ROOT / argv[argv.index("--config") + 1])
+            assert spec.checkpoint in written, f"{argv[-1]}: checkpoint {spec.checkpoint} is not written before it"
+            assert spec.data.tokenizer in (None, tokenizer), argv[-1]
+            last = f"{spec.run.out_dir}/final"
+            written.add(last)
+        elif "eval/passkey.py" in argv:
+            assert argv[argv.index("--model") + 1] == last
+    assert last == "runs/demo_stage7s/final"
