@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOKS = ROOT / "assets" / "books" / "train.parquet"
 HELDOUT = ROOT / "assets" / "books" / "heldout.parquet"
 STAGE_7S_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage7s.yaml").read_text())["data"]
+STAGE_8_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage8.yaml").read_text())["data"]
 WORDS = ("river", "window", "morning", "letter", "candle", "garden", "soldier", "captain", "mother", "journey",
          "silver", "quiet", "old", "green", "little", "under", "beside", "after", "before", "through")
 
@@ -123,6 +124,10 @@ def stream_texts(tokenizer, spec, batches: int) -> list[str]:
     {"mix_haystacks": {"tallies": 1.0}, "mix_mentions": 1.0},
     # configs/demo_stage7s.yaml's data (the shipped model's last stage), with its mix of families
     {key: value for key, value in STAGE_7S_DATA.items() if key.startswith("mix")},
+    # configs/demo_stage8.yaml's: stage 7s's with intros that name the asked key; recall documents only, at most
+    # 4 keys (6 keys, their mentions and the intro do not always fit these 256-token documents)
+    {**{key: value for key, value in STAGE_8_DATA.items() if key.startswith("mix")}, "mix_named_intros": 1.0,
+     "mix_max_keys": 4, "mix": {"recall": 1.0}},
 ])
 def test_training_stream_holds_no_evaluation_string(books, tokenizer, data):
     spec = mix_spec(books, tokenizer.name_or_path, **{"mix": {f: 1.0 for f in FAMILIES}, **data})
@@ -331,6 +336,37 @@ def test_mentions_name_a_key_without_its_value():
     assert plain == before and not any(isinstance(p, str) and pattern.fullmatch(p) for p in plain)
     with pytest.raises(ValueError, match="data.mix_mentions"):
         SyntheticMix.__init__(object.__new__(SyntheticMix), None, None, 256, {"recall": 1.0}, 0, mentions=1.5)
+
+
+def test_named_intros_open_with_the_asked_key_and_no_value():
+    """``named_intros``: the document's first line names the first asked key after "the <name> is" (or "a <name>
+    is"), with words and no value; the key line and the question are still there; off, the same draws as before."""
+    from train.synthetic import NAMED_INTROS, recall_parts
+
+    pattern = re.compile("|".join(re.escape(m).replace(r"\{name\}", "(.+)") for m in NAMED_INTROS))
+    opened = 0
+    for seed in range(40):
+        parts = recall_parts(np.random.default_rng(seed), 300, named_intros=1.0)
+        first = parts[0]
+        assert isinstance(first, str) and first.endswith("\n")
+        m = pattern.fullmatch(first[:-1])
+        assert m, first
+        name = next(g for g in m.groups() if g)
+        text = [p for p in parts if isinstance(p, str)]
+        values = [p.text.strip() for p in parts if isinstance(p, Target)]
+        question = next(i for i, p in enumerate(parts) if isinstance(p, Target)) - 1
+        assert name.lower() in parts[question].lower()  # the first question asks for the key the intro names
+        assert sum(name.lower() in t.lower() for t in text[1:]) >= 2  # its key line and its question
+        assert not any(v in first for v in values if not v.isalpha())
+        opened += 1
+    assert opened == 40
+    firsts = [recall_parts(np.random.default_rng(s), 300, named_intros=0.5)[0] for s in range(60)]
+    assert 15 < sum(isinstance(f, str) and pattern.fullmatch(f[:-1]) is not None for f in firsts) < 45
+    for seed in range(10):  # off: the same document as without the option
+        plain = recall_parts(np.random.default_rng(seed), 300, mentions=0.5)
+        assert plain == recall_parts(np.random.default_rng(seed), 300, mentions=0.5, named_intros=0.0)
+    with pytest.raises(ValueError, match="data.mix_named_intros"):
+        SyntheticMix.__init__(object.__new__(SyntheticMix), None, None, 256, {"recall": 1.0}, 0, named_intros=-0.1)
 
 
 def test_config_errors(haystack, tokenizer):

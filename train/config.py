@@ -95,6 +95,8 @@ class DataConfig:
             means {repeated: 0.25, books: 0.75}.
         mix_mentions: for ``synthetic_mix``, the probability that a recall key is also named once with no value
             after "the <name> is" (``train.synthetic.MENTION_LINES``), before or after its key line.
+        mix_named_intros: for ``synthetic_mix``, the probability that a recall document opens with a line naming
+            its first asked key with no value (``train.synthetic.NAMED_INTROS``), in place of its intro.
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"
@@ -129,6 +131,7 @@ class DataConfig:
     mix_lookup_keys: list[str] | None = None
     mix_haystacks: dict[str, float] | None = None
     mix_mentions: float = 0.0
+    mix_named_intros: float = 0.0
     passkey_fraction: float = 0.0
     mix: dict[str, float] = field(default_factory=lambda: {"recall": 0.5, "lookup": 0.25, "copy": 0.25})
 

@@ -510,7 +510,8 @@ def build_mix(d, tokenizer, doc_tokens: int, seed: int):
     return SyntheticMix(tokenizer, haystack, doc_tokens, d.mix, seed, add_bos=d.add_bos, add_eos=d.add_eos,
                         scanner=scanner, loss_on=d.mix_loss,
                         value_kinds=d.mix_values, max_keys=d.mix_max_keys, lookup_keys=d.mix_lookup_keys,
-                        haystacks=d.mix_haystacks, mentions=d.mix_mentions)
+                        haystacks=d.mix_haystacks, mentions=d.mix_mentions,
+                        named_intros=d.mix_named_intros)
 
 
 def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, world: int) -> PackedBatches:

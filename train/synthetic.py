@@ -300,6 +300,18 @@ MENTION_LINES = (
     "I forgot what the {name} is, and had to look it up.",
     "{Name} is the thing to watch for.",
 )
+# An opening line that names a key with no value ("the <name> is" + words), for data.mix_named_intros: the first
+# "the <name> is" of the document is then the task's statement, not the key line.
+NAMED_INTROS = (
+    "The {name} is given somewhere in the text below. You will be asked for it at the end.",
+    "A {name} is stated once in the following pages; look out for it.",
+    "Find the {name} in this passage. The {name} is asked for after it.",
+    "The {name} is in here, among a lot of other text. Keep reading until you find it.",
+    "Somewhere in what follows, the {name} is written down. Keep it in mind.",
+    "Your task: read on and note the {name}. The {name} is needed at the end.",
+    "There is a {name} in the text below; it is the only thing that matters.",
+    "The {name} is buried in the notes that follow.",
+)
 QUESTIONS = (
     "What is the {name}? The {name} is",
     "Question: what was the {name}? Answer:",
@@ -447,11 +459,12 @@ def records(n_chars: int, rng: np.random.Generator, tallies: float = 0.0) -> str
 
 
 def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = tuple(VALUE_KINDS),
-                 max_keys: int = 4, mentions: float = 0.0) -> list:
+                 max_keys: int = 4, mentions: float = 0.0, named_intros: float = 0.0) -> list:
     """One to ``max_keys`` named values (of ``value_kinds``) among the haystack, then questions about one to three
     of them. With probability ``mentions`` per key, a ``MENTION_LINES`` sentence also names it, with words and no
     value after "the <name> is", at its own random depth (before or after the key line): an answer copied from the
-    first "the <name> is" in the text is then often wrong."""
+    first "the <name> is" in the text is then often wrong. With probability ``named_intros`` the document opens
+    with a ``NAMED_INTROS`` line naming the first asked key, with no value, in place of its intro."""
     n_keys = int(rng.integers(1, max_keys + 1))
     names: list[str] = []
     while len(names) < n_keys:
@@ -479,6 +492,9 @@ def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[st
     asked = rng.permutation(n_keys)[: int(rng.integers(1, min(3, n_keys) + 1))]
     for i in asked:
         parts += [fill(choose(rng, QUESTIONS), name=names[i]), Target(" " + values[i]), choose(rng, (".\n", "\n"))]
+    if named_intros > 0 and rng.random() < named_intros:  # drawn last: with it off, the draws are as before
+        line = fill(choose(rng, NAMED_INTROS), name=names[asked[0]]) + "\n"
+        parts[:1 if intro else 0] = [line]
     return parts
 
 
@@ -577,10 +593,12 @@ class SyntheticMix:
                  min_tokens: int | None = None, add_bos: bool = True, add_eos: bool = True,
                  scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None,
                  max_keys: int = 4, lookup_keys: Sequence[str] | None = None,
-                 haystacks: dict[str, float] | None = None, mentions: float = 0.0):
+                 haystacks: dict[str, float] | None = None, mentions: float = 0.0, named_intros: float = 0.0):
         if not 0.0 <= mentions <= 1.0:
             raise ValueError(f"data.mix_mentions={mentions}: a probability per recall key, in [0, 1].")
-        self.mentions = mentions
+        if not 0.0 <= named_intros <= 1.0:
+            raise ValueError(f"data.mix_named_intros={named_intros}: a probability per recall document, in [0, 1].")
+        self.mentions, self.named_intros = mentions, named_intros
         haystacks = DEFAULT_HAYSTACKS if haystacks is None else dict(haystacks)
         unknown = sorted(set(haystacks) - set(HAYSTACK_STYLES))
         if unknown or not haystacks or min(haystacks.values()) < 0 or sum(haystacks.values()) <= 0:
@@ -632,7 +650,8 @@ class SyntheticMix:
 
     def parts(self, family: str, rng: np.random.Generator, budget: int) -> list:
         if family == "recall":
-            return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS), self.max_keys, self.mentions)
+            return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS), self.max_keys, self.mentions,
+                                self.named_intros)
         if family == "lookup":
             return lookup_parts(rng, budget, self.value_kinds or LOOKUP_VALUE_KINDS, self.lookup_keys)
         if family == "copy":
