@@ -489,6 +489,16 @@ def run_config(args, model_dir: Path, tokenizer_dir: Path, settings: list[Settin
             **({"prompts_for": args.prompts_for} if args.prompts_for else {})}
 
 
+def lengths_in(bounds: str, lengths: list[int]) -> list[int] | None:
+    """The ``lengths`` (sorted) within an inclusive range written "LO:HI" (either side may be empty: no bound), or
+    None when ``bounds`` is not written so."""
+    lo, colon, hi = bounds.partition(":")
+    if not colon or not (lo.isdigit() or not lo) or not (hi.isdigit() or not hi):
+        return None
+    low, high = int(lo or 0), int(hi) if hi else math.inf
+    return [n for n in sorted(lengths) if low <= n <= high]
+
+
 def parse_lengths_for(texts: list[str], settings: list[Setting], lengths: list[int]) -> dict[str, list[int]]:
     """``--lengths-for`` -> the lengths each setting runs at (all of them unless named)."""
     names = [s.name for s in settings]
@@ -496,18 +506,17 @@ def parse_lengths_for(texts: list[str], settings: list[Setting], lengths: list[i
     seen = set()
     for text in texts:
         name, sep, bounds = text.rpartition("=")
-        lo, colon, hi = bounds.partition(":")
-        if not sep or not colon or not (lo.isdigit() or not lo) or not (hi.isdigit() or not hi):
+        matched = lengths_in(bounds, lengths) if sep else None
+        if matched is None:
             raise ValueError(f"--lengths-for {text!r}: write SETTING=LO:HI, e.g. memory=:8192 or topk-ivf:32=16384:.")
         if name not in names:
             raise ValueError(f"--lengths-for {text!r}: {name!r} is not among --settings {names}.")
         if name in seen:
             raise ValueError(f"--lengths-for names {name!r} twice.")
         seen.add(name)
-        low, high = int(lo or 0), int(hi) if hi else math.inf
-        out[name] = [n for n in sorted(lengths) if low <= n <= high]
-        if not out[name]:
+        if not matched:
             raise ValueError(f"--lengths-for {text!r}: none of --lengths {sorted(lengths)} is in that range.")
+        out[name] = matched
     return out
 
 
@@ -516,15 +525,14 @@ def parse_prompts_for(texts: list[str], lengths: list[int], per_length: int) -> 
     out: dict[int, int] = {}
     for text in texts:
         bounds, sep, count = text.rpartition("=")
-        lo, colon, hi = bounds.partition(":")
-        if not sep or not colon or not count.isdigit() or not (lo.isdigit() or not lo) or not (hi.isdigit() or not hi):
+        matched = lengths_in(bounds, lengths) if sep and count.isdigit() else None
+        if matched is None:
             raise ValueError(f"--prompts-for {text!r}: write LO:HI=N, e.g. 16384:=10 (N prompts at 16384 tokens "
                              "and beyond).")
-        n, low, high = int(count), int(lo or 0), int(hi) if hi else math.inf
+        n = int(count)
         if not 1 <= n <= per_length:
             raise ValueError(f"--prompts-for {text!r}: N must be between 1 and the {per_length} prompts a length "
                              "has (templates x depths x --trials).")
-        matched = [m for m in lengths if low <= m <= high]
         if not matched:
             raise ValueError(f"--prompts-for {text!r}: none of --lengths {sorted(lengths)} is in that range.")
         for m in matched:
