@@ -113,7 +113,8 @@ DEMO_PASSKEY = $(OFFLINE) $(PY) eval/passkey.py --model $(DEMO_MODEL) --template
 # (the copying circuit on random ids, a curriculum gated on the loss), stage 1 (answer inside a window), stage 2
 # (answer from earlier windows through memory), stage 3 (with negatives), stage 4 (short memory windows, number-keyed
 # dictionaries, more negatives), stage 3 and 4 interpolated (runs/demo_model), then stage 7s from it (64 rows a
-# step, about 20 other documents' windows in memory per row, keys named without values, haystacks of records). The
+# step, about 20 other documents' windows in memory per row, keys named without values, haystacks of records) and
+# stage 8 from 7s (as 7s, with half of the recall documents opening on a line that names the asked key). The
 # configs hold the step counts that made the shipped models/fot-tiny. Synthetic tasks in varied phrasings over the
 # training books; no evaluation template is ever in the data. Each stage resumes from its newest checkpoint, so an
 # interrupted `make demo-model` continues where it stopped (delete runs/demo_stage* to start afresh).
@@ -136,9 +137,10 @@ demo-model: $(STAMP)
 	$(OFFLINE) $(PY) -m train.interpolate --base runs/demo_stage3/final --tuned runs/demo_stage4/final \
 	--alpha $(DEMO_ALPHA) --out runs/demo_model
 	$(TRAIN) configs/demo_stage7s.yaml
-	$(OFFLINE) $(PY) eval/passkey.py --model runs/demo_stage7s/final --template all --lengths 128 256 1024 4096 \
+	$(TRAIN) configs/demo_stage8.yaml
+	$(OFFLINE) $(PY) eval/passkey.py --model runs/demo_stage8/final --template all --lengths 128 256 1024 4096 \
 	--trials 1 --depths 0 0.5 1 --settings memory --threads 2 --device $(TRAIN_DEVICE) --seed 1 --out runs/demo_check
-	@echo "make demo-model: trained runs/demo_stage7s/final and checked it on the held-out templates \
+	@echo "make demo-model: trained runs/demo_stage8/final and checked it on the held-out templates \
 	(runs/demo_check). To ship it, copy its files into $(DEMO_MODEL) (train/README.md, \"The demo model\")."
 
 .PHONY: demo demo-long

@@ -492,6 +492,7 @@ def cli_main(build_parser, prepare, run, argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, six lines per run
     try:
         prepared = prepare(args)
     except ValueError as err:

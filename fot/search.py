@@ -353,7 +353,8 @@ class FaissIVFSearch(KeySearch):
                 n_out += head.outliers.numel()
                 self.indexes[(b, g)] = head
         self.trained_at = M
-        logger.info("fot: trained IVF indexes (nlist=%d) on %d keys per head (%s); %.1f%% searched exactly",
+        # debug, not info: a long prompt retrains every layer's index at each doubling (a dozen lines a prompt)
+        logger.debug("fot: trained IVF indexes (nlist=%d) on %d keys per head (%s); %.1f%% searched exactly",
                     nlist, M, reason, 100.0 * n_out / max(B * G * M, 1))
 
     def _add(self, head: _IVFHead, lifted, slots: torch.Tensor, keys_MH: torch.Tensor, assigned=None) -> None:

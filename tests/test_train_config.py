@@ -207,4 +207,4 @@ def test_make_demo_model_chains_each_stage_from_the_one_before():
             written.add(last)
         elif "eval/passkey.py" in argv:
             assert argv[argv.index("--model") + 1] == last
-    assert last == "runs/demo_stage7s/final"
+    assert last == "runs/demo_stage8/final"
