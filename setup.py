@@ -1,8 +1,11 @@
 """Packaging for fot, the Focused Transformer / LongLLaMA implementation.
 
-The Triton kernels live in the top-level kernels/ directory but install as
-fot.kernels: a top-level package named "kernels" would shadow an unrelated PyPI
-package of that name, which transformers probes for at import time.
+The Triton kernels live in fot/kernels/, not in a top-level kernels/ directory
+mapped onto fot.kernels: transformers 5.25 depends on the PyPI package "kernels"
+and imports it with transformers, and a kernels/ directory at the checkout's root
+shadows it for everything run from there (`python -m ...`, pytest), so that
+importing transformers fails. tests/test_packaging.py checks that no module the
+checkout puts on sys.path has the name of an installed package.
 
 The checkout's tools install beside fot as the top-level packages train, eval and
 benchmarks, so that `python -m train.crossbatch`, `python -m eval.passkey` and the
@@ -32,8 +35,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fot", "fot.*", "train", "eval", "benchmarks"]) + ["fot.kernels"],
-    package_dir={"fot.kernels": "kernels"},
+    packages=find_packages(include=["fot", "fot.*", "train", "eval", "benchmarks"]),
     install_requires=[
         "torch>=2.4",
         f"transformers>={TRANSFORMERS_OLDEST},<6",

@@ -1,8 +1,8 @@
 """Benchmark (CUDA) or correctness smoke run (CPU interpreter) of the memory-attention kernel.
 
-    python kernels/bench.py                    # CUDA: LongLLaMA-3B memory-layer shapes, triton.testing.do_bench
-    TRITON_INTERPRET=1 python kernels/bench.py # CPU: small shapes, max error vs the float64 reference
-    python kernels/bench.py --crossbatch       # SDPA vs materialised mask for the crossbatch training attention
+    python benchmarks/kernel_speed.py                     # CUDA: LongLLaMA-3B memory-layer shapes, do_bench
+    TRITON_INTERPRET=1 python benchmarks/kernel_speed.py  # CPU: small shapes, max error vs the float64 reference
+    python benchmarks/kernel_speed.py --crossbatch        # SDPA vs materialised mask for crossbatch training
 
 On CUDA every row prints the Triton time next to fot's SDPA path (fot.attention.fused_memory_attention)
 measured in the same run, with achieved TFLOP/s and GB/s; it never asserts a time.
