@@ -27,6 +27,7 @@ BOOKS = ROOT / "assets" / "books" / "train.parquet"
 HELDOUT = ROOT / "assets" / "books" / "heldout.parquet"
 STAGE_7S_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage7s.yaml").read_text())["data"]
 STAGE_8_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage8.yaml").read_text())["data"]
+STAGE_9_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage9.yaml").read_text())["data"]
 WORDS = ("river", "window", "morning", "letter", "candle", "garden", "soldier", "captain", "mother", "journey",
          "silver", "quiet", "old", "green", "little", "under", "beside", "after", "before", "through")
 
@@ -128,6 +129,9 @@ def stream_texts(tokenizer, spec, batches: int) -> list[str]:
     # 4 keys (6 keys, their mentions and the intro do not always fit these 256-token documents)
     {**{key: value for key, value in STAGE_8_DATA.items() if key.startswith("mix")}, "mix_named_intros": 1.0,
      "mix_max_keys": 4, "mix": {"recall": 1.0}},
+    # configs/demo_stage9.yaml's: stage 8's with short recall documents (opening line, key line and question in
+    # one or two windows)
+    {key: value for key, value in STAGE_9_DATA.items() if key.startswith("mix")},
 ])
 def test_training_stream_holds_no_evaluation_string(books, tokenizer, data):
     spec = mix_spec(books, tokenizer.name_or_path, **{"mix": {f: 1.0 for f in FAMILIES}, **data})
@@ -367,6 +371,40 @@ def test_named_intros_open_with_the_asked_key_and_no_value():
         assert plain == recall_parts(np.random.default_rng(seed), 300, mentions=0.5, named_intros=0.0)
     with pytest.raises(ValueError, match="data.mix_named_intros"):
         SyntheticMix.__init__(object.__new__(SyntheticMix), None, None, 256, {"recall": 1.0}, 0, named_intros=-0.1)
+
+
+def test_short_recall_documents(haystack, tokenizer):
+    """``short_recall``: that share of recall documents is drawn from ``short_recall_tokens`` (growing only to fit
+    their keys), other families keep their lengths, and off the documents are exactly as before."""
+    def lengths(mix, family, n=40):
+        out = []
+        for i in range(200):
+            fam, _, ids, mask = mix.sample(0, i)
+            if fam == family:
+                assert mask.any()  # the answers are still there
+                out.append(len(ids))
+            if len(out) == n:
+                return np.asarray(out)
+        raise AssertionError(f"fewer than {n} {family} documents in 200")
+
+    weights = {"recall": 1.0, "lookup": 1.0}
+    mix = SyntheticMix(tokenizer, haystack, 392, weights, seed=3, max_keys=2, short_recall=1.0,
+                       short_recall_tokens=(96, 160))
+    short = lengths(mix, "recall")
+    assert np.median(short) <= 160 and short.max() <= 240 and short.min() >= 0.92 * 96 - 2
+    assert lengths(mix, "lookup").min() >= 0.92 * 294  # lookup documents keep 3/4 to all of 392 tokens
+    half = lengths(SyntheticMix(tokenizer, haystack, 392, weights, seed=3, max_keys=2, short_recall=0.5,
+                                short_recall_tokens=(96, 160)), "recall")
+    assert 8 <= (half <= 240).sum() <= 32
+    off = SyntheticMix(tokenizer, haystack, 392, weights, seed=3, max_keys=2, short_recall=0.0)
+    plain = SyntheticMix(tokenizer, haystack, 392, weights, seed=3, max_keys=2)
+    for i in range(10):
+        assert off.sample(0, i)[1] == plain.sample(0, i)[1]
+    with pytest.raises(ValueError, match="data.mix_short_recall="):
+        SyntheticMix(tokenizer, haystack, 392, weights, seed=3, short_recall=1.2)
+    for bad in [(16, 100), (200, 100), (96, 500), (96,)]:
+        with pytest.raises(ValueError, match="data.mix_short_recall_tokens"):
+            SyntheticMix(tokenizer, haystack, 392, weights, seed=3, short_recall=0.5, short_recall_tokens=bad)
 
 
 def test_config_errors(haystack, tokenizer):

@@ -97,6 +97,11 @@ class DataConfig:
             after "the <name> is" (``train.synthetic.MENTION_LINES``), before or after its key line.
         mix_named_intros: for ``synthetic_mix``, the probability that a recall document opens with a line naming
             its first asked key with no value (``train.synthetic.NAMED_INTROS``), in place of its intro.
+        mix_short_recall: for ``synthetic_mix``, the probability that a recall document is short: its length is
+            drawn from ``mix_short_recall_tokens`` instead, so its opening line, key line and question share one
+            or two windows (the rest of its pack is padding).
+        mix_short_recall_tokens: [lo, hi], the length range of a short recall document, 32 <= lo <= hi <=
+            ``synthetic_doc_tokens``.
     """
 
     source: Literal["synthetic", "files", "hub", "synthetic_mix"] = "synthetic"
@@ -132,6 +137,8 @@ class DataConfig:
     mix_haystacks: dict[str, float] | None = None
     mix_mentions: float = 0.0
     mix_named_intros: float = 0.0
+    mix_short_recall: float = 0.0
+    mix_short_recall_tokens: list[int] = field(default_factory=lambda: [96, 256])
     passkey_fraction: float = 0.0
     mix: dict[str, float] = field(default_factory=lambda: {"recall": 0.5, "lookup": 0.25, "copy": 0.25})
 

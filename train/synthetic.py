@@ -593,7 +593,15 @@ class SyntheticMix:
                  min_tokens: int | None = None, add_bos: bool = True, add_eos: bool = True,
                  scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None,
                  max_keys: int = 4, lookup_keys: Sequence[str] | None = None,
-                 haystacks: dict[str, float] | None = None, mentions: float = 0.0, named_intros: float = 0.0):
+                 haystacks: dict[str, float] | None = None, mentions: float = 0.0, named_intros: float = 0.0,
+                 short_recall: float = 0.0, short_recall_tokens: Sequence[int] = (96, 256)):
+        if not 0.0 <= short_recall <= 1.0:
+            raise ValueError(f"data.mix_short_recall={short_recall}: a probability per recall document, in [0, 1].")
+        span = tuple(int(t) for t in short_recall_tokens)
+        if short_recall > 0 and not (len(span) == 2 and 32 <= span[0] <= span[1] <= doc_tokens):
+            raise ValueError(f"data.mix_short_recall_tokens={list(span)}: give [lo, hi] with "
+                             f"32 <= lo <= hi <= data.synthetic_doc_tokens ({doc_tokens}).")
+        self.short_recall, self.short_recall_tokens = short_recall, span
         if not 0.0 <= mentions <= 1.0:
             raise ValueError(f"data.mix_mentions={mentions}: a probability per recall key, in [0, 1].")
         if not 0.0 <= named_intros <= 1.0:
@@ -704,13 +712,17 @@ class SyntheticMix:
         rng = np.random.default_rng([self.seed, epoch, index, 41])
         family = self.families[int(rng.choice(len(self.families), p=self.probs))]
         tokens = int(rng.integers(self.min_tokens, self.doc_tokens + 1))
+        # A short recall document: its opening line, key line and question share one or two windows (drawn only
+        # when the option is on, so the documents of configs without it are unchanged).
+        if family == "recall" and self.short_recall > 0 and rng.random() < self.short_recall:
+            tokens = int(rng.integers(self.short_recall_tokens[0], self.short_recall_tokens[1] + 1))
         for _ in range(12):  # draws: a document too long even without haystack, or holding an evaluation string
             parts = self.parts(family, rng, tokens)
             fixed = "".join(p.text if isinstance(p, Target) else p for p in parts if not isinstance(p, Hay))
             n_fixed = len(self._ids(fixed)) + 2 if fixed else 2
             if n_fixed > self.doc_tokens:
                 continue  # too many items for the longest document: draw again
-            tokens = max(tokens, n_fixed)
+            tokens = max(tokens, n_fixed)  # a short document with many keys grows to fit them
             hay_chars = int((tokens - n_fixed) * self.chars_per_token)
             for _ in range(4):  # the haystack's tokens per character vary: rescale it to the drawn length
                 text, targets = self.render(parts, hay_chars, rng, family)
