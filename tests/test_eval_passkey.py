@@ -566,3 +566,63 @@ def test_shipped_model_finds_keys_on_held_out_templates_through_memory_only(tmp_
     (memory,), (off,) = report["results"]["memory"], report["results"]["no-memory"]
     assert memory["correct"] == memory["n"] == len(templates.TEMPLATES)
     assert off["correct"] == 0
+
+
+# ----------------------------------------------------------------------------- eval/passkey_sweep.py
+def test_sweep_walks_every_length_and_generator_and_scores_exactly(model_dir, encoder, tmp_path, capsys):
+    from eval import passkey_sweep
+
+    out = tmp_path / "sweep"
+    report = passkey_sweep.main(["--model", str(model_dir), "--template", "landmark", "code-grass", "--chars", "40",
+                                 "100", "30", "--generators", "2", "--depth", "0", "--threads", "1", "--device",
+                                 "cpu", "--out", str(out)])
+    records = report["results"]["memory"]
+    assert [(r["template"], r["generator"], r["n_garbage"]) for r in records] == [
+        (t, g, n) for t in ("landmark", "code-grass") for g in (0, 1) for n in (40, 70, 100)]
+    for r in records:  # the prompt, rebuilt here from its generator, has the recorded key and length
+        p = passkey.build_prompt(r["n_garbage"], np.random.default_rng([r["generator"], r["n_garbage"], 99]),
+                                 r["template"], 0.0)
+        assert (p.key, p.n_prefix) == (r["key"], 0) and len(encoder.encode(p.text)) == r["tokens"]
+        assert r["correct"] == (r["predicted_ids"] == r["answer_ids"])
+    assert len({r["key"] for r in records if r["template"] == "landmark"}) == 6  # each prompt draws its own key
+    for name, s in report["summary"].items():
+        mine = [r for r in records if r["template"] == name]
+        assert (s["right"], s["n"]) == (sum(r["correct"] for r in mine), 6)
+        assert s["miss_tokens"] == sorted(r["tokens"] for r in mine if not r["correct"])
+    assert "code-grass" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["summary"] == json.loads(json.dumps(report["summary"]))
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_counts_a_model_that_knows_the_keys_as_all_right(model_dir, encoder, monkeypatch):
+    from eval import passkey_sweep
+
+    prompts = [r for t in ("landmark", "number-ledger")
+               for r in passkey_sweep.sweep_prompts(encoder, t, range(50, 131, 40), 2, 0.5)]
+    knows = ScriptedModel({tuple(r["prompt_ids"]): r["answer_ids"] for r in prompts})
+    knows.config = fot.LongLlamaConfig.from_pretrained(model_dir)
+    monkeypatch.setattr(passkey_sweep, "load_model", lambda *args: knows)
+    report = passkey_sweep.main(["--model", str(model_dir), "--template", "landmark", "number-ledger", "--chars",
+                                 "50", "130", "40", "--generators", "2", "--depth", "0.5", "--device", "cpu"])
+    assert {name: (s["right"], s["n"], s["miss_first_word"]) for name, s in report["summary"].items()} == {
+        "landmark": (6, 6, None), "number-ledger": (6, 6, None)}
+    wrong = ScriptedModel({k: [v[0] + 1] + v[1:] for k, v in knows.script.items()})
+    wrong.config = knows.config
+    monkeypatch.setattr(passkey_sweep, "load_model", lambda *args: wrong)
+    report = passkey_sweep.main(["--model", str(model_dir), "--template", "landmark", "--chars", "50", "130", "40",
+                                 "--generators", "2", "--depth", "0.5", "--device", "cpu"])
+    assert report["summary"]["landmark"]["right"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chars", "100", "40", "10"], "--chars"),
+    (["--generators", "0"], "--generators"),
+    (["--depth", "1.5"], "--depth"),
+    (["--template", "nope"], "nope"),
+])
+def test_sweep_bad_inputs_are_clear_errors(args, message, model_dir, capsys):
+    from eval import passkey_sweep
+
+    with pytest.raises(SystemExit) as exc:
+        passkey_sweep.main(["--model", str(model_dir), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
