@@ -19,7 +19,6 @@ row per template, misses in red) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import logging
 from collections import Counter
 from pathlib import Path
 
@@ -32,8 +31,6 @@ from eval.common import (add_model_arguments, add_run_arguments, check_model_arg
 from eval.passkey import PromptEncoder, build_prompt, greedy_answer, is_correct
 from eval.templates import resolve_templates
 from train.tokenizer import load_tokenizer
-
-logger = logging.getLogger("eval.passkey_sweep")
 
 
 def sweep_prompts(encoder: PromptEncoder, template: str, chars: range, generators: int, depth: float) -> list[dict]:
@@ -74,11 +71,13 @@ def format_summary(summary: dict[str, dict]) -> str:
 def plot_sweep(path: Path, records: list[dict], templates: list[str], window: int, title: str) -> None:
     """One row per template; each prompt a point at its token length, green if right, red if not."""
     fig, ax = new_figure()
+    generators = 1 + max(r["generator"] for r in records)
     for row, name in enumerate(templates):
         mine = [r for r in records if r["template"] == name]
         for ok, color, label in ((True, "tab:green", "right"), (False, "tab:red", "wrong")):
             xs = [r["tokens"] for r in mine if r["correct"] == ok]
-            jitter = [row + 0.12 * (r["generator"] - 1) for r in mine if r["correct"] == ok]
+            # each generator's prompts on their own line within the template's row (within +-0.15 of it)
+            jitter = [row + 0.3 * (r["generator"] / max(generators - 1, 1) - 0.5) for r in mine if r["correct"] == ok]
             ax.scatter(xs, jitter, s=14, color=color, label=label if row == 0 else None, alpha=0.8)
     ax.axvline(window, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(-0.7, len(templates) - 0.5)
