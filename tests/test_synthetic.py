@@ -28,6 +28,7 @@ HELDOUT = ROOT / "assets" / "books" / "heldout.parquet"
 STAGE_7S_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage7s.yaml").read_text())["data"]
 STAGE_8_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage8.yaml").read_text())["data"]
 STAGE_9_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage9.yaml").read_text())["data"]
+STAGE_10_DATA = yaml.safe_load((ROOT / "configs" / "demo_stage10.yaml").read_text())["data"]
 WORDS = ("river", "window", "morning", "letter", "candle", "garden", "soldier", "captain", "mother", "journey",
          "silver", "quiet", "old", "green", "little", "under", "beside", "after", "before", "through")
 
@@ -132,6 +133,8 @@ def stream_texts(tokenizer, spec, batches: int) -> list[str]:
     # configs/demo_stage9.yaml's: stage 8's with short recall documents (opening line, key line and question in
     # one or two windows)
     {key: value for key, value in STAGE_9_DATA.items() if key.startswith("mix")},
+    # configs/demo_stage10.yaml's: stage 8's with record haystacks at 0.6
+    {key: value for key, value in STAGE_10_DATA.items() if key.startswith("mix")},
 ])
 def test_training_stream_holds_no_evaluation_string(books, tokenizer, data):
     spec = mix_spec(books, tokenizer.name_or_path, **{"mix": {f: 1.0 for f in FAMILIES}, **data})
