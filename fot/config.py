@@ -30,6 +30,9 @@ VALIDATED_FIELDS = frozenset({
 
 
 DEFAULT_NPROBE = 16  # IVF lists per query; chosen in docs/benchmarks.md, "Choosing nprobe"
+MEM_LAYERS_HELP = ("'all', 'none', 'every:N' (layers 0, N, 2N, ...), 'every:N:OFFSET', a Python slice 'A:B' or "
+                   "'A:B:STEP' ('15:' the layers from 15 on, '2:' all but the first two, '-8:' the last eight), "
+                   "layer indices '7,15,22', or a comma-separated mix ('0,15:')")
 
 
 class LongLlamaConfig(PreTrainedConfig):
@@ -45,7 +48,11 @@ class LongLlamaConfig(PreTrainedConfig):
             local cache for generation). Overridable per ``forward``/``generate`` call. Default 1024, as in
             the reference, or the window length when that is shorter (so plain LLaMA checkpoints with small
             windows load).
-        mem_layers: indices of the memory layers.
+        mem_layers: indices of the memory layers, or a compact form resolved against ``num_hidden_layers`` when the
+            config is built (or the field assigned): "all", "none", "every:N" (0, N, 2N, ...), "every:N:OFFSET",
+            a Python slice "A:B" / "A:B:STEP" ("15:" the upper half of 30 layers, "2:" all but the first two),
+            "7,15,22", or a comma-separated mix of these. The config holds, and config.json stores, the explicit
+            sorted list, so a saved checkpoint never depends on the form it was written in.
         mem_positionals: if False, memory layers use no RoPE at all (neither local nor memory keys).
         mem_dtype: storage dtype of memory keys and values ("float32", "float16" or "bfloat16").
         mem_attention_grouping: ``(heads, queries)`` block sizes that bound the score matrix of a memory layer,
@@ -120,10 +127,12 @@ class LongLlamaConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if isinstance(self.mem_layers, str):
+            self.mem_layers = resolve_mem_layers(self.mem_layers, self.num_hidden_layers)
         if self.mem_layers is not None and not isinstance(self.mem_layers, (list, tuple)):
             raise ValueError(
-                f"mem_layers must be a list of layer indices, got {self.mem_layers!r}; for one memory layer write "
-                f"mem_layers=[{self.mem_layers!r}]."
+                f"mem_layers must be a list of layer indices or a compact form such as 'all', got "
+                f"{self.mem_layers!r}; for one memory layer write mem_layers=[{self.mem_layers!r}]."
             )
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
         if self.last_context_length is None:
@@ -136,6 +145,8 @@ class LongLlamaConfig(PreTrainedConfig):
     def __setattr__(self, key, value):
         if key == "mem_attention_grouping" and isinstance(value, list):  # JSON and YAML give lists
             value = tuple(value)
+        if key == "mem_layers" and isinstance(value, str) and getattr(self, "_longllama_built", False):
+            value = resolve_mem_layers(value, self.num_hidden_layers)  # while building, ``__post_init__`` does it
         if key not in VALIDATED_FIELDS or not getattr(self, "_longllama_built", False):
             super().__setattr__(key, value)  # building: ``__post_init__`` validates the whole config once
             return
@@ -257,6 +268,89 @@ class LongLlamaConfig(PreTrainedConfig):
     @property
     def mem_torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.mem_dtype)
+
+
+_ANY_DEPTH = 1 << 16  # the layer count ``check_mem_layers`` resolves against
+
+
+def _layer_int(text: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"mem_layers={spec!r}: {text!r} is not an integer; use {MEM_LAYERS_HELP}.") from None
+
+
+def _layers_of_part(part: str, spec: str, num_hidden_layers: int) -> list[int]:
+    """The layers one comma-separated part of a ``mem_layers`` string selects (in [0, num_hidden_layers))."""
+    n = num_hidden_layers
+    if part == "all":
+        return list(range(n))
+    if part == "every" or part.startswith("every:"):
+        fields = part.split(":")[1:]
+        if len(fields) not in (1, 2):
+            raise ValueError(f"mem_layers={spec!r}: {part!r} must be 'every:N' or 'every:N:OFFSET', e.g. 'every:2'.")
+        step, offset = _layer_int(fields[0], spec), _layer_int(fields[1], spec) if len(fields) == 2 else 0
+        if step <= 0 or offset < 0:
+            raise ValueError(f"mem_layers={spec!r}: in {part!r} N must be >= 1 and OFFSET >= 0, e.g. 'every:2:1' "
+                             "(layers 1, 3, 5, ...).")
+        return list(range(offset, n, step))
+    if ":" in part:
+        fields = part.split(":")
+        if len(fields) > 3:
+            raise ValueError(f"mem_layers={spec!r}: {part!r} is not a slice; write 'A:B' or 'A:B:STEP', e.g. '15:'.")
+        bounds = [_layer_int(f, spec) if f.strip() else None for f in fields]
+        if len(bounds) == 3 and bounds[2] is not None and bounds[2] <= 0:
+            raise ValueError(f"mem_layers={spec!r}: the step of {part!r} must be >= 1 (layers are listed ascending).")
+        return list(range(n))[slice(*bounds)]
+    layer = _layer_int(part, spec)
+    if not 0 <= layer < n:
+        raise ValueError(f"mem_layers={spec!r} names layer {layer}, but the model has num_hidden_layers={n}; memory "
+                         f"layers must be in [0, {n - 1}] (a slice such as '-8:' counts from the end).")
+    return [layer]
+
+
+def resolve_mem_layers(spec: str, num_hidden_layers: int) -> list[int]:
+    """The sorted layer indices that a compact ``mem_layers`` string selects in a model of ``num_hidden_layers``.
+
+    ``spec`` is "all", "none", "every:N", "every:N:OFFSET", a Python slice "A:B" or "A:B:STEP" (negative bounds
+    count from the end, as in Python), a layer index, or a comma-separated mix of these (their union, which must
+    not select a layer twice). Examples for 30 layers: "15:" -> 15 ... 29; "2:" -> 2 ... 29; "every:2" -> 0, 2,
+    ..., 28; "7,15,22" -> [7, 15, 22]. "none" is the empty list; any other form that selects no layer is an
+    error, as is a malformed form. Call ``check_mem_layers`` to check the syntax without a model.
+
+    Raises:
+        ValueError: naming the form, the offending part and the accepted forms.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"mem_layers={spec!r} is not a string; use a list of layer indices or {MEM_LAYERS_HELP}.")
+    text = spec.strip().lower()
+    if text == "none":
+        return []
+    parts = [p.strip() for p in text.split(",")]
+    if not text or not all(parts):
+        raise ValueError(f"mem_layers={spec!r} has an empty part; use {MEM_LAYERS_HELP}.")
+    layers: list[int] = []
+    for part in parts:
+        layers += _layers_of_part(part, spec, num_hidden_layers)
+    if len(set(layers)) != len(layers):
+        twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+        raise ValueError(f"mem_layers={spec!r} selects layer(s) {twice} more than once; make its parts disjoint.")
+    if not layers:
+        model = "" if num_hidden_layers == _ANY_DEPTH else f" of a model with num_hidden_layers={num_hidden_layers}"
+        raise ValueError(f"mem_layers={spec!r} selects no layer{model}; write 'none' for no memory layers, or choose "
+                         "a range that holds layers.")
+    return sorted(layers)
+
+
+def check_mem_layers(spec: Any) -> None:
+    """Raise ``ValueError`` unless ``spec`` is a list of ints or a well-formed ``mem_layers`` string. Whether its
+    layers exist is checked when it is resolved against a model's layer count (``resolve_mem_layers``)."""
+    if isinstance(spec, (list, tuple)):
+        bad = [x for x in spec if isinstance(x, bool) or not isinstance(x, int)]
+        if bad:
+            raise ValueError(f"mem_layers={list(spec)!r} holds {bad[0]!r}, not a layer index; use ints.")
+        return
+    resolve_mem_layers(spec, _ANY_DEPTH)  # a layer count no model reaches: only the syntax can fail
 
 
 def validate_last_context_length(last_context_length: Any, window: int) -> None:

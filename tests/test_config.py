@@ -154,3 +154,87 @@ def test_bad_mem_top_k_and_unknown_index_are_errors(bad):
         tiny_config(mem_top_k=bad)
     with pytest.raises(ValueError, match="mem_index"):
         tiny_config(mem_top_k=4, mem_index="annoy")
+
+
+# ----------------------------------------------------------------------------- compact mem_layers forms
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("all", list(range(30))),
+        ("none", []),
+        ("every:2", list(range(0, 30, 2))),
+        ("every:3:1", list(range(1, 30, 3))),
+        ("15:", list(range(15, 30))),
+        ("2:", list(range(2, 30))),
+        ("-8:", list(range(22, 30))),
+        (":10:3", [0, 3, 6, 9]),
+        ("7,15,22", [7, 15, 22]),
+        ("22, 7 ,15", [7, 15, 22]),
+        ("0,15:", [0, *range(15, 30)]),
+        (" ALL ", list(range(30))),
+    ],
+)
+def test_compact_mem_layers_resolve_against_the_layer_count(spec, expected):
+    from fot.config import resolve_mem_layers
+
+    assert resolve_mem_layers(spec, 30) == expected
+    cfg = tiny_config(num_hidden_layers=30, mem_layers=spec)
+    assert cfg.mem_layers == expected and type(cfg.mem_layers) is list
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("every:0", "N must be >= 1"),
+        ("every:2:-1", "OFFSET >= 0"),
+        ("every:1:2:3", "'every:N' or 'every:N:OFFSET'"),
+        ("1:2:3:4", "not a slice"),
+        ("::-1", "step"),
+        ("first", "'first' is not an integer; use 'all'"),
+        ("3", r"names layer 3, but the model has num_hidden_layers=3; memory layers must be in \[0, 2\]"),
+        ("5:", "selects no layer of a model with num_hidden_layers=3; write 'none'"),
+        ("0,0:2", r"selects layer\(s\) \[0\] more than once"),
+        ("1,,2", "empty part"),
+        ("", "empty part"),
+    ],
+)
+def test_bad_compact_mem_layers_name_the_form_and_the_fix(spec, message):
+    with pytest.raises(ValueError, match=f"mem_layers={spec!r}.*{message}"):
+        tiny_config(mem_layers=spec)  # 3 layers
+
+
+def test_check_mem_layers_checks_syntax_without_a_model():
+    from fot.config import check_mem_layers
+
+    for good in ("all", "15:", "every:2:1", "7,15,22", [7, 15, 22]):
+        check_mem_layers(good)
+    for bad, message in (("every:0", "N must be"), ("5:5", "selects no layer; write 'none'"), ([1, "a"], "'a'")):
+        with pytest.raises(ValueError, match=message):
+            check_mem_layers(bad)
+
+
+def test_compact_mem_layers_are_saved_as_the_explicit_list_and_work_as_overrides(tmp_path):
+    tiny_config(mem_layers="1:").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["mem_layers"] == [1, 2]
+    assert fot.LongLlamaConfig.from_pretrained(tmp_path).mem_layers == [1, 2]
+    # from_pretrained's override resolves against the saved num_hidden_layers (3)
+    assert fot.LongLlamaConfig.from_pretrained(tmp_path, mem_layers="all").mem_layers == [0, 1, 2]
+    assert fot.LongLlamaConfig.from_pretrained(tmp_path, mem_layers="none").mem_layers == []
+    auto = AutoConfig.for_model("longllama", **{**TINY, "mem_layers": "every:2"})
+    assert auto.mem_layers == [0, 2]
+    cfg = tiny_config()
+    cfg.mem_layers = "all"  # an assignment resolves too, against the config's own layer count
+    assert cfg.mem_layers == [0, 1, 2]
+    with pytest.raises(ValueError, match="every:0"):
+        cfg.mem_layers = "every:0"
+    assert cfg.mem_layers == [0, 1, 2]  # the bad assignment is undone
+
+
+def test_a_model_built_from_a_compact_form_has_memory_in_those_layers(tmp_path):
+    from tests.tiny import tiny_model
+
+    model = tiny_model(mem_layers="all")
+    assert [layer.self_attn.is_memory_layer for layer in model.model.layers] == [True, True, True]
+    model.save_pretrained(tmp_path)
+    again = fot.LongLlamaForCausalLM.from_pretrained(tmp_path, mem_layers="2:")
+    assert [layer.self_attn.is_memory_layer for layer in again.model.layers] == [False, False, True]
