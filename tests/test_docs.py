@@ -3,6 +3,7 @@ README stays short enough to read (issue 34: at most 200 lines; detail belongs i
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -18,10 +19,14 @@ _HEADING = re.compile(r"^#{1,6} +(.+?) *#*$", re.M)
 
 
 def doc_files() -> list[Path]:
-    """Every Markdown page of the checkout outside virtual environments, runs and hidden folders."""
-    skip = {"runs", "assets", "build", "dist", "node_modules"}
-    return sorted(p for p in ROOT.rglob("*.md")
-                  if not any(part.startswith(".") or part in skip for part in p.relative_to(ROOT).parts[:-1]))
+    """Every Markdown page of the checkout outside hidden folders (.venv, .git), runs, assets and build outputs."""
+    skip = {"runs", "assets", "build", "dist", "node_modules", "__pycache__"}
+    pages = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders
+                         if not d.startswith(".") and d not in skip and not d.endswith(".egg-info")]
+        pages += [Path(folder) / f for f in files if f.endswith(".md")]
+    return sorted(pages)
 
 
 def slug(heading: str) -> str:
