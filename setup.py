@@ -8,12 +8,14 @@ importing transformers fails. tests/test_packaging.py checks that no module the
 checkout puts on sys.path has the name of an installed package.
 
 The checkout's tools install beside fot as the top-level packages train, eval and
-benchmarks, so that `python -m train.crossbatch`, `python -m eval.passkey` and the
-script paths (`python train/crossbatch.py`, `torchrun train/crossbatch.py`) all
-import them the same way, with no sys.path edits. They are meant for the editable
-install from a checkout that the Makefile makes (`pip install -e .`); fot itself
-never imports them. The three names are generic, but fot is not published to a
-registry, nothing it depends on probes for them (unlike "kernels"), and the PyPI
+benchmarks, with the two they share below them: tasks (every generated text fot
+trains or evaluates on) and plumbing (argument parsing, output files, the tokenizer
+loader, model presets). So `python -m train.crossbatch`, `python -m eval.passkey`
+and the script paths (`python train/crossbatch.py`, `torchrun train/crossbatch.py`)
+all import them the same way, with no sys.path edits. They are meant for the
+editable install from a checkout that the Makefile makes (`pip install -e .`); fot
+itself never imports them. The five names are generic, but fot is not published to
+a registry, nothing it depends on probes for them (unlike "kernels"), and the PyPI
 projects that hold them are small and unrelated: an environment that needs one of
 those next to fot is the one case this choice rules out.
 """
@@ -35,7 +37,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fot", "fot.*", "train", "eval", "benchmarks"]),
+    packages=find_packages(include=["fot", "fot.*", "train", "eval", "benchmarks", "tasks", "plumbing"]),
     install_requires=[
         "torch>=2.4",
         f"transformers>={TRANSFORMERS_OLDEST},<6",

@@ -1,4 +1,4 @@
-"""The benchmark model shared by every script in benchmarks/: the ``tiny_cpu`` preset (``train/presets.py``) with
+"""The benchmark model shared by every script in benchmarks/: the ``tiny_cpu`` preset (``plumbing/presets.py``) with
 random weights: vocab 1000, 4 layers, hidden 256, 4 heads, FFN 688, window 512, ``last_context_length`` 256.
 
 ``LLAMA`` holds the fields plain LLaMA also has; ``LONG`` adds ``last_context_length``. Neither holds
@@ -7,7 +7,7 @@ token ids stay at the config defaults: the benchmarks feed random ids and never 
 
 import copy
 
-from train.presets import PRESETS, llama_fields
+from plumbing.presets import PRESETS, llama_fields
 
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 LLAMA = {k: v for k, v in copy.deepcopy(llama_fields("tiny_cpu")).items() if k not in _TOKEN_IDS}
@@ -16,13 +16,14 @@ MEM_LAYERS = list(PRESETS["tiny_cpu"]["mem_layers"])
 
 
 def check_args(parser, args, positive: tuple[str, ...] = ()) -> None:
-    """Report a bad argument every benchmark shares in one line with exit status 2 (``train.cli.fail``) before
+    """Report a bad argument every benchmark shares in one line with exit status 2 (``plumbing.cli.fail``) before
     any work: ``--model`` must be a checkpoint directory, ``--json``'s folder writable, and the ``positive``
     arguments (ints or lists of ints) above zero."""
     from pathlib import Path
 
-    from eval.common import check_model_dir, check_out_dir
-    from train.cli import user_errors
+    from eval.common import check_model_dir
+    from plumbing.cli import user_errors
+    from plumbing.files import check_out_dir
 
     with user_errors(parser.prog):
         if getattr(args, "model", None):

@@ -39,7 +39,7 @@ import torch
 
 from benchmarks.bench_config import check_args
 from benchmarks.memory_scaling import build_model, input_ids
-from train.cli import ArgumentParser
+from plumbing.cli import ArgumentParser
 
 
 def capture(model, ids: torch.Tensor, min_queries: int):

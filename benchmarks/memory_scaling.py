@@ -34,7 +34,7 @@ from pathlib import Path
 from benchmarks.bench_config import check_args
 from eval.templates import TEMPLATES
 from benchmarks.bench_config import LONG as BENCH
-from train.cli import ArgumentParser
+from plumbing.cli import ArgumentParser
 RECALL_EVERY = 16  # probe every 16th search call of a layer
 RECALL_QUERIES = 64  # queries per probe
 
@@ -66,7 +66,7 @@ def input_ids(tokens: int, model_path: str | None, template: str = "landmark"):
 
     if model_path is None:
         return torch.randint(0, BENCH["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0))
-    from train.tokenizer import load_tokenizer
+    from plumbing.tokenizer import load_tokenizer
     from eval.passkey import PromptEncoder, make_trials
 
     trial = make_trials(PromptEncoder(load_tokenizer(Path(model_path))), [tokens], 1, seed=0,

@@ -34,7 +34,7 @@ import time
 from benchmarks.bench_config import check_args
 from benchmarks.bench_config import LONG as BENCH
 from benchmarks.bench_config import MEM_LAYERS
-from train.cli import ArgumentParser
+from plumbing.cli import ArgumentParser
 
 
 def memory_attention_flops(tokens: int) -> float:

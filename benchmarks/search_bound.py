@@ -44,7 +44,7 @@ import fot
 from benchmarks.bench_config import check_args
 from benchmarks.memory_scaling import build_model, input_ids
 from benchmarks.prefill import gemm_peak_gflops
-from train.cli import ArgumentParser
+from plumbing.cli import ArgumentParser
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 

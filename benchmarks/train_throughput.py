@@ -35,7 +35,7 @@ from pathlib import Path
 
 from benchmarks.bench_config import check_args
 from benchmarks.bench_config import LLAMA as BENCH
-from train.cli import ArgumentParser
+from plumbing.cli import ArgumentParser
 CASES = ("hf", "ours_mem_off", "ours_crossbatch_d4")
 MODEL_CASES = CASES + ("ours_lora_crossbatch_d4",)
 LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -1,4 +1,4 @@
-"""Helpers shared by the evaluation CLIs: checkpoint loading and tokenizer checks (``train.tokenizer.load_tokenizer``
+"""Helpers shared by the evaluation CLIs: checkpoint loading and tokenizer checks (``plumbing.tokenizer.load_tokenizer``
 loads it, for the trainer too), inference settings, output files.
 
 An evaluation compares *settings* of one checkpoint. A setting is a set of ``from_pretrained`` overrides of
@@ -33,11 +33,12 @@ import importlib.util
 import json
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from plumbing.files import atomic_path, check_out_dir
 
 logger = logging.getLogger(__name__)
 
@@ -214,21 +215,6 @@ def check_vocab(tokenizer, tokenizer_dir: Path, config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- outputs
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside ``path`` to write; when the block succeeds it is synced to disk and replaces
-    ``path`` (``os.replace``), so a reader or a kill sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the block failed
-
-
 def write_json(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -317,27 +303,6 @@ _FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model
 _TOKENIZER_FINGERPRINT = (*_TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "vocab.json",
                           "merges.txt")
 _MIB = 1 << 20
-
-
-def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
-    """Create ``out`` and write, sync and remove a probe file in it, so that an evaluation cannot run for hours and
-    then fail to save; a ``ValueError`` naming ``flag``, the path and the reason otherwise."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} exists and is not a directory; choose another {flag}.")
-    probe = path / f".write-probe-{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("probe\n")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as err:
-        reason = f"{err.strerror}: {str(err.filename)!r}" if err.strerror else str(err)
-        raise ValueError(f"{flag} {str(path)!r} cannot be created and written ({reason}); choose another {flag}.") \
-            from None
-    return path
 
 
 def fingerprint(directory: Path, names: tuple[str, ...] | None = None) -> str:
@@ -487,7 +452,7 @@ def setting_model(log: TrialLog | None, setting: Setting, pending: bool, load, d
 def cli_main(build_parser, prepare, run, argv: list[str] | None = None):
     """Parse ``argv``, ``prepare(args)`` (a ``ValueError`` exits with status 2 and its message in one line), then
     ``run(args, prepared)`` with logging routed around the progress bars."""
-    from train.cli import fail
+    from plumbing.cli import fail
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -79,8 +79,8 @@ from eval.common import (
 )
 from eval.passkey import PromptEncoder
 from eval.perplexity import DEFAULT_CHUNK, aggregate, bucket_edges, check_files, read_texts, summarize
-from train.cli import ArgumentParser
-from train.tokenizer import load_tokenizer
+from plumbing.cli import ArgumentParser
+from plumbing.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.distraction")
 

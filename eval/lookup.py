@@ -22,9 +22,14 @@ query's and the answer's tokens are the tails of tokenize(dictionary + query) an
 " V"), as eval/passkey.py finds its answer's. A query is correct when the generated text, leading whitespace
 removed, starts with V's digits and no other digit follows (``value_matches``).
 
+The answer as read, as in eval/passkey.py: each query generates ``--read-tokens`` (default 4) tokens beyond the
+answer, and is right as read when the first number in that text is V with no digit after it ("9071\nkey" is right,
+"90712" is not). The protocol's score above sees only the answer's own tokens, so it cannot tell "9071" from
+"90712"; ``accuracy_read`` stands next to ``accuracy`` in every row, the table and the plot.
+
 Outputs (``--out DIR``): trials.jsonl (each answered query as it arrives; ``--resume`` continues a killed run
 from it), then at the end results.json (configuration, per setting and size: accuracy, n, token counts, seconds
-and every query) and lookup.png (accuracy against memory size, log2 axis, window marked).
+and every query) and lookup.png (both accuracies against memory size, log2 axis, window marked).
 """
 
 from __future__ import annotations
@@ -49,17 +54,17 @@ from eval.common import (
     cli_main,
     load_model,
     open_trials,
-    plot_accuracy,
     print_and_write,
     release_memory,
     run_identity,
     run_report,
     setting_model,
 )
-from eval.passkey import PromptEncoder, describe_setting, generation_kwargs
+from eval.passkey import (READ_TOKENS, SCORES, PromptEncoder, both, describe_setting, generation_kwargs,
+                          is_correct_read, plot_both)
 from eval.templates import LOOKUP_HEADER, lookup_line, lookup_query
-from train.cli import ArgumentParser
-from train.tokenizer import load_tokenizer
+from plumbing.cli import ArgumentParser
+from plumbing.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.lookup")
 
@@ -215,8 +220,9 @@ def logged_query(log: TrialLog | None, setting: str, d: Dictionary, i: int) -> d
 
 def evaluate(model, dictionaries: dict[int, list[Dictionary]], tokenizer, device="cpu", desc: str = "lookup",
              forward_kwargs: dict | None = None, log: TrialLog | None = None, setting: str = "",
-             **generate_kwargs) -> list[dict]:
-    """Prefill each dictionary once and answer its queries; one summary per size with every query.
+             read_tokens: int = READ_TOKENS, **generate_kwargs) -> list[dict]:
+    """Prefill each dictionary once and answer its queries; one summary per size with every query, scored by the
+    protocol (the answer's own tokens) and as read (``read_tokens`` more).
 
     With ``log``, queries it holds for ``setting`` are taken from it (a dictionary whose queries all are is not
     prefilled) and each new one is appended to it as soon as it is answered. A row's seconds are the sum of its
@@ -239,13 +245,17 @@ def evaluate(model, dictionaries: dict[int, list[Dictionary]], tokenizer, device
                             with torch.no_grad():
                                 cache = model(torch.tensor([d.ids], device=device), use_cache=True, logits_to_keep=1,
                                               **(forward_kwargs or {})).cache
-                        predicted = answer_from_cache(model, cache, q.query_ids, len(q.answer_ids), device,
+                        n = len(q.answer_ids)
+                        generated = answer_from_cache(model, cache, q.query_ids, n + read_tokens, device,
                                                       **generate_kwargs)
-                        text = tokenizer.decode(predicted, skip_special_tokens=True)
+                        text = tokenizer.decode(generated[:n], skip_special_tokens=True)
+                        read = tokenizer.decode(generated, skip_special_tokens=True)
                         record = {"key": q.key, "value": q.value, "line": q.line, "span": list(q.span),
                                   "distance": d.tokens - q.span[1], "query_ids": q.query_ids,
-                                  "answer_ids": q.answer_ids, "answer_method": q.method, "predicted_ids": predicted,
-                                  "predicted_text": text, "correct": value_matches(text, q.value),
+                                  "answer_ids": q.answer_ids, "answer_method": q.method,
+                                  "predicted_ids": generated[:n], "predicted_text": text, "read_ids": generated[n:],
+                                  "read_text": read, "correct": value_matches(text, q.value),
+                                  "correct_read": is_correct_read(read, q.value),
                                   "seconds": time.perf_counter() - start}
                         if log is not None:
                             log.put(query_key(setting, d, i), record)
@@ -257,25 +267,29 @@ def evaluate(model, dictionaries: dict[int, list[Dictionary]], tokenizer, device
                     cache = None
                     release_memory()
             correct = sum(q["correct"] for r in records for q in r["queries"])
+            correct_read = sum(q["correct_read"] for r in records for q in r["queries"])
             n = sum(len(r["queries"]) for r in records)
             rows.append({
                 "size": size, "mean_tokens": float(np.mean([r["tokens"] for r in records])),
                 "min_tokens": min(r["tokens"] for r in records), "max_tokens": max(r["tokens"] for r in records),
                 "mean_pairs": float(np.mean([r["pairs"] for r in records])), "n": n, "correct": correct,
-                "accuracy": 100.0 * correct / n, "seconds": seconds, "dictionaries": records,
+                "accuracy": 100.0 * correct / n, "correct_read": correct_read,
+                "accuracy_read": 100.0 * correct_read / n,
+                "seconds": seconds, "dictionaries": records,
             })
-            bar.set_postfix(size=size, acc=f"{rows[-1]['accuracy']:.0f}%")
+            bar.set_postfix(size=size, acc=f"{rows[-1]['accuracy']:.0f}%", read=f"{rows[-1]['accuracy_read']:.0f}%")
     return rows
 
 
 def format_table(sizes: list[int], results: dict[str, list[dict]]) -> str:
-    """Rows = requested sizes with the actual mean token count, columns = settings (accuracy % and n)."""
+    """Rows = requested sizes with the actual mean token count, columns = settings (accuracy % of the protocol and
+    as read, and n)."""
     names = list(results)
-    width = max([14] + [len(n) + 2 for n in names])
+    width = max([22] + [len(n) + 2 for n in names])
     header = f"{'size':>8} {'tokens':>8}" + "".join(f"{n:>{width}}" for n in names)
-    lines = [header, "-" * len(header)]
+    lines = ["accuracy %: protocol / as read (n)", header, "-" * len(header)]
     for i, size in enumerate(sizes):
-        cells = "".join(f"{results[n][i]['accuracy']:>{width - 7}.1f}% ({results[n][i]['n']:>3})" for n in names)
+        cells = "".join(f"{both(results[n][i]):>{width - 6}} ({results[n][i]['n']:>3})" for n in names)
         lines.append(f"{size:>8} {results[names[0]][i]['mean_tokens']:>8.0f}{cells}")
     return "\n".join(lines)
 
@@ -293,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (size, trial) is seeded from it")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to dictionaries")
+    p.add_argument("--read-tokens", type=int, default=READ_TOKENS,
+                   help=f"tokens generated beyond the answer for the score as read (default {READ_TOKENS})")
     add_run_arguments(p, "output directory for trials.jsonl, results.json and lookup.png; checked before any model "
                          "is loaded")
     return p
@@ -302,7 +318,7 @@ def run_config(args, model_dir: Path, tokenizer_dir: Path, settings: list[Settin
     """What determines a run's results: a resumed run must have the same (``TrialLog``)."""
     return {**run_identity("lookup", args, model_dir, tokenizer_dir, settings), "sizes": sorted(args.sizes),
             "trials": args.trials, "queries": args.queries, "last_context_length": args.last_context_length,
-            "cache_policy": args.cache_policy}
+            "cache_policy": args.cache_policy, "read_tokens": args.read_tokens}
 
 
 @dataclass
@@ -319,9 +335,9 @@ class Prepared:
 def prepare(args) -> Prepared:
     """Check the arguments and build the dictionaries, so every bad input is a ``ValueError`` before a model
     is loaded."""
-    for flag in ("trials", "queries"):
+    for flag in ("trials", "queries", "read_tokens"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
     if len(set(args.sizes)) != len(args.sizes):
         raise ValueError(f"--sizes lists a size twice: {args.sizes}.")
     settings, model_dir, tokenizer_dir, config = check_model_args(args)
@@ -360,21 +376,23 @@ def run(args, prepared: Prepared | None = None) -> dict:
             lambda cfg: describe_setting(setting, cfg, args))
         start = time.perf_counter()
         results[setting.name] = evaluate(model, prepared.dictionaries, tokenizer, args.device, setting.name,
-                                         forward_kwargs, log=log, setting=setting.name, **gen_kwargs)
+                                         forward_kwargs, log=log, setting=setting.name, read_tokens=args.read_tokens,
+                                         **gen_kwargs)
         logger.info("%s: %.1f s", setting.name, time.perf_counter() - start)
         del model
 
-    fields = {"sizes": sizes, "trials": args.trials, "queries": args.queries, "seed": args.seed,
+    fields = {"sizes": sizes, "trials": args.trials, "queries": args.queries, "read_tokens": args.read_tokens,
+              "seed": args.seed,
               "bos": prepared.encoder.add_bos}
     methods = [q.method for ds in prepared.dictionaries.values() for d in ds for q in d.queries]
     report = run_report("lookup", args, prepared.model_dir, prepared.tokenizer_dir, prepared.window, fields, configs,
                         results, methods)
     title = (f"dictionary lookup: {prepared.model_dir.name} ({args.trials} dictionaries x {args.queries} queries per "
              "size)")
-    accuracy = {n: [r["accuracy"] for r in rows] for n, rows in results.items()}
+    accuracy = {n: {score: [r[score] for r in rows] for score in SCORES} for n, rows in results.items()}
     return print_and_write(args, report, format_table(sizes, results), {
-        "lookup.png": lambda path: plot_accuracy(path, sizes, accuracy, prepared.window, title,
-                                                 xlabel="memory size (dictionary tokens)"),
+        "lookup.png": lambda path: plot_both(path, sizes, accuracy, prepared.window, title,
+                                             xlabel="memory size (dictionary tokens)"),
     })  # fmt: skip
 
 

@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 import fot.attention as attention
-from eval.common import check_model_dir, check_out_dir, check_tokenizer_dir, write_json
+from eval.common import check_model_dir, check_tokenizer_dir, write_json
 from eval.lookup import Dictionary, make_dictionaries
 from eval.passkey import PromptEncoder
-from train.tokenizer import load_tokenizer
+from plumbing.files import check_out_dir
+from plumbing.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -67,8 +67,8 @@ from eval.common import (
     setting_model,
 )
 from eval.templates import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
-from train.cli import ArgumentParser
-from train.tokenizer import load_tokenizer
+from plumbing.cli import ArgumentParser
+from plumbing.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.passkey")
 

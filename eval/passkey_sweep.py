@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.common import (add_model_arguments, add_run_arguments, check_model_args, check_out_dir, check_vocab, cli_main,
-                         load_model, new_figure, print_and_write, run_report, save_figure)
+from eval.common import (add_model_arguments, add_run_arguments, check_model_args, check_vocab, cli_main, load_model,
+                         new_figure, print_and_write, run_report, save_figure)
 from eval.passkey import PromptEncoder, build_prompt, greedy_answer, is_correct
 from eval.templates import resolve_templates
-from train.tokenizer import load_tokenizer
+from plumbing.files import check_out_dir
+from plumbing.tokenizer import load_tokenizer
 
 
 def sweep_prompts(encoder: PromptEncoder, template: str, chars: range, generators: int, depth: float) -> list[dict]:

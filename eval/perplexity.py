@@ -73,8 +73,8 @@ from eval.common import (
     setting_model,
 )
 from eval.passkey import PromptEncoder, build_prompt, make_trials, trial_rng
-from train.cli import ArgumentParser
-from train.tokenizer import load_tokenizer
+from plumbing.cli import ArgumentParser
+from plumbing.tokenizer import load_tokenizer
 
 logger = logging.getLogger("eval.perplexity")
 

@@ -11,7 +11,7 @@ import torch
 
 from eval import lookup, lookup_probe
 from eval.passkey import PromptEncoder
-from train.tokenizer import load_tokenizer
+from plumbing.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FOT_TINY = ROOT / "models" / "fot-tiny"

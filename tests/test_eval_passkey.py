@@ -176,7 +176,7 @@ QUESTION_ENDS = {"landmark": "The pass key is", "code": "The secret code is", "n
 @pytest.fixture(scope="module")
 def tiny_encoder():
     """The shipped model's tokenizer (sentencepiece, 1000 pieces, trained on landmark text only)."""
-    from train.tokenizer import load_tokenizer
+    from plumbing.tokenizer import load_tokenizer
 
     return passkey.PromptEncoder(load_tokenizer(FOT_TINY))
 
@@ -288,16 +288,51 @@ def test_exact_match_scoring(encoder):
     every = [t for ts in trials.values() for t in ts]
     assert all(len(t.answer_ids) >= 2 for t in every)
     right = ScriptedModel({tuple(t.prompt_ids): t.answer_ids for t in every})
-    rows = passkey.evaluate(right, trials, cache_policy="flush")
+    rows = passkey.evaluate(right, trials, encoder.tokenizer, cache_policy="flush")
     assert [(r["length"], r["accuracy"], r["n"]) for r in rows] == [(128, 100.0, 5), (256, 100.0, 5)]
-    assert right.calls[0] == dict(max_new_tokens=len(every[0].answer_ids), do_sample=False, num_beams=1,
-                                  use_cache=True, cache_policy="flush")
+    assert right.calls[0] == dict(max_new_tokens=len(every[0].answer_ids) + passkey.READ_TOKENS, do_sample=False,
+                                  num_beams=1, use_cache=True, cache_policy="flush")
 
     off_by_one = ScriptedModel({tuple(t.prompt_ids): t.answer_ids[:-1] + [t.answer_ids[-1] + 1] for t in every})
-    assert [r["accuracy"] for r in passkey.evaluate(off_by_one, trials)] == [0.0, 0.0]
+    assert [r["accuracy"] for r in passkey.evaluate(off_by_one, trials, encoder.tokenizer)] == [0.0, 0.0]
     stops_early = ScriptedModel({tuple(t.prompt_ids): t.answer_ids[:-1] for t in every})
-    assert [r["accuracy"] for r in passkey.evaluate(stops_early, trials)] == [0.0, 0.0]
+    assert [r["accuracy"] for r in passkey.evaluate(stops_early, trials, encoder.tokenizer)] == [0.0, 0.0]
     assert passkey.is_correct([5, 6], [5, 6]) and not passkey.is_correct([5, 6, 7], [5, 6])
+
+
+def test_the_answer_as_read_is_the_first_number_with_no_digit_after_it(encoder):
+    """Scripted models that copy the key and stop, copy it and write a period, or copy it and keep writing digits:
+    the protocol counts all three right, the score as read only the first two. The expected texts are decoded
+    here from the scripts' own tokens."""
+    trials = passkey.make_trials(encoder, [128], trials=2, seed=2)
+    every = trials[128]
+    tok = encoder.tokenizer
+
+    def pieces(*names: str) -> list[int]:  # digits and "." are single pieces of fot's tokenizers (split digits)
+        out = tok.convert_tokens_to_ids(list(names))
+        assert tok.unk_token_id not in out
+        return out
+
+    scripts = {
+        "stops": ([], 100.0),
+        "period": (pieces(".", "▁"), 100.0),
+        "newline": (pieces("<0x0A>"), 100.0),
+        "runs on": (pieces("5", "9", "."), 0.0),
+        "space then digit": (pieces("▁", "7"), 100.0),
+    }
+    for name, (tail, read) in scripts.items():
+        script = {tuple(t.prompt_ids): t.answer_ids + tail for t in every}
+        (row,) = passkey.evaluate(ScriptedModel(script), trials, tok)
+        assert (row["accuracy"], row["accuracy_read"], row["correct_read"]) == (100.0, read, 2 * bool(read)), name
+        for t, tr in zip(row["trials"], every):
+            assert t["predicted_ids"] == tr.answer_ids and t["read_ids"] == tail
+            assert t["read_text"] == tok.decode(tr.answer_ids + tail, skip_special_tokens=True)
+            assert t["correct"] and t["correct_read"] == bool(read)
+    # a wrong first digit is wrong both ways; a model that answers before the key ("no. 33543") is right as read
+    assert passkey.is_correct_read(" 33543.", 33543) and passkey.is_correct_read("33543", 33543)
+    assert not passkey.is_correct_read(" 3354359", 33543) and not passkey.is_correct_read(" 3354", 33543)
+    assert not passkey.is_correct_read(" 33543.5", 33543) and not passkey.is_correct_read(" hidden", 33543)
+    assert passkey.read_answer(" the key: 33543. 12") == "33543" and passkey.read_answer("none") is None
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from eval import common, lookup, passkey, perplexity
+from plumbing import files
 from tests.test_eval_passkey import model_dir, tokenizer_dir  # noqa: F401  module fixtures: window 64
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def test_an_unwritable_out_fails_before_any_model_is_loaded(tool, where, reason,
 
 
 def test_the_probe_leaves_a_new_directory_empty(tmp_path):
-    out = common.check_out_dir(tmp_path / "a" / "b")
+    out = files.check_out_dir(tmp_path / "a" / "b")
     assert out.is_dir() and list(out.iterdir()) == []
 
 
@@ -259,7 +260,7 @@ def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "results.json"
     common.write_json(path, {"a": 1})
     with pytest.raises(RuntimeError):
-        with common.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             tmp.write_text('{"a": ')  # half written, then killed
             raise RuntimeError
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]

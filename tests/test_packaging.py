@@ -1,4 +1,4 @@
-"""train/, eval/ and benchmarks/ are packages installed beside fot: `python -m train.crossbatch` and the script
+"""train/, eval/, benchmarks/, tasks/ and plumbing/ are packages installed beside fot: `python -m train.crossbatch` and the script
 paths (`python train/crossbatch.py`) both work from any directory, no source file edits sys.path, and nothing
 the checkout puts on sys.path shadows an installed package."""
 
@@ -21,11 +21,11 @@ def run(args, cwd):
 
 
 def test_tool_packages_import_from_this_checkout(tmp_path):
-    proc = run(["-c", "import train, eval, benchmarks, fot; print(train.__file__, eval.__file__, "
-                      "benchmarks.__file__, fot.__file__)"], tmp_path)
+    proc = run(["-c", "import train, eval, benchmarks, tasks, plumbing, fot; print(train.__file__, eval.__file__, "
+                      "benchmarks.__file__, tasks.__file__, plumbing.__file__, fot.__file__)"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = [Path(p).parent for p in proc.stdout.split()]
-    expected = [ROOT / "train", ROOT / "eval", ROOT / "benchmarks", ROOT / "fot"]
+    expected = [ROOT / name for name in ("train", "eval", "benchmarks", "tasks", "plumbing", "fot")]
     assert found == expected, f"the environment imports {found}; reinstall this checkout: pip install --no-deps -e ."
 
 
@@ -46,7 +46,7 @@ def test_module_and_script_paths_run_from_elsewhere(tmp_path, args):
 
 def test_no_source_file_edits_sys_path():
     edit = re.compile(r"sys\.path\.(insert|append|extend)\(|sys\.path\s*(\+=|=[^=])")
-    hits = [f"{path.relative_to(ROOT)}:{n}" for folder in ("fot", "train", "eval", "benchmarks", "tests")
+    hits = [f"{path.relative_to(ROOT)}:{n}" for folder in ("fot", "train", "eval", "benchmarks", "tasks", "plumbing", "tests")
             for path in sorted((ROOT / folder).rglob("*.py"))
             for n, line in enumerate(path.read_text().splitlines(), 1) if edit.search(line) and path != Path(__file__)]
     assert hits == []
@@ -61,7 +61,8 @@ def top_level_names(folder):
             yield path.name
 
 
-@pytest.mark.parametrize("folder", ["", "train", "eval", "benchmarks", "tests"], ids=lambda f: f or "root")
+@pytest.mark.parametrize("folder", ["", "train", "eval", "benchmarks", "tasks", "plumbing", "tests"],
+                         ids=lambda f: f or "root")
 def test_nothing_on_sys_path_shadows_an_installed_package(folder):
     """`python -m ...` and pytest put the checkout's root first on sys.path, and a script run puts its own folder
     there. A module or package in one of those folders with the name of an installed package (or of the standard

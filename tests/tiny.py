@@ -7,7 +7,7 @@ import copy
 import torch
 
 import fot
-from train.presets import PRESETS
+from plumbing.presets import PRESETS
 
 # The unit tests' model, preset "unit_tiny". A copy: tests pass its dicts to configs, and a preset is shared.
 TINY = copy.deepcopy(PRESETS["unit_tiny"])

@@ -16,8 +16,8 @@ import logging
 import torch
 
 import fot
-from train.presets import PRESETS
-from train.tokenizer import load_tokenizer
+from plumbing.presets import PRESETS
+from plumbing.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -386,7 +386,7 @@ def seal(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.cli import ArgumentParser, user_errors
+    from plumbing.cli import ArgumentParser, user_errors
 
     parser = ArgumentParser(prog="python -m train.checkpoint", description=seal.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -3,7 +3,7 @@
 A run config is a YAML mapping with these top-level keys (every one optional except what the run needs):
 
     checkpoint: null | DIR | HUB_ID     # start from a checkpoint instead of random weights
-    preset: null | NAME                 # a named architecture (train/presets.py), applied before `model:`
+    preset: null | NAME                 # a named architecture (plumbing/presets.py), applied before `model:`
     model: {LongLlamaConfig fields}     # architecture / overrides of the checkpoint's config (e.g. mem_layers)
     data: DataConfig
     crossbatch: CrossbatchConfig
@@ -486,7 +486,7 @@ def validate(spec: RunSpec) -> None:
     if not spec.parallel.timeout_s > 0:
         raise ValueError(f"parallel.timeout_s must be > 0 seconds, got {spec.parallel.timeout_s}.")
     if spec.preset is not None:
-        from train.presets import PRESETS  # noqa: PLC0415 - presets import fot
+        from plumbing.presets import PRESETS  # noqa: PLC0415 - presets import fot
 
         if spec.preset not in PRESETS:
             raise ValueError(f"preset={spec.preset!r} is unknown; use one of {', '.join(sorted(PRESETS))}.")

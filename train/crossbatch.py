@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import fot
-from eval.common import atomic_path, check_out_dir
+from plumbing.cli import ArgumentParser, UserError, checking_user_input, fail, user_errors
+from plumbing.files import atomic_path, check_out_dir
 from train.build import build_config, build_model, count_parameters, model_fields, run_tokenizer
 from train.checkpoint import load_latest, save_checkpoint, save_final, step_dirs
-from train.cli import ArgumentParser, UserError, checking_user_input, fail, user_errors
 from train.config import (
     RunSpec,
     dump_yaml,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import fot
-from train.cli import ArgumentParser, user_errors
+from plumbing.cli import ArgumentParser, user_errors
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import fot
-from train.cli import ArgumentParser
+from plumbing.cli import ArgumentParser
 from train.data import SyntheticRepeat
 
 logger = logging.getLogger(__name__)

@@ -23,18 +23,6 @@ from typing import Iterator
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
-def load_tokenizer(name_or_path: str | Path):
-    """``AutoTokenizer.from_pretrained(name_or_path)``: a checkpoint or tokenizer directory, or a hub id.
-
-    The one tokenizer loader of the trainer and the evaluations. fot is imported first: it registers the model type
-    "longllama", which ``AutoTokenizer`` reads from a checkpoint's config.json.
-    """
-    import fot  # noqa: F401
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name_or_path)
-
-
 def train_tokenizer(texts: Iterator[str], out_dir: str | Path, vocab_size: int, max_sentence_length: int = 1 << 16):
     """Train BPE on ``texts`` and save a tokenizer directory; returns the loaded ``AutoTokenizer``.
 
@@ -96,8 +84,8 @@ def synthetic_texts(kind: str, documents: int, seed: int) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from eval.common import check_out_dir
-    from train.cli import ArgumentParser, fail, user_errors
+    from plumbing.cli import ArgumentParser, fail, user_errors
+    from plumbing.files import check_out_dir
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory")

@@ -1,5 +1,6 @@
-"""Command-line conventions of the trainer and its tools: a user error (a bad config, path or value) is one line
-on stderr, ``PROG: error: MESSAGE``, with exit status 2; a bug keeps its traceback."""
+"""Command-line conventions of every script (the trainer, the evaluations, the benchmarks): a user error (a bad
+config, path or value) is one line on stderr, ``PROG: error: MESSAGE``, with exit status 2; a bug keeps its
+traceback."""
 
 from __future__ import annotations
 
