@@ -97,7 +97,9 @@ CI = ROOT / "configs" / "ci_tiny.yaml"
         ({"crossbatch.d_choices": [2, "x"]}, r"crossbatch.d_choices\[1\]: .*'x'.*Integer"),
         ({"data.mix": 3}, r"data.mix: .*int.*Dict\[str, float\]"),
         ({"data.mix": {"recall": "x"}}, "data.mix.recall: .*'x'.*Float"),
-        ({"model.mem_layers": "2"}, "model.mem_layers: .*str.*list"),
+        ({"model.mem_layers": "two"}, "model.mem_layers='two': 'two' is not an integer; use 'all'"),
+        ({"model.mem_layers": "every:0"}, "model.mem_layers='every:0': in 'every:0' N must be >= 1"),
+        ({"model.mem_layers": 2}, "model.mem_layers: .*int.*list"),
         ({"model.mem_layers": [1, "a"]}, r"model.mem_layers\[1\]: .*'a'.*Integer"),
         ({"model.vocab_size": True}, "model.vocab_size: .*'True'.*Integer"),
         ({"data": 3}, "data: .*int.*DataConfig"),
@@ -139,6 +141,9 @@ def test_values_of_every_kind_are_accepted(tmp_path):
     assert spec.data.mix == {"recall": 1.0}  # replaced, not merged with the default recall/lookup/copy
     assert spec.model["rope_parameters"]["rope_theta"] == 10000.0 and spec.model["mem_layers"] == [1]
     assert load_config(CI, {"adapter.layers": [0, 2]}).adapter.layers == [0, 2]
+    # a compact mem_layers form stays as written in the run config and is resolved when the model config is built
+    compact = load_config(CI, parse_overrides(["--model.mem_layers=all"]))
+    assert compact.model["mem_layers"] == "all" and build_config(compact).mem_layers == [0, 1]
     config = tmp_path / "run.yaml"
     config.write_text("log:\nrun:\n  out_dir: runs/x\ndata:\n  tokenizer: ${run.out_dir}/tok\n  mix: {copy: 2}\n")
     spec = load_config(config)
@@ -160,6 +165,8 @@ def test_file_and_model_errors(tmp_path):
         resolve_grad_accum(spec, 32, 2)
     with pytest.raises(ValueError, match="mem_layers"):  # LongLlamaConfig's own validation
         build_config(load_config(CI, {"model.mem_layers": [7]}))
+    with pytest.raises(ValueError, match="mem_layers='5:' selects no layer of a model with num_hidden_layers=2"):
+        build_config(load_config(CI, {"model.mem_layers": "5:"}))
     with pytest.raises(ValueError, match="override --x has no value"):
         parse_overrides(["--x"])
     with pytest.raises(ValueError, match="unexpected argument"):

@@ -15,9 +15,10 @@ A run config is a YAML mapping with these top-level keys (every one optional exc
     adapter: AdapterConfig              # train LoRA adapters through peft instead of every weight
 
 Command-line overrides are ``--section.key=value`` (``--checkpoint=DIR`` for top-level keys); values are parsed
-as YAML, so ``--model.mem_layers=[2,3]`` and ``--run.resume=true`` work. OmegaConf checks keys and types against
-these dataclasses (structured configs): unknown keys and values of the wrong type raise ``ValueError`` naming the
-dotted key. Strings may use OmegaConf interpolation (``${run.out_dir}/tokenizer``, ``${oc.env:HOME}``).
+as YAML, so ``--model.mem_layers=[2,3]`` and ``--run.resume=true`` work. ``model.mem_layers`` also takes fot's
+compact forms (``all``, ``15:``, ``every:2``; the checkpoint saves the explicit list). OmegaConf checks keys and
+types against these dataclasses (structured configs): unknown keys and values of the wrong type raise ``ValueError``
+naming the dotted key. Strings may use OmegaConf interpolation (``${run.out_dir}/tokenizer``, ``${oc.env:HOME}``).
 """
 
 from __future__ import annotations
@@ -400,12 +401,23 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     except OmegaConfBaseException as err:
         raise _one_line(err) from None
     model = OmegaConf.structured(_model_schema())
+    # A compact mem_layers form ("all", "15:", ...) is a string where the schema wants a list: its syntax is checked
+    # here, and it is resolved against the layer count when the model's config is built (fot.config).
+    from fot.config import check_mem_layers
+
+    compact = {key: value for key, value in spec.model.items() if key == "mem_layers" and isinstance(value, str)}
+    try:
+        for key, value in compact.items():
+            check_mem_layers(value)
+    except ValueError as err:
+        raise ValueError(f"model.{err}") from None
     try:
         for key, value in spec.model.items():
-            OmegaConf.update(model, key, value, merge=False)
+            if key not in compact:
+                OmegaConf.update(model, key, value, merge=False)
     except OmegaConfBaseException as err:
         raise _one_line(err, "model.") from None
-    checked = OmegaConf.to_container(model)
+    checked = {**OmegaConf.to_container(model), **compact}
     spec.model = {key: checked[key] for key in spec.model}
     validate(spec)
     return spec
