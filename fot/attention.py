@@ -18,6 +18,7 @@ dtype, so a bf16 memory is never cast to fp32 as a whole.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Callable
 
@@ -546,11 +547,34 @@ def memory_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, impl: str,
     return fn(q_BNTH, local, memory, idx_BNTK=idx_BNTK, grouping=grouping, scratch=scratch)
 
 
+NO_KERNELS_IN_CHECKPOINT_CODE = (
+    "this model runs from checkpoint code (trust_remote_code), which ships without fot's Triton kernels; install "
+    "fot (pip install 'fot[triton]') and load the checkpoint after import fot"
+)
+
+
+def kernels_package():
+    """``fot.kernels``, imported on first use (Triton is optional), or None where this code runs without it.
+
+    Imported through ``importlib`` and not with a ``from .kernels import`` statement: transformers copies a
+    checkpoint's code (``save_pretrained(save_code=True)``) by following such statements file by file, and the
+    kernels are a package, not a file. They stay with the installed fot; checkpoint code runs the torch paths.
+    """
+    name = f"{__package__}.kernels"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        return None
+
+
 def triton_memory_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK=None) -> torch.Tensor:
     """The fused Triton kernel of ``fot.kernels`` (imported lazily: Triton is optional)."""
-    from .kernels import load_memory_attention
-
-    kernels = load_memory_attention()
+    package = kernels_package()
+    if package is None:
+        raise RuntimeError(f"attn_impl='triton': {NO_KERNELS_IN_CHECKPOINT_CODE}.")
+    kernels = package.load_memory_attention()
     k_mem = v_mem = mem_valid = None
     if memory is not None and memory.size > 0:
         k_mem, v_mem, mem_valid = memory.k_BGMH, memory.v_BGMH, memory.valid_BM

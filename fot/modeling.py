@@ -8,6 +8,7 @@ generation hooks and Auto* registration.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -39,6 +40,39 @@ LongLlamaModelOutput = _with_cache_alias(BaseModelOutputWithPast, "LongLlamaMode
 LongLlamaCausalLMOutput = _with_cache_alias(CausalLMOutputWithPast, "LongLlamaCausalLMOutput")
 
 
+# save_pretrained(save_code=True) writes fot's modeling code into the checkpoint through transformers' own
+# mechanism (register_for_auto_class, then custom_object_save): the module of each class and, recursively, every
+# module it imports with a `from .x import` statement, copied side by side. fot's modules are flat files for that
+# reason; the Triton kernels, a package, are imported with importlib instead and stay with the installed fot.
+CODE_CONFIG_FILE, CODE_MODEL_FILE = "config", "modeling"  # the names the auto_map gives: <file>.<class>
+
+
+def _own_auto_map_entry(value) -> bool:
+    """An auto_map value that names one of the files save_code writes (as opposed to LongLLaMA's published
+    ``modeling_longllama.*``, which stays as it is)."""
+    return isinstance(value, str) and value.split(".")[0] in (CODE_CONFIG_FILE, CODE_MODEL_FILE)
+
+
+@contextmanager
+def _registered_for_auto_class(*pairs):
+    """Set ``_auto_class`` on the classes of ``(cls, auto_class)`` pairs for the duration, as
+    ``register_for_auto_class`` does for good; restore what they had after."""
+    saved = [(cls, cls.__dict__.get("_auto_class", _UNSET)) for cls, _ in pairs]
+    try:
+        for cls, auto_class in pairs:
+            cls.register_for_auto_class(auto_class)
+        yield
+    finally:
+        for cls, old in saved:
+            if old is _UNSET:
+                del cls._auto_class
+            else:
+                cls._auto_class = old
+
+
+_UNSET = object()
+
+
 class LongLlamaPreTrainedModel(PreTrainedModel):
     config_class = LongLlamaConfig
     config: LongLlamaConfig
@@ -47,6 +81,38 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LongLlamaDecoderLayer"]
     _skip_keys_device_placement = list(CACHE_NAMES)
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    _code_auto_class = "AutoModel"  # the auto class save_code registers this class with
+
+    def save_pretrained(self, save_directory, *args, save_code: bool = False, **kwargs):
+        """transformers' ``save_pretrained``; with ``save_code=True`` the checkpoint also holds fot's modeling code.
+
+        ``save_code=True`` copies the model's and config's modules (and the fot modules they import) into
+        ``save_directory`` and writes ``auto_map`` = {"AutoConfig": "config.LongLlamaConfig", <auto class>:
+        "modeling.<class>"} into config.json, through transformers' ``register_for_auto_class``. Then
+        ``AutoModelForCausalLM.from_pretrained(save_directory, trust_remote_code=True)`` loads the model where only
+        transformers and torch are installed (no fot; Triton kernels and FAISS indexes need fot's extras). It
+        replaces any earlier ``auto_map`` (e.g. LongLLaMA's ``modeling_longllama.*``). Without it (the default,
+        as for checkpoints fot itself reads back) the config keeps a published auto_map and drops entries that
+        name code files this save does not write.
+        """
+        config = self.config
+        original = config.__dict__.get("auto_map", _UNSET)
+        foreign = {k: v for k, v in (getattr(config, "auto_map", None) or {}).items() if not _own_auto_map_entry(v)}
+        try:
+            # custom_object_save fills in exactly the entries of the files it writes; a config without an
+            # auto_map attribute writes none to config.json (None would be written as null)
+            config.__dict__.pop("auto_map", None)
+            if not save_code:
+                if foreign:
+                    config.auto_map = foreign
+                return super().save_pretrained(save_directory, *args, **kwargs)
+            with _registered_for_auto_class((type(self), self._code_auto_class), (type(config), "AutoConfig")):
+                return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            config.__dict__.pop("auto_map", None)
+            if original is not _UNSET:
+                config.auto_map = original
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
         """transformers' switch, then the reference's ``gradient_checkpoint_every_ith``: only layers whose index
@@ -177,6 +243,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
     """LongLLaMA with a language-modelling head; ``generate`` works across memory."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _code_auto_class = "AutoModelForCausalLM"
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__(config)

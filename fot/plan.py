@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .attention import NO_KERNELS_IN_CHECKPOINT_CODE, kernels_package
 from .config import LongLlamaConfig, validate_cache_policy, validate_last_context_length
 from .types import ForwardPlan
 
@@ -27,9 +28,8 @@ UnavailableReason = Callable[[torch.device], str | None]
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device``, or None (``fot.kernels.unavailable_reason``, imported
     only when asked)."""
-    from .kernels import unavailable_reason
-
-    return unavailable_reason(device)
+    kernels = kernels_package()
+    return NO_KERNELS_IN_CHECKPOINT_CODE if kernels is None else kernels.unavailable_reason(device)
 
 
 def resolve_attn_impl(attn_impl: str, device: torch.device,
