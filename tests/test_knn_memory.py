@@ -209,10 +209,11 @@ def _knn_case(seed, B=2, G=2, X=17, M=97, H=16, dup=False, integer=False):
     "case", [dict(), dict(dup=True), dict(integer=True), dict(integer=True, dup=True), dict(X=3, M=257, H=8)]
 )
 @pytest.mark.parametrize("block", [16384, 7])  # 7: the blockwise merge of exact_topk across many blocks
-def test_exact_topk_equals_faiss_knn_tie_aware(faiss1, case, block):
+@pytest.mark.parametrize("query_block", [128, 4])  # 4: tiles of 4 queries, the last one short (X = 17 or 3)
+def test_exact_topk_equals_faiss_knn_tie_aware(faiss1, case, block, query_block):
     q, k = _knn_case(seed=len(case) + block, **case)
     K = 5
-    scores, idx = exact_topk(q, k, None, K, block)
+    scores, idx = exact_topk(q, k, None, K, block, query_block)
     assert idx.shape == (*q.shape[:3], K) and idx.dtype == torch.long
     n_ties = 0
     for b in range(q.shape[0]):
@@ -237,7 +238,7 @@ def test_exact_topk_never_retrieves_invalid_slots_and_pads_with_minus_one(faiss1
     valid[1] = False
     valid[1, [3, 40]] = True  # row 1: only 2 valid slots, fewer than K
     valid[2] = False  # row 2: nothing valid at all
-    scores, idx = exact_topk(q, k, valid, K, block=13)
+    scores, idx = exact_topk(q, k, valid, K, block=13, query_block=3)
     for b in range(B):
         ok = valid[b].nonzero().flatten()
         n = min(K, ok.numel())
