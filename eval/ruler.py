@@ -94,7 +94,7 @@ class RulerEncoder(PromptEncoder):
             return input_text + answer_prefix
         opened = self.tokenizer.apply_chat_template([{"role": "user", "content": input_text}], tokenize=False,
                                                     add_generation_prompt=True)
-        return opened + answer_prefix.lstrip()  # the turn's opening ends the line the prefix's space would start
+        return opened + answer_prefix  # as RULER's chat model templates: the prefix follows the turn's opening as is
 
     def ids(self, input_text: str, answer_prefix: str) -> list[int]:
         return self.encode(self.text(input_text, answer_prefix))
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--tasks", nargs="+", help=f"tasks: all (default), or any of {', '.join(TASKS)}")
-    p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,
+    p.add_argument("--lengths", type=int, nargs="+",
                    help="sequence lengths in tokens: prompt plus tokens to generate, as RULER counts (default 4096)")
     p.add_argument("--samples", type=int,
                    help=f"prompts per task and length (default {DEFAULT_SAMPLES}; with --jsonl, the first N of each "
@@ -320,8 +320,10 @@ def file_digest(path: Path) -> str:
 
 def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
     """Every check made before a model is loaded; fills ``args.task_names``, ``args.new_tokens``, ``args.book_info``."""
-    if args.jsonl and args.tasks:
-        raise ValueError("--tasks and --jsonl exclude each other: --jsonl scores the files' own prompts.")
+    if args.jsonl and (args.tasks or args.lengths):
+        flag = "--tasks" if args.tasks else "--lengths"
+        raise ValueError(f"{flag} and --jsonl exclude each other: --jsonl scores the files' own prompts.")
+    args.lengths = args.lengths or ([] if args.jsonl else DEFAULT_LENGTHS)
     if args.samples is not None and args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}.")
     if len(set(args.lengths)) != len(args.lengths):

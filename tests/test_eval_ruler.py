@@ -410,6 +410,8 @@ def test_cli_end_to_end_on_a_random_model(model_dir, tmp_path, capsys):
     (["--tasks", "niah_single_2", "--books", "{missing}"], "--books"),
     (["--jsonl", "{missing}"], "--jsonl"),
     (["--jsonl", "{jsonl}", "--tasks", "vt"], "--tasks and --jsonl exclude each other"),
+    (["--jsonl", "{jsonl}", "--lengths", "4096"], "--lengths and --jsonl exclude each other"),
+    (["--jsonl", "{jsonl}", "--max-new-tokens", "vt=3"], "with --jsonl give one N >= 1"),
     (["--jsonl-metric", "part"], "--jsonl-metric applies to --jsonl files only"),
     (["--tasks", "vt", "--chat-template"], "--chat-template: the tokenizer"),
     (["--tasks", "vt", "--settings", "bogus"], "unknown setting 'bogus'"),
