@@ -48,7 +48,6 @@ from .types import MemoryKV
 logger = logging.getLogger(__name__)
 
 SEARCH_BLOCK = 16384  # memory slots scored at once by the exact search
-SEARCH_QUERY_BLOCK = 128  # queries scored at once by the exact search (a tile of 8 MiB at SEARCH_BLOCK slots)
 IVF_MIN_TRAIN = 4096  # keys before an IVF index is first trained
 IVF_REBUILD_GROWTH = 2  # retrain when memory has grown this much since the last training
 IVF_NORM_MARGIN = 1.25  # R (the MIPS -> L2 bound) over the largest key norm at training
@@ -69,47 +68,28 @@ def import_faiss():
 
 
 def exact_topk(q_BGXH: torch.Tensor, k_BGMH: torch.Tensor, valid_BM: torch.Tensor | None, k: int,
-               block: int = SEARCH_BLOCK, query_block: int = SEARCH_QUERY_BLOCK):  # fmt: skip
-    """Exact top-k by inner product (fp32). Returns (scores, idx) [B, G, X, K], best first.
-
-    Scores are made in tiles of ``query_block`` queries x ``block`` slots, all written into one buffer that the
-    call reuses, and each tile's top-k is merged with the best so far. The [X, M] score matrix of a KV head is
-    never materialised: on CPU a fresh matrix of that size costs a page fault per 4 KiB on first write and a trip
-    through RAM, which took longer than the matmul itself (30 memory layers of SmolLM2 at 8K tokens: 188 s of
-    matmul for 1.2 TFLOP, 6 GFLOP/s, while the model's own GEMMs ran at 24).
-    """
+               block: int = SEARCH_BLOCK):  # fmt: skip
+    """Exact top-k by inner product, scored ``block`` slots at a time (fp32). Returns (scores, idx) [B, G, X, K]."""
     B, G, X, _ = q_BGXH.shape
     M = k_BGMH.shape[2]
-    kk = min(k, M)
     q = q_BGXH.float()
-    best_s = q.new_empty((B, G, X, kk))
-    best_i = torch.empty((B, G, X, kk), dtype=torch.long, device=q.device)
-    tile = q.new_empty(min(query_block, X) * min(block, M))  # reused by every tile of this call
+    best_s = best_i = None
     for m0 in range(0, M, block):
         m1 = min(m0 + block, M)
-        keys_BGmH = k_BGMH[:, :, m0:m1].float()  # converted once per slot block, for every query
-        invalid_Bm = None if valid_BM is None else ~valid_BM[:, m0:m1]
-        for b in range(B):
-            for g in range(G):
-                keys_Hm = keys_BGmH[b, g].T
-                for x0 in range(0, X, query_block):
-                    x1 = min(x0 + query_block, X)
-                    s = tile[: (x1 - x0) * (m1 - m0)].view(x1 - x0, m1 - m0)
-                    torch.mm(q[b, g, x0:x1], keys_Hm, out=s)
-                    if invalid_Bm is not None:
-                        s.masked_fill_(invalid_Bm[b], float("-inf"))
-                    blk_s, blk_i = s.topk(min(kk, m1 - m0), dim=-1)
-                    if m0 == 0:  # the first block holds at least kk slots
-                        best_s[b, g, x0:x1], best_i[b, g, x0:x1] = blk_s, blk_i
-                        continue
-                    # merge two sorted candidate lists
-                    cand_s = torch.cat([best_s[b, g, x0:x1], blk_s], dim=-1)
-                    cand_i = torch.cat([best_i[b, g, x0:x1], blk_i + m0], dim=-1)
-                    top_s, pos = cand_s.topk(kk, dim=-1)
-                    best_s[b, g, x0:x1], best_i[b, g, x0:x1] = top_s, cand_i.gather(-1, pos)
+        s = torch.matmul(q, k_BGMH[:, :, m0:m1].float().transpose(-1, -2))  # [B, G, X, m]
+        if valid_BM is not None:
+            s = s.masked_fill(~valid_BM[:, None, None, m0:m1], float("-inf"))
+        blk_s, blk_i = s.topk(min(k, m1 - m0), dim=-1)
+        blk_i = blk_i + m0
+        if best_s is None:
+            best_s, best_i = blk_s, blk_i
+        else:  # merge two sorted candidate lists of at most k each
+            cand_s, cand_i = torch.cat([best_s, blk_s], dim=-1), torch.cat([best_i, blk_i], dim=-1)
+            best_s, pos = cand_s.topk(min(k, cand_s.shape[-1]), dim=-1)
+            best_i = cand_i.gather(-1, pos)
     best_i = best_i.masked_fill(torch.isneginf(best_s), -1)
-    if kk < k:  # fewer slots than K
-        pad = k - kk
+    if best_i.shape[-1] < k:  # fewer slots than K
+        pad = k - best_i.shape[-1]
         best_i = torch.nn.functional.pad(best_i, (0, pad), value=-1)
         best_s = torch.nn.functional.pad(best_s, (0, pad), value=float("-inf"))
     return best_s, best_i
@@ -406,7 +386,10 @@ class FaissIVFSearch(KeySearch):
         """Append lifted keys (numpy [n, H + 1]) with ids ``slots`` to the lists already chosen for them."""
         if not len(lifted):
             return
-        from faiss.contrib.ivf_tools import add_preassigned
+        try:  # in a try, as every faiss import: checkpoint code must not require faiss (fot.modeling, save_code)
+            from faiss.contrib.ivf_tools import add_preassigned
+        except ImportError as err:  # pragma: no cover - faiss was imported when this index was built
+            raise ImportError("mem_index='faiss-ivf' needs FAISS: pip install 'fot[faiss]'.") from err
 
         x = np.ascontiguousarray(lifted, dtype="float32")
         ids = np.ascontiguousarray(slots.numpy(), dtype="int64")

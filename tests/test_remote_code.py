@@ -26,8 +26,8 @@ from tests.tiny import tiny_model, tokens
 
 FOT_DIR = Path(fot.__file__).parent
 # What checkpoint code may import besides the standard library: fot's own dependencies, all of which transformers
-# needs too. faiss, triton and psutil are optional and imported inside try blocks (which transformers skips).
-CODE_DEPENDENCIES = {"torch", "transformers", "safetensors"}
+# needs too (numpy included). faiss, triton and psutil are optional and imported inside try blocks (which transformers skips).
+CODE_DEPENDENCIES = {"torch", "transformers", "safetensors", "numpy"}
 
 # Run with `python -I -S`: no site-packages, no .pth files (fot's editable finder is one), no cwd on sys.path.
 REMOTE_SCRIPT = r"""
@@ -41,6 +41,7 @@ else:
     sys.exit(f"import fot works here ({fot.__file__}); the test needs an interpreter without it")
 import torch
 from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[5]))  # as many as the test's process: the same reductions, the same bits
 model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True, dtype=torch.float64).eval()
 ids = torch.load(sys.argv[3])
 with torch.no_grad():
@@ -119,9 +120,10 @@ def test_auto_map_of_published_and_own_checkpoints(tmp_path):
 
 
 def test_checkpoint_with_code_loads_without_fot_and_matches(tmp_path):
-    model = tiny_model(mem_layers=[1, 2])
     ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt, save_code=True)
+    tiny_model(mem_layers=[1, 2]).save_pretrained(ckpt, save_code=True)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64).eval()  # the import fot route
+    assert isinstance(model, fot.LongLlamaForCausalLM)
     ids = tokens(1, 150)  # several windows of 64: memory is read
     torch.save(ids, tmp_path / "ids.pt")
     with torch.no_grad():
@@ -132,7 +134,7 @@ def test_checkpoint_with_code_loads_without_fot_and_matches(tmp_path):
     site = sysconfig.get_paths()["purelib"]
     done = subprocess.run(
         [sys.executable, "-I", "-S", "-c", REMOTE_SCRIPT, site, str(ckpt), str(tmp_path / "ids.pt"),
-         str(tmp_path / "out.pt")],
+         str(tmp_path / "out.pt"), str(torch.get_num_threads())],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
