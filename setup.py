@@ -56,4 +56,5 @@ setup(
         # Loading GGUF checkpoints through transformers (from_pretrained(..., gguf_file=...)).
         "gguf": ["gguf", "accelerate"],
     },
+    entry_points={"console_scripts": ["fot=fot.__main__:main"]},  # fot ask ... (fot/ask.py)
 )
