@@ -18,7 +18,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 MEM_DTYPES = ("float32", "float16", "bfloat16")
 CACHE_POLICIES = ("slide", "flush")
-MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf")
+MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8")
 ATTN_IMPLS = ("auto", "torch", "triton", "reference")
 # What ``validate_longllama`` checks: assigning one of these to a built config validates it again.
 VALIDATED_FIELDS = frozenset({
@@ -67,8 +67,9 @@ class LongLlamaConfig(PreTrainedConfig):
     Args:
         mem_top_k: None means dense attention over all memory (the reference behaviour); an int K makes every
             query attend to its own top-K memory slots by inner product (kNN memory), in the same softmax.
-        mem_index: how top-K slots are found: "exact" (matmul + topk), "faiss-flat" (FAISS brute force) or
-            "faiss-ivf" (FAISS IVF-Flat, approximate). See ``fot.search``.
+        mem_index: how top-K slots are found: "exact" (matmul + topk), "faiss-flat" (FAISS brute force),
+            "faiss-ivf" (FAISS IVF-Flat, approximate) or "faiss-ivf-sq8" (the same with 8-bit lists: a quarter of
+            its RAM beyond the store). See ``fot.search``.
         mem_nprobe: inverted lists visited per query by "faiss-ivf". The default, 16, is the knee measured on the
             demo model over text full of numbers (docs/benchmarks.md, "Choosing nprobe"): recall@32 0.96 at 5.4x
             memory off at 64K tokens, against 0.90 at 4.5x for 8 and 0.99 at 8.1x for 32.

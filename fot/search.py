@@ -48,6 +48,7 @@ from .types import MemoryKV
 logger = logging.getLogger(__name__)
 
 SEARCH_BLOCK = 16384  # memory slots scored at once by the exact search
+SEARCH_QUERY_BLOCK = 128  # queries scored at once by the exact search (a tile of 8 MiB at SEARCH_BLOCK slots)
 IVF_MIN_TRAIN = 4096  # keys before an IVF index is first trained
 IVF_REBUILD_GROWTH = 2  # retrain when memory has grown this much since the last training
 IVF_NORM_MARGIN = 1.25  # R (the MIPS -> L2 bound) over the largest key norm at training
@@ -68,28 +69,47 @@ def import_faiss():
 
 
 def exact_topk(q_BGXH: torch.Tensor, k_BGMH: torch.Tensor, valid_BM: torch.Tensor | None, k: int,
-               block: int = SEARCH_BLOCK):  # fmt: skip
-    """Exact top-k by inner product, scored ``block`` slots at a time (fp32). Returns (scores, idx) [B, G, X, K]."""
+               block: int = SEARCH_BLOCK, query_block: int = SEARCH_QUERY_BLOCK):  # fmt: skip
+    """Exact top-k by inner product (fp32). Returns (scores, idx) [B, G, X, K], best first.
+
+    Scores are made in tiles of ``query_block`` queries x ``block`` slots, all written into one buffer that the
+    call reuses, and each tile's top-k is merged with the best so far. The [X, M] score matrix of a KV head is
+    never materialised: on CPU a fresh matrix of that size costs a page fault per 4 KiB on first write and a trip
+    through RAM, which took longer than the matmul itself (30 memory layers of SmolLM2 at 8K tokens: 188 s of
+    matmul for 1.2 TFLOP, 6 GFLOP/s, while the model's own GEMMs ran at 24).
+    """
     B, G, X, _ = q_BGXH.shape
     M = k_BGMH.shape[2]
+    kk = min(k, M)
     q = q_BGXH.float()
-    best_s = best_i = None
+    best_s = q.new_empty((B, G, X, kk))
+    best_i = torch.empty((B, G, X, kk), dtype=torch.long, device=q.device)
+    tile = q.new_empty(min(query_block, X) * min(block, M))  # reused by every tile of this call
     for m0 in range(0, M, block):
         m1 = min(m0 + block, M)
-        s = torch.matmul(q, k_BGMH[:, :, m0:m1].float().transpose(-1, -2))  # [B, G, X, m]
-        if valid_BM is not None:
-            s = s.masked_fill(~valid_BM[:, None, None, m0:m1], float("-inf"))
-        blk_s, blk_i = s.topk(min(k, m1 - m0), dim=-1)
-        blk_i = blk_i + m0
-        if best_s is None:
-            best_s, best_i = blk_s, blk_i
-        else:  # merge two sorted candidate lists of at most k each
-            cand_s, cand_i = torch.cat([best_s, blk_s], dim=-1), torch.cat([best_i, blk_i], dim=-1)
-            best_s, pos = cand_s.topk(min(k, cand_s.shape[-1]), dim=-1)
-            best_i = cand_i.gather(-1, pos)
+        keys_BGmH = k_BGMH[:, :, m0:m1].float()  # converted once per slot block, for every query
+        invalid_Bm = None if valid_BM is None else ~valid_BM[:, m0:m1]
+        for b in range(B):
+            for g in range(G):
+                keys_Hm = keys_BGmH[b, g].T
+                for x0 in range(0, X, query_block):
+                    x1 = min(x0 + query_block, X)
+                    s = tile[: (x1 - x0) * (m1 - m0)].view(x1 - x0, m1 - m0)
+                    torch.mm(q[b, g, x0:x1], keys_Hm, out=s)
+                    if invalid_Bm is not None:
+                        s.masked_fill_(invalid_Bm[b], float("-inf"))
+                    blk_s, blk_i = s.topk(min(kk, m1 - m0), dim=-1)
+                    if m0 == 0:  # the first block holds at least kk slots
+                        best_s[b, g, x0:x1], best_i[b, g, x0:x1] = blk_s, blk_i
+                        continue
+                    # merge two sorted candidate lists
+                    cand_s = torch.cat([best_s[b, g, x0:x1], blk_s], dim=-1)
+                    cand_i = torch.cat([best_i[b, g, x0:x1], blk_i + m0], dim=-1)
+                    top_s, pos = cand_s.topk(kk, dim=-1)
+                    best_s[b, g, x0:x1], best_i[b, g, x0:x1] = top_s, cand_i.gather(-1, pos)
     best_i = best_i.masked_fill(torch.isneginf(best_s), -1)
-    if best_i.shape[-1] < k:  # fewer slots than K
-        pad = k - best_i.shape[-1]
+    if kk < k:  # fewer slots than K
+        pad = k - kk
         best_i = torch.nn.functional.pad(best_i, (0, pad), value=-1)
         best_s = torch.nn.functional.pad(best_s, (0, pad), value=float("-inf"))
     return best_s, best_i
@@ -326,6 +346,10 @@ class FaissIVFSearch(KeySearch):
             self.indexes[(b, g)] = _IVFHead(index, None, radius, tensors[f"{key}.outliers"],
                                             tensors[f"{key}.outlier_dist"], _centroids(self.faiss, index))  # fmt: skip
 
+    def _new_index(self, quantizer, d: int, nlist: int):
+        """An untrained IVF index whose lists hold the lifted keys as fp32 vectors (IVF-Flat)."""
+        return self.faiss.IndexIVFFlat(quantizer, d, nlist, self.faiss.METRIC_L2)
+
     @staticmethod
     def nlist_for(n_keys: int) -> int:
         return int(min(4096, max(16, 2 ** round(math.log2(math.sqrt(n_keys) * 2)))))
@@ -345,7 +369,7 @@ class FaissIVFSearch(KeySearch):
             for g in range(G):
                 keys = lift_keys(view.k_BGMH[b, g], self.bound_sq)
                 quantizer = faiss.IndexFlatL2(H + 1)
-                index = faiss.IndexIVFFlat(quantizer, H + 1, nlist, faiss.METRIC_L2)
+                index = self._new_index(quantizer, H + 1, nlist)
                 index.cp.min_points_per_centroid = 1  # training on the memory itself; no warning spam
                 index.cp.max_points_per_centroid = IVF_POINTS_PER_LIST
                 index.train(keys)
@@ -448,9 +472,24 @@ class FaissIVFSearch(KeySearch):
             index = head.index
             lists = index.invlists
             n = sum(lists.list_size(i) for i in range(index.nlist))
-            total += n * (index.d * 4 + 8) + index.nlist * index.d * 4  # lifted vectors + ids, centroids
+            total += n * (index.code_size + 8) + index.nlist * index.d * 4  # encoded lifted keys + ids, centroids
             total += head.outliers.numel() * 8
         return total
+
+
+class FaissIVFSQ8Search(FaissIVFSearch):
+    """``faiss-ivf`` whose lists hold each lifted key's residual to its centroid in 8 bits per dimension
+    (FAISS ``IndexIVFScalarQuantizer``, ``QT_8bit``, ranges trained per dimension) instead of fp32: H + 1 bytes per
+    key instead of 4 (H + 1). The store keeps the one full copy of the keys; the lists keep only what ranks the
+    keys inside the probed lists, so scores within a list are approximate (the residuals' quantization step)
+    as well as the choice of lists. Outliers are still searched exactly and merged by their exact scores."""
+
+    name = "faiss-ivf-sq8"
+
+    def _new_index(self, quantizer, d: int, nlist: int):
+        faiss = self.faiss
+        return faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2,
+                                             True)  # fmt: skip
 
 
 def _valid_selectors(valid_BM: torch.Tensor | None, B: int) -> list:
@@ -520,4 +559,6 @@ def make_search(mem_index: str, nprobe: int = DEFAULT_NPROBE) -> KeySearch:
         return FaissFlatSearch()
     if mem_index == "faiss-ivf":
         return FaissIVFSearch(nprobe)
+    if mem_index == "faiss-ivf-sq8":
+        return FaissIVFSQ8Search(nprobe)
     raise ValueError(f"mem_index={mem_index!r} is unknown; use one of {', '.join(MEM_INDEXES)}.")

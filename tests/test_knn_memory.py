@@ -24,7 +24,7 @@ import fot
 import fot.search
 from fot.cache import save_cache
 from fot.memory import MemoryStore
-from fot.search import FaissIVFSearch, default_search_factory, exact_topk, lift_keys, make_search, recall_at_k
+from fot.search import FaissIVFSQ8Search, FaissIVFSearch, default_search_factory, exact_topk, lift_keys, make_search, recall_at_k
 from tests.naive import MASKED, NaiveLongLlama, Spec, rotate, weights_f64
 from tests.tiny import TOL64, left_pad_mask, max_err, tiny_config, tiny_model, tokens
 
@@ -53,13 +53,17 @@ def faiss1():
     faiss.omp_set_num_threads(before)
 
 
+IVF_BACKENDS = {"faiss-ivf": FaissIVFSearch, "faiss-ivf-sq8": FaissIVFSQ8Search}
+
+
 def small_ivf_factory(rebuild_growth: float = 2):
     """A search factory whose IVF indexes train on tiny memories (64 keys), so the approximate path really runs;
     other backends as configured."""
 
     def factory(config, layer_idx):
-        if config.mem_index == "faiss-ivf":
-            return FaissIVFSearch(config.mem_nprobe, min_train=64, rebuild_growth=rebuild_growth)
+        if config.mem_index in IVF_BACKENDS:
+            cls = IVF_BACKENDS[config.mem_index]
+            return cls(config.mem_nprobe, min_train=64, rebuild_growth=rebuild_growth)
         return default_search_factory(config, layer_idx)
 
     return factory
@@ -299,7 +303,7 @@ def test_every_backend_search_equals_brute_force_with_invalid_slots(faiss1, smal
 
 # ----------------------------------------------------------------------------- 2. k >= memory size == dense
 @pytest.mark.parametrize("impl", ["torch", "reference"])
-@pytest.mark.parametrize("backend", ["exact", "faiss-flat", "faiss-ivf"])
+@pytest.mark.parametrize("backend", ["exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8"])
 def test_top_k_at_least_memory_size_equals_dense(faiss1, small_ivf, backend, impl):
     ids = tokens(2, N_LONG, seed=7)
     mask = left_pad_mask([N_LONG, N_LONG - 70], N_LONG)  # row 1 has padding in memory (invalid slots)
@@ -310,7 +314,7 @@ def test_top_k_at_least_memory_size_equals_dense(faiss1, small_ivf, backend, imp
         expected = dense(ids, attention_mask=mask).logits
         out = knn(ids, attention_mask=mask, past_key_values=small_ivf_cache(knn, small_ivf))
         assert max_err(out.logits, expected, mask) < TOL64
-        if backend == "faiss-ivf":  # the approximate index really ran, visiting every list
+        if backend in IVF_BACKENDS:  # the approximate index really ran, visiting every list
             idx = ivf_indexes(out.past_key_values.searches[1])
             assert idx and all(ix.nlist == nlist and ix.nprobe == nlist for ix in idx)
         # the comparison can fail: with a small k the same backend is not dense
@@ -432,6 +436,37 @@ def test_ivf_recall_grows_with_nprobe_and_is_exact_at_nlist(faiss1, small_ivf):
     assert all(a <= b + 1e-12 for a, b in zip(values, values[1:])), recalls
     assert recalls[nlist] == 1.0
     assert 0.0 < recalls[1] < 0.9, recalls  # nprobe=1 is genuinely approximate on random keys
+
+
+def test_ivf_sq8_lists_rank_like_brute_force_in_a_quarter_of_the_bytes(faiss1, small_ivf):
+    """faiss-ivf-sq8 against float64 brute force and against faiss-ivf on the same keys, every list probed: its
+    8-bit lists only perturb the order of near-equal scores (recall@10 >= 0.9, where random keys in 16 dims leave
+    little gap at the 10th score), it returns valid distinct slots, and it keeps H + 1 bytes per key in its
+    lists where faiss-ivf keeps 4 (H + 1)."""
+    K = 10
+    caches = {b: _filled_cache(b, M=1024, B=1, G=2, window=256, mem_nprobe=4096, search_factory=small_ivf)
+              for b in IVF_BACKENDS}  # fmt: skip
+    (flat, keys), (sq8, keys_sq8) = caches["faiss-ivf"], caches["faiss-ivf-sq8"]
+    assert torch.equal(keys, keys_sq8)
+    view = sq8.memories[1].view()
+    q = torch.randn(1, 2, 200, keys.shape[-1], generator=torch.Generator().manual_seed(12))
+    recall = {}
+    for name, cache in (("faiss-ivf", flat), ("faiss-ivf-sq8", sq8)):
+        search = cache.searches[1]
+        set_nprobe(search, max(ix.nlist for ix in ivf_indexes(search)))
+        idx = search.search(q, view, K)
+        ref = [brute_topk(q[0, g], view.k_BGMH[0, g], None, K) for g in range(2)]
+        recall[name] = sum(_recall(idx[0, g], ref[g]) for g in range(2)) / 2
+        sorted_scores(q[0, 0].double() @ view.k_BGMH[0, 0].double().T, idx[0, 0])  # asserts distinct slots
+        assert (idx >= 0).all()
+    assert recall["faiss-ivf"] == 1.0 and 0.9 <= recall["faiss-ivf-sq8"] < 1.0, recall
+    f, s8 = (c.searches[1] for c in (flat, sq8))
+    H1 = keys.shape[-1] + 1
+    for search, code in ((f, 4 * H1), (s8, H1)):
+        expected = sum(h.index.ntotal * (code + 8) + h.index.nlist * H1 * 4 + h.outliers.numel() * 8
+                       for h in search.indexes.values())  # fmt: skip
+        assert search.nbytes() == expected
+    assert s8.nbytes() < 0.4 * f.nbytes()
 
 
 def test_ivf_incremental_appends_are_findable_without_retraining(faiss1):
@@ -713,10 +748,11 @@ def test_save_load_round_trip_continues_identically(tmp_path, overrides):
         assert cache.memories[1].total_appended > N_LONG  # the continuation really evicted
 
 
-def test_faiss_ivf_cache_reloads_with_bitwise_identical_logits(faiss1, small_ivf, tmp_path):
+@pytest.mark.parametrize("backend", list(IVF_BACKENDS))
+def test_faiss_ivf_cache_reloads_with_bitwise_identical_logits(faiss1, small_ivf, tmp_path, backend):
     """The IVF index is saved with the cache: retraining it on load (on all of memory at once, where the saved
     one was trained on part of it and then extended) retrieves other slots and changes the logits."""
-    model = tiny_model(num_key_value_heads=2, mem_top_k=3, mem_index="faiss-ivf", mem_nprobe=2)
+    model = tiny_model(num_key_value_heads=2, mem_top_k=3, mem_index=backend, mem_nprobe=2)
     ids = tokens(2, N_LONG + 5, seed=35)
     path = tmp_path / "ivf.fotcache"
     with torch.no_grad():
