@@ -114,7 +114,8 @@ def run_case(case: str, tokens: int, args) -> dict:
     recall = stats["hits"] / stats["total"] if stats["total"] else None
     return {"case": case, "tokens": ids.shape[1], "prefill_seconds": prefill,
             "decode_ms": decode / max(args.decode_steps, 1) * 1000, "recall": recall,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "memory_bytes": None if case == "hf" else cache.memory_bytes()}  # fmt: skip
 
 
 def search_flops(config, tokens: int, k: int) -> tuple[float, float]:
