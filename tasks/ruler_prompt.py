@@ -16,6 +16,7 @@ fits, so a prompt falls short of its budget by less than one unit.
 
 from __future__ import annotations
 
+import string
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -56,15 +57,15 @@ CWE = (
 DEPTHS = tuple(float(d) / 100 for d in np.round(np.linspace(0, 100, num=40, endpoint=True)).astype(int))
 
 
-def eval_strings() -> list[str]:
-    """The distinctive strings of these prompts (template sentences, answer prefixes, the needle's stem), for the
-    scan that keeps evaluation text out of training. The noise paragraph is not among them: it is the Landmark
-    passkey filler, which the passkey training source uses on purpose."""
+def eval_strings(min_chars: int = 20) -> list[str]:
+    """The distinctive strings of these prompts (the literal pieces of the templates and answer prefixes between
+    their fields and line breaks, of ``min_chars`` or more, and the needle's stem), for the scan that keeps
+    evaluation text out of training. The noise paragraph is not among them: it is the Landmark passkey filler, which
+    the passkey training source uses on purpose."""
     out = {NEEDLE.split(" {")[0]}
-    for template, prefix in (NIAH_MANY, NIAH_ONE, VT, CWE):
-        for text in (template, prefix):
-            for piece in text.replace("{context}", "\n").split("\n"):
-                out.update(s.strip() for s in piece.split("{") if len(s.strip()) >= 20 and "}" not in s)
+    for text in (*NIAH_MANY, *NIAH_ONE, *VT, *CWE):
+        for literal, *_ in string.Formatter().parse(text):
+            out.update(p.strip() for p in literal.split("\n") if len(p.strip()) >= min_chars)
     return sorted(out)
 
 
