@@ -1,7 +1,15 @@
-"""Turn a LLaMA-architecture GGUF file (e.g. SmolLM2-135M-Instruct Q4_1) into a plain fot checkpoint.
+"""Turn a LLaMA-architecture GGUF file (e.g. SmolLM2-135M-Instruct Q4_1) into a plain fot checkpoint, or rewrite
+the memory settings of a converted checkpoint.
 
-    python -m fot.convert --gguf assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --mem-layers 7 15 22 \\
-        --window 512 --last-context-length 256 --out models/smollm2-fot
+    python -m fot.convert --gguf assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --mem-layers all \\
+        --window 512 --last-context-length 256 --mem-top-k 32 --mem-index faiss-ivf --out models/smollm2-fot
+    python -m fot.convert --from models/smollm2-fot --mem-layers 7 15 22 --mem-top-k none --mem-index exact \\
+        --out models/smollm2-fot-3layers
+
+``--mem-layers`` takes layer indices (``7 15 22``) or a compact form of ``LongLlamaConfig.mem_layers`` (``all``,
+``15:``, ``every:2``); config.json stores the explicit list. ``--from`` changes only the config: memory layers have
+no weights of their own, so the same weights serve every layout. It validates the new config, copies the other
+files when ``--out`` is another directory, and replaces config.json atomically (seconds, not a reconversion).
 
 transformers reads GGUF files itself (``from_pretrained(dir, gguf_file=name)``, which needs the ``gguf`` and
 ``accelerate`` packages): it maps llama.cpp's tensor names to LLaMA's, undoes llama.cpp's Q/K row permutation and
@@ -16,12 +24,14 @@ quantized values exactly (Q4_1 rounding included), stored in ``dtype``. transfor
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .config import LongLlamaConfig
+from .config import MEM_DTYPES, MEM_INDEXES, LongLlamaConfig
 from .modeling import LongLlamaForCausalLM
 
 # Keys of the GGUF-derived config that describe the file, not the model we build.
@@ -42,7 +52,7 @@ def _check_gguf_path(gguf_path: str | Path) -> Path:
 
 def from_gguf(
     gguf_path: str | Path,
-    mem_layers: list[int],
+    mem_layers: list[int] | str,
     max_position_embeddings: int,
     last_context_length: int,
     dtype: torch.dtype = torch.float32,
@@ -52,7 +62,8 @@ def from_gguf(
 
     Args:
         gguf_path: the .gguf file.
-        mem_layers: indices of the layers that get FoT memory attention (e.g. [7, 15, 22] of SmolLM2's 30).
+        mem_layers: indices of the layers that get FoT memory attention (e.g. [7, 15, 22] of SmolLM2's 30), or a
+            compact form ("all", "15:", "every:2"; see ``LongLlamaConfig``).
         max_position_embeddings: the FoT window W (not the source model's context length).
         last_context_length: L, the trailing tokens of an input kept as the local window.
         dtype: the dtype of the dequantized weights.
@@ -66,7 +77,8 @@ def from_gguf(
             architecture).
     """
     path = _check_gguf_path(gguf_path)
-    fields = dict(mem_layers=list(mem_layers), max_position_embeddings=max_position_embeddings,
+    layers = mem_layers if isinstance(mem_layers, str) else list(mem_layers)
+    fields = dict(mem_layers=layers, max_position_embeddings=max_position_embeddings,
                   last_context_length=last_context_length, **config_overrides)
     try:  # dequantize=True: with the `kernels` package, transformers would keep weights packed in GGUF modules
         from transformers import GgufConfig
@@ -96,7 +108,7 @@ def tokenizer_from_gguf(gguf_path: str | Path):
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def convert(gguf_path: str | Path, out_dir: str | Path, mem_layers: list[int], max_position_embeddings: int,
+def convert(gguf_path: str | Path, out_dir: str | Path, mem_layers: list[int] | str, max_position_embeddings: int,
             last_context_length: int, dtype: torch.dtype = torch.float32, **config_overrides) -> LongLlamaForCausalLM:
     """``from_gguf`` plus the tokenizer, saved to ``out_dir`` (loadable with ``from_pretrained(out_dir)``)."""
     model = from_gguf(gguf_path, mem_layers, max_position_embeddings, last_context_length, dtype, **config_overrides)
@@ -105,37 +117,124 @@ def convert(gguf_path: str | Path, out_dir: str | Path, mem_layers: list[int], m
     return model
 
 
+def rewrite_config(source_dir: str | Path, out_dir: str | Path, **fields) -> LongLlamaConfig:
+    """Save a converted checkpoint's config with ``fields`` changed (any ``LongLlamaConfig`` field; ``mem_layers``
+    may be a compact form), without loading its weights.
+
+    The new config is validated before anything is written. When ``out_dir`` is another directory, the
+    checkpoint's other files (weights, tokenizer, generation config) are copied there first, each through a
+    temporary name; config.json is written last and atomically, so an interrupted rewrite leaves no directory that
+    loads with a half-written config.
+
+    Raises:
+        ValueError: ``source_dir`` holds no config.json, or a field is invalid (the config's own message).
+    """
+    source, out = Path(source_dir), Path(out_dir)
+    if not (source / "config.json").is_file():
+        raise ValueError(f"--from {str(source)!r} holds no config.json; pass a converted checkpoint directory "
+                         "(e.g. models/smollm2-fot, made by make smollm2).")
+    config = LongLlamaConfig.from_pretrained(source, **fields)
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != source.resolve():
+        for path in sorted(p for p in source.iterdir() if p.is_file() and p.name != "config.json"):
+            tmp = out / f".{path.name}.{os.getpid()}.tmp"
+            shutil.copy2(path, tmp)
+            os.replace(tmp, out / path.name)
+    tmp = out / f".config.json.{os.getpid()}.tmp"
+    config.to_json_file(tmp)
+    os.replace(tmp, out / "config.json")
+    return config
+
+
+def _mem_layers_arg(values: list[str]) -> str:
+    """``--mem-layers 7 15 22`` or ``--mem-layers all``: one compact form for ``LongLlamaConfig`` to resolve."""
+    return ",".join(values)
+
+
+def _top_k_arg(text: str) -> int | str:
+    if text.lower() == "none":
+        return "none"  # set mem_top_k to None: a flag left out is None too, and leaves the field alone
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive int nor 'none' (dense memory attention)")
+    return int(text)
+
+
+def _config_fields(args) -> dict:
+    """The config fields the command line sets (a flag left out leaves the field as it is, or at its default)."""
+    names = {"mem_layers": "mem_layers", "window": "max_position_embeddings",
+             "last_context_length": "last_context_length", "mem_top_k": "mem_top_k", "mem_index": "mem_index",
+             "mem_nprobe": "mem_nprobe", "mem_dtype": "mem_dtype"}
+    fields = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
+    if fields.get("mem_top_k") == "none":
+        fields["mem_top_k"] = None
+    if "mem_layers" in fields:
+        fields["mem_layers"] = _mem_layers_arg(fields["mem_layers"])
+    return fields
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", required=True, help="the .gguf file (python -m train.assets --model fetches SmolLM2)")
-    parser.add_argument("--mem-layers", type=int, nargs="+", required=True, help="memory layer indices")
-    parser.add_argument("--window", type=int, required=True, help="the FoT window (max_position_embeddings)")
-    parser.add_argument("--last-context-length", type=int, required=True)
-    parser.add_argument("--mem-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gguf", help="the .gguf file (python -m train.assets --model fetches SmolLM2)")
+    source.add_argument("--from", dest="source", metavar="DIR",
+                        help="a converted checkpoint whose config alone to rewrite (the weights are not loaded)")
+    parser.add_argument("--mem-layers", nargs="+", metavar="LAYERS",
+                        help="memory layer indices (7 15 22) or a compact form: all, 15:, every:2, ... (required "
+                             "with --gguf)")
+    parser.add_argument("--window", type=int, help="the FoT window, max_position_embeddings (required with --gguf)")
+    parser.add_argument("--last-context-length", type=int, help="(required with --gguf)")
+    parser.add_argument("--mem-top-k", type=_top_k_arg, metavar="K|none",
+                        help="kNN memory: each query attends to its top K memory slots; none is dense attention")
+    parser.add_argument("--mem-index", choices=list(MEM_INDEXES), help="how the top K slots are found")
+    parser.add_argument("--mem-nprobe", type=int, help="IVF lists visited per query (faiss-ivf)")
+    parser.add_argument("--mem-dtype", choices=list(MEM_DTYPES),
+                        help="storage dtype of memory keys and values (with --gguf, default float32)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="dtype of the saved weights")
-    parser.add_argument("--out", required=True, help="output directory")
+                        help="dtype of the saved weights (--gguf only)")
+    parser.add_argument("--out", required=True, help="output directory (may equal --from)")
     args = parser.parse_args(argv)
+    fields = _config_fields(args)
     start = time.perf_counter()
     try:
-        model = convert(args.gguf, args.out, args.mem_layers, args.window, args.last_context_length,
-                        getattr(torch, args.dtype), mem_dtype=args.mem_dtype)
+        if args.source is not None:
+            c = rewrite_config(args.source, args.out, **fields)
+            weights = f"those of {args.source}" + ("" if Path(args.out).resolve() == Path(args.source).resolve()
+                                                   else " (copied)")
+        else:
+            needed = (("--mem-layers", "mem_layers"), ("--window", "max_position_embeddings"),
+                      ("--last-context-length", "last_context_length"))
+            missing = [flag for flag, field in needed if field not in fields]
+            if missing:
+                raise ValueError(f"--gguf needs {', '.join(missing)} (e.g. --mem-layers all --window 512 "
+                                 "--last-context-length 256).")
+            fields.setdefault("mem_dtype", "float32")
+            model = convert(args.gguf, args.out, fields.pop("mem_layers"), fields.pop("max_position_embeddings"),
+                            fields.pop("last_context_length"), getattr(torch, args.dtype), **fields)
+            c = model.config
+            weights = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters ({args.dtype})"
     except ValueError as err:  # a bad path or config field: one line naming the fix, not a traceback
         parser.error(str(err))
-    c = model.config
     rows = [
         ("layers / hidden / heads / KV heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / "
                                               f"{c.num_key_value_heads}"),
-        ("memory layers", str(c.mem_layers)),
+        ("memory layers", _layers_text(c.mem_layers, c.num_hidden_layers)),
+        ("memory top-k / index / nprobe / dtype", f"{c.mem_top_k or 'dense'} / {c.mem_index} / {c.mem_nprobe} / "
+                                                 f"{c.mem_dtype}"),
         ("window / last context", f"{c.max_position_embeddings} / {c.last_context_length}"),
         ("RoPE theta", f"{c.rope_theta:g}"),
         ("vocab / tied embeddings", f"{c.vocab_size} / {c.tie_word_embeddings}"),
-        ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M ({args.dtype})"),
+        ("weights", weights),
         ("seconds", f"{time.perf_counter() - start:.1f}"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(f"saved to {args.out}: load it with fot.LongLlamaForCausalLM.from_pretrained({args.out!r})")
+
+
+def _layers_text(layers: list[int], n: int) -> str:
+    if layers == list(range(n)):
+        return f"all {n}"
+    return str(layers)
 
 
 if __name__ == "__main__":
