@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_config import check_args
-from eval.templates import TEMPLATES
 from benchmarks.bench_config import LONG as BENCH
 from plumbing.cli import ArgumentParser
+from tasks.passkey import TEMPLATES
 RECALL_EVERY = 16  # probe every 16th search call of a layer
 RECALL_QUERIES = 64  # queries per probe
 

@@ -62,9 +62,9 @@ from eval.common import (
 )
 from eval.passkey import (READ_TOKENS, SCORES, PromptEncoder, both, describe_setting, generation_kwargs,
                           is_correct_read, plot_both)
-from eval.templates import LOOKUP_HEADER, lookup_line, lookup_query
 from plumbing.cli import ArgumentParser
 from plumbing.tokenizer import load_tokenizer
+from tasks.lookup import LOOKUP_HEADER, lookup_line, lookup_query
 
 logger = logging.getLogger("eval.lookup")
 

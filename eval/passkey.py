@@ -66,9 +66,9 @@ from eval.common import (
     save_figure,
     setting_model,
 )
-from eval.templates import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
 from plumbing.cli import ArgumentParser
 from plumbing.tokenizer import load_tokenizer
+from tasks.passkey import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
 
 logger = logging.getLogger("eval.passkey")
 

@@ -29,9 +29,9 @@ from tqdm import tqdm
 from eval.common import (add_model_arguments, add_run_arguments, check_model_args, check_vocab, cli_main, load_model,
                          new_figure, print_and_write, run_report, save_figure)
 from eval.passkey import PromptEncoder, build_prompt, greedy_answer, is_correct
-from eval.templates import resolve_templates
 from plumbing.files import check_out_dir
 from plumbing.tokenizer import load_tokenizer
+from tasks.passkey import resolve_templates
 
 
 def sweep_prompts(encoder: PromptEncoder, template: str, chars: range, generators: int, depth: float) -> list[dict]:

@@ -43,3 +43,23 @@ def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
         raise ValueError(f"{flag} {str(path)!r} cannot be created and written ({reason}); choose another {flag}.") \
             from None
     return path
+
+
+_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def resolve_files(paths: list[str], fmt: str) -> tuple[list[str], str]:
+    """Expand globs; infer the ``datasets`` builder from the extensions when ``fmt`` is "auto"."""
+    files: list[str] = []
+    for pattern in paths:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise ValueError(f"data.paths: {pattern!r} matches no file.")
+        files += [f for f in matched if Path(f).is_file()]
+    if fmt != "auto":
+        return files, fmt
+    kinds = {_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(f"data.format=auto cannot infer one format from {sorted({Path(f).suffix for f in files})}; "
+                         "use files of one kind (.txt, .json/.jsonl, .parquet) or set data.format.")
+    return files, kinds.pop()

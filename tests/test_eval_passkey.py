@@ -16,8 +16,11 @@ import pytest
 import torch
 
 import fot
-from eval import passkey, templates
+from eval import passkey
 from eval.common import parse_setting
+from tasks.heldout import MIN_FRAGMENT, eval_only_strings, literal_fragments
+from tasks.lookup import LOOKUP_HEADER
+from tasks.passkey import DEFAULT_TEMPLATE, DIARY, LEDGER, TEMPLATES, TOWN, GeneratedFiller, resolve_templates
 
 ROOT = Path(__file__).resolve().parents[1]
 FOT_TINY = ROOT / "models" / "fot-tiny"
@@ -73,7 +76,7 @@ def model_dir(tokenizer_dir, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the prompt
 def test_protocol_text_matches_the_trainers_passkey_documents():
-    from train.data import FILLER, PASSKEY_INTRO
+    from tasks.passkey import FILLER, PASSKEY_INTRO
 
     assert (passkey.TASK, passkey.FILLER, passkey.QUESTION) == (TASK, GARBAGE, QUESTION)
     assert (PASSKEY_INTRO, FILLER) == (TASK, GARBAGE)
@@ -164,7 +167,7 @@ def test_answer_tokens_fall_back_to_the_key_alone():
 
 
 # ----------------------------------------------------------------------------- templates
-# The key line of each phrasing and the question's end, written out here rather than read from eval/templates.py.
+# The key line of each phrasing and the question's end, written out here rather than read from tasks/passkey.py.
 KEY_LINES = {
     "landmark": r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.",
     "code": r"Attention: the secret code is (\d+)\. Once more, the secret code is (\d+)\.",
@@ -183,14 +186,14 @@ def tiny_encoder():
 
 def test_the_registry_has_three_haystacks_and_two_phrasings_beyond_landmark():
     assert passkey.TEMPLATES["landmark"].render(7, 3, 5, 0) == landmark_prompt(8, 3, 7)
-    haystacks = {t.haystack.name for t in templates.TEMPLATES.values()} - {"grass"}
-    phrasings = {t.phrasing.name for t in templates.TEMPLATES.values()} - {"landmark"}
+    haystacks = {t.haystack.name for t in TEMPLATES.values()} - {"grass"}
+    phrasings = {t.phrasing.name for t in TEMPLATES.values()} - {"landmark"}
     assert len(haystacks) >= 3 and len(phrasings) >= 2
-    assert templates.resolve_templates(["all"]) == list(templates.TEMPLATES)
-    assert templates.DEFAULT_TEMPLATE == "landmark"
+    assert resolve_templates(["all"]) == list(TEMPLATES)
+    assert DEFAULT_TEMPLATE == "landmark"
 
 
-@pytest.mark.parametrize("name", list(templates.TEMPLATES))
+@pytest.mark.parametrize("name", list(TEMPLATES))
 def test_every_template_hits_the_exact_length_with_the_key_at_the_depth(tiny_encoder, name):
     depths = [0.0, 0.25, 0.5, 0.75, 1.0]
     trials = passkey.make_trials(tiny_encoder, [256, 3000], 2, seed=4, templates=[name], depths=depths)
@@ -210,15 +213,15 @@ def test_every_template_hits_the_exact_length_with_the_key_at_the_depth(tiny_enc
     assert [t.tokens for t in uniform] == [700] * 6 and len({t.n_prefix for t in uniform}) == 6
 
 
-@pytest.mark.parametrize("name", list(templates.TEMPLATES))
+@pytest.mark.parametrize("name", list(TEMPLATES))
 def test_the_answer_is_recoverable_from_every_template(tiny_encoder, name):
-    phrasing = templates.TEMPLATES[name].phrasing.name
+    phrasing = TEMPLATES[name].phrasing.name
     trials = passkey.make_trials(tiny_encoder, [400, 1500], 5, seed=9, templates=[name])
     for t in trials[400] + trials[1500]:
         text = tiny_encoder.tokenizer.decode(t.prompt_ids, skip_special_tokens=True)
         found = re.findall(KEY_LINES[phrasing], text)
         assert found == [(str(t.key), str(t.key))]  # the key line, once, with the trial's key twice
-        assert text.endswith("\n" + templates.TEMPLATES[name].phrasing.question)
+        assert text.endswith("\n" + TEMPLATES[name].phrasing.question)
         assert text.endswith(QUESTION_ENDS[phrasing])
         assert t.answer_method == "tail"
         assert tiny_encoder.tokenizer.decode(t.answer_ids).strip() == str(t.key)
@@ -226,10 +229,10 @@ def test_the_answer_is_recoverable_from_every_template(tiny_encoder, name):
 
 def test_templates_differ_and_pair_their_keys():
     rng = lambda: passkey.trial_rng(1, 2048, 3)  # noqa: E731
-    prompts = {name: passkey.build_prompt(3000, rng(), name) for name in templates.TEMPLATES}
+    prompts = {name: passkey.build_prompt(3000, rng(), name) for name in TEMPLATES}
     assert len({p.text for p in prompts.values()}) == len(prompts)
     assert len({p.key for p in prompts.values()}) == 1  # trial t has the same key in every template
-    parts = {name: (t.phrasing.name, t.haystack.name) for name, t in templates.TEMPLATES.items()}
+    parts = {name: (t.phrasing.name, t.haystack.name) for name, t in TEMPLATES.items()}
     assert len(set(parts.values())) == len(parts)
     lines = {name: p.text.split("\n") for name, p in prompts.items()}
     for a in lines:
@@ -239,7 +242,7 @@ def test_templates_differ_and_pair_their_keys():
                 assert (lines[a][1] != lines[b][1]) == (parts[a][1] != parts[b][1])
 
 
-@pytest.mark.parametrize("haystack", [templates.TOWN, templates.DIARY, templates.LEDGER])
+@pytest.mark.parametrize("haystack", [TOWN, DIARY, LEDGER])
 def test_generated_haystacks_are_seeded_varied_text(haystack):
     a = haystack.stream([5, 0], 4000)
     assert a == haystack.stream([5, 0], 4000) and haystack.stream([5, 0], 9000).startswith(a)  # prefix-stable
@@ -253,21 +256,21 @@ def test_generated_haystacks_are_seeded_varied_text(haystack):
 
 
 def test_eval_only_strings_catch_held_out_prompts_and_never_training_text():
-    from train.data import passkey_text
+    from tasks.passkey import passkey_text
 
-    leaks = templates.eval_only_strings()
-    assert templates.LOOKUP_HEADER in leaks and all(len(s) >= templates.MIN_FRAGMENT for s in leaks)
+    leaks = eval_only_strings()
+    assert LOOKUP_HEADER in leaks and all(len(s) >= MIN_FRAGMENT for s in leaks)
     for trial in range(300):  # the trainer's passkey documents, over a range of lengths
         doc = passkey_text(int(np.random.default_rng(trial).integers(0, 6000)), np.random.default_rng([trial, 1]))
         assert not [s for s in leaks if s in doc]
-    for name in templates.TEMPLATES:
+    for name in TEMPLATES:
         text = passkey.build_prompt(4000, passkey.trial_rng(0, 0, 0), name).text
         assert any(s in text for s in leaks) == (name != "landmark"), name
-    for haystack in (templates.TOWN, templates.DIARY, templates.LEDGER):
+    for haystack in (TOWN, DIARY, LEDGER):
         for pattern in haystack.patterns:  # every generated sentence carries a detectable fragment
-            sentence = templates.GeneratedFiller("x", "", (pattern,), haystack.slots).stream([0], 200)
-            assert any(s in sentence for s in templates.literal_fragments(pattern)), pattern
-            assert templates.literal_fragments(pattern)[0] in leaks
+            sentence = GeneratedFiller("x", "", (pattern,), haystack.slots).stream([0], 200)
+            assert any(s in sentence for s in literal_fragments(pattern)), pattern
+            assert literal_fragments(pattern)[0] in leaks
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -414,20 +417,20 @@ def test_template_all_on_the_shipped_model(tmp_path, capsys):
     report = passkey.main(["--model", str(FOT_TINY), "--template", "all", "--lengths", "256", "--trials", "2",
                            "--settings", "memory", "--threads", "2", "--device", "cpu", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "per template" in printed and all(name in printed for name in templates.TEMPLATES)
+    assert "per template" in printed and all(name in printed for name in TEMPLATES)
     saved = json.loads((out / "results.json").read_text())
-    assert saved == json.loads(json.dumps(report)) and saved["templates"] == list(templates.TEMPLATES)
+    assert saved == json.loads(json.dumps(report)) and saved["templates"] == list(TEMPLATES)
     (row,) = saved["results"]["memory"]
-    assert row["n"] == 2 * len(templates.TEMPLATES) and (row["min_tokens"], row["max_tokens"]) == (256, 256)
+    assert row["n"] == 2 * len(TEMPLATES) and (row["min_tokens"], row["max_tokens"]) == (256, 256)
     per_template = {}
     for t in row["trials"]:
         assert t["correct"] == (t["predicted_ids"] == t["answer_ids"])
         per_template.setdefault(t["template"], []).append(t["correct"])
-    assert {k: len(v) for k, v in per_template.items()} == {name: 2 for name in templates.TEMPLATES}
+    assert {k: len(v) for k, v in per_template.items()} == {name: 2 for name in TEMPLATES}
     for name, correct in per_template.items():
         assert row["by_template"][name] == {"accuracy": 50.0 * sum(correct), "correct": sum(correct), "n": 2}
     assert row["accuracy"] == pytest.approx(np.mean([50.0 * sum(c) for c in per_template.values()]))
-    keys = {name: [t["key"] for t in row["trials"] if t["template"] == name] for name in templates.TEMPLATES}
+    keys = {name: [t["key"] for t in row["trials"] if t["template"] == name] for name in TEMPLATES}
     assert len({tuple(k) for k in keys.values()}) == 1  # paired: trial t has one key in every template
     assert (out / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (out / "passkey_depth.png").exists()
 
@@ -482,7 +485,7 @@ def test_spread_cells_keeps_every_template_and_depth():
 
 def test_a_prompt_subset_holds_the_full_grids_prompts(tiny_encoder):
     """Capped lengths run some of the very prompts (key, depth, tokens) the full grid has, not other ones."""
-    names = list(templates.TEMPLATES)[:3]
+    names = list(TEMPLATES)[:3]
     full = passkey.make_trials(tiny_encoder, [200, 300], 2, seed=3, templates=names, depths=[0, 1])
     part = passkey.make_trials(tiny_encoder, [200, 300], 2, seed=3, templates=names, depths=[0, 1], prompts={300: 5})
     assert part[200] == full[200] and len(part[300]) == 5
@@ -490,7 +493,7 @@ def test_a_prompt_subset_holds_the_full_grids_prompts(tiny_encoder):
 
 
 def test_prompts_for_runs_a_spread_subset_at_long_lengths(model_dir, tmp_path):
-    names = list(templates.TEMPLATES)[:2]
+    names = list(TEMPLATES)[:2]
     out = tmp_path / "out"
     report = passkey.main(["--model", str(model_dir), "--template", *names, "--lengths", "100", "160", "--trials",
                            "1", "--depths", "0", "0.5", "1", "--settings", "no-memory", "--prompts-for", "160:=4",
@@ -599,7 +602,7 @@ def test_shipped_model_finds_keys_on_held_out_templates_through_memory_only(tmp_
                            "--depths", "0", "--settings", "memory", "no-memory", "--threads", "2", "--device", "cpu",
                            "--out", str(tmp_path / "out")])
     (memory,), (off,) = report["results"]["memory"], report["results"]["no-memory"]
-    assert memory["correct"] == memory["n"] == len(templates.TEMPLATES)
+    assert memory["correct"] == memory["n"] == len(TEMPLATES)
     assert off["correct"] == 0
 
 

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from eval.templates import (
-    LOOKUP_HEADER,
-    TEMPLATES,
-    GeneratedFiller,
-    RepeatedFiller,
-    eval_only_strings,
-    literal_fragments,
-    lookup_line,
-)
+from tasks.heldout import eval_only_strings, literal_fragments
+from tasks.lookup import LOOKUP_HEADER, lookup_line
+from tasks.passkey import TEMPLATES, GeneratedFiller, RepeatedFiller
 from train.config import load_config
 from train.data import build_batches
 from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, Target, _runs, training_texts
@@ -34,7 +28,7 @@ WORDS = ("river", "window", "morning", "letter", "candle", "garden", "soldier", 
 
 
 def evaluation_strings() -> list[str]:
-    """Every evaluation string, read from eval/templates.py independently of train/synthetic.py: the eval-only
+    """Every evaluation string, read from tasks/passkey.py and tasks/lookup.py independently of tasks/heldout.py: the eval-only
     list, each template's task line, question, answer stem and key-line fragments, the sentences of repeated
     fillers, the literal fragments of generated haystacks and the lookup header."""
     out = set(eval_only_strings()) | {LOOKUP_HEADER}

@@ -17,17 +17,15 @@ import zlib
 import numpy as np
 import pytest
 
-from eval.templates import LOOKUP_HEADER, TEMPLATES, eval_only_strings, lookup_line, lookup_query, resolve_templates
-from train.data import SyntheticLookup, SyntheticPasskey, SyntheticRepeat, passkey_text
+from tasks.copying import SyntheticRepeat
+from tasks.heldout import Scanner, drop_lines, eval_only_strings, forbidden_patterns, forbidden_strings
+from tasks.lookup import LOOKUP_HEADER, SyntheticLookup, lookup_line, lookup_query
+from tasks.passkey import TEMPLATES, SyntheticPasskey, passkey_text, resolve_templates
 from train.synthetic import (
     FAMILIES,
     BookHaystack,
-    Scanner,
     SyntheticMix,
     copy_parts,
-    drop_lines,
-    forbidden_patterns,
-    forbidden_strings,
     haystack_style,
     lookup_parts,
     recall_parts,

@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.copying import SyntheticRepeat
+from tasks.document import Document
+from tasks.lookup import SyntheticLookup
+from tasks.passkey import passkey_text
 from train.config import load_config
-from train.data import (
-    IGNORE,
-    Document,
-    PackedBatches,
-    RankView,
-    SyntheticLookup,
-    SyntheticRepeat,
-    TextDocuments,
-    build_batches,
-    load_text_dataset,
-    passkey_text,
-)
+from train.data import IGNORE, PackedBatches, RankView, TextDocuments, build_batches, load_text_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,7 +300,7 @@ def test_tokenizer_round_trip_through_auto_tokenizer(tmp_path):
 def test_passkey_answers_only_marks_the_key_repetition_and_the_answer(tmp_path):
     from transformers import AutoTokenizer
 
-    from train.data import SyntheticPasskey
+    from tasks.passkey import SyntheticPasskey
     from train.tokenizer import synthetic_texts, train_tokenizer
 
     train_tokenizer(synthetic_texts("passkey", 100, 0), tmp_path / "tok", vocab_size=400)

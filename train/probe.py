@@ -28,7 +28,7 @@ import torch
 
 import fot
 from plumbing.cli import ArgumentParser
-from train.data import SyntheticRepeat
+from tasks.copying import SyntheticRepeat
 
 logger = logging.getLogger(__name__)
 

@@ -35,96 +35,19 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from eval.templates import (
-    LOOKUP_HEADER,
-    TEMPLATES,
-    GeneratedFiller,
-    RepeatedFiller,
-    eval_only_strings,
-    literal_fragments,
-    lookup_line,
-)
+from plumbing.files import resolve_files
+from tasks.document import Document, Hay, Target  # noqa: F401  Target: tests read it from here
+from tasks.heldout import Scanner, drop_lines
 
 FAMILIES = ("recall", "lookup", "copy", "repeat", "books")
 
 
-# ----------------------------------------------------------------------------- held-out strings
-def forbidden_strings() -> list[str]:
-    """Every evaluation string that training text must not contain, matched case-insensitively.
-
-    ``eval_only_strings()`` (the held-out phrasings, generated haystacks and the lookup header), plus what it
-    leaves out on purpose because the plain passkey source trains on it: the landmark template's task line,
-    question and key-line fragments, and the sentences of every repeated filler. Each phrasing's answer stem (the
-    question's last sentence, "The pass key is") is added too, so the evaluated key names never appear.
-    """
-    out = set(eval_only_strings()) | {LOOKUP_HEADER}
-    for template in TEMPLATES.values():
-        p, h = template.phrasing, template.haystack
-        out.update([p.intro, p.question, *literal_fragments(p.key_line)])
-        out.add(re.split(r"(?<=[.?!])\s+", p.question)[-1])
-        if isinstance(h, RepeatedFiller):
-            out.update(s.strip() + "." for s in h.text.split(".") if s.strip())
-        elif isinstance(h, GeneratedFiller):
-            out.update(f for pattern in h.patterns for f in literal_fragments(pattern))
-    return sorted(out)
-
-
-def forbidden_patterns() -> list[re.Pattern]:
-    """Regular expressions of the evaluations' line formats: the lookup line with any numbers in it."""
-    line = re.escape(lookup_line(111, 222)).replace("111", r"\d+").replace("222", r"\d+")
-    return [re.compile(line, re.IGNORECASE)]
-
-
-class Scanner:
-    """Finds evaluation strings and line formats in a text (case-insensitive)."""
-
-    def __init__(self, strings: Sequence[str] | None = None, patterns: Sequence[re.Pattern] | None = None):
-        strings = forbidden_strings() if strings is None else list(strings)
-        self.strings = sorted({s.lower() for s in strings if s}, key=len, reverse=True)
-        self.patterns = forbidden_patterns() if patterns is None else list(patterns)
-
-    def spans(self, text: str) -> list[tuple[int, int]]:
-        """Start and end of every match, sorted. Literal strings are found with ``str.find``: a regex alternation
-        of them is several times slower on a whole book."""
-        lower = text.lower()
-        if len(lower) != len(text):  # a character whose lower case is longer: positions would shift
-            lower = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
-        out = []
-        for s in self.strings:
-            at = lower.find(s)
-            while at >= 0:
-                out.append((at, at + len(s)))
-                at = lower.find(s, at + 1)
-        out += [m.span() for p in self.patterns for m in p.finditer(text)]
-        return sorted(out)
-
-    def find(self, text: str) -> str | None:
-        """The first evaluation string or line format in ``text``, or None."""
-        spans = self.spans(text)
-        return text[spans[0][0] : spans[0][1]] if spans else None
-
-
 # ----------------------------------------------------------------------------- the book haystack
-def drop_lines(text: str, scanner: Scanner) -> str:
-    """``text`` without the lines that hold a match of ``scanner``."""
-    keep, at = [], 0
-    for match_start, match_end in scanner.spans(text):
-        if match_start < at:
-            continue
-        start = text.rfind("\n", 0, match_start) + 1
-        end = text.find("\n", match_end)
-        end = len(text) if end < 0 else end + 1
-        keep.append(text[at:start])
-        at = end
-    return "".join(keep) + text[at:]
-
-
 class BookHaystack:
     """Passages of training books. Lines that hold a forbidden string are removed at load time."""
 
@@ -138,8 +61,6 @@ class BookHaystack:
     @classmethod
     def from_files(cls, paths: Sequence[str], text_field: str, scanner: Scanner) -> "BookHaystack":
         import pyarrow.parquet as pq
-
-        from train.data import resolve_files
 
         files, fmt = resolve_files(list(paths), "auto")
         if fmt != "parquet":
@@ -246,17 +167,6 @@ def qualified(rng: np.random.Generator, head: str) -> str:
 
 
 # ----------------------------------------------------------------------------- templates
-# A piece of a document: plain text, an answer (``Target``: carries the loss) or haystack (``Hay``: filled later).
-@dataclass(frozen=True)
-class Target:
-    text: str
-
-
-@dataclass(frozen=True)
-class Hay:
-    weight: float = 1.0
-
-
 RECALL_INTROS = (
     "", "", "",
     "Read the following text carefully; some questions come at the end.",
@@ -736,8 +646,6 @@ class SyntheticMix:
                          f"12 draws (epoch {epoch}, index {index}); raise data.synthetic_doc_tokens.")
 
     def get(self, epoch: int, index: int):
-        from train.data import Document
-
         _, _, ids, mask = self.sample(epoch, index)
         return Document(ids, mask)
 

@@ -74,7 +74,7 @@ def _chunks(ds, text_field: str, chunk_chars: int) -> Iterator[str]:
 def synthetic_texts(kind: str, documents: int, seed: int) -> Iterator[str]:
     import numpy as np
 
-    from train.data import passkey_text
+    from tasks.passkey import passkey_text
 
     if kind != "passkey":
         raise ValueError(f"--synthetic {kind!r}: only 'passkey' is text; the lookup kind needs no tokenizer.")

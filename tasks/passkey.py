@@ -1,11 +1,11 @@
-"""Every prompt string of the passkey and lookup evaluations, in one place.
+"""The passkey task: the evaluation's prompt templates and the trainer's passkey documents.
 
 A passkey *template* is a phrasing (task line, key line, question) over a haystack (the filler text). The
 ``landmark`` template is the LongLLaMA / Landmark Attention prompt, kept as the default so numbers stay
-comparable with the papers; ``train/data.py`` generates that same format as training text on purpose. The other
-templates are held out: their phrasings and their haystacks never appear in training, so they measure whether
-retrieval generalizes beyond the trained format. ``eval_only_strings()`` lists their distinctive strings for a
-leak check on training text.
+comparable with the papers; ``SyntheticPasskey`` below generates that same format as training text on purpose.
+The other templates are held out: their phrasings and their haystacks never appear in training, so they measure
+whether retrieval generalizes beyond the trained format. ``tasks.heldout.eval_only_strings()`` lists their
+distinctive strings for a leak check on training text.
 
 Generated haystacks are sentences drawn from patterns and word lists with a seeded generator: varied, natural
 enough, reproducible, and written for this project (nothing is copied from a corpus).
@@ -19,8 +19,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tasks.document import UNBOUNDED, Document, encode
+
 DEFAULT_TEMPLATE = "landmark"
-MIN_FRAGMENT = 10  # shorter literal pieces ("the", "boxes of") are too common to prove a leak
 
 
 # ----------------------------------------------------------------------------- phrasings
@@ -203,7 +204,7 @@ class Template:
 
 
 TEMPLATES = {t.name: t for t in (
-    Template("landmark", "the LongLLaMA / Landmark prompt (default; the format train/data.py trains on)",
+    Template("landmark", "the LongLLaMA / Landmark prompt (default; the format the trainer's passkey documents use)",
              LANDMARK_PHRASING, GRASS),
     Template("landmark-town", "the landmark phrasing over generated small-town sentences (new haystack only)",
              LANDMARK_PHRASING, TOWN),
@@ -230,38 +231,75 @@ def resolve_templates(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-# ----------------------------------------------------------------------------- lookup (eval/lookup.py)
-LOOKUP_HEADER = "Below is a dictionary. Each line gives a key and its value. Remember every value."
+# ----------------------------------------------------------------------------- training documents
+# The trainer's passkey format is the "landmark" template above, the one place both sides read it from. It holds
+# no held-out evaluation string (tests/test_eval_passkey.py checks every length against tasks.heldout).
+FILLER, PASSKEY_INTRO = GRASS.text, LANDMARK_PHRASING.intro
 
 
-def lookup_line(key: int, value: int) -> str:
-    return f"key {key} value {value}"
+def passkey_prompt(n_garbage: int, rng: np.random.Generator) -> tuple[str, int]:
+    """A passkey prompt in the Landmark / LongLLaMA format (see FACTS, "Passkey") and its key: the split point
+    is drawn first, then the key; prefix and suffix are both character prefixes of the filler, as in the
+    evaluation's ``landmark`` template, so the model trains on exactly the format it is tested on."""
+    n_prefix = int(rng.integers(0, n_garbage + 1))
+    key = int(rng.integers(1, 50000))
+    prompt = TEMPLATES["landmark"].render(key, n_prefix, n_garbage - n_prefix, seed=0)
+    return prompt, key
 
 
-def lookup_query(key: int) -> str:
-    """What follows the dictionary for one query: the definition's line up to its value."""
-    return f"\nkey {key} value"
+def passkey_text(n_garbage: int, rng: np.random.Generator) -> str:
+    """A whole passkey document: the prompt followed by its answer."""
+    prompt, key = passkey_prompt(n_garbage, rng)
+    return f"{prompt} {key}."
 
 
-# ----------------------------------------------------------------------------- leak check
-def literal_fragments(pattern: str, min_chars: int = MIN_FRAGMENT) -> list[str]:
-    """The literal text between a pattern's ``{fields}``, stripped, keeping pieces of ``min_chars`` or more."""
-    pieces = (literal.strip() for literal, _, _, _ in string.Formatter().parse(pattern))
-    return [p for p in pieces if len(p) >= min_chars]
+class SyntheticPasskey:
+    """Passkey documents (text, tokenized with ``tokenizer``) of about ``doc_tokens/2 ... doc_tokens`` tokens.
 
-
-def eval_only_strings() -> list[str]:
-    """Distinctive strings that only the evaluations emit: training text must contain none of them.
-
-    They are the held-out phrasings' task lines, questions and key-line fragments, the literal fragments of the
-    generated haystacks' sentence patterns, and the lookup header. The landmark phrasing and filler are not
-    among them: train/data.py trains on that format on purpose.
+    With ``answers_only`` only the retrievals of the key carry loss: its repetition inside the info line
+    ("... Remember it. K is the pass key.", a copy from a few tokens back that teaches the copying circuit first)
+    and the answer after the final question (a copy from anywhere, often an earlier window). This concentrates
+    the signal on retrieval instead of on predicting the filler; the key's first occurrence is random and never
+    carries loss.
     """
-    out: set[str] = {LOOKUP_HEADER}
-    for template in TEMPLATES.values():
-        p, h = template.phrasing, template.haystack
-        if p is not LANDMARK_PHRASING:
-            out.update([p.intro, p.question, *literal_fragments(p.key_line)])
-        if isinstance(h, GeneratedFiller):
-            out.update(f for pattern in h.patterns for f in literal_fragments(pattern))
-    return sorted(out)
+
+    def __init__(self, tokenizer, doc_tokens: int, seed: int, add_bos: bool = True, add_eos: bool = True,
+                 answers_only: bool = False):
+        self.tokenizer, self.doc_tokens, self.seed = tokenizer, doc_tokens, seed
+        self.add_bos, self.add_eos, self.answers_only = add_bos, add_eos, answers_only
+        n = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
+        self.chars_per_token = len(FILLER) / max(n, 1)
+        # tokens of a document without filler (intro, info line, question, a 5-digit answer, BOS/EOS), + 2 spare
+        self.overhead = len(encode(tokenizer, f"{passkey_prompt(0, np.random.default_rng(0))[0]} 49999.",
+                                   add_bos, add_eos)) + 2
+        self.digit_ids = None
+        if answers_only:
+            digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if any(i is None or i == unk for i in digits):
+                raise ValueError("answers-only passkey documents need a tokenizer with one piece per digit "
+                                 "(sentencepiece split_digits=True, as train/tokenizer.py trains).")
+            self.digit_ids = dict(zip("0123456789", digits))
+
+    def __len__(self) -> int:
+        return UNBOUNDED
+
+    def get(self, epoch: int, index: int) -> Document:
+        rng = np.random.default_rng([self.seed, epoch, index, 29])
+        tokens = int(rng.integers(max(self.doc_tokens // 2, 16), self.doc_tokens + 1))
+        prompt, key = passkey_prompt(max(int((tokens - self.overhead) * self.chars_per_token), 0), rng)
+        ids = encode(self.tokenizer, f"{prompt} {key}.", self.add_bos, self.add_eos)[: self.doc_tokens]
+        if not self.answers_only:
+            return Document(ids)
+        n_prompt = len(encode(self.tokenizer, prompt, self.add_bos, False))
+        mask = np.zeros(len(ids), bool)
+        mask[n_prompt:] = True  # the key, the period and EOS
+        key_ids = np.array([self.digit_ids[c] for c in str(key)])
+        starts = [i for i in range(min(n_prompt, len(ids)) - len(key_ids) + 1)
+                  if ids[i] == key_ids[0] and np.array_equal(ids[i : i + len(key_ids)], key_ids)]
+        if len(starts) != 2 and n_prompt < len(ids):  # the info line holds the key twice, nothing else has digits
+            raise ValueError(f"expected the pass key {key} twice in the prompt's tokens, found it {len(starts)} "
+                             "times; is the tokenizer splitting digits?")
+        if len(starts) == 2:
+            mask[starts[1] : starts[1] + len(key_ids)] = True  # the repetition inside the info line
+        return Document(ids, mask)

@@ -1,0 +1,46 @@
+"""What a task document is made of.
+
+A training source returns a ``Document`` (token ids and which of them carry the loss). A text task first plans its
+document as *parts*: plain strings, answers (``Target``, the only text that carries the loss) and haystack slots
+(``Hay``, filled later to the drawn length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+UNBOUNDED = 1 << 40  # synthetic sources have no end
+
+
+@dataclass
+class Document:
+    """Token ids int64 [N] and, optionally, a bool [N] mask of the tokens that carry loss."""
+
+    ids: np.ndarray
+    loss_mask: np.ndarray | None = None
+
+
+
+@dataclass(frozen=True)
+class Target:
+    """An answer: text that carries the loss."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Hay:
+    """A slot of haystack; a document's haystack characters are split among its slots by ``weight``."""
+
+    weight: float = 1.0
+
+
+def encode(tokenizer, text: str, add_bos: bool, add_eos: bool) -> np.ndarray:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return np.asarray(ids, dtype=np.int64)
