@@ -2,10 +2,11 @@
 loads it, for the trainer too), inference settings, output files.
 
 An evaluation compares *settings* of one checkpoint. A setting is a set of ``from_pretrained`` overrides of
-the saved config:
+the saved config, written as a base and optional ``+KEY=VALUE`` modifiers:
 
 =================  ===========================================================================================
 ``memory``         the model as configured
+``dense``          dense attention over all of memory (``mem_top_k=None``, ``mem_index="exact"``)
 ``no-memory``      the same weights with ``mem_layers=[]``: memory layers attend only to their local window,
                    the baseline a long-context method has to beat
 ``topk:K``         ``mem_top_k=K`` with ``mem_index="exact"`` (kNN memory, exact search)
@@ -14,7 +15,25 @@ the saved config:
 ``full:W``         no memory layers and a window of W tokens (``max_position_embeddings`` and
                    ``last_context_length`` W): plain causal attention over the whole prompt when it fits in W,
                    the base model's own long-context ability (e.g. ``full:8192`` for SmolLM2's native context)
+``hf:W``           not fot at all: transformers' ``LlamaForCausalLM`` (SDPA, fp32 unless ``--dtype``) on the same
+                   weights, for prompts of at most W tokens (``eval.baseline``; a longer prompt stops the run
+                   with a one-line error). What a user would run instead of fot.
 =================  ===========================================================================================
+
+Modifiers, after ``memory``, ``dense`` or ``topk*`` (``no-memory`` takes only ``window`` and ``lcl``):
+
+=================  ===========================================================================================
+``layers=L``       ``mem_layers=L``: any ``LongLlamaConfig.mem_layers`` form (``all``, ``15:``, ``2:``,
+                   ``every:2``, ``7,15,22``), resolved against the checkpoint's layer count
+``window=W``       ``max_position_embeddings=W``, and ``last_context_length`` min(the saved one, W)
+``lcl=N``          ``last_context_length=N``
+``k=K``            ``mem_top_k=K`` (top-k memory with the configured index)
+``index=NAME``     ``mem_index=NAME`` (exact, faiss-flat or faiss-ivf)
+``nprobe=N``       ``mem_nprobe=N`` (faiss-ivf)
+=================  ===========================================================================================
+
+For example ``topk-ivf:32+layers=all+window=1024+nprobe=32`` or ``memory+layers=15:``. A setting's name is what
+it was written as: the key of results.json and the label of the plots.
 
 Every CLI checks before it loads a model that ``--out`` can be written (``open_trials``), appends each finished
 trial to ``OUT/trials.jsonl`` as it arrives (``TrialLog``), continues a killed run with ``--resume``, and writes
@@ -62,39 +81,117 @@ def _libc():
     name = ctypes.util.find_library("c")
     return None if name is None else ctypes.CDLL(name)
 
-SETTING_HELP = "memory, no-memory, topk:K, topk-flat:K, topk-ivf:K, full:W"
+SETTING_HELP = ("memory, dense, no-memory, topk:K, topk-flat:K, topk-ivf:K, full:W or hf:W, then optional "
+                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N (e.g. topk-ivf:32+layers=all+window=1024)")
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}
+_MODIFIERS = {"layers": "mem_layers", "window": "max_position_embeddings", "lcl": "last_context_length",
+              "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A named inference setting: ``overrides`` are passed to ``from_pretrained``."""
+    """A named inference setting: ``overrides`` are passed to ``from_pretrained``; ``backend`` "hf" loads
+    transformers' ``LlamaForCausalLM`` on the same weights instead (``eval.baseline``)."""
 
     name: str
     overrides: dict = field(default_factory=dict)
+    backend: str = "fot"
+
+
+def _positive(text: str, what: str, example: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"{what} must be a positive integer, e.g. {example}.")
+    return int(text)
+
+
+def _base_setting(text: str, base: str) -> tuple[dict, str]:
+    """The overrides of a setting's base (before any ``+``) and its kind."""
+    if base in ("memory", "no-memory", "dense"):
+        return {"no-memory": {"mem_layers": []}, "dense": {"mem_top_k": None, "mem_index": "exact"}}.get(base, {}), base
+    kind, sep, value = base.partition(":")
+    if kind in ("full", "hf"):
+        w = _positive(value, f"setting {text!r}: W (the window in tokens)", f"{kind}:8192")
+        if kind == "hf":
+            return {"max_position_embeddings": w}, kind
+        return {"mem_layers": [], "max_position_embeddings": w, "last_context_length": w}, kind
+    if kind in _TOPK_INDEX:
+        k = _positive(value, f"setting {text!r}: K", f"{kind}:32")
+        return {"mem_top_k": k, "mem_index": _TOPK_INDEX[kind]}, "topk"
+    raise ValueError(f"unknown setting {text!r}; use {SETTING_HELP}.")
+
+
+def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, object]:
+    """One ``KEY=VALUE`` modifier of setting ``text`` as (config field, value), checked against its base."""
+    from fot.config import MEM_INDEXES, check_mem_layers
+
+    key, sep, value = part.partition("=")
+    if not sep or key not in _MODIFIERS or not value:
+        raise ValueError(f"setting {text!r}: {part!r} is not a modifier; use +KEY=VALUE with KEY one of "
+                         f"{', '.join(_MODIFIERS)} (e.g. memory+layers=all+window=1024).")
+    allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"), "dense": ("layers", "window", "lcl")}
+    if key not in allowed.get(kind, _MODIFIERS):
+        fits = ", ".join(allowed.get(kind, ())) or "none"
+        hint = ("use topk:K or memory+k=K for top-k memory" if kind == "dense" else
+                "start from memory, dense or topk:K to change the memory")
+        raise ValueError(f"setting {text!r}: {kind} takes no {key}= (modifiers it takes: {fits}); {hint}.")
+    field_name = _MODIFIERS[key]
+    if field_name in overrides:
+        raise ValueError(f"setting {text!r} sets {key} twice, or its base already sets it; write it once.")
+    if key == "layers":
+        try:
+            check_mem_layers(value)
+        except ValueError as err:
+            raise ValueError(f"setting {text!r}: {err}") from None
+        return field_name, value
+    if key == "index":
+        if value not in MEM_INDEXES:
+            raise ValueError(f"setting {text!r}: index={value!r} is unknown; use one of {', '.join(MEM_INDEXES)}.")
+        return field_name, value
+    return field_name, _positive(value, f"setting {text!r}: {key}", f"{key}=32" if key != "window" else "window=1024")
 
 
 def parse_setting(text: str) -> Setting:
-    """``"memory"``, ``"no-memory"``, ``"topk:K"``, ``"topk-flat:K"``, ``"topk-ivf:K"`` or ``"full:W"`` -> a
-    ``Setting`` (module docstring)."""
-    if text == "memory":
-        return Setting(text, {})
-    if text == "no-memory":
-        return Setting(text, {"mem_layers": []})
-    kind, sep, k = text.partition(":")
-    if kind == "full":
-        if not sep or not k.isdigit() or int(k) <= 0:
-            raise ValueError(f"setting {text!r}: W must be a positive integer (the window in tokens), e.g. full:8192.")
-        return Setting(text, {"mem_layers": [], "max_position_embeddings": int(k), "last_context_length": int(k)})
-    if kind in _TOPK_INDEX:
-        if not sep or not k.isdigit() or int(k) <= 0:
-            raise ValueError(f"setting {text!r}: K must be a positive integer, e.g. {kind}:32.")
-        index = _TOPK_INDEX[kind]
-        if index.startswith("faiss") and importlib.util.find_spec("faiss") is None:
-            raise ValueError(f"setting {text!r} needs FAISS: pip install -e '.[faiss]' (or use topk:{k}).")
-        return Setting(text, {"mem_top_k": int(k), "mem_index": index})
-    raise ValueError(f"unknown setting {text!r}; use one of: {SETTING_HELP}.")
+    """A setting's text -> a ``Setting``: a base (``memory``, ``dense``, ``no-memory``, ``topk:K``, ``topk-flat:K``,
+    ``topk-ivf:K``, ``full:W``, ``hf:W``) and optional ``+KEY=VALUE`` modifiers (module docstring). Raises
+    ``ValueError`` naming the fix; the layers of ``layers=`` are checked against the model when it loads."""
+    base, *parts = text.split("+")
+    overrides, kind = _base_setting(text, base)
+    overrides = dict(overrides)
+    for part in parts:
+        name, value = _modifier(text, kind, part, overrides)
+        overrides[name] = value
+    index = overrides.get("mem_index")
+    if index is not None and index.startswith("faiss") and importlib.util.find_spec("faiss") is None:
+        raise ValueError(f"setting {text!r} needs FAISS: pip install -e '.[faiss]' (or use exact search, topk:K).")
+    if "mem_nprobe" in overrides and index in ("exact", "faiss-flat"):
+        raise ValueError(f"setting {text!r}: nprobe only matters to faiss-ivf, and this setting searches with "
+                         f"{index}; drop nprobe= or use topk-ivf:K.")
+    return Setting(text, overrides, "hf" if kind == "hf" else "fot")
+
+
+def check_full_attention_lengths(settings: list[Setting], lengths: dict[str, list[int]]) -> None:
+    """Before anything loads: a ``ValueError`` when an ``hf:W`` setting is to run at a length above W (``lengths``:
+    setting name -> the prompt lengths it runs at), naming the two fixes."""
+    for s in settings:
+        window = s.overrides.get("max_position_embeddings") if s.backend == "hf" else None
+        over = [n for n in lengths.get(s.name, []) if window is not None and n > window]
+        if over:
+            raise ValueError(f"setting {s.name} runs prompts of at most {window} tokens, not {over}; leave those "
+                             f"lengths out of it (eval/passkey.py: --lengths-for {s.name}=:{window}) or use "
+                             f"hf:{max(over)}.")
+
+
+def setting_overrides(setting: Setting, saved: dict) -> dict:
+    """The ``from_pretrained`` overrides of ``setting`` on a checkpoint whose saved config is ``saved``: a
+    ``window=W`` without ``lcl=`` also sets ``last_context_length`` to min(the saved one, W), so the window can
+    shrink below it."""
+    overrides = dict(setting.overrides)
+    if setting.backend == "fot" and "max_position_embeddings" in overrides and "last_context_length" not in overrides:
+        w_saved = saved.get("max_position_embeddings", 2048)
+        lcl = saved.get("last_context_length") or min(1024, w_saved)  # LongLlamaConfig's default when unsaved
+        overrides["last_context_length"] = min(lcl, overrides["max_position_embeddings"])
+    return overrides
 
 
 def parse_settings(texts: list[str]) -> list[Setting]:
@@ -151,10 +248,18 @@ def check_tokenizer_dir(path: str | os.PathLike, model_dir: Path | None = None) 
 
 
 def load_model(path: Path, setting: Setting, device: str, dtype: str):
-    """``LongLlamaForCausalLM.from_pretrained(path, **setting.overrides)`` in eval mode on ``device``."""
+    """``LongLlamaForCausalLM.from_pretrained(path, **setting_overrides(...))`` in eval mode on ``device``; for an
+    ``hf:W`` setting, transformers' ``LlamaForCausalLM`` on the same weights (``eval.baseline``)."""
     import fot
 
-    kwargs = dict(setting.overrides)
+    if setting.backend == "hf":
+        from eval.baseline import load_full_attention
+
+        dtype_hf = torch.float32 if dtype == "auto" else getattr(torch, dtype)  # "auto": fp32, the fot paths' compute
+        logger.info("%s: transformers LlamaForCausalLM (sdpa, %s) on the weights of %s", setting.name, dtype_hf, path)
+        window = setting.overrides["max_position_embeddings"]
+        return load_full_attention(path, window, dtype_hf).to(device).eval()
+    kwargs = setting_overrides(setting, model_config(Path(path)))
     if dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
     else:
@@ -464,5 +569,10 @@ def cli_main(build_parser, prepare, run, argv: list[str] | None = None):
         fail(parser.prog, str(err))  # one line on stderr, exit status 2
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from eval.baseline import PromptTooLongError
+
     with logging_redirect_tqdm():
-        return run(args, prepared)
+        try:
+            return run(args, prepared)
+        except PromptTooLongError as err:  # found mid-run: the finished trials are logged, so --resume continues
+            fail(parser.prog, str(err))

@@ -54,6 +54,7 @@ from eval.common import (
     add_model_arguments,
     add_run_arguments,
     add_settings_argument,
+    check_full_attention_lengths,
     check_model_args,
     cli_main,
     load_model,
@@ -565,6 +566,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
         raise ValueError(f"--last-context-length {args.last_context_length} exceeds the model's window "
                          f"(max_position_embeddings={window}); use a value <= {window}.")
     args.setting_lengths = parse_lengths_for(args.lengths_for, settings, args.lengths)
+    check_full_attention_lengths(settings, args.setting_lengths)
     per_length = len(args.template) * len(args.depths or [None]) * args.trials
     args.prompts = parse_prompts_for(args.prompts_for, args.lengths, per_length)
     log = open_trials(args, run_config(args, model_dir, tokenizer_dir, settings))

@@ -44,6 +44,7 @@ from eval.common import (
     add_model_arguments,
     add_run_arguments,
     add_settings_argument,
+    check_full_attention_lengths,
     check_model_args,
     cli_main,
     load_model,
@@ -351,6 +352,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
         books = Path(args.books)
         args.book_info = {"path": str(books.resolve()), "digest": file_digest(books)}
     settings, model_dir, tokenizer_dir, _ = check_model_args(args)
+    check_full_attention_lengths(settings, {s.name: args.lengths for s in settings})
     if args.chat_template and getattr(load_tokenizer(tokenizer_dir), "chat_template", None) is None:
         raise ValueError(f"--chat-template: the tokenizer in {str(tokenizer_dir)!r} has no chat template; drop "
                          "--chat-template (RULER's prompts for base models have none).")
