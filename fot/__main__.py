@@ -1,14 +1,15 @@
 """``fot COMMAND ...``: the console script (``python -m fot`` runs the same).
 
 Commands:
-    ask    read long text files once and answer questions about them (``fot.ask``)
+    ask          read long text files once and answer questions about them (``fot.ask``)
+    export-code  copy a checkpoint with its modeling code, to load with trust_remote_code (``fot.export``)
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"ask": "fot.ask"}
+COMMANDS = {"ask": "fot.ask", "export-code": "fot.export"}
 
 
 def main(argv: list[str] | None = None) -> None:
