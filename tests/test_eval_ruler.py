@@ -137,7 +137,10 @@ def test_templates_are_rulers():
 
 
 def test_eval_strings_find_every_prompt_but_not_the_noise(encoder, haystack):
+    from tasks.heldout import eval_only_strings
+
     strings = eval_strings()
+    assert set(strings) <= set(eval_only_strings())  # registered with the scan that keeps them out of training
     assert all(len(s) >= 20 for s in strings) and "One of the special magic" in strings
     assert not any("grass is green" in s for s in strings)
     for name in tasks_ruler.TASKS:
