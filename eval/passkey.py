@@ -28,6 +28,14 @@ tokenize(prompt) when the latter is a prefix of the former ("tail"); otherwise K
 tokens ("separate"). results.json records which. With several templates, a length's accuracy is the mean over
 templates, and each row also holds the per-template (and per-depth) accuracies.
 
+The answer as read: the protocol never sees what the model writes after the answer's last token, so a model that
+copies the key and runs on ("33543" -> "3354359") scores as right, while a user who calls ``generate`` reads the
+wrong number. Each trial therefore generates ``--read-tokens`` (default 4) tokens beyond the answer (greedy
+decoding: the first tokens are the protocol's) and is also scored as a reader reads it: right when the first
+number in the generated text is the key, with no digit after it ("33543." and "33543\nWhat" are right, "3354359"
+and "3354" are not; ``read_answer``). ``accuracy_read`` stands next to ``accuracy`` in every row and breakdown,
+and the tables and plots show both.
+
 Outputs (``--out DIR``): trials.jsonl (each finished trial as it arrives; ``--resume`` continues a killed run
 from it), then at the end results.json (configuration, per setting and length: accuracy, n, token counts,
 seconds, breakdowns and every trial), passkey.png (accuracy against prompt length, log2 axis, window marked) and,
@@ -39,6 +47,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -59,7 +68,8 @@ from eval.common import (
     cli_main,
     load_model,
     open_trials,
-    plot_accuracy,
+    finish_plot,
+    new_figure,
     print_and_write,
     release_memory,
     run_identity,
@@ -70,6 +80,7 @@ from eval.common import (
 from plumbing.cli import ArgumentParser
 from plumbing.tokenizer import load_tokenizer
 from tasks.passkey import DEFAULT_TEMPLATE, GRASS, LANDMARK_PHRASING, TEMPLATES, repeat_text, resolve_templates
+from tasks.passkey_probe import PROBE_TEMPLATES
 
 logger = logging.getLogger("eval.passkey")
 
@@ -77,7 +88,22 @@ TASK, QUESTION = LANDMARK_PHRASING.intro, LANDMARK_PHRASING.question
 FILLER = GRASS.text
 KEY_LOW, KEY_HIGH = 1, 50000  # K in [KEY_LOW, KEY_HIGH)
 MIN_LENGTH = 64
+READ_TOKENS = 4  # tokens generated beyond the answer to score it as read
+NUMBER = re.compile(r"\d+(?:\.\d+)*")  # "33543" and "2.5" are one number each; "33543." ends at the digit
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
+
+
+KNOWN_TEMPLATES = {**TEMPLATES, **PROBE_TEMPLATES}  # --template names; "all" stays the evaluated TEMPLATES
+
+
+def template_names(names: Sequence[str]) -> list[str]:
+    """``--template`` names -> template names: ``resolve_templates`` for the evaluated ones ("all" among them), then
+    any probe template named (tasks/passkey_probe.py), which "all" leaves out."""
+    probes = [n for n in names if n in PROBE_TEMPLATES]
+    if len(set(probes)) != len(probes):
+        raise ValueError(f"--template lists a template twice: {list(names)}.")
+    rest = [n for n in names if n not in PROBE_TEMPLATES]
+    return (resolve_templates(rest) if rest else []) + probes
 
 
 def info_line(key: int) -> str:
@@ -108,7 +134,7 @@ def build_prompt(n_garbage: int, rng: np.random.Generator, template: str = DEFAU
     haystack_seed = int(rng.integers(0, 2**32))  # drawn last, so the split and key match the original's draws
     if depth is not None:
         n_prefix = round(depth * n_garbage)
-    text = TEMPLATES[template].render(key, n_prefix, n_garbage - n_prefix, haystack_seed)
+    text = KNOWN_TEMPLATES[template].render(key, n_prefix, n_garbage - n_prefix, haystack_seed)
     return PasskeyPrompt(text, key, n_garbage, n_prefix)
 
 
@@ -146,7 +172,7 @@ class PromptEncoder:
 
     def chars_per_token(self, template: str = DEFAULT_TEMPLATE) -> float:
         """Characters per token of a template's filler, measured on a long stretch of it."""
-        text = TEMPLATES[template].haystack.sample(40 * len(FILLER))
+        text = KNOWN_TEMPLATES[template].haystack.sample(40 * len(FILLER))
         return len(text) / max(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]), 1)
 
 
@@ -158,7 +184,7 @@ def calibrate_n_garbage(encoder: PromptEncoder, target_tokens: int, template: st
     the middle, until it is within 0.5% (``fit_prompt`` then makes each trial exact).
     """
     cpt = encoder.chars_per_token(template)
-    render = TEMPLATES[template].render
+    render = KNOWN_TEMPLATES[template].render
     overhead = len(encoder.encode(render(25000, 0, 0, 0)))
     n_garbage = max(round((target_tokens - overhead) * cpt), 0)
     for _ in range(iterations):
@@ -278,7 +304,7 @@ def _warn_about_lengths(encoder: PromptEncoder, length: int, trials: list[Trial]
     mean = float(np.mean([tr.tokens for tr in trials]))
     if abs(mean - length) > 0.1 * length:
         names = {tr.template for tr in trials}
-        fixed = max(len(encoder.encode(TEMPLATES[name].render(25000, 0, 0, 0))) for name in names)
+        fixed = max(len(encoder.encode(KNOWN_TEMPLATES[name].render(25000, 0, 0, 0))) for name in names)
         logger.warning("length %d: prompts have %.0f tokens on average; the prompt without filler already has "
                        "%d tokens with this tokenizer", length, mean, fixed)
     elif any(tr.tokens != length for tr in trials):
@@ -303,18 +329,32 @@ def is_correct(predicted: list[int], answer: list[int]) -> bool:
     return list(predicted) == list(answer)
 
 
+def read_answer(text: str) -> str | None:
+    """The number a reader takes as the answer: the first run of digits in ``text`` (with any decimal part), or
+    None when there is none. " 33543. Remember" -> "33543"; " 3354359" -> "3354359"."""
+    match = NUMBER.search(text)
+    return None if match is None else match.group()
+
+
+def is_correct_read(text: str, key: int) -> bool:
+    """The answer as read: the first number in the generated ``text`` is ``key``, with no digit after it."""
+    return read_answer(text) == str(key)
+
+
 def depth_name(depth: float | None) -> str:
     return "uniform" if depth is None else f"{depth:g}"
 
 
 def summarize(records: list[dict]) -> dict:
     """Accuracy of ``records`` as the mean over their templates (pooled within one), with counts."""
-    per_template = defaultdict(list)
-    for r in records:
-        per_template[r["template"]].append(r["correct"])
-    correct = sum(r["correct"] for r in records)
-    accuracy = float(np.mean([100.0 * sum(v) / len(v) for v in per_template.values()]))
-    return {"accuracy": accuracy, "correct": correct, "n": len(records)}
+    out = {}
+    for field, suffix in (("correct", ""), ("correct_read", "_read")):
+        per_template = defaultdict(list)
+        for r in records:
+            per_template[r["template"]].append(r[field])
+        out[f"accuracy{suffix}"] = float(np.mean([100.0 * sum(v) / len(v) for v in per_template.values()]))
+        out[f"correct{suffix}"] = sum(r[field] for r in records)
+    return {**out, "n": len(records)}
 
 
 def trial_key(setting: str, tr: Trial) -> tuple:
@@ -327,19 +367,26 @@ def logged_trial(log: TrialLog | None, setting: str, tr: Trial) -> dict | None:
     return None if log is None else log.get(trial_key(setting, tr), key=tr.key, tokens=tr.tokens)
 
 
-def score_trial(model, tr: Trial, device, **generate_kwargs) -> dict:
-    """One trial's result record, with the seconds it took (not part of results.json's record)."""
+def score_trial(model, tr: Trial, tokenizer, device, read_tokens: int = READ_TOKENS, **generate_kwargs) -> dict:
+    """One trial's result record, with the seconds it took (not part of results.json's record): the protocol's
+    score on the first ``len(answer_ids)`` generated tokens, the score as read on them and ``read_tokens`` more."""
     start = time.perf_counter()
-    predicted = greedy_answer(model, tr.prompt_ids, len(tr.answer_ids), device, **generate_kwargs)
+    n = len(tr.answer_ids)
+    generated = greedy_answer(model, tr.prompt_ids, n + read_tokens, device, **generate_kwargs)
+    text = tokenizer.decode(generated, skip_special_tokens=True)
     return {"trial": tr.trial, "template": tr.template, "depth": tr.depth, "key": tr.key, "tokens": tr.tokens,
             "n_garbage": tr.n_garbage, "n_prefix": tr.n_prefix, "answer_ids": tr.answer_ids,
-            "predicted_ids": predicted, "answer_method": tr.answer_method,
-            "correct": is_correct(predicted, tr.answer_ids), "seconds": time.perf_counter() - start}
+            "predicted_ids": generated[:n], "read_ids": generated[n:], "read_text": text,
+            "answer_read": read_answer(text), "answer_method": tr.answer_method,
+            "correct": is_correct(generated[:n], tr.answer_ids), "correct_read": is_correct_read(text, tr.key),
+            "seconds": time.perf_counter() - start}
 
 
-def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "passkey", log: TrialLog | None = None,
-             setting: str = "", **generate_kwargs) -> list[dict]:
+def evaluate(model, trials: dict[int, list[Trial]], tokenizer, device="cpu", desc: str = "passkey",
+             log: TrialLog | None = None, setting: str = "", read_tokens: int = READ_TOKENS,
+             **generate_kwargs) -> list[dict]:
     """Score every trial; returns one summary per length with its trials (tqdm progress over all trials).
+    ``tokenizer`` decodes the generated tokens for the score as read (``score_trial``).
 
     With ``log``, trials it holds for ``setting`` are taken from it (``model`` is then not called for them) and
     each new one is appended to it as soon as it is scored. A row's accuracy is the mean over templates;
@@ -354,7 +401,7 @@ def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "p
             for tr in ts:
                 record = logged_trial(log, setting, tr)
                 if record is None:
-                    record = score_trial(model, tr, device, **generate_kwargs)
+                    record = score_trial(model, tr, tokenizer, device, read_tokens, **generate_kwargs)
                     release_memory()
                     if log is not None:
                         log.put(trial_key(setting, tr), record)
@@ -370,7 +417,7 @@ def evaluate(model, trials: dict[int, list[Trial]], device="cpu", desc: str = "p
                 row["by_depth"] = {depth_name(d): summarize([r for r in records if r["depth"] == d])
                                    for d in dict.fromkeys(r["depth"] for r in records)}
             rows.append({**row, "trials": records})
-            bar.set_postfix(length=length, acc=f"{row['accuracy']:.0f}%")
+            bar.set_postfix(length=length, acc=f"{row['accuracy']:.0f}%", read=f"{row['accuracy_read']:.0f}%")
     return rows
 
 
@@ -379,50 +426,77 @@ def row_at(rows: list[dict], length: int) -> dict | None:
     return next((r for r in rows if r["length"] == length), None)
 
 
+def both(row: dict) -> str:
+    """A row's two accuracies as a table cell: "protocol / as read", in %."""
+    return f"{row['accuracy']:.1f} / {row['accuracy_read']:.1f}%"
+
+
 def format_table(lengths: list[int], results: dict[str, list[dict]]) -> str:
-    """Rows = requested lengths with the actual mean token count, columns = settings (accuracy % and n; "-" where
-    a setting does not run at that length)."""
+    """Rows = requested lengths with the actual mean token count, columns = settings (accuracy % of the protocol
+    and as read, and n; "-" where a setting does not run at that length)."""
     names = list(results)
-    width = max([14] + [len(n) + 2 for n in names])
+    width = max([22] + [len(n) + 2 for n in names])
     header = f"{'length':>8} {'tokens':>8}" + "".join(f"{n:>{width}}" for n in names)
-    lines = [header, "-" * len(header)]
+    lines = ["accuracy %: protocol / as read (n)", header, "-" * len(header)]
     for length in lengths:
         rows = [row_at(results[n], length) for n in names]
         first = next(r for r in rows if r is not None)
-        cells = "".join(f"{'-':>{width}}" if r is None else f"{r['accuracy']:>{width - 6}.1f}% ({r['n']:>2})"
-                        for r in rows)
+        cells = "".join(f"{'-':>{width}}" if r is None else f"{both(r):>{width - 5}} ({r['n']:>2})" for r in rows)
         lines.append(f"{length:>8} {first['mean_tokens']:>8.0f}{cells}")
     return "\n".join(lines)
 
 
 def format_breakdown(lengths: list[int], results: dict[str, list[dict]], field: str, label: str) -> str:
-    """Rows = (length, template or depth) from each row's ``field`` breakdown, columns = settings (accuracy %)."""
+    """Rows = (length, template or depth) from each row's ``field`` breakdown, columns = settings (accuracy % of
+    the protocol and as read)."""
     names = list(results)
     groups = list(next(iter(results.values()))[0][field])
-    width = max([12] + [len(n) + 2 for n in names])
+    width = max([16] + [len(n) + 2 for n in names])
     first = max([len(label)] + [len(g) for g in groups]) + 2
     header = f"{'length':>8}  {label:<{first}}" + "".join(f"{n:>{width}}" for n in names)
     lines = [header, "-" * len(header)]
     for length in lengths:
         rows = [row_at(results[n], length) for n in names]
         for g in groups:
-            cells = "".join(f"{'-':>{width}}" if r is None else f"{r[field][g]['accuracy']:>{width - 1}.1f}%"
-                            for r in rows)
+            cells = "".join(f"{'-':>{width}}" if r is None else f"{both(r[field][g]):>{width}}" for r in rows)
             lines.append(f"{length:>8}  {g:<{first}}{cells}")
     return "\n".join(lines)
 
 
-def accuracy_curve(rows: list[dict], lengths: list[int], field: str | None = None, group: str | None = None) -> list:
-    """Accuracy per length (NaN where the setting did not run: plots leave a gap)."""
+def accuracy_curve(rows: list[dict], lengths: list[int], field: str | None = None, group: str | None = None,
+                   score: str = "accuracy") -> list:
+    """Accuracy per length (NaN where the setting did not run: plots leave a gap); ``score`` "accuracy" (the
+    protocol) or "accuracy_read" (as read)."""
     out = []
     for length in lengths:
         r = row_at(rows, length)
-        out.append(float("nan") if r is None else (r if field is None else r[field][group])["accuracy"])
+        out.append(float("nan") if r is None else (r if field is None else r[field][group])[score])
     return out
 
 
+SCORES = {"accuracy": "protocol", "accuracy_read": "as read"}
+
+
+def plot_both(path: Path, xs: list[int], curves: dict[str, dict[str, list[float]]], window: int, title: str,
+              xlabel: str = "prompt length (tokens)") -> None:
+    """Accuracy (%) against ``xs`` on a log2 axis, window marked: one colour per setting, a solid line for the
+    protocol's score and a dashed one for the score as read (``curves[setting][score]``)."""
+    fig, ax = new_figure()
+    for i, (name, scores) in enumerate(curves.items()):
+        for score, style, marker in (("accuracy", "-", "o"), ("accuracy_read", "--", "x")):
+            ax.plot(xs, scores[score], color=f"C{i}", linestyle=style, marker=marker, alpha=0.85,
+                    label=f"{name}, {SCORES[score]}")
+    ax.axvline(window, color="grey", linestyle="--", linewidth=1)
+    ax.annotate(f" window {window}", (window, 103), color="grey", fontsize=8, va="bottom")
+    ax.set(ylim=(-3, 110), xlabel=xlabel, ylabel="accuracy (%)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(n) for n in xs], rotation=45 if len(xs) > 8 else 0)
+    finish_plot(fig, ax, path, title)
+
+
 def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[dict]], title: str) -> None:
-    """One panel per setting: accuracy (%) by depth (rows, 0 = key at the start) and length (columns)."""
+    """One panel per setting (columns) and score (rows: the protocol's, as read): accuracy (%) by depth (a panel's
+    rows, 0 = key at the start) and length (its columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,10 +506,11 @@ def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[d
     names = list(results)
     depths = list(results[names[0]][0]["by_depth"])  # every setting runs at one length at least
     panel = max(2.4, 0.75 * len(lengths))
-    fig, axes = plt.subplots(1, len(names), figsize=(1.6 + panel * len(names), 1.8 + 0.45 * len(depths)),
+    fig, axes = plt.subplots(2, len(names), figsize=(1.6 + panel * len(names), 2.6 + 0.9 * len(depths)),
                              sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], names):
-        acc = np.array([accuracy_curve(results[name], lengths, "by_depth", d) for d in depths])
+    for (row, score), (col, name) in ((rs, cn) for rs in enumerate(SCORES) for cn in enumerate(names)):
+        ax = axes[row][col]
+        acc = np.array([accuracy_curve(results[name], lengths, "by_depth", d, score) for d in depths])
         image = ax.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap="viridis", aspect="auto")
         for (i, j), value in np.ndenumerate(acc):
             if np.isnan(value):  # a length this setting does not run at (--lengths-for): left blank
@@ -444,10 +519,11 @@ def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[d
                     color="white" if value < 60 else "black")  # readable on both ends of the colormap
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_title(name, fontsize=9)
-    axes[0][0].set_yticks(range(len(depths)), depths)
-    axes[0][0].set_ylabel("depth of the key (0 = start)")
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)")
+        ax.set_title(f"{name}, {SCORES[score]}", fontsize=9)
+    for row in axes:
+        row[0].set_yticks(range(len(depths)), depths)
+        row[0].set_ylabel("depth of the key (0 = start)")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy (%)")
     fig.suptitle(title, fontsize=10, y=1.02)
     save_figure(fig, path, bbox_inches="tight")
 
@@ -460,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prompt lengths in tokens (default: {' '.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--trials", type=int, default=20, help="prompts per length, template and depth (default 20)")
     p.add_argument("--template", nargs="+", default=[DEFAULT_TEMPLATE],
-                   help=f"prompt templates: all, or any of {', '.join(TEMPLATES)} (default {DEFAULT_TEMPLATE})")
+                   help=f"prompt templates: all, or any of {', '.join(TEMPLATES)} (default {DEFAULT_TEMPLATE}); "
+                        f"also {', '.join(PROBE_TEMPLATES)}, a one-off check that 'all' leaves out")
     p.add_argument("--depths", type=float, nargs="+",
                    help="place the key at these fractions of the filler (0 = start, 1 = end) instead of a uniform "
                         "split, and plot a length x depth heatmap")
@@ -476,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy for generate()")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (length, trial) is seeded from it")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to prompts")
+    p.add_argument("--read-tokens", type=int, default=READ_TOKENS,
+                   help=f"tokens generated beyond the answer for the score as read (default {READ_TOKENS})")
     add_run_arguments(p, "output directory for trials.jsonl, results.json, passkey.png (and passkey_depth.png); "
                          "checked before any model is loaded")
     return p
@@ -486,7 +565,7 @@ def run_config(args, model_dir: Path, tokenizer_dir: Path, settings: list[Settin
     return {**run_identity("passkey", args, model_dir, tokenizer_dir, settings), "lengths": sorted(args.lengths),
             "trials": args.trials, "templates": args.template, "depths": args.depths,
             "last_context_length": args.last_context_length, "cache_policy": args.cache_policy,
-            **({"lengths_for": args.lengths_for} if args.lengths_for else {}),
+            "read_tokens": args.read_tokens, **({"lengths_for": args.lengths_for} if args.lengths_for else {}),
             **({"prompts_for": args.prompts_for} if args.prompts_for else {})}
 
 
@@ -552,7 +631,10 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
         raise ValueError(f"--lengths lists a length twice: {args.lengths}.")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}.")
-    args.template = resolve_templates(args.template)
+    if args.read_tokens < 1:
+        raise ValueError(f"--read-tokens must be >= 1 (the score as read looks past the answer), got "
+                         f"{args.read_tokens}.")
+    args.template = template_names(args.template)
     if args.depths is not None:
         if any(not 0.0 <= d <= 1.0 for d in args.depths):
             raise ValueError(f"--depths {args.depths}: depths are fractions of the filler in [0, 1].")
@@ -608,22 +690,24 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
             log, setting, pending, lambda: load_model(model_dir, setting, args.device, args.dtype),
             lambda cfg: describe_setting(setting, cfg, args))
         start = time.perf_counter()
-        results[setting.name] = evaluate(model, mine, args.device, desc=setting.name, log=log,
-                                         setting=setting.name, **gen_kwargs)
+        results[setting.name] = evaluate(model, mine, encoder.tokenizer, args.device, desc=setting.name, log=log,
+                                         setting=setting.name, read_tokens=args.read_tokens, **gen_kwargs)
         logger.info("%s: %.1f s", setting.name, time.perf_counter() - start)
         del model
     window = configs[settings[-1].name]["window"]
 
     fields = {"lengths": lengths, "trials": args.trials, "templates": args.template, "depths": args.depths,
-              "seed": args.seed, "bos": encoder.add_bos, "setting_lengths": args.setting_lengths,
+              "read_tokens": args.read_tokens, "seed": args.seed, "bos": encoder.add_bos,
+              "setting_lengths": args.setting_lengths,
               "prompts_per_length": {n: len(trials[n]) for n in lengths}}
     methods = [tr.answer_method for ts in trials.values() for tr in ts]
     report = run_report("passkey", args, model_dir, tokenizer_dir, window, fields, configs, results, methods)
     tables = [format_table(lengths, results)]
+    both_scores = "(accuracy %: protocol / as read)"
     if len(args.template) > 1:
-        tables.append("\nper template (accuracy %)\n" + format_breakdown(lengths, results, "by_template", "template"))
+        tables.append(f"\nper template {both_scores}\n" + format_breakdown(lengths, results, "by_template", "template"))
     if args.depths:
-        tables.append("\nper depth (accuracy %)\n" + format_breakdown(lengths, results, "by_depth", "depth"))
+        tables.append(f"\nper depth {both_scores}\n" + format_breakdown(lengths, results, "by_depth", "depth"))
     return print_and_write(args, report, "\n".join(tables), plots(report, model_dir.name))
 
 
@@ -639,11 +723,12 @@ def plots(report: dict, model_name: str) -> dict:
     """passkey.png and, with depths, passkey_depth.png, each as a function of the path to draw it to."""
     lengths, results, templates = report["lengths"], report["results"], report["templates"]
     what = templates[0] if len(templates) == 1 else f"mean of {len(templates)} templates"
-    accuracy = {n: accuracy_curve(rows, lengths) for n, rows in results.items()}
+    accuracy = {n: {score: accuracy_curve(rows, lengths, score=score) for score in SCORES}
+                for n, rows in results.items()}
     per = "template and depth" if report["depths"] else "template" if len(templates) > 1 else "length"
     n = report["trials"]
     title = f"passkey retrieval: {model_name}, {what} ({n} trial{'s' if n > 1 else ''} per {per})"
-    out = {"passkey.png": lambda path: plot_accuracy(path, lengths, accuracy, report["window"], title)}
+    out = {"passkey.png": lambda path: plot_both(path, lengths, accuracy, report["window"], title)}
     if report["depths"]:
         depth_title = f"passkey accuracy by key depth: {model_name}, {what}"
         out["passkey_depth.png"] = lambda path: plot_depth_heatmap(path, lengths, results, depth_title)

@@ -9,11 +9,13 @@ between its lengths. This tool instead walks the filler length: for every templa
 STEP`` (filler characters) and every generator ``g < --generators``, the prompt is
 ``eval.passkey.build_prompt(n, numpy.random.default_rng([g, n, 99]), template, depth)``, so the key differs per
 prompt and the key line sits at ``--depth`` of the filler. Each prompt is tokenized, answered greedily and scored
-by exact match as eval/passkey.py scores a trial, in one ``--setting`` (default dense ``memory``).
+as eval/passkey.py scores a trial, in one ``--setting`` (default dense ``memory``): by exact match on the answer's
+tokens (the protocol) and as read, on ``eval.passkey.READ_TOKENS`` tokens more.
 
-It prints, per template, the share right, the token lengths of the misses and their most common first answer word,
-and writes ``results.json`` (every prompt's record) and ``sweep.png`` (each prompt a point at its token length, one
-row per template, misses in red) to ``--out``.
+It prints, per template, the share right both ways, the token lengths of the misses and their most common first
+answer word, and writes ``results.json`` (every prompt's record) and ``sweep.png`` (each prompt a point at its token
+length, one row per template: right both ways in green, right by the protocol but wrong as read in orange, wrong in
+red) to ``--out``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from tqdm import tqdm
 
 from eval.common import (add_model_arguments, add_run_arguments, check_model_args, check_vocab, cli_main, load_model,
                          new_figure, print_and_write, run_report, save_figure)
-from eval.passkey import PromptEncoder, build_prompt, greedy_answer, is_correct
+from eval.passkey import (READ_TOKENS, PromptEncoder, build_prompt, greedy_answer, is_correct, is_correct_read,
+                          template_names)
 from plumbing.files import check_out_dir
 from plumbing.tokenizer import load_tokenizer
-from tasks.passkey import resolve_templates
 
 
 def sweep_prompts(encoder: PromptEncoder, template: str, chars: range, generators: int, depth: float) -> list[dict]:
@@ -48,37 +50,44 @@ def sweep_prompts(encoder: PromptEncoder, template: str, chars: range, generator
 
 
 def summarize_template(records: list[dict], tokenizer) -> dict:
-    """Right / total, the misses' token lengths and their most common first answer word."""
+    """Right / total (by the protocol and as read), the misses' token lengths and their most common first answer
+    word."""
     misses = [r for r in records if not r["correct"]]
     words = Counter((tokenizer.decode(r["predicted_ids"]).split() or [""])[0] for r in misses)
-    return {"right": len(records) - len(misses), "n": len(records),
+    return {"right": len(records) - len(misses), "right_read": sum(r["correct_read"] for r in records),
+            "n": len(records),
             "miss_tokens": sorted(r["tokens"] for r in misses),
             "miss_first_word": words.most_common(1)[0][0] if misses else None,
             "tokens": [min(r["tokens"] for r in records), max(r["tokens"] for r in records)]}
 
 
 def format_summary(summary: dict[str, dict]) -> str:
-    lines = [f"{'template':<16} {'right':>9}  prompt tokens  misses at tokens (most common first word)"]
+    lines = [f"{'template':<16} {'right':>9} {'as read':>9}  prompt tokens  misses at tokens (most common first word)"]
     for name, s in summary.items():
         span = f"{s['tokens'][0]}-{s['tokens'][1]}"
         miss = ", ".join(map(str, s["miss_tokens"])) or "-"
         word = f" ({s['miss_first_word']!r})" if s["miss_first_word"] is not None else ""
-        lines.append(f"{name:<16} {s['right']:>4}/{s['n']:<4}  {span:>13}  {miss}{word}")
-    total = sum(s["right"] for s in summary.values()), sum(s["n"] for s in summary.values())
-    lines.append(f"{'all':<16} {total[0]:>4}/{total[1]:<4}")
+        lines.append(f"{name:<16} {s['right']:>4}/{s['n']:<4} {s['right_read']:>4}/{s['n']:<4}  {span:>13}  "
+                     f"{miss}{word}")
+    right, read, n = (sum(s[k] for s in summary.values()) for k in ("right", "right_read", "n"))
+    lines.append(f"{'all':<16} {right:>4}/{n:<4} {read:>4}/{n:<4}")
     return "\n".join(lines)
 
 
 def plot_sweep(path: Path, records: list[dict], templates: list[str], window: int, title: str) -> None:
-    """One row per template; each prompt a point at its token length, green if right, red if not."""
+    """One row per template; each prompt a point at its token length: green if right both ways, orange if right by
+    the protocol but wrong as read, red if wrong."""
     fig, ax = new_figure()
     generators = 1 + max(r["generator"] for r in records)
     for row, name in enumerate(templates):
         mine = [r for r in records if r["template"] == name]
-        for ok, color, label in ((True, "tab:green", "right"), (False, "tab:red", "wrong")):
-            xs = [r["tokens"] for r in mine if r["correct"] == ok]
+        groups = (((True, True), "tab:green", "right"), ((True, False), "tab:orange", "right, wrong as read"),
+                  ((False, None), "tab:red", "wrong"))
+        for (ok, read), color, label in groups:
+            kept = [r for r in mine if r["correct"] == ok and read in (None, r["correct_read"])]
+            xs = [r["tokens"] for r in kept]
             # each generator's prompts on their own line within the template's row (within +-0.15 of it)
-            jitter = [row + 0.3 * (r["generator"] / max(generators - 1, 1) - 0.5) for r in mine if r["correct"] == ok]
+            jitter = [row + 0.3 * (r["generator"] / max(generators - 1, 1) - 0.5) for r in kept]
             ax.scatter(xs, jitter, s=14, color=color, label=label if row == 0 else None, alpha=0.8)
     ax.axvline(window, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(-0.7, len(templates) - 0.5)
@@ -116,7 +125,7 @@ def validate_args(args):
         raise ValueError(f"--generators must be >= 1, got {args.generators}.")
     if not 0.0 <= args.depth <= 1.0:
         raise ValueError(f"--depth must be in [0, 1], got {args.depth}.")
-    args.template = resolve_templates(args.template)
+    args.template = template_names(args.template)
     if args.out:
         check_out_dir(args.out)  # before the model is loaded, so a bad --out fails at once
     return settings[0], model_dir, tokenizer_dir, config
@@ -135,9 +144,13 @@ def run(args, prepared) -> dict:
     model = load_model(model_dir, setting, args.device, args.dtype)
     records = []
     for r in tqdm(prompts, desc=f"sweep {setting.name}", unit="prompt"):
-        predicted = greedy_answer(model, r["prompt_ids"], len(r["answer_ids"]), args.device)
+        n = len(r["answer_ids"])
+        generated = greedy_answer(model, r["prompt_ids"], n + READ_TOKENS, args.device)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
         records.append({k: v for k, v in r.items() if k != "prompt_ids"}
-                       | {"predicted_ids": predicted, "correct": is_correct(predicted, r["answer_ids"])})
+                       | {"predicted_ids": generated[:n], "read_ids": generated[n:], "read_text": text,
+                          "correct": is_correct(generated[:n], r["answer_ids"]),
+                          "correct_read": is_correct_read(text, r["key"])})
     summary = {t: summarize_template([r for r in records if r["template"] == t], tokenizer) for t in args.template}
     window = model.config.max_position_embeddings
     fields = {"templates": args.template, "chars": [lo, hi, step], "generators": args.generators,

@@ -109,6 +109,52 @@ def test_value_matches(generated, value, expected):
     assert lookup.value_matches(generated, value) is expected
 
 
+class ScriptedCache:
+    """Stands in for a prefilled cache: room for any query, and forks that are itself."""
+
+    def __init__(self, seen: int):
+        self.seen_tokens, self.free_tokens = seen, 10**6
+
+    def fork(self):
+        return self
+
+    copy = fork
+
+
+class ScriptedModel:
+    """Stands in for a model: a forward returns a ``ScriptedCache``; generate() appends the scripted tokens of each
+    query."""
+
+    def __init__(self, script: dict):
+        self.script = script
+
+    def __call__(self, input_ids, **kwargs):
+        return type("Output", (), {"cache": ScriptedCache(input_ids.shape[1])})()
+
+    def generate(self, input_ids, attention_mask=None, cache=None, max_new_tokens=None, **kwargs):
+        assert attention_mask.shape[1] == cache.seen_tokens + input_ids.shape[1]
+        new = self.script[tuple(input_ids[0].tolist())][:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+def test_the_answer_as_read_is_the_first_number_with_no_digit_after_it(encoder):
+    """Scripted models that give the value and stop, give it and start the next line, or give it and keep writing
+    digits: the protocol counts all three right, the score as read only the first two."""
+    dictionaries = lookup.make_dictionaries(encoder, [512], trials=1, queries=4, seed=3, window=WINDOW)
+    queries = [q for d in dictionaries[512] for q in d.queries]
+    tok = encoder.tokenizer
+    newline, key, digit = tok.convert_tokens_to_ids(["<0x0A>", "▁ke", "7"])
+    assert tok.unk_token_id not in (newline, key, digit)
+    for tail, read in (([], 100.0), ([newline, key], 100.0), ([digit, newline], 0.0)):
+        model = ScriptedModel({tuple(q.query_ids): q.answer_ids + tail for q in queries})
+        (row,) = lookup.evaluate(model, dictionaries, tok)
+        assert (row["accuracy"], row["accuracy_read"], row["correct_read"]) == (100.0, read, 4 * bool(read))
+        for q, got in zip(queries, row["dictionaries"][0]["queries"]):
+            assert got["predicted_ids"] == q.answer_ids and got["read_ids"] == tail[:lookup.READ_TOKENS]
+            assert got["read_text"] == tok.decode(q.answer_ids + tail, skip_special_tokens=True)
+            assert got["correct"] and got["correct_read"] == bool(read)
+
+
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_end_to_end_on_the_shipped_model(tmp_path, capsys):
     out = tmp_path / "out"
@@ -127,10 +173,12 @@ def test_cli_end_to_end_on_the_shipped_model(tmp_path, capsys):
             queries = [q for d in r["dictionaries"] for q in d["queries"]]
             assert r["n"] == len(queries) == 4 and r["correct"] == sum(q["correct"] for q in queries)
             assert r["accuracy"] == 100.0 * r["correct"] / 4
+            assert r["accuracy_read"] == 100.0 * r["correct_read"] / 4
             assert r["max_tokens"] <= r["size"]
             for q in queries:
                 assert q["predicted_text"] == tok.decode(q["predicted_ids"], skip_special_tokens=True)
                 assert q["correct"] == lookup.value_matches(q["predicted_text"], q["value"])
+                assert q["correct_read"] == lookup.is_correct_read(q["read_text"], q["value"])
                 assert len(q["predicted_ids"]) <= len(q["answer_ids"]) and q["distance"] >= WINDOW
     keys = {n: [q["key"] for r in rows for d in r["dictionaries"] for q in d["queries"]]
             for n, rows in saved["results"].items()}
@@ -143,6 +191,7 @@ def test_cli_end_to_end_on_the_shipped_model(tmp_path, capsys):
     (["--sizes", "512", "512"], "lists a size twice"),
     (["--queries", "0"], "--queries must be >= 1"),
     (["--trials", "0"], "--trials must be >= 1"),
+    (["--read-tokens", "0"], "--read-tokens must be >= 1"),
     (["--sizes", "300", "--queries", "40"], "fewer than --queries 40"),
     (["--last-context-length", "129"], "must be in [1, 128]"),
     (["--settings", "bogus"], "unknown setting 'bogus'"),

@@ -193,7 +193,7 @@ def test_the_registry_has_three_haystacks_and_two_phrasings_beyond_landmark():
     assert DEFAULT_TEMPLATE == "landmark"
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
+@pytest.mark.parametrize("name", list(passkey.KNOWN_TEMPLATES))
 def test_every_template_hits_the_exact_length_with_the_key_at_the_depth(tiny_encoder, name):
     depths = [0.0, 0.25, 0.5, 0.75, 1.0]
     trials = passkey.make_trials(tiny_encoder, [256, 3000], 2, seed=4, templates=[name], depths=depths)
@@ -225,6 +225,25 @@ def test_the_answer_is_recoverable_from_every_template(tiny_encoder, name):
         assert text.endswith(QUESTION_ENDS[phrasing])
         assert t.answer_method == "tail"
         assert tiny_encoder.tokenizer.decode(t.answer_ids).strip() == str(t.key)
+
+
+def test_the_probe_template_is_named_only_and_its_strings_are_held_out():
+    """tasks/passkey_probe.py's keeper-log: left out of "all" (make demo, validation), run when named, and every one
+    of its strings is an evaluation string that the training scan refuses."""
+    from tasks.heldout import Scanner, forbidden_strings
+    from tasks.passkey_probe import PROBE_TEMPLATES
+
+    probe = PROBE_TEMPLATES["keeper-log"]
+    assert "keeper-log" not in resolve_templates(["all"]) and "keeper-log" not in TEMPLATES
+    assert passkey.template_names(["all", "keeper-log"]) == [*TEMPLATES, "keeper-log"]
+    held_out, forbidden = set(eval_only_strings()), set(forbidden_strings())
+    p, fragments = probe.phrasing, [f for pattern in probe.haystack.patterns for f in literal_fragments(pattern)]
+    assert len(fragments) >= len(probe.haystack.patterns)
+    assert {p.intro, p.question, *literal_fragments(p.key_line), *fragments} <= held_out
+    assert "The supply locker opens with" in forbidden  # the answer stem, as for every phrasing
+    text = probe.render(12345, 400, 300, seed=3)
+    for line in text.split("\n"):
+        assert Scanner().find(line) is not None, line  # each of its five lines alone is caught
 
 
 def test_templates_differ_and_pair_their_keys():
@@ -345,6 +364,7 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
                            "memory", "no-memory", "topk:4", "--threads", "1", "--device", "cpu", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "memory" in printed and "no-memory" in printed and "topk:4" in printed
+    assert "protocol / as read" in printed
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["lengths"] == [64, 160] and saved["window"] == 64 and saved["trials"] == 2
@@ -358,6 +378,7 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
         assert [r["length"] for r in rows] == [64, 160]
         for r in rows:
             assert r["n"] == 2 and len(r["trials"]) == 2 and r["accuracy"] == 100.0 * r["correct"] / 2
+            assert r["accuracy_read"] == 100.0 * r["correct_read"] / 2
             assert abs(r["mean_tokens"] - 160) <= 16 if r["length"] == 160 else r["mean_tokens"] >= 64
             for t in r["trials"]:
                 assert len(t["predicted_ids"]) <= len(t["answer_ids"])
@@ -622,6 +643,7 @@ def test_sweep_walks_every_length_and_generator_and_scores_exactly(model_dir, en
                                  r["template"], 0.0)
         assert (p.key, p.n_prefix) == (r["key"], 0) and len(encoder.encode(p.text)) == r["tokens"]
         assert r["correct"] == (r["predicted_ids"] == r["answer_ids"])
+        assert r["correct_read"] == passkey.is_correct_read(r["read_text"], r["key"])
     assert len({r["key"] for r in records if r["template"] == "landmark"}) == 6  # each prompt draws its own key
     for name, s in report["summary"].items():
         mine = [r for r in records if r["template"] == name]
@@ -642,8 +664,15 @@ def test_sweep_counts_a_model_that_knows_the_keys_as_all_right(model_dir, encode
     monkeypatch.setattr(passkey_sweep, "load_model", lambda *args: knows)
     report = passkey_sweep.main(["--model", str(model_dir), "--template", "landmark", "number-ledger", "--chars",
                                  "50", "130", "40", "--generators", "2", "--depth", "0.5", "--device", "cpu"])
-    assert {name: (s["right"], s["n"], s["miss_first_word"]) for name, s in report["summary"].items()} == {
-        "landmark": (6, 6, None), "number-ledger": (6, 6, None)}
+    assert {name: (s["right"], s["right_read"], s["n"], s["miss_first_word"])
+            for name, s in report["summary"].items()} == {"landmark": (6, 6, 6, None), "number-ledger": (6, 6, 6, None)}
+    digit = encoder.tokenizer.convert_tokens_to_ids("7")
+    runs_on = ScriptedModel({k: v + [digit] for k, v in knows.script.items()})  # the key, then one digit more
+    runs_on.config = knows.config
+    monkeypatch.setattr(passkey_sweep, "load_model", lambda *args: runs_on)
+    report = passkey_sweep.main(["--model", str(model_dir), "--template", "landmark", "--chars", "50", "130", "40",
+                                 "--generators", "2", "--depth", "0.5", "--device", "cpu"])
+    assert (report["summary"]["landmark"]["right"], report["summary"]["landmark"]["right_read"]) == (6, 0)
     wrong = ScriptedModel({k: [v[0] + 1] + v[1:] for k, v in knows.script.items()})
     wrong.config = knows.config
     monkeypatch.setattr(passkey_sweep, "load_model", lambda *args: wrong)

@@ -31,8 +31,10 @@ def evaluation_strings() -> list[str]:
     """Every evaluation string, read from tasks/passkey.py and tasks/lookup.py independently of tasks/heldout.py: the eval-only
     list, each template's task line, question, answer stem and key-line fragments, the sentences of repeated
     fillers, the literal fragments of generated haystacks and the lookup header."""
+    from tasks.passkey_probe import PROBE_TEMPLATES  # issue 33's one-off check is an evaluation too
+
     out = set(eval_only_strings()) | {LOOKUP_HEADER}
-    for template in TEMPLATES.values():
+    for template in (*TEMPLATES.values(), *PROBE_TEMPLATES.values()):
         p, h = template.phrasing, template.haystack
         out |= {p.intro, p.question, p.question.split("? ")[-1], *literal_fragments(p.key_line)}
         if isinstance(h, RepeatedFiller):

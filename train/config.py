@@ -98,6 +98,9 @@ class DataConfig:
             after "the <name> is" (``train.synthetic.MENTION_LINES``), before or after its key line.
         mix_named_intros: for ``synthetic_mix``, the probability that a recall document opens with a line naming
             its first asked key with no value (``train.synthetic.NAMED_INTROS``), in place of its intro.
+        mix_answer_ends: for ``synthetic_mix``, put the loss on the character after each recall and lookup answer
+            ("." or a line break) too, so that the model learns where an answer ends (a copied number otherwise
+            runs on into more digits).
         mix_short_recall: for ``synthetic_mix``, the probability that a recall document is short: its length is
             drawn from ``mix_short_recall_tokens`` instead, so its opening line, key line and question share one
             or two windows (the rest of its pack is padding).
@@ -138,6 +141,7 @@ class DataConfig:
     mix_haystacks: dict[str, float] | None = None
     mix_mentions: float = 0.0
     mix_named_intros: float = 0.0
+    mix_answer_ends: bool = False
     mix_short_recall: float = 0.0
     mix_short_recall_tokens: list[int] = field(default_factory=lambda: [96, 256])
     passkey_fraction: float = 0.0

@@ -267,7 +267,7 @@ def build_mix(d, tokenizer, doc_tokens: int, seed: int):
                         value_kinds=d.mix_values, max_keys=d.mix_max_keys, lookup_keys=d.mix_lookup_keys,
                         haystacks=d.mix_haystacks, mentions=d.mix_mentions,
                         named_intros=d.mix_named_intros, short_recall=d.mix_short_recall,
-                        short_recall_tokens=tuple(d.mix_short_recall_tokens))
+                        short_recall_tokens=tuple(d.mix_short_recall_tokens), answer_ends=d.mix_answer_ends)
 
 
 def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, world: int) -> PackedBatches:

@@ -368,13 +368,25 @@ def records(n_chars: int, rng: np.random.Generator, tallies: float = 0.0) -> str
     return (text[:cut] if cut > n_chars // 2 else text).strip()
 
 
+def answer_end(answer: str, after: str, ends: bool) -> list:
+    """An answer and the text after it, as parts. With ``ends``, the first character after the answer ("." or a
+    line break) carries the loss too. Without it, nothing trains the step after an answer's last token, so a
+    model that copies a five-digit value has never learned to stop there and runs on into more digits
+    ("33543" -> "3354359"; values have one to nine digits)."""
+    if not ends:
+        return [Target(answer), after]
+    return [Target(answer + after[:1]), after[1:]]
+
+
 def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = tuple(VALUE_KINDS),
-                 max_keys: int = 4, mentions: float = 0.0, named_intros: float = 0.0) -> list:
+                 max_keys: int = 4, mentions: float = 0.0, named_intros: float = 0.0,
+                 answer_ends: bool = False) -> list:
     """One to ``max_keys`` named values (of ``value_kinds``) among the haystack, then questions about one to three
     of them. With probability ``mentions`` per key, a ``MENTION_LINES`` sentence also names it, with words and no
     value after "the <name> is", at its own random depth (before or after the key line): an answer copied from the
     first "the <name> is" in the text is then often wrong. With probability ``named_intros`` the document opens
-    with a ``NAMED_INTROS`` line naming the first asked key, with no value, in place of its intro."""
+    with a ``NAMED_INTROS`` line naming the first asked key, with no value, in place of its intro. With
+    ``answer_ends`` the character after each answer ("." or a line break) is part of it (``answer_end``)."""
     n_keys = int(rng.integers(1, max_keys + 1))
     names: list[str] = []
     while len(names) < n_keys:
@@ -401,7 +413,8 @@ def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[st
     parts += [Hay(1.0 - previous), "\n"]
     asked = rng.permutation(n_keys)[: int(rng.integers(1, min(3, n_keys) + 1))]
     for i in asked:
-        parts += [fill(choose(rng, QUESTIONS), name=names[i]), Target(" " + values[i]), choose(rng, (".\n", "\n"))]
+        parts += [fill(choose(rng, QUESTIONS), name=names[i]),
+                  *answer_end(" " + values[i], choose(rng, (".\n", "\n")), answer_ends)]
     if named_intros > 0 and rng.random() < named_intros:  # drawn last: with it off, the draws are as before
         line = fill(choose(rng, NAMED_INTROS), name=names[asked[0]]) + "\n"
         parts[:1 if intro else 0] = [line]
@@ -415,9 +428,10 @@ LOOKUP_KEY_KINDS = ("number", "word", "code", "pair", "name")
 
 
 def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = LOOKUP_VALUE_KINDS,
-                 key_kinds: Sequence[str] = LOOKUP_KEY_KINDS) -> list:
+                 key_kinds: Sequence[str] = LOOKUP_KEY_KINDS, answer_ends: bool = False) -> list:
     """A dictionary of items in one line format, haystack, then queries about some of them. The keys of one
-    dictionary are all of one kind, drawn uniformly from ``key_kinds``."""
+    dictionary are all of one kind, drawn uniformly from ``key_kinds``. ``answer_ends``: each answer's line break
+    is part of the answer (``answer_end``)."""
     line_format = choose(rng, LOOKUP_LINES)
     key_kinds = (choose(rng, tuple(key_kinds)),)
     value_kinds = (choose(rng, tuple(value_kinds)),)
@@ -443,7 +457,7 @@ def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[st
     stem = line_format.split("{v}")[0].rstrip()
     for i in rng.permutation(len(keys))[: int(rng.integers(1, min(8, len(keys)) + 1))]:
         pattern = stem if repeat_line else choose(rng, LOOKUP_QUESTIONS)
-        parts += [fill(pattern, k=keys[i]), Target(" " + vals[i]), "\n"]
+        parts += [fill(pattern, k=keys[i]), *answer_end(" " + vals[i], "\n", answer_ends)]
     return parts
 
 
@@ -504,7 +518,8 @@ class SyntheticMix:
                  scanner: Scanner | None = None, loss_on: str = "answers", value_kinds: Sequence[str] | None = None,
                  max_keys: int = 4, lookup_keys: Sequence[str] | None = None,
                  haystacks: dict[str, float] | None = None, mentions: float = 0.0, named_intros: float = 0.0,
-                 short_recall: float = 0.0, short_recall_tokens: Sequence[int] = (96, 256)):
+                 short_recall: float = 0.0, short_recall_tokens: Sequence[int] = (96, 256),
+                 answer_ends: bool = False):
         if not 0.0 <= short_recall <= 1.0:
             raise ValueError(f"data.mix_short_recall={short_recall}: a probability per recall document, in [0, 1].")
         span = tuple(int(t) for t in short_recall_tokens)
@@ -517,6 +532,7 @@ class SyntheticMix:
         if not 0.0 <= named_intros <= 1.0:
             raise ValueError(f"data.mix_named_intros={named_intros}: a probability per recall document, in [0, 1].")
         self.mentions, self.named_intros = mentions, named_intros
+        self.answer_ends = answer_ends
         haystacks = DEFAULT_HAYSTACKS if haystacks is None else dict(haystacks)
         unknown = sorted(set(haystacks) - set(HAYSTACK_STYLES))
         if unknown or not haystacks or min(haystacks.values()) < 0 or sum(haystacks.values()) <= 0:
@@ -569,9 +585,10 @@ class SyntheticMix:
     def parts(self, family: str, rng: np.random.Generator, budget: int) -> list:
         if family == "recall":
             return recall_parts(rng, budget, self.value_kinds or tuple(VALUE_KINDS), self.max_keys, self.mentions,
-                                self.named_intros)
+                                self.named_intros, self.answer_ends)
         if family == "lookup":
-            return lookup_parts(rng, budget, self.value_kinds or LOOKUP_VALUE_KINDS, self.lookup_keys)
+            return lookup_parts(rng, budget, self.value_kinds or LOOKUP_VALUE_KINDS, self.lookup_keys,
+                                self.answer_ends)
         if family == "copy":
             return copy_parts(rng, budget, self.haystack)
         if family == "repeat":
