@@ -16,6 +16,7 @@ from typing import Sequence
 from tasks.lookup import LOOKUP_HEADER, lookup_line
 from tasks.passkey import LANDMARK_PHRASING, TEMPLATES, GeneratedFiller, RepeatedFiller
 from tasks.passkey_probe import PROBE_TEMPLATES
+from tasks.ruler_prompt import eval_strings as ruler_strings
 
 MIN_FRAGMENT = 10  # shorter literal pieces ("the", "boxes of") are too common to prove a leak
 
@@ -30,10 +31,11 @@ def eval_only_strings() -> list[str]:
     """Distinctive strings that only the evaluations emit: training text must contain none of them.
 
     They are the held-out phrasings' task lines, questions and key-line fragments, the literal fragments of the
-    generated haystacks' sentence patterns, and the lookup header. The landmark phrasing and filler are not
-    among them: the trainer's passkey documents use that format on purpose.
+    generated haystacks' sentence patterns, the lookup header, and the RULER-style prompts' template pieces
+    (``tasks.ruler_prompt.eval_strings``). The landmark phrasing and filler are not among them: the trainer's
+    passkey documents use that format on purpose.
     """
-    out: set[str] = {LOOKUP_HEADER}
+    out: set[str] = {LOOKUP_HEADER, *ruler_strings()}
     for template in (*TEMPLATES.values(), *PROBE_TEMPLATES.values()):  # the probe is an evaluation too
         p, h = template.phrasing, template.haystack
         if p is not LANDMARK_PHRASING:
