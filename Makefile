@@ -22,7 +22,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The local tag names the CPU wheel; a bare torch==2.13.0 also matches the CUDA build on PyPI.
 TORCH_PIN := torch==2.13.0+cpu
-EXTRAS := dev,faiss,train,eval,triton,gguf
+EXTRAS := dev,faiss,train,eval,triton,gguf,lmeval
 LOCK := requirements.lock
 LOCK_VENV := .venv-lock
 LATEST_VENV := .venv-latest

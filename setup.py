@@ -55,6 +55,8 @@ setup(
         "dev": ["pytest", "pytest-xdist", "psutil", "matplotlib", "sentencepiece", "protobuf", "pyyaml", "peft"],
         # Loading GGUF checkpoints through transformers (from_pretrained(..., gguf_file=...)).
         "gguf": ["gguf", "accelerate"],
+        # Scoring fot models with EleutherAI's lm-evaluation-harness (docs/use_with.md; eval/lmeval_passkey.py).
+        "lmeval": ["lm-eval[hf]>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["fot=fot.__main__:main"]},  # fot ask ... (fot/ask.py)
 )
