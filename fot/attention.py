@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .types import IMPLEMENTATIONS, LocalKV, MemoryKV
+from .quant import round_trip
+from .types import IMPLEMENTATIONS, LocalKV, MemoryKV, QuantizedMemoryKV
 
 MASKED_SCORE = -1e6  # the reference clamps masked scores to max(score + mask, -1e6)
 
@@ -363,7 +364,7 @@ def window_group_attention(
         m_out = m_out.reshape(B, N, P, T, H).permute(2, 0, 1, 3, 4)
         m_lse = m_lse.reshape(B, N, P, T).permute(2, 0, 1, 3)
         out, lse = merge_lse(out, lse, m_out, m_lse)
-    stored = [t.to(memory_dtype).to(q_BNTH.dtype).reshape(P, B, G, T, H) for t in (k_raw_BGTH, v_BGTH)]
+    stored = [round_trip(t, memory_dtype).reshape(P, B, G, T, H) for t in (k_raw_BGTH, v_BGTH)]
     k_PBGTH, v_PBGTH = stored
     dtype = q_BNTH.dtype
     windows_out = [out[0].to(dtype)]
@@ -389,6 +390,13 @@ def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype, 
     its buffers.
     """
     B, N, T, K = idx_BNTK.shape
+    if isinstance(memory, QuantizedMemoryKV):  # int8 memory: dequantize only the gathered rows
+        G, H = memory.k_codes_BGMH.shape[1], memory.k_codes_BGMH.shape[3]
+        flat = idx_BNTK.clamp(min=0).reshape(B, G, -1)
+        b_idx = torch.arange(B, device=flat.device)[:, None, None]
+        g_idx = torch.arange(G, device=flat.device)[None, :, None]
+        k, v = memory.gather(b_idx, g_idx, flat, dtype)
+        return k.view(B, N, T, K, H), v.view(B, N, T, K, H)
     G, M, H = memory.k_BGMH.shape[1:]
     R = N // G
     flat = idx_BNTK.clamp(min=0).reshape(B, G, R * T * K)  # query heads of one KV head are adjacent

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from typing import Callable
 
 import torch
@@ -41,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.cache_utils import Cache
 
+from . import budget
 from .config import LongLlamaConfig
 from .memory import MemoryStore, copy_on_write
 from .rope import apply_rope, rope_cos_sin
@@ -252,8 +254,9 @@ class LongLlamaCache(Cache):
     def __init__(self, config: LongLlamaConfig, cache_policy: str | None = None,
                  search_factory: SearchFactory = default_search_factory,
                  gather_scratch: Callable[[], GatherScratch | None] = GatherScratch,
-                 preallocate_memory: bool = True):  # fmt: skip
+                 preallocate_memory: bool = True, offload: bool = True):  # fmt: skip
         super().__init__(layers=[])
+        self._offload = offload  # False: open_offloaded fills the stores from existing files
         self.policy = cache_policy or config.cache_policy  # validated by the plan of each forward
         self.window = config.max_position_embeddings
         self.mem_layers = tuple(config.mem_layers)
@@ -274,8 +277,16 @@ class LongLlamaCache(Cache):
 
     def _new_memories(self) -> None:
         cfg = self.config
+        self.offload_path = None  # the folder of this cache's memory files (mem_offload="disk")
+        if cfg.mem_offload == "disk" and cfg.mem_layers and self._offload:
+            os.makedirs(cfg.mem_offload_dir, exist_ok=True)
+            self.offload_path = tempfile.mkdtemp(prefix="cache-", dir=cfg.mem_offload_dir)
+            with open(os.path.join(self.offload_path, OFFLOAD_HEADER), "w") as f:
+                json.dump({"format": CACHE_FORMAT, "fingerprint": _fingerprint(cfg)}, f)
         for i in cfg.mem_layers:
-            self.memories[i] = MemoryStore(cfg.mem_torch_dtype, cfg.mem_max_tokens, name=f"memory layer {i}")
+            folder = None if self.offload_path is None else os.path.join(self.offload_path, f"layer-{i}")
+            self.memories[i] = MemoryStore(cfg.mem_torch_dtype, cfg.mem_max_tokens, name=f"memory layer {i}",
+                                           offload_dir=folder)  # fmt: skip
             if cfg.mem_top_k is not None:
                 self.searches[i] = self.search_factory(cfg, i)
 
@@ -347,15 +358,35 @@ class LongLlamaCache(Cache):
             if idx in self.memories:
                 self.append_memory(idx, k_raw, v, valid, training=plan.training)
 
-    def expect_memory(self, tokens: int) -> None:
-        """``tokens`` more tokens are about to go to every memory layer: each store allocates them at once (unless
-        the cache was made with ``preallocate_memory=False``)."""
+    def expect_memory(self, tokens: int, *, n_tokens: int | None = None, batch_size: int = 1, device=None) -> None:
+        """``tokens`` more tokens of an input of ``n_tokens`` are about to go to every memory layer: first check
+        that they fit the memory that is free (``fot.budget``; raises ``MemoryBudgetError`` before anything is
+        computed), then each store allocates them at once (unless the cache was made with
+        ``preallocate_memory=False``)."""
         if self.shares_memory and tokens:
             self._check_writable(f"move {tokens} tokens to memory")
+        if tokens and self.memories and budget.check_enabled():
+            self._check_budget(tokens, tokens if n_tokens is None else n_tokens, batch_size, device)
         if not self.preallocate_memory or self.shares_memory:
             return
         for store in self.memories.values():
             store.expect(tokens)
+
+    def _check_budget(self, tokens: int, n_tokens: int, batch_size: int, device) -> None:
+        """``budget.check_memory_fits`` for growing memory by ``tokens``: what this cache holds already and will
+        free as it grows (every store's old buffers but the one being copied, the index, the local windows)
+        counts as free, and the weights are loaded already."""
+        held = [s.ram_bytes() for s in self.memories.values()]
+        freed = sum(held) - max(held) + sum(s.nbytes() for s in self.searches.values()) + self.local_bytes()
+        budget.check_memory_fits(
+            self.config, n_tokens, available=budget.available_bytes(device) + freed, batch=batch_size,
+            include_weights=False, memory_tokens=self.memory_length + tokens,
+        )  # fmt: skip
+
+    def local_bytes(self) -> int:
+        """Bytes of the local windows' buffers."""
+        return sum(sum(t.numel() * t.element_size() for t in (w.raw_k, w.rot_k, w.v, w.valid) if t is not None)
+                   for w in self.locals)  # fmt: skip
 
     def append_memory(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT, *, training: bool = False) -> None:
         """Write to a memory layer's store and keep its search index current (``training``: copy-on-write)."""
@@ -436,6 +467,45 @@ class LongLlamaCache(Cache):
         """Read a cache saved by ``save`` for a model with ``config``; see ``load_cache``."""
         return load_cache(path, config, device, search_factory)
 
+    @classmethod
+    def open_offloaded(cls, path, config: LongLlamaConfig,
+                       search_factory: SearchFactory = default_search_factory) -> "LongLlamaCache":  # fmt: skip
+        """Reopen the memory files of a disk-offloaded cache (``offload_path``) after its process ended or was
+        killed, to continue a prefill: ``model(input_ids[:, cache.seen_tokens:], cache=cache)`` then computes
+        what the uninterrupted prefill would have.
+
+        Every memory layer is cut back to the tokens all of them hold (a kill can fall between two layers'
+        appends), ``seen_tokens`` is that count, the local windows are empty and the search indexes are rebuilt
+        from the stored keys. Its files stay in ``path`` and grow there.
+
+        Raises:
+            ValueError: ``path`` holds no such cache, one of another model configuration, or damaged files.
+        """
+        path = os.fspath(path)
+        try:
+            with open(os.path.join(path, OFFLOAD_HEADER)) as f:
+                header = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} is not the folder of a disk-offloaded fot cache ({type(err).__name__}).") from err
+        saved, expected = header.get("fingerprint", {}), _fingerprint(config)
+        diff = [k for k in expected if saved.get(k) != expected[k]]
+        if header.get("format") != CACHE_FORMAT or diff:
+            raise ValueError(f"{path} was written for another model configuration or version (differs in: "
+                             f"{', '.join(diff) or 'format'}); start a new cache.")  # fmt: skip
+        cache = cls(config, search_factory=search_factory, offload=False)
+        cache.offload_path, cache._offload = path, True
+        for i in cache.memories:
+            cache.memories[i] = MemoryStore.open(os.path.join(path, f"layer-{i}"), config.mem_torch_dtype,
+                                                 config.mem_max_tokens, name=f"memory layer {i}")  # fmt: skip
+        common = min(store.total_appended for store in cache.memories.values())
+        for i, store in cache.memories.items():
+            store.truncate(common)
+            search = cache.searches.get(i)
+            if search is not None:
+                search.load_state(store, {}, None)
+        cache.seen_tokens = common
+        return cache
+
     def local_for_attention(self, layer_idx: int, *, training: bool):
         """What a decoder layer extends with its chunk before attending: the window itself (inference) or, in
         training, a frozen snapshot (a checkpointed layer then recomputes exactly)."""
@@ -490,6 +560,7 @@ class LongLlamaCache(Cache):
 
 # ---------------------------------------------------------------------------------------------- persistence
 CACHE_FORMAT = "fot-longllama-cache/1"
+OFFLOAD_HEADER = "cache.json"  # in a disk-offloaded cache's folder: the format and the model fingerprint
 _FINGERPRINT_FIELDS = (
     "num_hidden_layers", "mem_layers", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size",
     "max_position_embeddings", "mem_dtype", "mem_positionals", "mem_max_tokens",
@@ -633,7 +704,8 @@ def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None,
             local.length = n
             local.all_valid = bool(local.valid[:, :n].all())
     for i, store in cache.memories.items():
-        part = {name: tensors[f"memory.{i}.{name}"].to(device) for name in ("k", "v", "valid") if f"memory.{i}.{name}" in tensors}
+        prefix = f"memory.{i}."
+        part = {name[len(prefix):]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
         info = header["stores"][str(i)]
         store.load_state(part, info["next_slot"], info["total_appended"])
     saved_searches = header.get("searches", {})

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers.configuration_utils import PreTrainedConfig
 
-MEM_DTYPES = ("float32", "float16", "bfloat16")
+MEM_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-vector scale (fot.quant)
+MEM_OFFLOADS = ("ram", "disk")
 CACHE_POLICIES = ("slide", "flush")
 MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8")
 ATTN_IMPLS = ("auto", "torch", "triton", "reference")
@@ -25,7 +26,7 @@ VALIDATED_FIELDS = frozenset({
     "hidden_size", "num_attention_heads", "head_dim", "num_key_value_heads", "num_hidden_layers", "mem_layers",
     "max_position_embeddings", "last_context_length", "gradient_checkpoint_every_ith", "mem_dtype",
     "mem_attention_grouping", "mem_index", "mem_top_k", "mem_max_tokens", "mem_nprobe", "cache_policy", "attn_impl",
-    "rope_parameters",
+    "rope_parameters", "mem_offload", "mem_offload_dir",
 })  # fmt: skip
 
 
@@ -54,7 +55,9 @@ class LongLlamaConfig(PreTrainedConfig):
             "7,15,22", or a comma-separated mix of these. The config holds, and config.json stores, the explicit
             sorted list, so a saved checkpoint never depends on the form it was written in.
         mem_positionals: if False, memory layers use no RoPE at all (neither local nor memory keys).
-        mem_dtype: storage dtype of memory keys and values ("float32", "float16" or "bfloat16").
+        mem_dtype: storage dtype of memory keys and values ("float32", "float16" or "bfloat16"), or ours, "int8":
+            each stored key and value vector as int8 with one fp32 scale (absmax / 127), dequantized to fp32 when
+            read; 0.53x the bytes of bfloat16 at head_dim 64 (``fot.quant``).
         mem_attention_grouping: ``(heads, queries)`` block sizes that bound the score matrix of a memory layer,
             or None for no bound. Grouping never changes the result.
         torch_attention: the reference's switch to use ``scaled_dot_product_attention``. Kept for
@@ -83,6 +86,13 @@ class LongLlamaConfig(PreTrainedConfig):
             (fused PyTorch kernels merged by log-sum-exp), "triton" (the fused Triton kernels of
             ``fot.kernels``) or "reference" (the literal one-softmax implementation the others are tested
             against).
+        mem_offload: where memory keys and values live: "ram" (default) or "disk", memory-mapped files in
+            ``mem_offload_dir`` (the search index stays in RAM), for memories larger than the RAM.
+        mem_offload_dir: the folder of the memory files when ``mem_offload="disk"``; each cache makes its own
+            subfolder there.
+
+    Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
+    raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.
     """
 
     model_type = "longllama"
@@ -122,6 +132,8 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_max_tokens: int | None = None
     cache_policy: str = "slide"
     attn_impl: str = "auto"
+    mem_offload: str = "ram"
+    mem_offload_dir: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -248,6 +260,10 @@ class LongLlamaConfig(PreTrainedConfig):
                 "or drop mem_index."
             )
         validate_cache_policy(self.cache_policy)
+        if self.mem_offload not in MEM_OFFLOADS:
+            raise ValueError(f"mem_offload={self.mem_offload!r} is unknown; use one of {', '.join(MEM_OFFLOADS)}.")
+        if self.mem_offload == "disk" and not self.mem_offload_dir:
+            raise ValueError('mem_offload="disk" needs mem_offload_dir, the folder for the memory files.')
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r} is unknown; use one of {', '.join(ATTN_IMPLS)}.")
 

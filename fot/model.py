@@ -267,7 +267,8 @@ def run_windows(layers: nn.ModuleList, x_BND, cache: LongLlamaCache, valid_BN, *
     groups = plan_window_groups(x_BND.shape[1], cache.window, plan.last_context_length,
                                 fresh=cache.local_length == 0, group_size=plan.window_group)  # fmt: skip
     # everything bound for memory is allocated once
-    cache.expect_memory(sum(g.end - g.start for g in groups if g.to_memory))
+    cache.expect_memory(sum(g.end - g.start for g in groups if g.to_memory), n_tokens=x_BND.shape[1],
+                        batch_size=x_BND.shape[0], device=x_BND.device)  # checks the memory fits (fot.budget)
     outputs, chunk_hidden = [], []
     for group in groups:
         x_BTD = x_BND[:, group.start : group.end]

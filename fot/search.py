@@ -429,7 +429,7 @@ class FaissIVFSearch(KeySearch):
         if store.length >= self.rebuild_growth * self.trained_at:
             self._build(store, f"memory grew {self.rebuild_growth}x")
             return
-        new_keys = store.k_BGMH[:, :, slots.to(store.k_BGMH.device)]
+        new_keys = store.keys_at(slots)  # dequantized for an int8 store
         if float(new_keys.float().pow(2).sum(-1).max()) > self.bound_sq:
             self._build(store, "a new key is longer than the lifting bound")
             return
@@ -439,7 +439,7 @@ class FaissIVFSearch(KeySearch):
                 head.index.remove_ids(ids)
                 kept = ~torch.isin(head.outliers, slots)
                 head.outliers, head.outlier_dist = head.outliers[kept], head.outlier_dist[kept]
-            self._add(head, lift_keys(new_keys[b, g], self.bound_sq), slots, store.k_BGMH[b, g])
+            self._add(head, lift_keys(new_keys[b, g], self.bound_sq), slots, _HeadKeys(store, b, g))
 
     def search(self, q_BGXH, view, k):
         if not self.indexes:  # not trained yet: memory is still small, search it exactly
@@ -490,6 +490,21 @@ class FaissIVFSQ8Search(FaissIVFSearch):
         faiss = self.faiss
         return faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2,
                                              True)  # fmt: skip
+
+
+class _HeadKeys:
+    """The stored keys of one (batch row, KV head), indexed by slots: ``keys[slots]`` -> [n, H] (read through
+    ``MemoryStore.keys_at``, so an int8 store dequantizes only those)."""
+
+    def __init__(self, store: MemoryStore, b: int, g: int):
+        self.store, self.b, self.g = store, b, g
+
+    @property
+    def device(self):
+        return self.store.k_BGMH.device
+
+    def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.store.keys_at(slots)[self.b, self.g]
 
 
 def _valid_selectors(valid_BM: torch.Tensor | None, B: int) -> list:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import dequantize
+
 IMPLEMENTATIONS = ("reference", "torch", "triton")
 MEMORY_MODES = ("dense", "top-k", "crossbatch")
 
@@ -38,6 +40,50 @@ class MemoryKV:
     @property
     def size(self) -> int:
         return self.k_BGMH.shape[-2]
+
+
+class QuantizedMemoryKV(MemoryKV):
+    """An int8 memory (``mem_dtype="int8"``, ``fot.quant``): codes and one fp32 scale per key and value vector.
+
+    ``k_BGMH`` and ``v_BGMH`` dequantize the whole memory to fp32 when first read (dense attention and exact
+    search read every slot anyway) and keep it while this view lives, which is one layer's forward. Readers that
+    need a few slots (the gather of top-k attention, an index's new keys) call ``gather`` or ``keys_at`` and
+    dequantize only those.
+    """
+
+    def __init__(self, k_codes_BGMH: torch.Tensor, k_scale_BGM: torch.Tensor, v_codes_BGMH: torch.Tensor,
+                 v_scale_BGM: torch.Tensor, valid_BM: torch.Tensor | None):  # fmt: skip
+        self.k_codes_BGMH, self.k_scale_BGM = k_codes_BGMH, k_scale_BGM
+        self.v_codes_BGMH, self.v_scale_BGM = v_codes_BGMH, v_scale_BGM
+        self.valid_BM = valid_BM
+        self._k = self._v = None
+
+    @staticmethod
+    def decode(codes_xH: torch.Tensor, scale_x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Codes [..., H] times their scales [...], in ``dtype`` (``fot.quant.dequantize``)."""
+        return dequantize(codes_xH, scale_x, dtype)
+
+    @property
+    def k_BGMH(self) -> torch.Tensor:
+        if self._k is None:
+            self._k = self.decode(self.k_codes_BGMH, self.k_scale_BGM)
+        return self._k
+
+    @property
+    def v_BGMH(self) -> torch.Tensor:
+        if self._v is None:
+            self._v = self.decode(self.v_codes_BGMH, self.v_scale_BGM)
+        return self._v
+
+    @property
+    def size(self) -> int:
+        return self.k_codes_BGMH.shape[-2]
+
+    def gather(self, b_idx: torch.Tensor, g_idx: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype):
+        """Keys and values of ``[b_idx, g_idx, slots]`` (broadcasting advanced indices), dequantized to ``dtype``."""
+        k = self.decode(self.k_codes_BGMH[b_idx, g_idx, slots], self.k_scale_BGM[b_idx, g_idx, slots], dtype)
+        v = self.decode(self.v_codes_BGMH[b_idx, g_idx, slots], self.v_scale_BGM[b_idx, g_idx, slots], dtype)
+        return k, v
 
 
 @dataclass(frozen=True)
