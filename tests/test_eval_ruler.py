@@ -200,6 +200,16 @@ def test_samples_are_deterministic_per_seed(encoder, haystack):
     assert sorted(one, key=lambda s: (s.task, s.index)) == sorted(two, key=lambda s: (s.task, s.index))
 
 
+def test_chat_template_wraps_the_input_and_keeps_the_answer_prefix(tokenizer):
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}"
+                          "{% if add_generation_prompt %}<bot>{% endif %}")
+    assert ruler.RulerEncoder(chat, chat=True).text("Q?", " The answer is") == "<user>Q?</user><bot> The answer is"
+    assert ruler.RulerEncoder(chat).text("Q?", " The answer is") == "Q? The answer is"
+
+
 def test_noise_haystack_replaces_the_books(encoder):
     task = tasks_ruler.task_for("niah_multivalue", "noise")
     s, _ = tasks_ruler.make_sample(task, 1024, 0, 0, count_with(encoder))
