@@ -300,12 +300,18 @@ def add_run_arguments(p, out_help: str, resume: bool = True) -> None:
         p.add_argument("--resume", action="store_true", help=RESUME_HELP)
 
 
-def check_model_args(args) -> tuple[list[Setting], Path, Path, dict]:
+def check_model_args(args, full_attention_baseline: bool = False) -> tuple[list[Setting], Path, Path, dict]:
     """The checks of ``--threads``, ``--settings``, ``--model`` and ``--tokenizer``, made before anything is loaded.
-    Returns the settings, the model and tokenizer directories and the model's saved config."""
+    Returns the settings, the model and tokenizer directories and the model's saved config. ``hf:W`` settings are
+    refused unless ``full_attention_baseline`` (the tool scores through ``generate`` alone, as passkey and ruler do:
+    the baseline has no fot cache to fork and no windows to read a long document through)."""
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}.")
     settings = parse_settings(args.settings)
+    hf = [s.name for s in settings if s.backend == "hf"]
+    if hf and not full_attention_baseline:
+        raise ValueError(f"setting {hf[0]} (transformers' LlamaForCausalLM) runs in eval/passkey.py and eval/ruler.py; "
+                         "here use full:W, fot's own full attention over W tokens.")
     model_dir = check_model_dir(args.model)
     tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
     return settings, model_dir, tokenizer_dir, model_config(model_dir)

@@ -642,7 +642,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
             raise ValueError(f"--depths lists a depth twice: {args.depths}.")
     if args.last_context_length is not None and args.last_context_length < 1:
         raise ValueError(f"--last-context-length must be >= 1, got {args.last_context_length}.")
-    settings, model_dir, tokenizer_dir, config = check_model_args(args)
+    settings, model_dir, tokenizer_dir, config = check_model_args(args, full_attention_baseline=True)
     window = config.get("max_position_embeddings")
     if args.last_context_length is not None and window is not None and args.last_context_length > window:
         raise ValueError(f"--last-context-length {args.last_context_length} exceeds the model's window "

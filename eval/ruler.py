@@ -351,7 +351,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
         args.books_data = BookHaystack.from_parquet(args.books)
         books = Path(args.books)
         args.book_info = {"path": str(books.resolve()), "digest": file_digest(books)}
-    settings, model_dir, tokenizer_dir, _ = check_model_args(args)
+    settings, model_dir, tokenizer_dir, _ = check_model_args(args, full_attention_baseline=True)
     check_full_attention_lengths(settings, {s.name: args.lengths for s in settings})
     if args.chat_template and getattr(load_tokenizer(tokenizer_dir), "chat_template", None) is None:
         raise ValueError(f"--chat-template: the tokenizer in {str(tokenizer_dir)!r} has no chat template; drop "

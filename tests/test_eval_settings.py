@@ -139,3 +139,13 @@ def test_passkey_runs_hf_beside_full_and_refuses_lengths_past_w(model_dir, tmp_p
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "setting hf:256 runs prompts of at most 256 tokens, not [300]" in err and "Traceback" not in err
+
+
+def test_tools_that_read_through_fot_windows_refuse_hf(checkpoint, capsys):
+    from eval import perplexity
+
+    with pytest.raises(SystemExit) as exc:
+        perplexity.main(["--model", str(checkpoint), "--settings", "hf:64", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "setting hf:64 (transformers' LlamaForCausalLM) runs in eval/passkey.py and eval/ruler.py" in err
