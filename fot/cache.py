@@ -42,7 +42,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.cache_utils import Cache
 
+# Both: budget.<name> is read at call time (tests replace budget.available_bytes), and transformers copies a
+# checkpoint's code (save_pretrained(save_code=True)) by following `from .x import` lines only, not `from . import x`.
 from . import budget
+from .budget import check_enabled
 from .config import LongLlamaConfig
 from .memory import MemoryStore, copy_on_write
 from .rope import apply_rope, rope_cos_sin
@@ -365,7 +368,7 @@ class LongLlamaCache(Cache):
         ``preallocate_memory=False``)."""
         if self.shares_memory and tokens:
             self._check_writable(f"move {tokens} tokens to memory")
-        if tokens and self.memories and budget.check_enabled():
+        if tokens and self.memories and check_enabled():
             self._check_budget(tokens, tokens if n_tokens is None else n_tokens, batch_size, device)
         if not self.preallocate_memory or self.shares_memory:
             return
