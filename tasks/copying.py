@@ -1,6 +1,8 @@
 """Copying: a span that recurs, the task that forms the copy-what-followed-before (induction) mechanism.
 
 ``SyntheticRepeat`` is the task as random token ids, with no tokenizer: one span recurs once at a drawn offset.
+The synthetic mix's ``copy`` family marks a span to be copied at the end, and its ``repeat`` family repeats one two
+to four times in a haystack.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ import logging
 
 import numpy as np
 
-from tasks.document import UNBOUNDED, Document
+from tasks.books import BookHaystack
+from tasks.document import UNBOUNDED, Document, Hay, Target
 from tasks.lookup import SyntheticLookup
+from tasks.words import choose, code_value, fill, number_value, value
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +78,9 @@ class SyntheticRepeat:
         if len(self.recent) == self.gate_steps and sum(self.recent) / self.gate_steps < self.gate:
             self.level_starts.append(self.requested + 1)
             self.recent = []
+            level = len(self.level_starts) - 1
             logger.info("repeat: the mean loss of %d steps fell below %g; jitter level %d (J = %d) from document %d",
-                        self.gate_steps, self.gate, len(self.level_starts) - 1, self.jitters[len(self.level_starts) - 1],
-                        self.requested + 1)
+                        self.gate_steps, self.gate, level, self.jitters[level], self.requested + 1)
 
     def jitter(self, index: int, rng: np.random.Generator) -> int:
         if self.gate is None:
@@ -97,3 +101,57 @@ class SyntheticRepeat:
         mask = np.zeros(self.doc_tokens, bool)
         mask[start + offset + 1 : start + offset + length] = True
         return Document(ids.astype(np.int64), mask)
+
+
+# ----------------------------------------------------------------------------- in words (the synthetic mix)
+COPY_MARKERS = (
+    ("<<", ">>"), ("[[", "]]"), ("BEGIN", "END"), ("{{", "}}"), ("<quote>", "</quote>"), ("### start", "### end"),
+    ("(*", "*)"), ("START>", "<STOP"), ("--- begin copy ---", "--- end copy ---"), ("|>", "<|"), ("@@", "@@"),
+    ("%%", "%%"),
+)
+COPY_INTROS = (
+    "", "", "Part of this text is marked. You will have to copy it later.",
+    "Notice the marked passage below.", "One passage is set off by markers; keep it in mind.",
+    "A marked fragment appears below.",
+)
+COPY_ASKS = (
+    "Repeat the marked passage:", "Copy the text between {open} and {close}:", "The marked passage was:",
+    "Now write out the marked text exactly.", "Reproduce it:", "Quote the marked fragment word for word:",
+    "What did the marker enclose?", "Copy it here:", "Write the marked part again:", "Recite the passage:",
+)
+
+
+def copy_span(rng: np.random.Generator, hay: BookHaystack) -> str:
+    kind = int(rng.integers(4))
+    if kind == 0:
+        return hay.passage(int(rng.integers(30, 160)), rng)
+    if kind == 1:
+        return " ".join(number_value(rng) for _ in range(int(rng.integers(2, 6))))
+    if kind == 2:
+        return " ".join(code_value(rng) for _ in range(int(rng.integers(2, 5))))
+    return " ".join(value(rng, ("word", "pair", "name")) for _ in range(int(rng.integers(3, 9))))
+
+
+def copy_parts(rng: np.random.Generator, budget: int, hay: BookHaystack) -> list:
+    """A marked span inside the haystack; at the end, an instruction, the opening marker, then the span."""
+    open_, close = choose(rng, COPY_MARKERS)
+    span = copy_span(rng, hay)
+    parts: list = []
+    intro = choose(rng, COPY_INTROS)
+    if intro:
+        parts.append(intro + "\n")
+    depth = float(rng.random())
+    parts += [Hay(depth), " ", f"{open_} {span} {close}", " ", Hay(1.0 - depth), "\n"]
+    parts += [fill(choose(rng, COPY_ASKS), open=open_, close=close), "\n", open_, Target(f" {span} {close}"), "\n"]
+    return parts
+
+
+def repeat_parts(rng: np.random.Generator, budget: int, hay: BookHaystack) -> list:
+    """A span that recurs two to four times, separated by haystack; the loss is on every recurrence."""
+    span = copy_span(rng, hay)
+    times = int(rng.integers(2, 5))
+    cuts = np.diff(np.concatenate([[0.0], np.sort(rng.random(times)), [1.0]]))
+    parts: list = [Hay(float(cuts[0])), " "]
+    for i in range(times):
+        parts += [Target(span) if i else span, " ", Hay(float(cuts[i + 1])), " "]
+    return parts

@@ -1,15 +1,20 @@
-"""Dictionary lookup: the evaluation's dictionary format and FoT's token-id lookup documents for training.
+"""Dictionary lookup: the evaluation's dictionary format, FoT's token-id lookup documents and the synthetic mix's
+lookup in words.
 
 The evaluation (eval/lookup.py) shows a dictionary of ``key K value V`` lines under ``LOOKUP_HEADER`` and asks for
 values by repeating a line up to its value; that header and line format are held out of training
-(``tasks.heldout``). ``SyntheticLookup`` is the same task as token ids, with no tokenizer.
+(``tasks.heldout``). ``SyntheticLookup`` is the same task as token ids, with no tokenizer; ``lookup_parts`` is
+the synthetic mix's version in words, in many headers, line formats and questions, none of them the evaluation's.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-from tasks.document import UNBOUNDED, Document
+from tasks.document import UNBOUNDED, Document, Hay, answer_end
+from tasks.words import choose, fill, value
 
 # ----------------------------------------------------------------------------- the evaluation's format (eval/lookup.py)
 LOOKUP_HEADER = "Below is a dictionary. Each line gives a key and its value. Remember every value."
@@ -70,3 +75,65 @@ class SyntheticLookup:
             total += len(ids[-1])
         ids_N = np.concatenate(ids).astype(np.int64)[: self.doc_tokens]  # exactly doc_tokens tokens
         return Document(ids_N, np.concatenate(mask)[: self.doc_tokens] if self.answers_only else None)
+
+
+# ----------------------------------------------------------------------------- in words (the synthetic mix)
+LOOKUP_HEADERS = (
+    "Here is a table of entries.", "The following list pairs each item with its value.", "Glossary:",
+    "Inventory of codes:", "Index of items and their values:", "A list to memorise:",
+    "Records follow, one per line.", "Lookup table (item on the left, value on the right):", "Directory:",
+    "Reference list:", "Catalogue of items:", "",
+)
+LOOKUP_LINES = (
+    "{k}: {v}", "{k} -> {v}", "{k} = {v}", "{k} maps to {v}", "{k} | {v}", "entry {k} has value {v}",
+    "{k} is {v}", "{k} => {v}", "item {k} holds {v}", "{k} (value {v})", "{k} ... {v}", "* {k}: {v}",
+)
+LOOKUP_QUERY_INTROS = (
+    "Queries:", "Now look up some items.", "Answer from the table above.", "Lookups:", "Use the list to fill in:",
+    "Check these entries:", "", "Some questions about the table.", "Retrieve the values.", "Look back and complete:",
+)
+LOOKUP_QUESTIONS = (
+    "What is the value of {k}? It is", "Look up {k}:", "{k}?", "Value for {k}:", "Find {k} in the table. It is",
+    "The entry for {k} is", "Query {k} ->", "According to the list, {k} has", "{k} was listed with",
+    "Which value goes with {k}? Answer:",
+)
+
+
+LOOKUP_VALUE_KINDS = ("number", "number", "word", "code")  # drawn per dictionary: numbers half the time
+
+
+LOOKUP_KEY_KINDS = ("number", "word", "code", "pair", "name")
+
+
+def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = LOOKUP_VALUE_KINDS,
+                 key_kinds: Sequence[str] = LOOKUP_KEY_KINDS, answer_ends: bool = False) -> list:
+    """A dictionary of items in one line format, haystack, then queries about some of them. The keys of one
+    dictionary are all of one kind, drawn uniformly from ``key_kinds``. ``answer_ends``: each answer's line break
+    is part of the answer (``answer_end``)."""
+    line_format = choose(rng, LOOKUP_LINES)
+    key_kinds = (choose(rng, tuple(key_kinds)),)
+    value_kinds = (choose(rng, tuple(value_kinds)),)
+    n_items = int(rng.integers(2, max(3, budget // 22)))
+    keys: list[str] = []
+    for _ in range(n_items * 3):
+        k = value(rng, key_kinds)
+        if k not in keys:
+            keys.append(k)
+        if len(keys) == n_items:
+            break
+    vals = [value(rng, value_kinds) for _ in keys]
+    parts: list = []
+    header = choose(rng, LOOKUP_HEADERS)
+    if header:
+        parts.append(header + "\n")
+    parts += ["\n".join(fill(line_format, k=k, v=v) for k, v in zip(keys, vals)), "\n"]
+    parts += [Hay(), "\n"]
+    intro = choose(rng, LOOKUP_QUERY_INTROS)
+    if intro:
+        parts.append(intro + "\n")
+    repeat_line = rng.random() < 0.5
+    stem = line_format.split("{v}")[0].rstrip()
+    for i in rng.permutation(len(keys))[: int(rng.integers(1, min(8, len(keys)) + 1))]:
+        pattern = stem if repeat_line else choose(rng, LOOKUP_QUESTIONS)
+        parts += [fill(pattern, k=keys[i]), *answer_end(" " + vals[i], "\n", answer_ends)]
+    return parts

@@ -1,13 +1,18 @@
-"""data.mix_answer_ends (train/synthetic.py): the loss covers the character after each recall and lookup answer, so
-a model learns where a copied value ends; with the option off every document is as before."""
+"""data.mix_answer_ends (tasks.document.answer_end): the loss covers the character after each recall and lookup
+answer, so a model learns where a copied value ends; with the option off every document is as before."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tasks.books import BookHaystack
+from tasks.document import Target
+from tasks.heldout import Scanner
+from tasks.lookup import lookup_parts
+from tasks.mix import SyntheticMix, mask_runs
+from tasks.recall import recall_parts
 from train.config import load_config
-from train.synthetic import BookHaystack, Scanner, SyntheticMix, Target, _runs, lookup_parts, recall_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 FOT_TINY = ROOT / "models" / "fot-tiny"
@@ -45,7 +50,7 @@ def test_the_mask_covers_one_more_token_after_each_answer():
     for index in range(24):
         (_, text_off, ids_off, mask_off), (_, text_on, ids_on, mask_on) = (m.sample(0, index) for m in mixes)
         assert text_on == text_off and np.array_equal(ids_on, ids_off)
-        runs_off, runs_on = _runs(mask_off), _runs(mask_on)
+        runs_off, runs_on = mask_runs(mask_off), mask_runs(mask_on)
         assert len(runs_on) == len(runs_off)
         for (a, b), (c, d) in zip(runs_off, runs_on):
             assert (c, d) == (a, b + 1)  # one token more, at the end

@@ -1,5 +1,5 @@
-"""The synthetic_mix training source (train/synthetic.py): its documents, answers and lengths, and the held-out
-check: a sample of the real training stream holds no evaluation string and no held-out book text."""
+"""The synthetic_mix training source (tasks/mix.py and its families): its documents, answers and lengths, and the
+held-out check: a sample of the real training stream holds no evaluation string and no held-out book text."""
 
 import re
 from pathlib import Path
@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.heldout import eval_only_strings, literal_fragments
+from tasks.books import BookHaystack
+from tasks.document import Target
+from tasks.heldout import Scanner, eval_only_strings, literal_fragments
 from tasks.lookup import LOOKUP_HEADER, lookup_line
+from tasks.mix import FAMILIES, SyntheticMix, mask_runs, training_texts
 from tasks.passkey import TEMPLATES, GeneratedFiller, RepeatedFiller
 from train.config import load_config
 from train.data import build_batches
-from train.synthetic import FAMILIES, BookHaystack, Scanner, SyntheticMix, Target, _runs, training_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,7 @@ WORDS = ("river", "window", "morning", "letter", "candle", "garden", "soldier", 
 
 
 def evaluation_strings() -> list[str]:
-    """Every evaluation string, read from tasks/passkey.py and tasks/lookup.py independently of tasks/heldout.py: the eval-only
+    """Every evaluation string, read from the templates independently of tasks/heldout.py's scan: the eval-only
     list, each template's task line, question, answer stem and key-line fragments, the sentences of repeated
     fillers, the literal fragments of generated haystacks and the lookup header."""
     from tasks.passkey_probe import PROBE_TEMPLATES  # issue 33's one-off check is an evaluation too
@@ -195,7 +197,7 @@ def test_documents_answers_lengths_and_determinism(haystack, tokenizer):
             assert mask[1:].all()
             continue
         if family == "repeat":  # every recurrence of the span after its first carries the loss
-            runs = [tokenizer.decode(ids[a:b].tolist()).strip() for a, b in _runs(mask)]
+            runs = [tokenizer.decode(ids[a:b].tolist()).strip() for a, b in mask_runs(mask)]
             assert runs and all(text.count(r) >= 2 for r in runs)
             continue
         # answers only: the marked tokens are the answers, which follow the last haystack, near the end
@@ -237,10 +239,10 @@ def test_loss_on_all_tokens_and_value_kinds(haystack, tokenizer):
         _, text_all, ids_all, mask_all = everything.sample(0, i)
         assert text == text_all and np.array_equal(ids, ids_all)  # the same document, only the mask differs
         assert mask_all[1:].all() and 0 < mask.sum() < len(ids) // 2
-        assert all(tokenizer.decode(ids[a:b].tolist()).strip().isdigit() for a, b in _runs(mask))
+        assert all(tokenizer.decode(ids[a:b].tolist()).strip().isdigit() for a, b in mask_runs(mask))
     one = SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=5, value_kinds=["number"], max_keys=1)
     four = SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=5, value_kinds=["number"], max_keys=4)
-    asked = lambda mix: [len(_runs(mix.sample(0, i)[3])) for i in range(30)]  # noqa: E731
+    asked = lambda mix: [len(mask_runs(mix.sample(0, i)[3])) for i in range(30)]  # noqa: E731
     assert set(asked(one)) == {1} and max(asked(four)) > 1  # one key is asked once; more keys, more questions
     with pytest.raises(ValueError, match="data.mix_max_keys"):
         SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, seed=0, max_keys=0)
@@ -252,7 +254,7 @@ def test_loss_on_all_tokens_and_value_kinds(haystack, tokenizer):
 
 def test_lookup_key_kinds():
     """``data.mix_lookup_keys`` picks the dictionaries' key kind: numbers give every line a digit key; words none."""
-    from train.synthetic import LOOKUP_HEADERS, lookup_parts
+    from tasks.lookup import LOOKUP_HEADERS, lookup_parts
 
     def dictionary_lines(key_kinds, seed):
         parts = lookup_parts(np.random.default_rng(seed), 300, value_kinds=("word",), key_kinds=key_kinds)
@@ -275,7 +277,7 @@ def test_haystack_styles(haystack, tokenizer):
     """``data.mix_haystacks``: the default draws as documents always have (a quarter repeated, the rest books);
     "records" gives a haystack far denser in numbers than book passages, except in a books document; bad weights
     raise."""
-    from train.synthetic import haystack_style
+    from tasks.mix import haystack_style
 
     rng, old = np.random.default_rng(3), np.random.default_rng(3)
     assert [haystack_style(rng) for _ in range(400)] == [
@@ -303,7 +305,8 @@ def test_tallies_name_no_key_and_draw_records_as_before():
     """"tallies": about half the lines give a named quantity a number, like a key line; no quantity's name is one a
     recall key can take (so a tally never answers a document's question), and records without tallies draw
     exactly as before."""
-    from train.synthetic import MEASURES, THINGS, TALLY_LINES, records
+    from tasks.records import MEASURES, TALLY_LINES, records
+    from tasks.words import THINGS
 
     text = records(20000, np.random.default_rng(5), tallies=0.5)
     heads = [line.split("{")[0] for line in TALLY_LINES if not line.startswith("{")]
@@ -320,7 +323,7 @@ def test_tallies_name_no_key_and_draw_records_as_before():
 def test_mentions_name_a_key_without_its_value():
     """``mentions``: each key is named once more with words, never its value, after "the <name> is"; the question
     still asks for the value of the key line; off, no mention line and the same draws as before."""
-    from train.synthetic import MENTION_LINES, recall_parts
+    from tasks.recall import MENTION_LINES, recall_parts
 
     pattern = re.compile("|".join(re.escape(m).replace(r"\{name\}", "(.+)").replace(r"\{Name\}", "(.+)")
                                   for m in MENTION_LINES), re.IGNORECASE)
@@ -344,7 +347,7 @@ def test_mentions_name_a_key_without_its_value():
 def test_named_intros_open_with_the_asked_key_and_no_value():
     """``named_intros``: the document's first line names the first asked key after "the <name> is" (or "a <name>
     is"), with words and no value; the key line and the question are still there; off, the same draws as before."""
-    from train.synthetic import NAMED_INTROS, recall_parts
+    from tasks.recall import NAMED_INTROS, recall_parts
 
     pattern = re.compile("|".join(re.escape(m).replace(r"\{name\}", "(.+)") for m in NAMED_INTROS))
     opened = 0

@@ -75,7 +75,7 @@ class DataConfig:
         synthetic_answers_only: compute the loss only on the answers (lookup: query values, as in the FoT
             paper; repeat: the recurrence after its first token; passkey: the key after the final question).
         passkey_fraction: share of documents replaced by generated passkey documents (text sources).
-        mix: for ``source: synthetic_mix`` (train/synthetic.py), the weight of each document family: ``recall``
+        mix: for ``source: synthetic_mix`` (tasks/mix.py), the weight of each document family: ``recall``
             (key-value recall), ``lookup`` (dictionary lookup), ``copy`` (copy a marked span) and ``books``
             (plain book text, loss on every token); the haystack is book text from the parquet files in ``paths``.
             Documents have ``3/4 synthetic_doc_tokens ... synthetic_doc_tokens`` tokens.
@@ -95,9 +95,9 @@ class DataConfig:
             quantity a number, like a key line with another name); a ``books`` document stays book text; null
             means {repeated: 0.25, books: 0.75}.
         mix_mentions: for ``synthetic_mix``, the probability that a recall key is also named once with no value
-            after "the <name> is" (``train.synthetic.MENTION_LINES``), before or after its key line.
+            after "the <name> is" (``tasks.recall.MENTION_LINES``), before or after its key line.
         mix_named_intros: for ``synthetic_mix``, the probability that a recall document opens with a line naming
-            its first asked key with no value (``train.synthetic.NAMED_INTROS``), in place of its intro.
+            its first asked key with no value (``tasks.recall.NAMED_INTROS``), in place of its intro.
         mix_answer_ends: for ``synthetic_mix``, put the loss on the character after each recall and lookup answer
             ("." or a line break) too, so that the model learns where an answer ends (a copied number otherwise
             runs on into more digits).

@@ -32,9 +32,12 @@ import numpy as np
 import torch
 
 from plumbing.files import resolve_files
+from tasks.books import BookHaystack
 from tasks.copying import SyntheticRepeat
 from tasks.document import Document, encode
+from tasks.heldout import Scanner
 from tasks.lookup import SyntheticLookup
+from tasks.mix import SyntheticMix
 from tasks.passkey import SyntheticPasskey
 
 IGNORE = -100
@@ -258,8 +261,6 @@ class PackedBatches:
 # ----------------------------------------------------------------------------- factory
 def build_mix(d, tokenizer, doc_tokens: int, seed: int):
     """The ``synthetic_mix`` source of a data config (books from ``d.paths``)."""
-    from train.synthetic import BookHaystack, Scanner, SyntheticMix
-
     scanner = Scanner()
     haystack = BookHaystack.from_files(d.paths, d.text_field, scanner)
     return SyntheticMix(tokenizer, haystack, doc_tokens, d.mix, seed, add_bos=d.add_bos, add_eos=d.add_eos,
