@@ -93,7 +93,7 @@ lock:
 	mv $(LOCK).tmp $(LOCK) && rm -rf $(LOCK_VENV)
 
 # The shipped demo model: window 128, passkey prompts from one window to 512x past it, every template of
-# eval/templates.py (the landmark one and the held-out ones; each row is their mean), keys at the start, middle and
+# tasks/passkey.py (the landmark one and the held-out ones; each row is their mean), keys at the start, middle and
 # end. Dense memory up to 8K tokens, where it is fast; kNN memory (faiss-ivf, k 32) from 16K on; memory off at every
 # length as the baseline. One trial per (template, depth): 15 prompts per length, 10 from 16K on. DEMO_THREADS=2
 # uses both cores (two threads on two cores that another job holds run several times slower). make demo-long adds

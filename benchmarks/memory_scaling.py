@@ -60,7 +60,7 @@ def build_model(backend: str, k: int | None, nprobe: int, model_path: str | None
 
 
 def input_ids(tokens: int, model_path: str | None, template: str = "landmark"):
-    """[1, tokens] ids: random ids for the bench model; a passkey prompt of ``template`` (eval/templates.py) for a
+    """[1, tokens] ids: random ids for the bench model; a passkey prompt of ``template`` (tasks/passkey.py) for a
     trained checkpoint."""
     import torch
 
@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--decode-prompt", type=int, default=16384)
     parser.add_argument("--model", help="a trained checkpoint directory, read on passkey text (module docstring)")
     parser.add_argument("--template", default="landmark", choices=list(TEMPLATES),
-                        help="with --model: the passkey template whose text is read (eval/templates.py), e.g. "
+                        help="with --model: the passkey template whose text is read (tasks/passkey.py), e.g. "
                              "number-ledger for varied text full of numbers")
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--case", help=argparse.SUPPRESS)

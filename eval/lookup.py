@@ -2,7 +2,7 @@
 
     python eval/lookup.py --model models/fot-tiny --settings memory no-memory --sizes 512 2048 8192 --out runs/lookup
 
-A dictionary is text (the strings live in eval/templates.py):
+A dictionary is text (the strings live in tasks/lookup.py):
 
     Below is a dictionary. Each line gives a key and its value. Remember every value.
     key 48213 value 9071

@@ -11,8 +11,8 @@ The prompt is five lines joined by "\\n" (Landmark Attention's ``generate_prompt
     <filler[:n_suffix]>
     What is the pass key? The pass key is
 
-That is the default template, ``landmark``. ``--template`` picks others from eval/templates.py: other phrasings
-of the three fixed lines and generated haystacks in place of the filler (held out from training). The filler is
+That is the default template, ``landmark``. ``--template`` picks others from tasks/passkey.py: other phrasings
+of the three fixed lines and generated haystacks in place of the filler (held out of training). The filler is
 FILLER repeated and joined by spaces; prefix and suffix both start at the filler's start. n_prefix is uniform in
 [0, n_garbage] (or ``round(depth * n_garbage)`` with ``--depths``), then K is uniform in [1, 50000). Each
 (length, trial) pair has its own seeded generator, so every setting, template and depth sees the same keys and

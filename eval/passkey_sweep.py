@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python eval/passkey_sweep.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--template", nargs="+", default=["all"], help="template names, or all (eval/templates.py)")
+    p.add_argument("--template", nargs="+", default=["all"], help="template names, or all (tasks/passkey.py)")
     p.add_argument("--chars", nargs=3, type=int, default=[40, 400, 20], metavar=("LO", "HI", "STEP"),
                    help="filler characters from LO to HI inclusive in steps of STEP (default 40 400 20)")
     p.add_argument("--generators", type=int, default=3, help="prompts per (template, length), each its own key")

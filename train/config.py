@@ -61,7 +61,7 @@ class DataConfig:
             64 tokens), which full training rows never show the memory layers.
         add_bos / add_eos: put BOS before and EOS after every tokenized document.
         synthetic_kind: "lookup" (FoT dictionary lookup, token ids), "repeat" (random ids in which one span
-            recurs, token ids: the copying task, ``train.data.SyntheticRepeat``) or "passkey" (the passkey
+            recurs, token ids: the copying task, ``tasks.copying.SyntheticRepeat``) or "passkey" (the passkey
             format, text).
         synthetic_doc_tokens: length of a synthetic document in tokens (lookup) or about that (passkey);
             null means k * window.

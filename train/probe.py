@@ -4,7 +4,7 @@
     python -m train.probe --model runs/demo_stage0/final     # a save_pretrained directory
     python -m train.probe --model M --jitters 0 8 80 --docs 256 --json probe.json
 
-A document is ``train.data.SyntheticRepeat``'s: random ids in which a span recurs ``min_offset + U[0, J]``
+A document is ``tasks.copying.SyntheticRepeat``'s: random ids in which a span recurs ``min_offset + U[0, J]``
 tokens later. For each jitter J the probe reports the mean loss and the share of the recurrence's tokens (after
 its first) that the model's argmax predicts exactly. At J = 0 a model can copy by position (the token
 ``offset - 1`` back); at large J only by content. A model with a content-based copying circuit (an induction
