@@ -21,7 +21,8 @@ the next line after the document, so it should end where the answer begins ("...
 streamed to stdout as it is generated (greedy); notes and progress go to stderr.
 
 Errors are one line each (exit status 2): a file that is missing or not text, a model directory that is not a
-checkpoint.
+checkpoint, and a memory that would not fit in the free RAM (``fot.budget``'s estimate, checked before the
+document is read or its cache loaded; ``FOT_MEMORY_CHECK=0`` skips it).
 """
 
 from __future__ import annotations
@@ -276,6 +277,14 @@ def load_model(model_dir: Path, overrides: dict, dtype: str):
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
+def check_memory(config, n_tokens: int) -> None:
+    """``fot.budget``'s check that the memory of ``n_tokens`` tokens fits the free RAM (the weights are loaded
+    already): a one-line ``MemoryBudgetError`` before a cache is read or loaded, not a killed process halfway."""
+    from .budget import check_memory_fits
+
+    check_memory_fits(config, n_tokens, include_weights=False)
+
+
 def open_session(args) -> Session:
     """Read the files, load the model, then load the document's cache or read the document (and save it)."""
     document = read_documents(args.files)
@@ -295,6 +304,7 @@ def open_session(args) -> Session:
                    "sha256": hashlib.sha256(json.dumps(prompt.prefix_ids).encode()).hexdigest()},
     }  # fmt: skip
     path = None if args.no_cache else cache_path(Path(args.cache_dir), document, model_dir)
+    check_memory(model.config, n)
     cache = None
     if path is not None and path.exists():
         reason = stale_reason(path, expected)
@@ -380,9 +390,12 @@ def main(argv: list[str] | None = None) -> Session:
     """The console script ``fot ask``; one-line errors on stderr with exit status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weights load in a second; stderr keeps fot's own lines
     try:
         return run(args)
-    except AskError as err:
+    except (AskError, MemoryError) as err:  # fot.budget's MemoryBudgetError is a MemoryError
         print(f"fot ask: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

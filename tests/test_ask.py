@@ -102,6 +102,20 @@ def test_file_errors_are_one_line(tmp_path, capsys, content, message):
     assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_memory_that_does_not_fit_is_one_line(tmp_path, capsys, monkeypatch):
+    from fot import budget
+
+    monkeypatch.setattr(budget, "available_bytes", lambda device=None: 1000)  # 1 KB free
+    doc = tmp_path / "doc.txt"
+    passkey_document(doc, n_garbage=600)
+    with pytest.raises(SystemExit) as exit_:
+        ask(tmp_path, doc, "-q", QUESTION)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("fot ask: error:"), err
+    assert "free" in err and "FOT_MEMORY_CHECK=0" in err
+    assert not (tmp_path / "cache").exists()  # stopped before reading
+
+
 def test_console_entry_reports_a_missing_model_in_one_line(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("text")
@@ -130,7 +144,7 @@ def test_chat_template_prompt_is_the_rendered_conversation():
 def test_a_64k_token_document(tmp_path):
     """A 64K-token document with kNN memory, then its cache reused (FOT_ASK_64K=1 pytest tests/test_ask.py -k 64k)."""
     doc = tmp_path / "doc.txt"
-    key = passkey_document(doc, n_garbage=250_000, seed=5)
+    key = passkey_document(doc, n_garbage=175_000, seed=5)
     first = ask(tmp_path, doc, "-q", QUESTION, "--top-k", 32, "--index", "faiss-ivf")
     assert len(first.prompt.prefix_ids) > 60_000 and number(first.answers[0]) == str(key)
     second = ask(tmp_path, doc, "-q", QUESTION, "--top-k", 32, "--index", "faiss-ivf")
