@@ -44,7 +44,7 @@ def test_reference_defaults():
         ("last_context_length", {"last_context_length": 0}),
         ("last_context_length", {"last_context_length": -4}),
         ("mem_dtype", {"mem_dtype": "float64"}),
-        ("mem_dtype", {"mem_dtype": "int8"}),
+        ("mem_dtype", {"mem_dtype": "int4"}),
         ("rope_scaling", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
         ("rope_scaling", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}),
         ("rope_scaling", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}),
