@@ -234,6 +234,33 @@ def test_exact_topk_equals_faiss_knn_tie_aware(faiss1, case, block, query_block)
         assert n_ties > 0  # the case really has ties at the k-th score
 
 
+@pytest.mark.parametrize("case", [dict(), dict(dup=True), dict(integer=True), dict(invalid=True)])
+@pytest.mark.parametrize("group", [2, 3, 8])
+def test_select_topk_equals_torch_topk(case, group):
+    """The staged selection against torch.topk on rows long enough for two or three stages (min_size 16), with
+    ties (repeated or small-integer values), invalid (-inf) values and rows whose length no group size divides:
+    the same values best first, at positions that hold them, each position once."""
+    from fot.search import select_topk
+
+    g = torch.Generator().manual_seed(group)
+    for M in (97, 257, 1000):
+        if case.get("integer"):
+            s = torch.randint(-3, 4, (13, M), generator=g).float()
+        else:
+            s = torch.randn(13, M, generator=g)
+        if case.get("dup"):
+            s = s[:, torch.randint(0, M // 5, (M,), generator=g)]
+        if case.get("invalid"):
+            s[torch.rand(13, M, generator=g) < 0.7] = float("-inf")
+            s[0, 3:] = float("-inf")  # fewer valid values than k
+        k = 7
+        top, pos = select_topk(s, k, group=group, min_size=16)
+        want, _ = s.topk(k, dim=-1)
+        assert torch.equal(top, want)
+        assert torch.equal(s.gather(-1, pos), top)
+        assert all(row.unique().numel() == k for row in pos)
+
+
 def test_exact_topk_never_retrieves_invalid_slots_and_pads_with_minus_one(faiss1):
     g = torch.Generator().manual_seed(5)
     B, G, X, M, H, K = 3, 2, 11, 50, 8, 6
