@@ -9,7 +9,8 @@ attention logit itself (queries rotated at their local position, memory keys at 
 top-k attention equals dense attention.
 
 Backends (``mem_index``):
-  * "exact": blockwise matmul + ``torch.topk``; the reference for the others.
+  * "exact": tiled matmul + a staged top-k selection (``exact_topk``, ``select_topk``); the reference for the
+    others.
   * "faiss-flat": FAISS brute-force inner-product search (``faiss.knn``; ``knn_gpu`` on CUDA tensors). No
     index is kept: it searches the store's keys directly, so FIFO eviction and clearing need no bookkeeping.
   * "faiss-ivf": one FAISS IVF-Flat index per (batch row, KV head). Inner-product search is reduced to L2
@@ -27,6 +28,9 @@ Backends (``mem_index``):
     exact scores. Without that, a key added after the last training could sit in a list no query probes. The
     exact set is capped at ``IVF_OUTLIER_FRACTION`` of the keys: when drift makes more keys far, the least far
     go to their lists, so the exact search never costs more than a 1% brute force (or 64 keys).
+  * "faiss-ivf-sq8": "faiss-ivf" whose lists hold each lifted key's residual to its centroid in 8 bits per value
+    instead of 32 (``FaissIVFSQ8Search``): the store keeps the one full copy of the keys, and the lists take
+    H + 1 bytes per key instead of 4 (H + 1).
 faiss is optional: asking for a faiss backend without it raises an error naming the extra to install.
 """
 
