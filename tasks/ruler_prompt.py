@@ -16,6 +16,7 @@ fits, so a prompt falls short of its budget by less than one unit.
 
 from __future__ import annotations
 
+import math
 import string
 import zlib
 from dataclasses import dataclass, field
@@ -133,8 +134,9 @@ def fit_units(build: Callable[[int], Built], count: Callable[[Built], int], budg
               minimum: int = 1) -> tuple[Built, int, int]:
     """The prompt of the largest unit count whose token count is at most ``budget``.
 
-    ``build(n)`` must be deterministic and its token count roughly increasing in n. The search gallops from
-    ``guess`` (e.g. the count of the previous sample of the same task and length) to a bracket, then bisects.
+    ``build(n)`` must be deterministic and its token count roughly increasing in n. The search starts from
+    ``guess`` (e.g. the count of the previous sample of the same task and length), takes up to three secant steps
+    toward the budget (each prompt of 64K tokens costs a tokenization), gallops to a bracket, then bisects.
     Returns (built, units, tokens); when even ``minimum`` units are over budget, that prompt (the caller warns).
     """
     seen: dict[int, tuple[Built, int]] = {}
@@ -152,7 +154,13 @@ def fit_units(build: Callable[[int], Built], count: Callable[[Built], int], budg
         per_unit = max((tokens(probe) - tokens(minimum)) / (probe - minimum), 1e-3)
         guess = minimum + int((budget - tokens(minimum)) / per_unit)
     n = max(guess, minimum)
-    step = max(n // 64, 1)
+    for _ in range(3):  # secant steps on the line through the minimum's count and n's: a long prompt is costly
+        per_unit = max((tokens(n) - tokens(minimum)) / max(n - minimum, 1), 1e-3)
+        step = math.floor((budget - tokens(n)) / per_unit)
+        if step == 0:
+            break
+        n = max(n + step, minimum)
+    step = 1
     if tokens(n) <= budget:  # gallop up to the first count over budget
         lo = n
         while tokens(lo + step) <= budget:
