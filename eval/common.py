@@ -1,3 +1,4 @@
+# Over 500 lines: what every evaluation CLI shares (settings, checkpoint checks, reports, plots, the --resume log).
 """Helpers shared by the evaluation CLIs: checkpoint loading and tokenizer checks (``plumbing.tokenizer.load_tokenizer``
 loads it, for the trainer too), inference settings, output files.
 

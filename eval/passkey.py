@@ -1,3 +1,4 @@
+# Over 500 lines: one evaluation end to end (prompt calibration, trials, scoring by protocol and as read, report, CLI).
 """Passkey retrieval with the Landmark / LongLLaMA protocol: accuracy against prompt length, per setting.
 
     python eval/passkey.py --model models/fot-tiny --settings memory no-memory --out runs/passkey

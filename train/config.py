@@ -1,3 +1,4 @@
+# Over 500 lines: the whole run-config schema in one place (a typed dataclass per section, each field documented).
 """Run configuration: typed dataclasses, YAML files, dotted command-line overrides, validation.
 
 A run config is a YAML mapping with these top-level keys (every one optional except what the run needs):

@@ -1,5 +1,6 @@
-"""The repository's import graph runs one way: no cycle among its Python files, train/ and eval/ never import each
-other, and the layers below them (tasks/, plumbing/, fot/) never import upwards.
+"""The repository's layout. Its import graph runs one way: no cycle among its Python files, train/ and eval/ never
+import each other, and the layers below them (tasks/, plumbing/, fot/) never import upwards; the README shows the
+graph as it is. The scripts' files stay short, or say at their top why not.
 
 Every import statement counts, those inside functions too: a deferred import still ties the two files together,
 and a cycle of deferred imports is a cycle that only stays quiet until someone moves an import to the top.
@@ -120,14 +121,19 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     return bad
 
 
-def test_no_import_cycle_in_the_repository():
-    found = cycles(import_graph(ROOT))
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph(ROOT)
+
+
+def test_no_import_cycle_in_the_repository(graph):
+    found = cycles(graph)
     assert found == [], f"import cycles (each list imports itself round): {found}"
 
 
-def test_no_file_imports_a_layer_above_it():
-    found = upward_imports(import_graph(ROOT))
-    assert found == [], f"imports against the layering of tests/test_imports.py's ALLOWED: {found}"
+def test_no_file_imports_a_layer_above_it(graph):
+    found = upward_imports(graph)
+    assert found == [], f"imports against the layering of tests/test_layout.py's ALLOWED: {found}"
 
 
 @pytest.fixture
@@ -171,7 +177,7 @@ def package_imports(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     return {package: deps for package, deps in out.items() if deps}
 
 
-def test_the_readme_layout_shows_the_package_imports_as_they_are():
+def test_the_readme_layout_shows_the_package_imports_as_they_are(graph):
     text = " ".join((ROOT / "README.md").read_text().split())
     lead = "Imports between the packages (A ← B: A imports B): "
     assert lead in text, f"README.md's Layout has no line starting {lead!r}"
@@ -179,4 +185,16 @@ def test_the_readme_layout_shows_the_package_imports_as_they_are():
     for item in text.split(lead, 1)[1].split(". ", 1)[0].split(";"):
         package, deps = item.split("←")
         shown[package.strip(" `")] = {d.strip(" `") for d in deps.split(",")}
-    assert shown == package_imports(import_graph(ROOT)), "update the Layout section of README.md"
+    assert shown == package_imports(graph), "update the Layout section of README.md"
+
+
+LONG = 500  # lines
+REASON = "# Over 500 lines: "
+
+
+def test_long_script_files_say_why_at_their_top():
+    """A file of the scripts' packages over ``LONG`` lines opens with a one-line reason (``REASON``...)."""
+    long = [f"{path.relative_to(ROOT)} ({n} lines)" for folder in ("train", "eval", "tasks", "plumbing")
+            for path in sorted((ROOT / folder).rglob("*.py"))
+            if (n := len(path.read_text().splitlines())) > LONG and not path.read_text().startswith(REASON)]
+    assert long == [], f"split these, or give the reason in a first line starting {REASON!r}: {long}"
