@@ -493,7 +493,7 @@ class FaissIVFSearch(KeySearch):
             head.index.search(lifted[b, g].numpy(), k, params=params, D=dist_np[b, g], I=out_np[b, g])
         if any(head.outliers.numel() for head in self.indexes.values()):
             if self._padded is None:
-                self._padded = _padded_outliers(self.indexes, view.k_BGMH.cpu(), B, G)
+                self._padded = _padded_outliers(self.indexes, view, B, G)
             # |[q,0] - [k, sqrt(R^2 - |k|^2)]|^2 = |q|^2 + R^2 - 2 q.k: the candidates' exact scores, no gather
             s_kept = (q.pow(2).sum(-1, keepdim=True) + self.bound_sq - dist) / 2
             s_kept = s_kept.masked_fill(out < 0, float("-inf"))
@@ -562,7 +562,7 @@ def _centroids(faiss, index) -> torch.Tensor:
     return torch.from_numpy(faiss.downcast_index(index.quantizer).reconstruct_n(0, index.nlist))
 
 
-def _padded_outliers(heads: dict, k_BGMH: torch.Tensor, B: int, G: int):
+def _padded_outliers(heads: dict, view: MemoryKV, B: int, G: int):
     """Every head's outlier slots as one [B, G, n] tensor (padded with slot 0), its [B, G, n] mask and the
     slots' keys [B, G, n, H] in fp32. Valid until the next update (which is the only way slots change)."""
     n = max(head.outliers.numel() for head in heads.values())
@@ -571,7 +571,7 @@ def _padded_outliers(heads: dict, k_BGMH: torch.Tensor, B: int, G: int):
     for (b, g), head in heads.items():
         m = head.outliers.numel()
         slots[b, g, :m], ok[b, g, :m] = head.outliers, True
-    keys = k_BGMH[torch.arange(B)[:, None, None], torch.arange(G)[None, :, None], slots].float()
+    keys = view.gather_keys(torch.arange(B)[:, None, None], torch.arange(G)[None, :, None], slots).cpu()
     return slots, ok, keys
 
 

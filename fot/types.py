@@ -41,6 +41,11 @@ class MemoryKV:
     def size(self) -> int:
         return self.k_BGMH.shape[-2]
 
+    def gather_keys(self, b_idx: torch.Tensor, g_idx: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The keys at ``[b_idx, g_idx, slots]`` (broadcasting advanced indices) in fp32, read where they live."""
+        dev = self.k_BGMH.device
+        return self.k_BGMH[b_idx.to(dev), g_idx.to(dev), slots.to(dev)].float()
+
 
 class QuantizedMemoryKV(MemoryKV):
     """An int8 memory (``mem_dtype="int8"``, ``fot.quant``): codes and one fp32 scale per key and value vector.
@@ -78,6 +83,11 @@ class QuantizedMemoryKV(MemoryKV):
     @property
     def size(self) -> int:
         return self.k_codes_BGMH.shape[-2]
+
+    def gather_keys(self, b_idx: torch.Tensor, g_idx: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        dev = self.k_codes_BGMH.device
+        b_idx, g_idx, slots = b_idx.to(dev), g_idx.to(dev), slots.to(dev)
+        return self.decode(self.k_codes_BGMH[b_idx, g_idx, slots], self.k_scale_BGM[b_idx, g_idx, slots])
 
     def gather(self, b_idx: torch.Tensor, g_idx: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype):
         """Keys and values of ``[b_idx, g_idx, slots]`` (broadcasting advanced indices), dequantized to ``dtype``."""

@@ -290,3 +290,16 @@ def test_damaged_memory_files_are_rejected_in_one_line(tmp_path):
     os.remove(os.path.join(layer, "state.json"))
     with pytest.raises(ValueError, match="no readable fot memory"):
         LongLlamaCache.open_offloaded(cache.offload_path, model.config)
+
+
+def test_int8_cache_saves_and_loads_with_its_scales(tmp_path):
+    model = tiny_model(dtype=torch.float32, mem_dtype="int8")
+    cache = LongLlamaCache(model.config)
+    ids = tokens(1, 300)
+    _logits(model, ids[:, :250], cache=cache)
+    cache.save(tmp_path / "c.safetensors")
+    loaded = LongLlamaCache.load(tmp_path / "c.safetensors", model.config)
+    for i, store in cache.memories.items():
+        a, b = store.view(), loaded.memories[i].view()
+        assert torch.equal(a.k_codes_BGMH, b.k_codes_BGMH) and torch.equal(a.v_scale_BGM, b.v_scale_BGM)
+    assert torch.equal(_logits(model, ids[:, 250:], cache=cache), _logits(model, ids[:, 250:], cache=loaded))
