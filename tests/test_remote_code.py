@@ -1,6 +1,6 @@
 """Checkpoints that carry their modeling code: ``save_pretrained(save_code=True)`` and ``trust_remote_code=True``.
 
-The load runs in a subprocess where ``import fot`` fails (``python -I -S`` with site-packages appended by hand, so
+The load runs in a subprocess where ``import fot`` fails (``python -S`` with site-packages on PYTHONPATH, so
 the editable install's path hook never runs) and must give the logits and greedy tokens of the ``import fot``
 route exactly.
 """
@@ -29,10 +29,10 @@ FOT_DIR = Path(fot.__file__).parent
 # needs too (numpy included). faiss, triton and psutil are optional and imported inside try blocks (which transformers skips).
 CODE_DEPENDENCIES = {"torch", "transformers", "safetensors", "numpy"}
 
-# Run with `python -I -S`: no site-packages, no .pth files (fot's editable finder is one), no cwd on sys.path.
+# Run with `python -S` and PYTHONPATH=site-packages, in a temporary folder: the installed packages without their
+# .pth files (fot's editable finder is one).
 REMOTE_SCRIPT = r"""
-import json, sys
-sys.path.append(sys.argv[1])  # site-packages, without running its .pth files
+import sys
 try:
     import fot
 except ImportError:
@@ -41,15 +41,15 @@ else:
     sys.exit(f"import fot works here ({fot.__file__}); the test needs an interpreter without it")
 import torch
 from transformers import AutoModelForCausalLM
-torch.set_num_threads(int(sys.argv[5]))  # as many as the test's process: the same reductions, the same bits
-model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True, dtype=torch.float64).eval()
-ids = torch.load(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))  # as many as the test's process: the same reductions, the same bits
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float64).eval()
+ids = torch.load(sys.argv[2])
 with torch.no_grad():
     logits = model(ids).logits
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
 plan = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".plan"]
 torch.save({"logits": logits, "generated": generated, "module": type(model).__module__,
-            "triton_reason": plan.triton_unavailable_reason(torch.device("cpu"))}, sys.argv[4])
+            "triton_reason": plan.triton_unavailable_reason(torch.device("cpu"))}, sys.argv[3])
 """
 
 
@@ -130,10 +130,10 @@ def test_checkpoint_with_code_loads_without_fot_and_matches(tmp_path):
         logits = model(ids).logits
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    site = sysconfig.get_paths()["purelib"]
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1",
+               PYTHONPATH=sysconfig.get_paths()["purelib"])
     done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", REMOTE_SCRIPT, site, str(ckpt), str(tmp_path / "ids.pt"),
+        [sys.executable, "-S", "-c", REMOTE_SCRIPT, str(ckpt), str(tmp_path / "ids.pt"),
          str(tmp_path / "out.pt"), str(torch.get_num_threads())],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
