@@ -155,7 +155,8 @@ def fit_units(build: Callable[[int], Built], count: Callable[[Built], int], budg
         guess = minimum + int((budget - tokens(minimum)) / per_unit)
     n = max(guess, minimum)
     for _ in range(3):  # secant steps on the line through the minimum's count and n's: a long prompt is costly
-        per_unit = max((tokens(n) - tokens(minimum)) / max(n - minimum, 1), 1e-3)
+        other = minimum if n > minimum else minimum + 32
+        per_unit = max((tokens(n) - tokens(other)) / (n - other), 1e-3)
         step = math.floor((budget - tokens(n)) / per_unit)
         if step == 0:
             break
