@@ -87,13 +87,13 @@ def exact_topk(q_BGXH: torch.Tensor, k_BGMH: torch.Tensor, valid_BM: torch.Tenso
     B, G, X, _ = q_BGXH.shape
     M = k_BGMH.shape[2]
     kk = min(k, M)
-    q = q_BGXH.float()
+    q = q_BGXH.detach().float()  # a search is not differentiated (it picks slots), and mm(out=) refuses autograd
     best_s = q.new_empty((B, G, X, kk))
     best_i = torch.empty((B, G, X, kk), dtype=torch.long, device=q.device)
     tile = q.new_empty(min(query_block, X) * min(block, M))  # reused by every tile of this call
     for m0 in range(0, M, block):
         m1 = min(m0 + block, M)
-        keys_BGmH = k_BGMH[:, :, m0:m1].float()  # converted once per slot block, for every query
+        keys_BGmH = k_BGMH[:, :, m0:m1].detach().float()  # converted once per slot block, for every query
         invalid_Bm = None if valid_BM is None else ~valid_BM[:, m0:m1]
         for b in range(B):
             for g in range(G):
