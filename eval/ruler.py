@@ -165,7 +165,7 @@ def evaluate(model, encoder: RulerEncoder, samples: list[Sample], device="cpu", 
         for (task, length), group in groups.items():
             records, seconds = [], 0.0
             for s in group:
-                record = None if log is None else log.get(trial_key(setting, s), outputs=s.outputs)
+                record = None if log is None else log.get(trial_key(setting, s), outputs=s.outputs, units=s.units)
                 if record is None:
                     record = score_sample(model, encoder, s, device, **generate_kwargs)
                     release_memory()
