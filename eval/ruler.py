@@ -16,7 +16,8 @@ seed, so every setting sees the same prompts. ``--jsonl FILE ...`` scores files 
 Generation is greedy, at most the task's tokens (RULER's: 128 needles, 30 vt, 120 cwe; ``--max-new-tokens``),
 stopping at EOS. Two scores (tasks/ruler_score.py): RULER's (``string_match_all``: the share of the references
 contained in the answer, case-insensitively, with partial credit; ``string_match_part`` for RULER's QA files), and
-*read*: the share of answers whose first line names exactly the references and nothing else of their kind.
+*read*: the share of answers whose answer line (the first that names an item of the answers' kind, e.g. a number)
+names exactly the references and nothing else of their kind.
 
 Outputs (``--out DIR``): trials.jsonl (each answer as it arrives; ``--resume`` continues a killed run), then
 results.json (configuration; per setting, task and length: both scores, n, tokens, seconds and every sample's
@@ -69,7 +70,7 @@ from tasks.ruler import (
     task_for,
 )
 from tasks.ruler_books import DEFAULT_BOOKS
-from tasks.ruler_score import METRICS, first_line, postprocess, read_correct
+from tasks.ruler_score import METRICS, postprocess, read_correct
 from plumbing.cli import ArgumentParser
 from plumbing.tokenizer import load_tokenizer
 
@@ -174,7 +175,7 @@ def evaluate(model, encoder: RulerEncoder, samples: list[Sample], device="cpu", 
                 if show:
                     tqdm.write(f"{setting} {task} {length} #{s.index}: {'right' if record['read'] else 'wrong'} "
                                f"(score {record['score']:.2f}); expected {s.outputs}, answered "
-                               f"{first_line(record['answer'])[:200]!r}")
+                               f"{postprocess(record['answer'])[:160]!r}")
                 seconds += record["seconds"]
                 records.append({k: v for k, v in record.items() if k != "seconds"})
                 bar.update(1)
@@ -255,7 +256,7 @@ def plot_tasks(path: Path, results: dict[str, list[dict]], window: int, title: s
         row[0].set_ylabel("score (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8,
-               title="solid: RULER's score; dashed, hollow: read (the first line names exactly the answers)", title_fontsize=8)
+               title="solid: RULER's score; dashed, hollow: read (the answer line names exactly the answers)", title_fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.12 if nrows == 1 else 0.07, 1, 1))
     save_figure(fig, path)
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", action="store_true",
                    help="wrap each prompt in the tokenizer's chat template (RULER's default is none, for base models)")
     p.add_argument("--show", action="store_true",
-                   help="print each task's first prompt (head and tail) and every answer's first line as it comes")
+                   help="print each task's first prompt (head and tail) and every answer as it comes")
     p.add_argument("--last-context-length", type=int, help="override last_context_length for generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy for generate()")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (task, length, sample) is seeded from it")

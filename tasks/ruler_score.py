@@ -8,11 +8,12 @@ control character made a newline, strip again), then scores it against its refer
 - ``string_match_part``: 1 when any reference is contained in it. Used by RULER's QA tasks.
 
 Containment is generous: a model that lists every number of the haystack scores full marks, and so does one that
-gives the answer after three wrong ones. The *read* score asks what a person sees: the prediction's first line
-must name exactly the references, all of them and nothing else of their kind (``read_correct``). The kind is the
-shape of the answers: numbers, UUIDs, capitalized variable names (vt), words of the prompt's numbered list (cwe),
-adjective-noun keys; or ``text``, where the first line must contain every reference (``all``) or be one of them
-(``part``).
+gives the answer after three wrong ones. The *read* score asks what a person sees: the prediction's answer line
+(its first line that names an item of the answers' kind) must name exactly the references, all of them and nothing
+else of their kind (``read_correct``). The kind is the shape of the answers: numbers, UUIDs, capitalized
+variable names (vt), words of the prompt's numbered list (cwe), adjective-noun keys; or ``text``, where the first
+line must contain every reference (``all``) or be one of them (``part``). An answer listed over several lines
+counts as its first line only.
 """
 
 from __future__ import annotations
@@ -73,22 +74,26 @@ def _normal(text: str) -> str:
 
 def read_correct(prediction: str, references: Sequence[str], kind: str, metric: str = "all",
                  prompt: str = "") -> bool:
-    """Whether a reader of the prediction's first line gets exactly the references (module docstring).
+    """Whether a reader of the prediction's answer line gets exactly the references (module docstring).
 
-    ``kind`` is one of ``KINDS``; ``word`` takes its candidate words from the numbered list in ``prompt``.
+    The answer line is the first line that names an item of the kind (a first line such as ":" or "are:" is passed
+    over), or for ``text`` the first line. ``kind`` is one of ``KINDS``; ``word`` takes its candidate words from the
+    numbered list in ``prompt``.
     """
-    line = first_line(prediction)
     if kind == "text":
+        line = first_line(prediction)
         if metric == "part":
             return _normal(line) in {_normal(r) for r in references}
         return all(re.search(rf"(?<!\w){re.escape(r.lower())}(?!\w)", line.lower()) for r in references)
-    items = ITEMS[kind].findall(line)
-    if kind == "word":
-        listed = {w.lower() for w in _LISTED.findall(prompt)}
-        items = [w for w in items if w.lower() in listed]
+    listed = {w.lower() for w in _LISTED.findall(prompt)} if kind == "word" else set()
+    items: list[str] = []
+    for line in postprocess(prediction).split("\n"):
+        items = [i for i in ITEMS[kind].findall(line) if kind != "word" or i.lower() in listed]
+        if items:
+            break
     if kind in ("uuid", "key", "word"):
-        return {i.lower() for i in items} == {r.lower() for r in references}
-    return set(items) == set(references)
+        return bool(items) and {i.lower() for i in items} == {r.lower() for r in references}
+    return bool(items) and set(items) == set(references)
 
 
 def infer_kind(references: Sequence[str], prompt: str = "") -> str:
