@@ -46,7 +46,6 @@ CACHE_META_FORMAT = "fot-ask/1"
 QUESTION_SEPARATOR = "\n\n"
 QUESTION_MARK = "\x00fot-question\x00"
 
-logger = logging.getLogger("fot.ask")
 
 
 class AskError(ValueError):
