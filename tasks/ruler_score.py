@@ -12,8 +12,8 @@ gives the answer after three wrong ones. The *read* score asks what a person see
 (its first line that names an item of the answers' kind) must name exactly the references, all of them and nothing
 else of their kind (``read_correct``). The kind is the shape of the answers: numbers, UUIDs, capitalized
 variable names (vt), words of the prompt's numbered list (cwe), adjective-noun keys; or ``text``, where the first
-line must contain every reference (``all``) or be one of them (``part``). An answer listed over several lines
-counts as its first line only.
+line must contain every reference (``all``) or be one of them (``part``). A numbered list goes on over the lines
+that open with a number; its numbers ("1. ") are not items.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ ITEMS = {  # kind -> the pattern of one item of that kind in an answer's first l
 }
 KINDS = (*ITEMS, "text")
 _LISTED = re.compile(r"\d+\. (\S+)")
+_ENUMERATOR = re.compile(r"(?:^|(?<=\s))\d{1,3}[.)](?=\s)")
 
 
 def postprocess(prediction: str) -> str:
@@ -77,7 +78,8 @@ def read_correct(prediction: str, references: Sequence[str], kind: str, metric: 
     """Whether a reader of the prediction's answer line gets exactly the references (module docstring).
 
     The answer line is the first line that names an item of the kind (a first line such as ":" or "are:" is passed
-    over), or for ``text`` the first line. ``kind`` is one of ``KINDS``; ``word`` takes its candidate words from the
+    over) with the numbered lines that follow it (a list), or for ``text`` the first line. List numbers ("1. ",
+    "2) ") are not items. ``kind`` is one of ``KINDS``; ``word`` takes its candidate words from the
     numbered list in ``prompt``.
     """
     if kind == "text":
@@ -86,11 +88,17 @@ def read_correct(prediction: str, references: Sequence[str], kind: str, metric: 
             return _normal(line) in {_normal(r) for r in references}
         return all(re.search(rf"(?<!\w){re.escape(r.lower())}(?!\w)", line.lower()) for r in references)
     listed = {w.lower() for w in _LISTED.findall(prompt)} if kind == "word" else set()
-    items: list[str] = []
-    for line in postprocess(prediction).split("\n"):
-        items = [i for i in ITEMS[kind].findall(line) if kind != "word" or i.lower() in listed]
-        if items:
+
+    def named(line: str) -> list[str]:  # the items a line names, list numbering ("2. ", "3) ") left out
+        return [i for i in ITEMS[kind].findall(_ENUMERATOR.sub(" ", line)) if kind != "word" or i.lower() in listed]
+
+    lines = postprocess(prediction).split("\n")
+    start = next((n for n, line in enumerate(lines) if named(line)), len(lines))
+    items = named(lines[start]) if start < len(lines) else []
+    for line in lines[start + 1:]:  # a numbered list goes on over the lines that open with a number
+        if not _ENUMERATOR.match(line) or not named(line):
             break
+        items += named(line)
     if kind in ("uuid", "key", "word"):
         return bool(items) and {i.lower() for i in items} == {r.lower() for r in references}
     return bool(items) and set(items) == set(references)

@@ -265,6 +265,10 @@ def test_rulers_metrics_on_hand_written_cases():
     (" 7654321.\nThe special magic number for x is 1234567.", ["7654321"], "number", True),  # first line only
     (":\n 7654321.\n1234567", ["7654321"], "number", True),  # the first line that names a number
     (" are:\n\n", ["7654321"], "number", False),
+    (":\n1. 1111111\n2) 2222222\nThe end: 3333333", ["1111111", "2222222"], "number", True),  # a numbered list
+    (":\n1. 1111111\n\n2. 2222222", ["1111111", "2222222"], "number", False),  # a list ends at a blank line
+    (":\n1. 1.\n2. 2.", ["1111111"], "number", False),
+    (" 11.", ["11"], "number", True),
     (" 76543210.", ["7654321"], "number", False),
     (" 1234567, 7654321", ["7654321"], "number", False),  # another number of the kind
     (" 4444444, 1111111, 3333333 and 2222222.", ["1111111", "2222222", "3333333", "4444444"], "number", True),
