@@ -10,10 +10,10 @@ once, window by window, with a progress bar in tokens per second. Its memory (th
 values, the last window) is saved to ``--cache-dir`` (default ``.fot-cache`` in the current directory) as
 ``<first file's name>-<key>.safetensors``, the key a hash of the files' contents and the model directory. The next
 run on the same files and model loads that file instead of reading the document again. A cache built with other
-settings (``--top-k``, ``--index``, ``--last-context-length``, ``--dtype``, a retrained model, another prompt
-format) or a damaged one is rebuilt, with a note saying why. Each question continues its own ``fork()`` of the
-cache (its own copy of the local window, the memory shared read-only), or a ``copy()`` when the question and the
-answer do not fit in the window's free room, so no question sees another's tokens.
+settings (``--memory-layers``, ``--top-k``, ``--index``, ``--last-context-length``, ``--dtype``, a retrained
+model, another prompt format) or a damaged one is rebuilt, with a note saying why. Each question continues its
+own ``fork()`` of the cache (its own copy of the local window, the memory shared read-only), or a ``copy()`` when
+the question and the answer do not fit in the window's free room, so no question sees another's tokens.
 
 The prompt is the document, then the question. With a tokenizer that has a chat template (SmolLM2-Instruct does),
 both are one user message and the answer is the assistant's turn; without one (the demo model) the question is
@@ -284,12 +284,28 @@ def check_memory(config, n_tokens: int) -> None:
     check_memory_fits(config, n_tokens, include_weights=False)
 
 
+def memory_layers(values: list[str] | None, model_dir: Path) -> list[int] | None:
+    """``--memory-layers``: None (as configured), "all" (every layer of the checkpoint) or layer indices."""
+    if not values:
+        return None
+    if values == ["all"]:
+        config = model_dir / "config.json"
+        if not config.is_file():
+            return None  # load_model reports the missing checkpoint
+        return list(range(json.loads(config.read_text())["num_hidden_layers"]))
+    if not all(v.isdigit() for v in values):
+        raise AskError(f"--memory-layers {' '.join(values)}: give 'all' or layer indices, e.g. "
+                       "--memory-layers 7 15 22.")
+    return [int(v) for v in values]
+
+
 def open_session(args) -> Session:
     """Read the files, load the model, then load the document's cache or read the document (and save it)."""
     document = read_documents(args.files)
     model_dir = Path(args.model)
     overrides = {k: v for k, v in (("mem_top_k", args.top_k), ("mem_index", args.index),
-                                   ("last_context_length", args.last_context_length)) if v is not None}
+                                   ("last_context_length", args.last_context_length),
+                                   ("mem_layers", memory_layers(args.memory_layers, model_dir))) if v is not None}
     model, tokenizer = load_model(model_dir, overrides, args.dtype)
     chat = tokenizer.chat_template is not None and not args.no_chat_template
     prompt = PromptFormat(tokenizer, document.text, chat)
@@ -297,7 +313,8 @@ def open_session(args) -> Session:
     n = len(prompt.prefix_ids)
     expected = {
         "format": CACHE_META_FORMAT, "files": document.sha256, "model": model_identity(model_dir),
-        "settings": {"mem_top_k": model.config.mem_top_k, "mem_index": model.config.mem_index,
+        "settings": {"mem_layers": list(model.config.mem_layers), "mem_top_k": model.config.mem_top_k,
+                     "mem_index": model.config.mem_index,
                      "last_context_length": model.config.last_context_length, "dtype": args.dtype},
         "prompt": {"chat_template": chat, "tokens": n,
                    "sha256": hashlib.sha256(json.dumps(prompt.prefix_ids).encode()).hexdigest()},
@@ -351,7 +368,8 @@ def questions_from_stdin():
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fot ask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fot ask", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("files", nargs="+", help="text files (UTF-8), read as one document in this order")
     p.add_argument("-q", "--question", action="append",
                    help="a question (repeat for several); without it, questions are read from stdin, one a line")
@@ -360,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
                    help=f"where documents' memories are kept (default {DEFAULT_CACHE_DIR})")
     p.add_argument("--no-cache", action="store_true", help="neither load nor save the memory")
+    p.add_argument("--memory-layers", nargs="+", metavar="L",
+                   help="memory in these layers instead of the configured ones: 'all' or indices (mem_layers)")
     p.add_argument("--top-k", type=int, help="kNN memory: attend to the K best memory keys (mem_top_k)")
     p.add_argument("--index", choices=["exact", "faiss-flat", "faiss-ivf"], help="key search of --top-k (mem_index)")
     p.add_argument("--last-context-length", type=int, help="override the model's last_context_length")

@@ -102,6 +102,18 @@ def test_file_errors_are_one_line(tmp_path, capsys, content, message):
     assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_memory_layers_option(tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    key = passkey_document(doc, n_garbage=600, seed=6)
+    with pytest.raises(SystemExit):
+        ask(tmp_path, doc, "-q", QUESTION, "--memory-layers", "x")
+    assert "give 'all' or layer indices" in capsys.readouterr().err
+    session = ask(tmp_path, doc, "-q", QUESTION, "--memory-layers", "all")
+    assert list(session.model.config.mem_layers) == [0, 1, 2, 3] and number(session.answers[0]) == str(key)
+    ask(tmp_path, doc, "-q", QUESTION)  # the configured layers again: the cache was built with others
+    assert "other settings (mem_layers [0, 1, 2, 3] -> [1, 2, 3])" in capsys.readouterr().err
+
+
 def test_memory_that_does_not_fit_is_one_line(tmp_path, capsys, monkeypatch):
     from fot import budget
 
