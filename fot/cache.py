@@ -380,7 +380,9 @@ class LongLlamaCache(Cache):
         free as it grows (every store's old buffers but the one being copied, the index, the local windows)
         counts as free, and the weights are loaded already."""
         held = [s.ram_bytes() for s in self.memories.values()]
-        freed = sum(held) - max(held) + sum(s.nbytes() for s in self.searches.values()) + self.local_bytes()
+        batch = self._batch_size() or batch_size
+        index = len(self.searches) * budget.index_bytes(self.config, self.memory_length, batch)  # O(1), unlike nbytes
+        freed = sum(held) - max(held) + index + self.local_bytes()
         budget.check_memory_fits(
             self.config, n_tokens, available=budget.available_bytes(device) + freed, batch=batch_size,
             include_weights=False, memory_tokens=self.memory_length + tokens,
