@@ -1,0 +1,111 @@
+"""One table and one plot across tasks: passkey runs (eval/passkey.py) and RULER-style runs (eval/ruler.py) of one
+checkpoint, each setting's score per task and length, as ``make demo-smollm2`` reports them.
+
+    python -m eval.summary --runs runs/demo_smollm2/passkey runs/demo_smollm2/ruler runs/demo_smollm2/hf \
+        --out runs/demo_smollm2
+
+A cell reads ``protocol / read``: the task's standard score (the passkey protocol's exact token match, RULER's
+``string_match_all``) and the score of the answer as a user reads it (eval/README.md). Rows are (task, setting),
+columns the lengths any run measured; a length a setting did not run is "–". Writes ``OUT/summary.md`` (the table,
+also printed) and ``OUT/summary.png`` (one panel per task: the protocol score solid, the read score dashed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from eval.common import LINE_STYLES, new_figure, save_figure
+from plumbing.cli import ArgumentParser
+from plumbing.files import atomic_path
+
+
+def read_run(folder: Path) -> list[tuple[str, str, int, float, float | None]]:
+    """(task, setting, length, protocol %, read %) of every cell in one run's results.json."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: pass an output folder of eval/passkey.py or eval/ruler.py that "
+                         "finished (it writes results.json at the end).")
+    report = json.loads(path.read_text())
+    if report.get("task") not in ("passkey", "ruler"):
+        raise ValueError(f"{path} is a {report.get('task')!r} run; eval.summary reads passkey and ruler runs.")
+    cells = []
+    for setting, rows in report["results"].items():
+        for row in rows:
+            if report["task"] == "passkey":
+                cells.append(("passkey", setting, row["length"], row["accuracy"], row.get("accuracy_read")))
+            else:
+                cells.append((row["task"], setting, row["length"], 100 * row["score"], 100 * row["read"]))
+    return cells
+
+
+def table(cells) -> str:
+    lengths = sorted({c[2] for c in cells})
+    rows: dict[tuple[str, str], dict[int, str]] = {}
+    for task, setting, length, score, read in cells:
+        rows.setdefault((task, setting), {})[length] = f"{score:.0f}%" + ("" if read is None else f" / {read:.0f}%")
+    head = "| task | setting | " + " | ".join(_k(n) for n in lengths) + " |"
+    lines = [head, "|" + "---|" * (len(lengths) + 2)]
+    for (task, setting), by_length in rows.items():
+        lines.append(f"| {task} | {setting} | " + " | ".join(by_length.get(n, "–") for n in lengths) + " |")
+    return "\n".join(lines)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def plot(cells, path: Path) -> None:
+    tasks = list(dict.fromkeys(c[0] for c in cells))
+    new_figure()  # the Agg backend and quiet matplotlib, as every eval plot; its single panel is not used
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    fig, grid = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), squeeze=False)
+    axes = list(grid[0])
+    settings = list(dict.fromkeys(c[1] for c in cells))
+    for ax, task in zip(axes, tasks):
+        for i, setting in enumerate(settings):
+            mine = sorted((c[2], c[3], c[4]) for c in cells if c[0] == task and c[1] == setting)
+            if not mine:
+                continue
+            marker, _ = LINE_STYLES[i % len(LINE_STYLES)]
+            xs = [m[0] for m in mine]
+            line = ax.plot(xs, [m[1] for m in mine], marker=marker, label=setting, alpha=0.85)[0]
+            if all(m[2] is not None for m in mine):
+                ax.plot(xs, [m[2] for m in mine], marker=marker, linestyle="--", color=line.get_color(), alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-3, 105)
+        ax.set_title(task)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (%): protocol solid, as read dashed")
+    axes[0].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", required=True, help="output folders of eval/passkey.py or eval/ruler.py")
+    p.add_argument("--out", required=True, help="folder for summary.md and summary.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        cells = [c for folder in args.runs for c in read_run(Path(folder))]
+    except ValueError as e:
+        p.error(str(e))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(cells)
+    print(text)
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(text + "\n")
+    plot(cells, out / "summary.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""eval/summary.py: one table across passkey and RULER-style runs, read from their results.json."""
+
+import json
+
+import pytest
+
+from eval import summary
+
+
+def write(folder, report):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_table_joins_passkey_and_ruler_cells_by_task_setting_and_length(tmp_path):
+    pk = write(tmp_path / "pk", {"task": "passkey", "results": {
+        "memory": [{"length": 4096, "accuracy": 100.0, "accuracy_read": 50.0},
+                   {"length": 16384, "accuracy": 80.0, "accuracy_read": 80.0}],
+        "hf:8192": [{"length": 4096, "accuracy": 90.0, "accuracy_read": 70.0}]}})
+    ru = write(tmp_path / "ru", {"task": "ruler", "results": {
+        "memory": [{"task": "niah_single_1", "length": 4096, "score": 0.5, "read": 0.25}]}})
+    out = tmp_path / "out"
+    summary.main(["--runs", str(pk), str(ru), "--out", str(out)])
+    lines = (out / "summary.md").read_text().splitlines()
+    assert lines[0] == "| task | setting | 4K | 16K |"
+    assert "| passkey | memory | 100% / 50% | 80% / 80% |" in lines
+    assert "| passkey | hf:8192 | 90% / 70% | – |" in lines
+    assert "| niah_single_1 | memory | 50% / 25% | – |" in lines
+    assert (out / "summary.png").stat().st_size > 0
+
+
+def test_a_folder_without_results_is_one_line_naming_the_fix(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        summary.main(["--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "results.json" in err
+
+
+def test_other_evals_are_refused(tmp_path, capsys):
+    run = write(tmp_path / "ppl", {"task": "perplexity", "results": {}})
+    with pytest.raises(SystemExit):
+        summary.main(["--runs", str(run), "--out", str(tmp_path / "o")])
+    assert "passkey and ruler" in capsys.readouterr().err
