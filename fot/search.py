@@ -30,7 +30,7 @@ Backends (``mem_index``):
     go to their lists, so the exact search never costs more than a 1% brute force (or 64 keys).
   * "faiss-ivf-sq8": "faiss-ivf" whose lists hold each lifted key's residual to its centroid in 8 bits per value
     instead of 32 (``FaissIVFSQ8Search``): the store keeps the one full copy of the keys, and the lists take
-    H + 1 bytes per key instead of 4 (H + 1).
+    H + 1 rounded up to a multiple of 8 bytes per key (72 at H = 64) instead of 4 (H + 1).
 faiss is optional: asking for a faiss backend without it raises an error naming the extra to install.
 """
 
@@ -274,11 +274,13 @@ class FaissFlatSearch(KeySearch):
         return out
 
 
-def lift_keys(keys: torch.Tensor, bound_sq: float):
-    """Keys [n, H] -> float32 numpy [n, H + 1]: [k, sqrt(R^2 - |k|^2)] (the MIPS -> L2 reduction)."""
+def lift_keys(keys: torch.Tensor, bound_sq: float, width: int | None = None):
+    """Keys [n, H] -> float32 numpy [n, H + 1]: [k, sqrt(R^2 - |k|^2)] (the MIPS -> L2 reduction), followed by
+    zeros up to ``width`` columns when given (zeros change no distance to a query padded the same way)."""
     k = keys.float().cpu()
     extra = (bound_sq - k.pow(2).sum(1, keepdim=True)).clamp(min=0).sqrt()
-    return torch.cat([k, extra], 1).contiguous().numpy()
+    pad = k.new_zeros(k.shape[0], max((width or 0) - k.shape[1] - 1, 0))
+    return torch.cat([k, extra, pad], 1).contiguous().numpy()
 
 
 @dataclass
@@ -380,6 +382,10 @@ class FaissIVFSearch(KeySearch):
             self.indexes[(b, g)] = _IVFHead(index, None, radius, tensors[f"{key}.outliers"],
                                             tensors[f"{key}.outlier_dist"], _centroids(self.faiss, index))  # fmt: skip
 
+    def lifted_width(self, head_dim: int) -> int:
+        """Columns of a lifted key: the head dim plus the lifting column."""
+        return head_dim + 1
+
     def _new_index(self, quantizer, d: int, nlist: int):
         """An untrained IVF index whose lists hold the lifted keys as fp32 vectors (IVF-Flat)."""
         return self.faiss.IndexIVFFlat(quantizer, d, nlist, self.faiss.METRIC_L2)
@@ -401,9 +407,10 @@ class FaissIVFSearch(KeySearch):
         n_out = 0
         for b in range(B):
             for g in range(G):
-                keys = lift_keys(view.k_BGMH[b, g], self.bound_sq)
-                quantizer = faiss.IndexFlatL2(H + 1)
-                index = self._new_index(quantizer, H + 1, nlist)
+                width = self.lifted_width(H)
+                keys = lift_keys(view.k_BGMH[b, g], self.bound_sq, width)
+                quantizer = faiss.IndexFlatL2(width)
+                index = self._new_index(quantizer, width, nlist)
                 index.cp.min_points_per_centroid = 1  # training on the memory itself; no warning spam
                 index.cp.max_points_per_centroid = IVF_POINTS_PER_LIST
                 index.train(keys)
@@ -437,7 +444,7 @@ class FaissIVFSearch(KeySearch):
             order = head.outlier_dist.argsort(descending=True)
             demoted = head.outliers[order[cap:]]
             head.outliers, head.outlier_dist = head.outliers[order[:cap]], head.outlier_dist[order[:cap]]
-            moved = lift_keys(keys_MH[demoted.to(keys_MH.device)], self.bound_sq)
+            moved = lift_keys(keys_MH[demoted.to(keys_MH.device)], self.bound_sq, head.index.d)
             self._add_to_lists(head, moved, demoted, head.assign(moved)[1])
 
     def _add_to_lists(self, head: _IVFHead, lifted, slots: torch.Tensor, lists: torch.Tensor) -> None:
@@ -473,14 +480,15 @@ class FaissIVFSearch(KeySearch):
                 head.index.remove_ids(ids)
                 kept = ~torch.isin(head.outliers, slots)
                 head.outliers, head.outlier_dist = head.outliers[kept], head.outlier_dist[kept]
-            self._add(head, lift_keys(new_keys[b, g], self.bound_sq), slots, _HeadKeys(store, b, g))
+            self._add(head, lift_keys(new_keys[b, g], self.bound_sq, head.index.d), slots, _HeadKeys(store, b, g))
 
     def search(self, q_BGXH, view, k):
         if not self.indexes:  # not trained yet: memory is still small, search it exactly
             return ExactSearch().search(q_BGXH, view, k)
         B, G, X, _ = q_BGXH.shape
         q = q_BGXH.float().cpu()
-        lifted = torch.cat([q, q.new_zeros(B, G, X, 1)], -1)  # [q, 0]: ascending L2 = descending q . k
+        width = next(iter(self.indexes.values())).index.d
+        lifted = torch.cat([q, q.new_zeros(B, G, X, width - q.shape[-1])], -1)  # [q, 0]: ascending L2 = descending q.k
         out = torch.full((B, G, X, k), -1, dtype=torch.long)
         dist = torch.full((B, G, X, k), float("inf"))  # squared L2 of each candidate
         valid_BM = None if view.valid_BM is None else view.valid_BM.cpu()
@@ -513,12 +521,17 @@ class FaissIVFSearch(KeySearch):
 
 class FaissIVFSQ8Search(FaissIVFSearch):
     """``faiss-ivf`` whose lists hold each lifted key's residual to its centroid in 8 bits per dimension
-    (FAISS ``IndexIVFScalarQuantizer``, ``QT_8bit``, ranges trained per dimension) instead of fp32: H + 1 bytes per
-    key instead of 4 (H + 1). The store keeps the one full copy of the keys; the lists keep only what ranks the
+    (FAISS ``IndexIVFScalarQuantizer``, ``QT_8bit``, ranges trained per dimension) instead of fp32: one byte per
+    lifted column (``lifted_width``: 72 at H = 64) instead of 4 (H + 1). The store keeps the one full copy of the keys; the lists keep only what ranks the
     keys inside the probed lists, so scores within a list are approximate (the residuals' quantization step)
     as well as the choice of lists. Outliers are still searched exactly and merged by their exact scores."""
 
     name = "faiss-ivf-sq8"
+
+    def lifted_width(self, head_dim: int) -> int:
+        """H + 1 rounded up to a multiple of 8 with zero columns: FAISS scans 8-bit codes with SIMD only then (at
+        H + 1 = 65 its scalar path searched 4.4x slower than IVF-Flat; at 72, 1.2x)."""
+        return -(-(head_dim + 1) // 8) * 8
 
     def _new_index(self, quantizer, d: int, nlist: int):
         faiss = self.faiss

@@ -468,8 +468,8 @@ def test_ivf_recall_grows_with_nprobe_and_is_exact_at_nlist(faiss1, small_ivf):
 def test_ivf_sq8_lists_rank_like_brute_force_in_a_quarter_of_the_bytes(faiss1, small_ivf):
     """faiss-ivf-sq8 against float64 brute force and against faiss-ivf on the same keys, every list probed: its
     8-bit lists only perturb the order of near-equal scores (recall@10 >= 0.9, where random keys in 16 dims leave
-    little gap at the 10th score), it returns valid distinct slots, and it keeps H + 1 bytes per key in its
-    lists where faiss-ivf keeps 4 (H + 1)."""
+    little gap at the 10th score), it returns valid distinct slots, and it keeps one byte per lifted column (H + 1
+    padded to a multiple of 8, where FAISS scans 8-bit codes with SIMD) in its lists where faiss-ivf keeps 4 (H + 1)."""
     K = 10
     caches = {b: _filled_cache(b, M=1024, B=1, G=2, window=256, mem_nprobe=4096, search_factory=small_ivf)
               for b in IVF_BACKENDS}  # fmt: skip
@@ -489,11 +489,13 @@ def test_ivf_sq8_lists_rank_like_brute_force_in_a_quarter_of_the_bytes(faiss1, s
     assert recall["faiss-ivf"] == 1.0 and 0.9 <= recall["faiss-ivf-sq8"] < 1.0, recall
     f, s8 = (c.searches[1] for c in (flat, sq8))
     H1 = keys.shape[-1] + 1
-    for search, code in ((f, 4 * H1), (s8, H1)):
-        expected = sum(h.index.ntotal * (code + 8) + h.index.nlist * H1 * 4 + h.outliers.numel() * 8
+    width = -(-H1 // 8) * 8
+    for search, d, code in ((f, H1, 4 * H1), (s8, width, width)):
+        assert all(h.index.d == d for h in search.indexes.values())
+        expected = sum(h.index.ntotal * (code + 8) + h.index.nlist * d * 4 + h.outliers.numel() * 8
                        for h in search.indexes.values())  # fmt: skip
         assert search.nbytes() == expected
-    assert s8.nbytes() < 0.4 * f.nbytes()
+    assert s8.nbytes() < 0.5 * f.nbytes()
 
 
 def test_ivf_incremental_appends_are_findable_without_retraining(faiss1):
