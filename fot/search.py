@@ -382,7 +382,8 @@ class FaissIVFSearch(KeySearch):
             self.indexes[(b, g)] = _IVFHead(index, None, radius, tensors[f"{key}.outliers"],
                                             tensors[f"{key}.outlier_dist"], _centroids(self.faiss, index))  # fmt: skip
 
-    def lifted_width(self, head_dim: int) -> int:
+    @staticmethod
+    def lifted_width(head_dim: int) -> int:
         """Columns of a lifted key: the head dim plus the lifting column."""
         return head_dim + 1
 
@@ -528,7 +529,8 @@ class FaissIVFSQ8Search(FaissIVFSearch):
 
     name = "faiss-ivf-sq8"
 
-    def lifted_width(self, head_dim: int) -> int:
+    @staticmethod
+    def lifted_width(head_dim: int) -> int:
         """H + 1 rounded up to a multiple of 8 with zero columns: FAISS scans 8-bit codes with SIMD only then (at
         H + 1 = 65 its scalar path searched 4.4x slower than IVF-Flat; at 72, 1.2x)."""
         return -(-(head_dim + 1) // 8) * 8
