@@ -508,7 +508,7 @@ def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[d
     depths = list(results[names[0]][0]["by_depth"])  # every setting runs at one length at least
     panel = max(2.4, 0.75 * len(lengths))
     fig, axes = plt.subplots(2, len(names), figsize=(1.6 + panel * len(names), 2.6 + 0.9 * len(depths)),
-                             sharey=True, squeeze=False)
+                             sharex=True, sharey=True, squeeze=False)
     for (row, score), (col, name) in ((rs, cn) for rs in enumerate(SCORES) for cn in enumerate(names)):
         ax = axes[row][col]
         acc = np.array([accuracy_curve(results[name], lengths, "by_depth", d, score) for d in depths])
@@ -518,9 +518,10 @@ def plot_depth_heatmap(path: Path, lengths: list[int], results: dict[str, list[d
                 continue
             ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
                     color="white" if value < 60 else "black")  # readable on both ends of the colormap
+        ax.set_title(f"{name}, {SCORES[score]}", fontsize=9)
+    for ax in axes[-1]:  # shared x: ticks and label on the bottom row only, clear of the titles below the top row
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_title(f"{name}, {SCORES[score]}", fontsize=9)
     for row in axes:
         row[0].set_yticks(range(len(depths)), depths)
         row[0].set_ylabel("depth of the key (0 = start)")
