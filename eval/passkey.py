@@ -451,7 +451,9 @@ def format_breakdown(lengths: list[int], results: dict[str, list[dict]], field: 
     """Rows = (length, template or depth) from each row's ``field`` breakdown, columns = settings (accuracy % of
     the protocol and as read)."""
     names = list(results)
-    groups = list(next(iter(results.values()))[0][field])
+    # Every group of any row: with --prompts-for capping a length below the template (or depth) count, a row may
+    # hold only some of them; the others print as "-".
+    groups = list(dict.fromkeys(g for rows in results.values() for row in rows for g in row[field]))
     width = max([16] + [len(n) + 2 for n in names])
     first = max([len(label)] + [len(g) for g in groups]) + 2
     header = f"{'length':>8}  {label:<{first}}" + "".join(f"{n:>{width}}" for n in names)
@@ -459,7 +461,8 @@ def format_breakdown(lengths: list[int], results: dict[str, list[dict]], field: 
     for length in lengths:
         rows = [row_at(results[n], length) for n in names]
         for g in groups:
-            cells = "".join(f"{'-':>{width}}" if r is None else f"{both(r[field][g]):>{width}}" for r in rows)
+            cells = "".join(f"{'-':>{width}}" if r is None or g not in r[field] else f"{both(r[field][g]):>{width}}"
+                            for r in rows)
             lines.append(f"{length:>8}  {g:<{first}}{cells}")
     return "\n".join(lines)
 
@@ -471,7 +474,9 @@ def accuracy_curve(rows: list[dict], lengths: list[int], field: str | None = Non
     out = []
     for length in lengths:
         r = row_at(rows, length)
-        out.append(float("nan") if r is None else (r if field is None else r[field][group])[score])
+        if r is not None and field is not None:
+            r = r[field].get(group)  # None where --prompts-for left this group out of the length
+        out.append(float("nan") if r is None else r[score])
     return out
 
 

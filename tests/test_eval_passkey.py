@@ -527,6 +527,19 @@ def test_prompts_for_runs_a_spread_subset_at_long_lengths(model_dir, tmp_path):
     assert saved["prompts_per_length"] == {"100": 6, "160": 4}
 
 
+def test_prompts_for_below_the_template_count_reports_the_templates_it_ran(model_dir, tmp_path):
+    """One prompt at a length leaves every other template out of that length's breakdown: the tables show "-"
+    there and the report is written (it raised KeyError on the first missing template)."""
+    names = list(TEMPLATES)[:3]
+    out = tmp_path / "out"
+    report = passkey.main(["--model", str(model_dir), "--template", *names, "--lengths", "100", "160", "--trials",
+                           "1", "--depths", "0.5", "--settings", "no-memory", "--prompts-for", "160:=1",
+                           "--device", "cpu", "--out", str(out)])
+    short, long = report["results"]["no-memory"]
+    assert set(short["by_template"]) == set(names) and len(long["by_template"]) == 1
+    assert (out / "results.json").is_file() and (out / "passkey.png").is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}"], "does not exist"),
     (["--model", "{model}", "--prompts-for", "160=4"], "write LO:HI=N"),
