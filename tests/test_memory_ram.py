@@ -227,8 +227,7 @@ def test_disk_memory_gives_the_same_logits_as_ram(settings, tmp_path):
 
 
 KILLED_RUN = """
-import os, signal, sys, torch
-sys.path.insert(0, {root!r})
+import os, signal, torch
 from fot.cache import LongLlamaCache
 from fot.memory import MemoryStore
 from tests.tiny import tiny_model, tokens
@@ -252,9 +251,9 @@ def test_a_killed_prefill_reloads_and_continues_to_the_same_result(tmp_path):
     """A process SIGKILLed mid-prefill leaves memory files that reopen (cut back to the tokens every layer holds);
     continuing from there gives the uninterrupted run's memory bit for bit and its logits."""
     N, W = 600, tiny_config().max_position_embeddings
-    script = KILLED_RUN.format(root=str(ROOT), dir=str(tmp_path), kill_at=2 * 4 + 2, n=N)  # 4 windows, then 1 layer
+    script = KILLED_RUN.format(dir=str(tmp_path), kill_at=2 * 4 + 2, n=N)  # 4 windows, then 1 layer
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # python -c puts cwd on sys.path  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     path = proc.stdout.strip().splitlines()[-1]
     model = tiny_model(dtype=torch.float32, mem_top_k=4, mem_layers=[0, 2], mem_offload="disk",
