@@ -197,3 +197,32 @@ def test_shipped_adapters_load_on_the_base_and_touch_only_memory_layers(name, mo
     with torch.no_grad():
         a, b = tuned(ids).logits, base(ids).logits
     assert torch.isfinite(a).all() and max_err(a, b) > 1e-2
+
+
+RECOMMENDED = ROOT / "models" / "smollm2-fot"
+needs_recommended = pytest.mark.skipif(not (RECOMMENDED / "config.json").is_file(),
+                                       reason="no models/smollm2-fot: run make smollm2")
+
+
+def makefile_settings() -> dict:
+    """The SMOLLM2_* values of the Makefile, the one place the recommended checkpoint's settings are written."""
+    import re
+
+    text = (ROOT / "Makefile").read_text()
+    return dict(re.findall(r"^SMOLLM2_([A-Z_]+) \?= (.+)$", text, re.M))
+
+
+@needs_recommended
+def test_the_recommended_checkpoint_holds_the_makefiles_settings():
+    """make smollm2 writes its settings into config.json, so from_pretrained with no overrides runs them."""
+    from fot import LongLlamaConfig
+    from fot.config import resolve_mem_layers
+
+    want, c = makefile_settings(), LongLlamaConfig.from_pretrained(RECOMMENDED)
+    layers = want["LAYERS"]
+    expected = resolve_mem_layers(",".join(layers.split()), c.num_hidden_layers)
+    top_k = None if want["TOP_K"] == "none" else int(want["TOP_K"])
+    got = (c.mem_layers, c.mem_top_k, c.mem_index, c.mem_nprobe, c.max_position_embeddings, c.last_context_length,
+           c.mem_dtype)
+    assert got == (expected, top_k, want["INDEX"], int(want["NPROBE"]), int(want["WINDOW"]), int(want["LCL"]),
+                   want["MEM_DTYPE"]), "models/smollm2-fot is not the Makefile's setting: run make smollm2"
