@@ -31,6 +31,9 @@ OLDEST_VENV := .venv-oldest
 # The floor of setup.py's transformers range; read from there so the two cannot drift.
 TRANSFORMERS_OLDEST := $(shell sed -n 's/^TRANSFORMERS_OLDEST = "\(.*\)"/\1/p' setup.py)
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist, in the dev extra): one per core of the 2-core build machines halves the suite's wall
+# time; PYTEST_WORKERS=0 runs the tests in this process (for pdb, or to read one test's output in order).
+PYTEST_WORKERS ?= 2
 
 # Tests and benchmarks never touch the network: a hub call would stall before failing. USE_HUB_KERNELS=0 keeps
 # transformers (5.25 on) from swapping layers for kernels fetched from the Hub at from_pretrained.
@@ -38,7 +41,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled USE_HUB_KE
 
 # The one test command: every suite runs exactly this, with its venv's python as $(1).
 run-tests = $(1) -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
-	&& $(OFFLINE) TRITON_INTERPRET=1 $(1) -m pytest -q tests $(PYTEST_ARGS)
+	&& $(OFFLINE) TRITON_INTERPRET=1 $(1) -m pytest -q -n $(PYTEST_WORKERS) tests $(PYTEST_ARGS)
 
 # Fills venv $(1) from the lock. torch goes first so that nothing can pull the CUDA build; fot itself
 # goes in without dependencies, since the lock already holds them.

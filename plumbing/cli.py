@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
 USER_ERROR = 2
 
@@ -49,3 +49,18 @@ def user_errors(prog: str, kind: type[Exception] = ValueError):
         yield
     except kind as err:
         fail(prog, str(err))
+
+
+def resolve_choices(names: Sequence[str], choices: Sequence[str], flag: str, noun: str) -> list[str]:
+    """A list flag's values (or ``all``) -> the chosen names, in ``choices`` order for ``all``, else as given; a
+    ``ValueError`` naming the flag for ``all`` mixed with others, an unknown name or a name given twice."""
+    if "all" in names:
+        if len(names) > 1:
+            raise ValueError(f"{flag} all already includes every {noun}; drop the others from {list(names)}.")
+        return list(choices)
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ValueError(f"{flag} {unknown}: unknown; use 'all' or any of {', '.join(choices)}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{flag} lists a {noun} twice: {list(names)}.")
+    return list(names)

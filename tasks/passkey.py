@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from plumbing.cli import resolve_choices
 from tasks.document import UNBOUNDED, Document, encode
 
 DEFAULT_TEMPLATE = "landmark"
@@ -219,16 +220,7 @@ TEMPLATES = {t.name: t for t in (
 
 def resolve_templates(names: Sequence[str]) -> list[str]:
     """``--template`` names (or ``all``) -> template names in registry order, or a ``ValueError``."""
-    if "all" in names:
-        if len(names) > 1:
-            raise ValueError(f"--template all already includes every template; drop the others from {list(names)}.")
-        return list(TEMPLATES)
-    unknown = [n for n in names if n not in TEMPLATES]
-    if unknown:
-        raise ValueError(f"--template {unknown}: unknown; use 'all' or any of {', '.join(TEMPLATES)}.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--template lists a template twice: {list(names)}.")
-    return list(names)
+    return resolve_choices(names, list(TEMPLATES), "--template", "template")
 
 
 # ----------------------------------------------------------------------------- training documents

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from plumbing.cli import resolve_choices
 from tasks.ruler_books import BookHaystack
 from tasks.ruler_cwe import CommonWords
 from tasks.ruler_niah import Niah
@@ -72,16 +73,7 @@ HAYSTACK_CHOICES = ("book", "noise")
 
 def resolve_tasks(names: Sequence[str]) -> list[str]:
     """``--tasks`` names (or ``all``) -> task names in registry order, or a ``ValueError``."""
-    if "all" in names:
-        if len(names) > 1:
-            raise ValueError(f"--tasks all already includes every task; drop the others from {list(names)}.")
-        return list(TASKS)
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ValueError(f"--tasks {unknown}: unknown; use 'all' or any of {', '.join(TASKS)}.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--tasks lists a task twice: {list(names)}.")
-    return list(names)
+    return resolve_choices(names, list(TASKS), "--tasks", "task")
 
 
 def task_for(name: str, haystack: str = "book") -> Task:

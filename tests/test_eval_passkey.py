@@ -443,13 +443,15 @@ def test_template_all_on_the_shipped_model(tmp_path, capsys):
     assert saved == json.loads(json.dumps(report)) and saved["templates"] == list(TEMPLATES)
     (row,) = saved["results"]["memory"]
     assert row["n"] == 2 * len(TEMPLATES) and (row["min_tokens"], row["max_tokens"]) == (256, 256)
-    per_template = {}
+    per_template, read = {}, {}
     for t in row["trials"]:
         assert t["correct"] == (t["predicted_ids"] == t["answer_ids"])
         per_template.setdefault(t["template"], []).append(t["correct"])
+        read.setdefault(t["template"], []).append(t["correct_read"])
     assert {k: len(v) for k, v in per_template.items()} == {name: 2 for name in TEMPLATES}
     for name, correct in per_template.items():
-        assert row["by_template"][name] == {"accuracy": 50.0 * sum(correct), "correct": sum(correct), "n": 2}
+        assert row["by_template"][name] == {"accuracy": 50.0 * sum(correct), "correct": sum(correct), "n": 2,
+                                            "accuracy_read": 50.0 * sum(read[name]), "correct_read": sum(read[name])}
     assert row["accuracy"] == pytest.approx(np.mean([50.0 * sum(c) for c in per_template.values()]))
     keys = {name: [t["key"] for t in row["trials"] if t["template"] == name] for name in TEMPLATES}
     assert len({tuple(k) for k in keys.values()}) == 1  # paired: trial t has one key in every template
