@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from eval.lmeval_passkey import GROUP, write_tasks  # noqa: E402
 from eval.passkey import PromptEncoder, greedy_answer, is_correct, make_trials  # noqa: E402
 from fot.export import export_code  # noqa: E402
+from tests.test_remote_code import needs_code_loading  # noqa: E402
+
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "fot-tiny"
 LENGTHS, TRIALS, SEED = [192, 640], 3, 7  # several windows of 128 tokens; the keys sit in memory or the last window
@@ -62,6 +64,7 @@ def test_python_api_scores_as_eval_passkey(setup):
             assert tokenizer.encode(s["arguments"][0][0])[:1] == [tokenizer.bos_token_id]
 
 
+@needs_code_loading
 def test_command_line_with_trust_remote_code_scores_as_eval_passkey(setup):
     out = setup["root"] / "cli"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
