@@ -53,6 +53,8 @@ import importlib.util
 import json
 import logging
 import os
+import resource
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -332,13 +334,21 @@ def write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far, in bytes (``getrusage``: kilobytes on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def run_report(task: str, args, model_dir: Path, tokenizer_dir: Path, window: int, fields: dict, configs: dict,
                results: dict, answer_methods: list[str] | None = None) -> dict:
     """What results.json holds: the task, checkpoint, tokenizer and window, the tool's own ``fields``, where it
-    ran, with ``answer_methods`` how many answers were tokenized each way, then each setting's configuration and
-    results."""
+    ran, the process's peak RSS (``peak_rss_bytes``: of this invocation, every setting it ran; one setting per run
+    gives that setting's), with ``answer_methods`` how many answers were tokenized each way, then each setting's
+    configuration and results."""
     report = {"task": task, "model": str(model_dir), "tokenizer": str(tokenizer_dir), "window": window, **fields,
-              "device": str(args.device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+              "device": str(args.device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "peak_rss_bytes": peak_rss_bytes()}
     if answer_methods is not None:
         report["answer_tokenization"] = {m: answer_methods.count(m) for m in sorted(set(answer_methods))}
     return {**report, "settings": configs, "results": results}

@@ -6,7 +6,9 @@ checkpoint, each setting's score per task and length, as ``make demo-smollm2`` r
 
 A cell reads ``protocol / read``: the task's standard score (the passkey protocol's exact token match, RULER's
 ``string_match_all``) and the score of the answer as a user reads it (eval/README.md). Rows are (task, setting),
-columns the lengths any run measured; a length a setting did not run is "–". Writes ``OUT/summary.md`` (the table,
+columns the lengths any run measured; a length a setting did not run is "–". A second table gives the seconds per
+prompt of each cell (its run's seconds over its prompts), and a list each run's peak RSS (``peak_rss_bytes`` of
+results.json: the process's, so one setting per run gives that setting's). Writes ``OUT/summary.md`` (the tables,
 also printed) and ``OUT/summary.png`` (one panel per task: the protocol score solid, the read score dashed).
 """
 
@@ -20,8 +22,8 @@ from plumbing.cli import ArgumentParser
 from plumbing.files import atomic_path
 
 
-def read_run(folder: Path) -> list[tuple[str, str, int, float, float | None]]:
-    """(task, setting, length, protocol %, read %) of every cell in one run's results.json."""
+def read_run(folder: Path) -> list[tuple[str, str, int, float, float | None, float | None]]:
+    """(task, setting, length, protocol %, read %, seconds per prompt) of every cell in one run's results.json."""
     path = folder / "results.json"
     if not path.is_file():
         raise ValueError(f"{path} does not exist: pass an output folder of eval/passkey.py or eval/ruler.py that "
@@ -32,18 +34,34 @@ def read_run(folder: Path) -> list[tuple[str, str, int, float, float | None]]:
     cells = []
     for setting, rows in report["results"].items():
         for row in rows:
+            per_prompt = row["seconds"] / row["n"] if row.get("seconds") is not None and row.get("n") else None
             if report["task"] == "passkey":
-                cells.append(("passkey", setting, row["length"], row["accuracy"], row.get("accuracy_read")))
+                cells.append(("passkey", setting, row["length"], row["accuracy"], row.get("accuracy_read"), per_prompt))
             else:
-                cells.append((row["task"], setting, row["length"], 100 * row["score"], 100 * row["read"]))
+                cells.append((row["task"], setting, row["length"], 100 * row["score"], 100 * row["read"], per_prompt))
     return cells
 
 
+def peak_rss(folder: Path) -> int | None:
+    """The peak RSS (bytes) a run's results.json records; None for runs written before it did."""
+    return json.loads((folder / "results.json").read_text()).get("peak_rss_bytes")
+
+
 def table(cells) -> str:
+    """The scores' table: ``protocol / read`` per (task, setting) row and length column."""
+    return _grid(cells, lambda score, read, _: f"{score:.0f}%" + ("" if read is None else f" / {read:.0f}%"))
+
+
+def seconds_table(cells) -> str:
+    """Seconds per prompt, in the scores' layout ("?" where a run recorded no seconds)."""
+    return _grid(cells, lambda _s, _r, sec: "?" if sec is None else f"{sec:.1f}")
+
+
+def _grid(cells, fmt) -> str:
     lengths = sorted({c[2] for c in cells})
     rows: dict[tuple[str, str], dict[int, str]] = {}
-    for task, setting, length, score, read in cells:
-        rows.setdefault((task, setting), {})[length] = f"{score:.0f}%" + ("" if read is None else f" / {read:.0f}%")
+    for task, setting, length, score, read, seconds in cells:
+        rows.setdefault((task, setting), {})[length] = fmt(score, read, seconds)
     head = "| task | setting | " + " | ".join(_k(n) for n in lengths) + " |"
     lines = [head, "|" + "---|" * (len(lengths) + 2)]
     for (task, setting), by_length in rows.items():
@@ -100,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = table(cells)
+    rss = [f"- {folder}: {peak / 2**30:.2f} GiB" for folder in args.runs
+           if (peak := peak_rss(Path(folder))) is not None]
+    text = (table(cells) + "\n\nSeconds per prompt:\n\n" + seconds_table(cells)
+            + ("\n\nPeak RSS of each run (its process):\n\n" + "\n".join(rss) if rss else ""))
     print(text)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(text + "\n")

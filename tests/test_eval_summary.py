@@ -14,9 +14,9 @@ def write(folder, report):
 
 
 def test_table_joins_passkey_and_ruler_cells_by_task_setting_and_length(tmp_path):
-    pk = write(tmp_path / "pk", {"task": "passkey", "results": {
-        "memory": [{"length": 4096, "accuracy": 100.0, "accuracy_read": 50.0},
-                   {"length": 16384, "accuracy": 80.0, "accuracy_read": 80.0}],
+    pk = write(tmp_path / "pk", {"task": "passkey", "peak_rss_bytes": 3 * 2**30, "results": {
+        "memory": [{"length": 4096, "accuracy": 100.0, "accuracy_read": 50.0, "n": 4, "seconds": 10.0},
+                   {"length": 16384, "accuracy": 80.0, "accuracy_read": 80.0, "n": 5, "seconds": 300.0}],
         "hf:8192": [{"length": 4096, "accuracy": 90.0, "accuracy_read": 70.0}]}})
     ru = write(tmp_path / "ru", {"task": "ruler", "results": {
         "memory": [{"task": "niah_single_1", "length": 4096, "score": 0.5, "read": 0.25}]}})
@@ -28,6 +28,21 @@ def test_table_joins_passkey_and_ruler_cells_by_task_setting_and_length(tmp_path
     assert "| passkey | hf:8192 | 90% / 70% | – |" in lines
     assert "| niah_single_1 | memory | 50% / 25% | – |" in lines
     assert (out / "summary.png").stat().st_size > 0
+    seconds = lines[lines.index("Seconds per prompt:") + 2:]
+    assert "| passkey | memory | 2.5 | 60.0 |" in seconds  # a cell's seconds over its prompts
+    assert "| passkey | hf:8192 | ? | – |" in seconds  # no seconds recorded
+    assert f"- {pk}: 3.00 GiB" in lines and not any(str(ru) in line for line in lines)  # ru recorded no RSS
+
+
+def test_run_report_records_the_peak_rss_of_the_process():
+    from types import SimpleNamespace
+
+    from eval.common import run_report
+
+    held = bytearray(b"x" * (256 * 2**20))  # 256 MiB written, so resident, before the report
+    report = run_report("passkey", SimpleNamespace(device="cpu", dtype="float32"), "m", "t", 512, {}, {}, {})
+    # In bytes: read as kilobytes (getrusage's unit on Linux) it would be about a thousand times too small.
+    assert 256 * 2**20 <= report["peak_rss_bytes"] < 64 * 2**30 and held[-1:] == b"x"
 
 
 def test_a_folder_without_results_is_one_line_naming_the_fix(tmp_path, capsys):
