@@ -46,11 +46,20 @@ def encode(tokenizer, text: str, add_bos: bool, add_eos: bool) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def answer_end(answer: str, after: str, ends: bool) -> list:
-    """An answer and the text after it, as parts. With ``ends``, the first character after the answer ("." or a
-    line break) carries the loss too. Without it, nothing trains the step after an answer's last token, so a
-    model that copies a five-digit value has never learned to stop there and runs on into more digits
-    ("33543" -> "3354359"; values have one to nine digits)."""
+ANSWER_ENDS = (False, True, "period")  # the values of data.mix_answer_ends
+
+
+def answer_end(answer: str, after: str, ends: bool | str) -> list:
+    """An answer and the text after it, as parts. Without ``ends``, nothing trains the step after an answer's last
+    token, so a model that copies a five-digit value has never learned to stop there and runs on into more digits
+    ("33543" -> "3354359"; values have one to nine digits). With ``ends=True`` the first character after the
+    answer ("." or a line break) carries the loss too; the line break then becomes a likely token wherever the
+    model is unsure of the answer. With ``ends="period"`` the answer is always followed by ".", which carries the
+    loss, and then by the rest of ``after`` with its own "." dropped (".\n" and "\n" both give ".\n")."""
+    if ends not in ANSWER_ENDS:
+        raise ValueError(f"answer ends={ends!r}: use one of {', '.join(map(repr, ANSWER_ENDS))}.")
+    if ends == "period":
+        return [Target(answer + "."), after.removeprefix(".")]
     if not ends:
         return [Target(answer), after]
     return [Target(answer + after[:1]), after[1:]]

@@ -106,10 +106,11 @@ LOOKUP_KEY_KINDS = ("number", "word", "code", "pair", "name")
 
 
 def lookup_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = LOOKUP_VALUE_KINDS,
-                 key_kinds: Sequence[str] = LOOKUP_KEY_KINDS, answer_ends: bool = False) -> list:
+                 key_kinds: Sequence[str] = LOOKUP_KEY_KINDS, answer_ends: bool | str = False) -> list:
     """A dictionary of items in one line format, haystack, then queries about some of them. The keys of one
     dictionary are all of one kind, drawn uniformly from ``key_kinds``. ``answer_ends``: each answer's line break
-    is part of the answer (``answer_end``)."""
+    is part of the answer; with "period" each answer is followed by "." (then its line break), and the "." is part
+    of it (``answer_end``)."""
     line_format = choose(rng, LOOKUP_LINES)
     key_kinds = (choose(rng, tuple(key_kinds)),)
     value_kinds = (choose(rng, tuple(value_kinds)),)

@@ -95,7 +95,7 @@ class SyntheticMix:
                  max_keys: int = 4, lookup_keys: Sequence[str] | None = None,
                  haystacks: dict[str, float] | None = None, mentions: float = 0.0, named_intros: float = 0.0,
                  short_recall: float = 0.0, short_recall_tokens: Sequence[int] = (96, 256),
-                 answer_ends: bool = False):
+                 answer_ends: bool | str = False):
         if not 0.0 <= short_recall <= 1.0:
             raise ValueError(f"data.mix_short_recall={short_recall}: a probability per recall document, in [0, 1].")
         span = tuple(int(t) for t in short_recall_tokens)

@@ -85,13 +85,14 @@ QUESTIONS = (
 
 def recall_parts(rng: np.random.Generator, budget: int, value_kinds: Sequence[str] = tuple(VALUE_KINDS),
                  max_keys: int = 4, mentions: float = 0.0, named_intros: float = 0.0,
-                 answer_ends: bool = False) -> list:
+                 answer_ends: bool | str = False) -> list:
     """One to ``max_keys`` named values (of ``value_kinds``) among the haystack, then questions about one to three
     of them. With probability ``mentions`` per key, a ``MENTION_LINES`` sentence also names it, with words and no
     value after "the <name> is", at its own random depth (before or after the key line): an answer copied from the
     first "the <name> is" in the text is then often wrong. With probability ``named_intros`` the document opens
     with a ``NAMED_INTROS`` line naming the first asked key, with no value, in place of its intro. With
-    ``answer_ends`` the character after each answer ("." or a line break) is part of it (``answer_end``)."""
+    ``answer_ends`` the character after each answer ("." or a line break) is part of it; with "period" every answer
+    ends in "." and that "." is part of it (``answer_end``)."""
     n_keys = int(rng.integers(1, max_keys + 1))
     names: list[str] = []
     while len(names) < n_keys:

@@ -63,3 +63,56 @@ def test_stage_11_config_turns_it_on():
     spec = load_config(ROOT / "configs" / "demo_stage11.yaml", {})
     assert spec.data.mix_answer_ends is True and spec.checkpoint == "models/fot-tiny"
     assert load_config(ROOT / "configs" / "demo_stage8.yaml", {}).data.mix_answer_ends is False
+
+
+@pytest.mark.parametrize("make", [recall_parts, lookup_parts])
+def test_period_ends_every_answer_with_a_period_and_nothing_else_changes(make):
+    """data.mix_answer_ends=period: each answer is the answer with the option off plus ".", the text after it is
+    the line break alone, and the documents' other parts are the same draws."""
+    for seed in range(40):
+        off = make(np.random.default_rng(seed), 300)
+        period = make(np.random.default_rng(seed), 300, answer_ends="period")
+        assert len(period) == len(off)
+        for i, (a, b) in enumerate(zip(off, period)):
+            if isinstance(a, Target):
+                assert isinstance(b, Target) and b.text == a.text + "."
+            elif i > 0 and isinstance(off[i - 1], Target):
+                assert a in (".\n", "\n") and b == "\n"
+            else:
+                assert b == a
+
+
+def test_period_masks_exactly_the_answer_and_its_period():
+    """Through the tokenizer of the shipped model: with period, each loss span is the option-off answer's tokens
+    and then the token of "." (decoded alone); the line break after it carries no loss."""
+    from plumbing.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(FOT_TINY)
+    period_id, = tokenizer("a.", add_special_tokens=False)["input_ids"][-1:]
+    assert tokenizer.decode([period_id]) == "."
+    haystack = BookHaystack([TEXT] * 4, Scanner())
+    off, period = (SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0, "lookup": 1.0}, 5, answer_ends=ends)
+                   for ends in (False, "period"))
+    numbers = compared = 0
+    for index in range(24):
+        (_, _, ids_off, mask_off), (_, text, ids, mask) = off.sample(0, index), period.sample(0, index)
+        runs_off, runs = mask_runs(mask_off), mask_runs(mask)
+        assert len(runs) >= 1
+        if len(runs) != len(runs_off):
+            continue  # the "." made the first draw too long for 256 tokens: the document was drawn again
+        compared += 1
+        for (a, b), (c, d) in zip(runs_off, runs):
+            assert ids[d - 1] == period_id  # the span ends on the "." token ...
+            assert tokenizer.decode(ids[c:d - 1]) == tokenizer.decode(ids_off[a:b])  # ... after the answer alone
+            assert d < len(ids) and tokenizer.decode(ids[d:d + 1]) == "\n" and not mask[d]  # line break: no loss
+            numbers += tokenizer.decode(ids_off[a:b]).strip().isdigit()
+        assert text.count(".\n") >= len(runs)
+    assert compared >= 20 and numbers >= 10
+
+
+def test_stage_12_config_puts_the_loss_on_the_period_and_other_values_are_refused():
+    spec = load_config(ROOT / "configs" / "demo_stage12.yaml", {})
+    assert spec.data.mix_answer_ends == "period" and spec.checkpoint == "models/fot-tiny"
+    assert spec.run.out_dir.startswith("runs/")
+    with pytest.raises(ValueError, match="data.mix_answer_ends must be true, false or period, got 'dot'"):
+        load_config(ROOT / "configs" / "demo_stage12.yaml", {"data.mix_answer_ends": "dot"})

@@ -101,7 +101,9 @@ class DataConfig:
             its first asked key with no value (``tasks.recall.NAMED_INTROS``), in place of its intro.
         mix_answer_ends: for ``synthetic_mix``, put the loss on the character after each recall and lookup answer
             ("." or a line break) too, so that the model learns where an answer ends (a copied number otherwise
-            runs on into more digits).
+            runs on into more digits). "period": every answer is followed by ".", and only that "." carries the
+            loss with it (with true, the line break that ends half the answers became a likely token wherever the
+            model was unsure).
         mix_short_recall: for ``synthetic_mix``, the probability that a recall document is short: its length is
             drawn from ``mix_short_recall_tokens`` instead, so its opening line, key line and question share one
             or two windows (the rest of its pack is padding).
@@ -142,7 +144,7 @@ class DataConfig:
     mix_haystacks: dict[str, float] | None = None
     mix_mentions: float = 0.0
     mix_named_intros: float = 0.0
-    mix_answer_ends: bool = False
+    mix_answer_ends: bool | str = False
     mix_short_recall: float = 0.0
     mix_short_recall_tokens: list[int] = field(default_factory=lambda: [96, 256])
     passkey_fraction: float = 0.0
@@ -450,6 +452,8 @@ def validate(spec: RunSpec) -> None:
         raise ValueError("data.source=hub needs data.hub_name (a dataset id on the Hugging Face hub).")
     if not 0.0 <= d.passkey_fraction <= 1.0:
         raise ValueError(f"data.passkey_fraction must be in [0, 1], got {d.passkey_fraction}.")
+    if d.mix_answer_ends not in (False, True, "period"):
+        raise ValueError(f"data.mix_answer_ends must be true, false or period, got {d.mix_answer_ends!r}.")
     if d.synthetic_kind == "repeat" and len(d.synthetic_span_tokens) != 2:
         raise ValueError(f"data.synthetic_span_tokens is a range [lo, hi], got {d.synthetic_span_tokens}.")
     if d.synthetic_jitter_gate is not None and (d.synthetic_jitter_gate <= 0 or d.synthetic_gate_steps < 1):
