@@ -3,7 +3,7 @@ against the same weights with memory off and against HF full attention, side by 
 
 Cases, each in its own process so its peak RSS is its own:
   * ``off``: fot with ``mem_layers=[]`` (window W = the checkpoint's, 512): the cost of the model itself;
-  * ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-ivf-sq8``: every layer a memory layer, top-k memory (``--k``, default 32) through
+  * ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-ivf-sq8``, ``ivf-gemm``: every layer a memory layer, top-k memory (``--k``, default 32) through
     that ``mem_index``; the approximate ones also report tie-aware recall@k against exact search on a sample of
     their real queries (``benchmarks/memory_scaling.py``'s probe; the probe's time is left out of the seconds);
   * ``hf``: transformers' ``LlamaForCausalLM`` with SDPA attention in fp32, loaded with the same weights, reading
@@ -38,9 +38,9 @@ from benchmarks.bench_config import check_args
 from tasks.passkey import TEMPLATES
 from plumbing.cli import ArgumentParser
 
-CASES = ("off", "exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "hf")
-INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8")
-APPROXIMATE = ("faiss-ivf", "faiss-ivf-sq8")
+CASES = ("off", "exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "hf")
+INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
+APPROXIMATE = ("faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
 
 
 def memory_layers(model_path: str, layers: str) -> list[int]:

@@ -31,6 +31,16 @@ Backends (``mem_index``):
   * "faiss-ivf-sq8": "faiss-ivf" whose lists hold each lifted key's residual to its centroid in 8 bits per value
     instead of 32 (``FaissIVFSQ8Search``): the store keeps the one full copy of the keys, and the lists take
     H + 1 rounded up to a multiple of 8 bytes per key (72 at H = 64) instead of 4 (H + 1).
+  * "ivf-gemm": the IVF of "faiss-ivf" (lifted keys, k-means lists of about 2 sqrt(M) per head, outliers searched
+    by every query, retrained at each doubling) kept in torch and scored with dense matmuls (``IVFGemmSearch``).
+    Its lists are slot ids grouped by list (CSR: offsets and one argsort of every slot's list), not copies of
+    the keys: 13 bytes per key and KV head (int32 slot order, int32 nearest list, fp32 distance to it, the
+    outlier flag) beside the store's keys, which a search reads in place. A window's queries score the centroids in one batched GEMM,
+    each takes its top ``nprobe`` lists and its head's outlier list, and the (query, list) pairs are grouped by
+    list: lists whose query count and length round up to the same powers of two form a bucket, scored with one
+    ``bmm`` (padding at most doubles a bucket's work). The scores are copied into one row per query in runs of
+    ``SCORE_CHUNK`` and reduced to its top k by ``select_topk``. New keys join their nearest list after every
+    window without retraining; overwritten slots (FIFO) just change list. No faiss needed.
 faiss is optional: asking for a faiss backend without it raises an error naming the extra to install.
 """
 
@@ -47,7 +57,7 @@ import torch
 
 from .config import DEFAULT_NPROBE, MEM_INDEXES, LongLlamaConfig
 from .memory import MemoryStore
-from .types import MemoryKV
+from .types import MemoryKV, QuantizedMemoryKV
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,9 @@ IVF_POINTS_PER_LIST = 32  # k-means trains on at most this many sampled keys per
 IVF_OUTLIER_QUANTILE = 0.995  # keys farther from their centroid than this quantile at training are outliers
 IVF_OUTLIER_FRACTION = 0.01  # at most this share of a head's keys (the farthest) is searched exactly,
 IVF_OUTLIER_MIN = 64  # or this many, whichever is more
+KMEANS_ITERS = 10  # Lloyd iterations of ivf-gemm's k-means
+SCORE_CHUNK = 16  # ivf-gemm copies scores into each query's row in runs of this many (list blocks round up to it)
+ASSIGN_BLOCK = 8192  # keys assigned to their nearest centroid at once by ivf-gemm (bounds a [block, nlist] matrix)
 
 
 def import_faiss():
@@ -206,6 +219,12 @@ class KeySearch:
     def load_state(self, store: MemoryStore, tensors: dict[str, torch.Tensor], info: dict | None) -> None:
         """Restore from ``state()`` of the same backend (``info`` None: the file holds none, e.g. it was saved
         with another backend); ``store`` is the already loaded memory."""
+
+    def _index_loaded(self, store: MemoryStore) -> None:
+        """Index every key of a loaded store whose file holds no index of this backend."""
+        if store.length:
+            logger.info("fot: the saved cache holds no %s index; training one on its %d keys", self.name, store.length)
+            self.update(store, torch.arange(store.length), evicted=False)
 
 
 class ExactSearch(KeySearch):
@@ -370,9 +389,7 @@ class FaissIVFSearch(KeySearch):
     def load_state(self, store, tensors, info):
         self.reset()
         if info is None:  # saved with another backend: train on the loaded memory
-            if store.length:
-                logger.info("fot: the saved cache holds no IVF index; training one on its %d keys", store.length)
-                self.update(store, torch.arange(store.length), evicted=False)
+            self._index_loaded(store)
             return
         self.trained_at, self.bound_sq = info["trained_at"], info["bound_sq"]
         for key, radius in info["radius"].items():
@@ -606,6 +623,346 @@ def _merge_outliers(q_BGXH, valid_BM, kept_BGXK, s_kept, padded, k: int) -> torc
     return ids.masked_fill(torch.isneginf(scores), -1)
 
 
+def _ceil_log2(n: torch.Tensor) -> torch.Tensor:
+    """ceil(log2(n)) of positive integers, elementwise (0 for n = 1)."""
+    return torch.ceil(torch.log2(n.double())).long()
+
+
+def _kmeans(x_nD: torch.Tensor, C: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """Lloyd's k-means in L2 on the rows of ``x_nD`` (fp32): C centroids [C, D], started from C distinct rows.
+    A centroid that loses every point keeps its place (it is then an empty list until keys arrive near it)."""
+    n = x_nD.shape[0]
+    cent_CD = x_nD[torch.randperm(n, generator=generator)[:C].to(x_nD.device)].clone()
+    for _ in range(iters):
+        # |x - c|^2 = |x|^2 + |c|^2 - 2 x.c; |x|^2 does not change the argmin
+        d_nC = torch.addmm(cent_CD.pow(2).sum(1), x_nD, cent_CD.T, alpha=-2)
+        assign_n = d_nC.argmin(1)
+        sums_CD = torch.zeros_like(cent_CD).index_add_(0, assign_n, x_nD)
+        counts_C = torch.bincount(assign_n, minlength=C).to(x_nD.dtype)
+        filled = counts_C > 0
+        cent_CD[filled] = sums_CD[filled] / counts_C[filled, None]
+    return cent_CD
+
+
+@dataclass
+class _Lists:
+    """The inverted lists of every (batch row, KV head) in one slot order, rebuilt from the per-slot assignment
+    after each update (CSR: list l holds ``order[off[l]:off[l] + length[l]]``). List ids are global: head h's
+    list c is h * (C + 1) + c, and c = C is its outlier list, which every query of the head probes.
+
+    ``order`` holds h * M + slot for every indexed slot, so that one index names the head and the slot."""
+
+    order: torch.Tensor  # [n indexed] int32 (B G M < 2^31)
+    off: torch.Tensor  # [BG * (C + 1)] int64, start of each list in ``order``
+    length: torch.Tensor  # [BG * (C + 1)] int64
+    M: int  # slots per head when built
+
+
+class IVFGemmSearch(KeySearch):
+    """IVF whose probed lists are scored with dense GEMMs in torch (module docstring, "ivf-gemm").
+
+    Per (batch row, KV head): ``nlist`` centroids from k-means on the lifted keys (the MIPS -> L2 reduction of
+    faiss-ivf, ``lift_keys``), each slot's nearest centroid and squared distance to it, and the outlier flag.
+    The lists themselves are slot ids grouped by list (``_Lists``), so the store keeps the one copy of the keys.
+    A search scores every query against the centroids in one batched GEMM, takes its top ``nprobe`` lists plus
+    its head's outlier list, groups the (query, list) pairs by list and scores each group against its list's keys
+    with one ``bmm`` per bucket of lists of similar sizes (query count and length, both rounded up to a power of
+    two, so padding at most doubles the work). The scores land in one row per query, which ``select_topk``
+    reduces to the query's top k.
+    """
+
+    name = "ivf-gemm"
+    trainable = False  # the index changes as memory grows, so a recomputed forward could retrieve differently
+
+    def __init__(self, nprobe: int = DEFAULT_NPROBE, min_train: int = IVF_MIN_TRAIN,
+                 rebuild_growth: float = IVF_REBUILD_GROWTH, kmeans_iters: int = KMEANS_ITERS):  # fmt: skip
+        """``min_train``: keys before the first training; ``rebuild_growth``: retrain when memory has grown by
+        this factor since the last training; ``kmeans_iters``: Lloyd iterations per training."""
+        self.nprobe = nprobe
+        self.min_train = min_train
+        self.rebuild_growth = rebuild_growth
+        self.kmeans_iters = kmeans_iters
+        self.reset()
+
+    def reset(self) -> None:
+        self.trained_at = 0  # memory size at the last (re)training
+        self.bound_sq = 0.0  # R^2 of the lifting
+        self.centroids_BGCD: torch.Tensor | None = None  # lifted centroids, D = H + 1
+        self.radius_BG: torch.Tensor | None = None  # squared distance beyond which a key is an outlier
+        self.near_BGM: torch.Tensor | None = None  # int32 nearest centroid of each slot (-1: not indexed)
+        self.dist_BGM: torch.Tensor | None = None  # fp32 squared distance to it
+        self.outlier_BGM: torch.Tensor | None = None  # bool: searched by every query instead of in its list
+        self._lists: _Lists | None = None
+
+    @property
+    def nlist(self) -> int:
+        return 0 if self.centroids_BGCD is None else self.centroids_BGCD.shape[2]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        names = ("centroids_BGCD", "radius_BG", "near_BGM", "dist_BGM", "outlier_BGM")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def copy(self) -> "IVFGemmSearch":
+        new = copy.copy(self)
+        for name, t in self._tensors().items():
+            setattr(new, name, t.clone())
+        return new
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Row b of the new batch takes the index of old row index[b]."""
+        for name, t in self._tensors().items():
+            setattr(self, name, t.index_select(0, index.to(t.device)))
+        self._lists = None
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self._tensors().values())
+        if self._lists is not None:
+            total += sum(t.numel() * t.element_size() for t in (self._lists.order, self._lists.off, self._lists.length))
+        return total
+
+    def state(self):
+        """The centroids and every slot's assignment: a reloaded cache searches exactly as the saved one did (a
+        rebuilt index would be trained on the whole memory at once and retrieve differently)."""
+        if self.centroids_BGCD is None:
+            return {}, {"trained_at": 0, "bound_sq": 0.0}
+        return ({n: t.clone() for n, t in self._tensors().items()},
+                {"trained_at": self.trained_at, "bound_sq": self.bound_sq})  # fmt: skip
+
+    def load_state(self, store, tensors, info):
+        self.reset()
+        if info is None:  # saved with another backend: train on the loaded memory
+            self._index_loaded(store)
+        else:
+            self.trained_at, self.bound_sq = info["trained_at"], info["bound_sq"]
+            for name, t in tensors.items():
+                setattr(self, name, t.clone())
+
+    # ------------------------------------------------------------------ building and updating
+    def _lift(self, k_xH: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., H + 1] fp32: [k, sqrt(R^2 - |k|^2)] (``lift_keys``, in torch)."""
+        k = k_xH.float()
+        extra = (self.bound_sq - k.pow(2).sum(-1, keepdim=True)).clamp(min=0).sqrt()
+        return torch.cat([k, extra], -1)
+
+    def _assign(self, lifted_BGTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared distance to the nearest centroid [B, G, T] fp32, its index [B, G, T] int32)."""
+        c = self.centroids_BGCD
+        best, near = [], []
+        for t0 in range(0, lifted_BGTD.shape[2], ASSIGN_BLOCK):  # bounds the [T, C] distance block
+            x = lifted_BGTD[:, :, t0 : t0 + ASSIGN_BLOCK]
+            d = torch.matmul(x, c.transpose(-1, -2)).mul_(-2).add_(c.pow(2).sum(-1)[:, :, None, :])
+            b, n = d.min(-1)
+            best.append(b + x.pow(2).sum(-1))
+            near.append(n.int())
+        return torch.cat(best, 2).clamp(min=0), torch.cat(near, 2)
+
+    def _build(self, store: MemoryStore, reason: str) -> None:
+        view = store.view()
+        k_BGMH = view.k_BGMH.float()
+        B, G, M, H = k_BGMH.shape
+        C = min(FaissIVFSearch.nlist_for(M), M)
+        norms = k_BGMH.pow(2).sum(-1)
+        if view.valid_BM is not None:
+            norms = norms.masked_fill(~view.valid_BM[:, None, :], 0.0)
+        self.bound_sq = float(norms.max()) * IVF_NORM_MARGIN**2
+        lifted = self._lift(k_BGMH)  # [B, G, M, H + 1]
+        gen = torch.Generator().manual_seed(0)  # a rebuild is a function of the memory alone
+        n_train = min(M, C * IVF_POINTS_PER_LIST)
+        cents = []
+        for b in range(B):
+            for g in range(G):
+                sample = torch.randperm(M, generator=gen)[:n_train].to(lifted.device)
+                cents.append(_kmeans(lifted[b, g, sample], C, self.kmeans_iters, gen))
+        self.centroids_BGCD = torch.stack(cents).view(B, G, C, H + 1)
+        self.dist_BGM, self.near_BGM = self._assign(lifted)
+        kth = max(1, math.ceil(IVF_OUTLIER_QUANTILE * M))
+        self.radius_BG = self.dist_BGM.kthvalue(kth, dim=-1).values
+        self.outlier_BGM = self.dist_BGM > self.radius_BG[..., None]
+        self._cap_outliers()
+        self.trained_at = M
+        self._lists = None
+        logger.debug("fot: trained ivf-gemm (nlist=%d) on %d keys per head (%s); %.1f%% searched exactly",
+                     C, M, reason, 100.0 * float(self.outlier_BGM.float().mean()))  # fmt: skip
+
+    def _cap_outliers(self) -> None:
+        """At most ``IVF_OUTLIER_FRACTION`` of a head's indexed keys (or ``IVF_OUTLIER_MIN``) stay outliers: the
+        farthest; the others go to their lists."""
+        indexed = (self.near_BGM >= 0).sum(-1)
+        cap_BG = torch.clamp(indexed * IVF_OUTLIER_FRACTION, min=IVF_OUTLIER_MIN).long()
+        over = self.outlier_BGM.sum(-1) > cap_BG
+        for b, g in over.nonzero().tolist():
+            d = self.dist_BGM[b, g].masked_fill(~self.outlier_BGM[b, g], float("-inf"))
+            keep = d.topk(int(cap_BG[b, g])).indices
+            self.outlier_BGM[b, g] = False
+            self.outlier_BGM[b, g, keep] = True
+
+    def _grow(self, M: int) -> None:
+        """Per-slot arrays cover ``M`` slots (new slots: not indexed)."""
+        have = self.near_BGM.shape[2]
+        if M <= have:
+            return
+        B, G = self.near_BGM.shape[:2]
+        self.near_BGM = torch.cat([self.near_BGM, self.near_BGM.new_full((B, G, M - have), -1)], 2)
+        self.dist_BGM = torch.cat([self.dist_BGM, self.dist_BGM.new_zeros(B, G, M - have)], 2)
+        self.outlier_BGM = torch.cat([self.outlier_BGM, self.outlier_BGM.new_zeros(B, G, M - have)], 2)
+
+    def update(self, store, slots, evicted):
+        if store.length < self.min_train:
+            return
+        if self.centroids_BGCD is None:
+            self._build(store, "first training")
+            return
+        if store.length >= self.rebuild_growth * self.trained_at:
+            self._build(store, f"memory grew {self.rebuild_growth}x")
+            return
+        new_keys = store.keys_at(slots).float()  # [B, G, T, H]; dequantized for an int8 store
+        if float(new_keys.pow(2).sum(-1).max()) > self.bound_sq:
+            self._build(store, "a new key is longer than the lifting bound")
+            return
+        self._grow(store.length)
+        dist, near = self._assign(self._lift(new_keys.to(self.centroids_BGCD.device)))
+        idx = slots.to(self.near_BGM.device)
+        self.near_BGM[:, :, idx], self.dist_BGM[:, :, idx] = near, dist
+        self.outlier_BGM[:, :, idx] = dist > self.radius_BG[..., None]
+        self._cap_outliers()
+        self._lists = None
+
+    def _build_lists(self, M: int) -> _Lists:
+        """The CSR lists of the current assignment (``_Lists``), for memories of ``M`` slots."""
+        B, G, _ = self.near_BGM.shape
+        C = self.nlist
+        near = self.near_BGM[:, :, :M].long()
+        head_BG1 = torch.arange(B * G, device=near.device).view(B, G, 1)
+        gid = head_BG1 * (C + 1) + torch.where(self.outlier_BGM[:, :, :M], C, near)
+        gid = torch.where(near >= 0, gid, B * G * (C + 1))  # not indexed: past the last list
+        order = torch.argsort(gid.flatten(), stable=True)
+        length = torch.bincount(gid.flatten(), minlength=B * G * (C + 1) + 1)[:-1]
+        off = torch.cumsum(length, 0) - length
+        return _Lists(order[: int(length.sum())].int(), off, length, M)
+
+    # ------------------------------------------------------------------ search
+    def search(self, q_BGXH, view, k):
+        if self.centroids_BGCD is None:  # not trained yet: memory is still small, search it exactly
+            return ExactSearch().search(q_BGXH, view, k)
+        B, G, X, H = q_BGXH.shape
+        M = view.size
+        if self._lists is None or self._lists.M != M:
+            self._lists = self._build_lists(M)
+        lists = self._lists
+        C, BG = self.nlist, B * G
+        q_RH = q_BGXH.detach().float().reshape(BG * X, H)  # R = BG * X queries, head-major
+        # probing: ascending |[q,0] - c|^2 = descending q . c[:H] - |c|^2 / 2, for all heads in one batched GEMM
+        cent = self.centroids_BGCD.view(BG, C, H + 1)
+        half_BC = cent.pow(2).sum(-1) / 2
+        cs_BXC = torch.baddbmm(-half_BC[:, None, :], q_RH.view(BG, X, H), cent[:, :, :H].transpose(1, 2))
+        P = min(self.nprobe, C)
+        probe_BXP = cs_BXC.topk(P, dim=-1).indices
+        outlier_list = torch.full((BG, X, 1), C, dtype=torch.long, device=probe_BXP.device)
+        head_B11 = torch.arange(BG, device=probe_BXP.device).view(BG, 1, 1)
+        lists_RJ = (torch.cat([probe_BXP, outlier_list], -1) + head_B11 * (C + 1)).view(BG * X, P + 1)
+        scores_RW, start_RJ = self._score_lists(q_RH, lists_RJ, lists, view)
+        kk = min(k, scores_RW.shape[1])
+        top_s, pos = select_topk(scores_RW, kk)
+        # position in a query's row -> (its j-th list, offset in it) -> slot
+        j = torch.searchsorted(start_RJ, pos, right=True) - 1
+        lid = lists_RJ.gather(1, j)
+        at = (lists.off[lid] + pos - start_RJ.gather(1, j)).clamp(max=max(lists.order.numel() - 1, 0))
+        ids = (lists.order[at].long() % M).masked_fill(torch.isneginf(top_s), -1)
+        if kk < k:
+            ids = torch.nn.functional.pad(ids, (0, k - kk), value=-1)
+        return ids.view(B, G, X, k).to(q_BGXH.device)
+
+    def _score_lists(self, q_RH, lists_RJ, lists: _Lists, view):
+        """Every query's scores against the keys of its lists, one row per query.
+
+        Each (query, list) pair gets a block of its row of the list's length rounded up to ``SCORE_CHUNK``, so
+        that a bucket's [n, Qb, Lb] scores are copied into the rows in whole chunks (``index_copy_`` on the row
+        buffer viewed as [-1, SCORE_CHUNK]: one index per chunk, not per score). Pairs are grouped by list and
+        scored with one ``bmm`` per bucket of lists whose query count and length round up to the same powers of
+        two, so padding at most doubles a bucket's GEMM.
+
+        Returns:
+            ([R, width] fp32 scores, -inf where nothing was scored; [R, J] int64 where each list starts in the row).
+        """
+        R, J = lists_RJ.shape
+        dev = q_RH.device
+        CH = SCORE_CHUNK
+        chunks_L = -(-lists.length // CH)  # [lists]
+        block_RJ = chunks_L[lists_RJ] * CH
+        start_RJ = torch.cumsum(block_RJ, 1) - block_RJ
+        width = max(int((start_RJ[:, -1] + block_RJ[:, -1]).max()), CH)
+        out = _scratch(R * width + CH, dev).fill_(float("-inf"))  # the last chunk takes the padding writes
+        trash = R * width // CH
+        pair_list = lists_RJ.flatten()
+        pair_order = torch.argsort(pair_list, stable=True)  # pairs grouped by list
+        n_q = torch.bincount(pair_list, minlength=lists.length.numel())
+        q_start = torch.cumsum(n_q, 0) - n_q
+        used = ((n_q > 0) & (lists.length > 0)).nonzero().squeeze(1)
+        reader = _KeyReader(view)
+        valid_BM = None if view.valid_BM is None else view.valid_BM.to(dev)
+        pair_chunk = ((torch.arange(R, device=dev) * width)[:, None] + start_RJ).flatten() // CH  # first chunk
+        bucket = _ceil_log2(n_q[used]) * 64 + _ceil_log2(lists.length[used])
+        for b in bucket.unique().tolist():
+            ls = used[bucket == b]
+            Qb, nc = int(n_q[ls].max()), int(chunks_L[ls].max())
+            Lb = nc * CH
+            ar_q, ar_l = torch.arange(Qb, device=dev), torch.arange(Lb, device=dev)
+            pairs = pair_order[(q_start[ls, None] + ar_q).clamp(max=pair_order.numel() - 1)]  # [n, Qb]
+            queries = q_RH.index_select(0, (pairs // J).flatten()).view(-1, Qb, q_RH.shape[1])
+            flat = lists.order[(lists.off[ls, None] + ar_l).clamp(max=lists.order.numel() - 1)].long()  # h * M + slot
+            head, slot = flat // lists.M, flat % lists.M
+            keys = reader.keys(head, slot).view(-1, Lb, q_RH.shape[1])
+            s = torch.bmm(queries, keys.transpose(1, 2))  # [n, Qb, Lb]
+            k_ok = ar_l < lists.length[ls, None]  # [n, Lb]
+            if valid_BM is not None:
+                k_ok = k_ok & valid_BM[head // reader.G, slot]
+            if not bool(k_ok.all()):
+                s.masked_fill_(~k_ok[:, None, :], float("-inf"))
+            ar_c = torch.arange(nc, device=dev)
+            chunk = pair_chunk[pairs][:, :, None] + ar_c  # [n, Qb, nc]
+            ok = (ar_q < n_q[ls, None])[:, :, None] & (ar_c < chunks_L[ls, None])[:, None, :]
+            out.view(-1, CH).index_copy_(0, chunk.masked_fill(~ok, trash).flatten(), s.view(-1, CH))
+        return out[: R * width].view(R, width), start_RJ
+
+
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(n: int, device) -> torch.Tensor:
+    """A reused fp32 buffer of ``n`` elements (uninitialised) for ivf-gemm's score rows: one per device, shared
+    by every layer, because a fresh buffer of tens of MB costs a page fault per 4 KiB on first write, which took
+    as long as the scoring itself (``exact_topk``'s docstring)."""
+    device = torch.device(device)
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[device] = torch.empty(n, device=device)
+    return buf[:n]
+
+
+class _KeyReader:
+    """fp32 keys of any (head = batch row x KV head, slot) pairs of a memory view, read with one ``index_select``
+    when the store's keys are one strided buffer [B, G, capacity, H] (a float store), else through
+    ``gather_keys`` (an int8 store, dequantized)."""
+
+    def __init__(self, view: MemoryKV):
+        self.view = view
+        self.quantized = isinstance(view, QuantizedMemoryKV)
+        k = view.k_codes_BGMH if self.quantized else view.k_BGMH
+        B, self.G, _, H = k.shape
+        self.flat = None
+        if not self.quantized and k.stride(3) == 1 and k.stride(2) == H and k.stride(1) % H == 0 \
+                and k.stride(0) == self.G * k.stride(1):  # fmt: skip
+            self.per_head = k.stride(1) // H  # the store's capacity
+            self.flat = k.as_strided((B * self.G * self.per_head, H), (H, 1))
+
+    def keys(self, head: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Keys [n, H] fp32 of the pairs (head, slot), each flattened to [n]."""
+        head, slot = head.flatten(), slot.flatten()
+        if self.flat is not None:
+            return self.flat.index_select(0, head * self.per_head + slot).float()
+        return self.view.gather_keys(head // self.G, head % self.G, slot)
+
+
 SearchFactory = Callable[[LongLlamaConfig, int], KeySearch]
 
 
@@ -625,4 +982,6 @@ def make_search(mem_index: str, nprobe: int = DEFAULT_NPROBE) -> KeySearch:
         return FaissIVFSearch(nprobe)
     if mem_index == "faiss-ivf-sq8":
         return FaissIVFSQ8Search(nprobe)
+    if mem_index == "ivf-gemm":
+        return IVFGemmSearch(nprobe)
     raise ValueError(f"mem_index={mem_index!r} is unknown; use one of {', '.join(MEM_INDEXES)}.")
