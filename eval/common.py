@@ -60,6 +60,7 @@ from pathlib import Path
 
 import torch
 
+from fot.convert import declared_add_bos
 from plumbing.files import atomic_path, check_out_dir
 
 logger = logging.getLogger(__name__)
@@ -317,7 +318,24 @@ def check_model_args(args, full_attention_baseline: bool = False) -> tuple[list[
                          "here use full:W, fot's own full attention over W tokens.")
     model_dir = check_model_dir(args.model)
     tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
+    args.bos = resolve_bos(args, tokenizer_dir)
     return settings, model_dir, tokenizer_dir, model_config(model_dir)
+
+
+def resolve_bos(args, tokenizer_dir: Path) -> bool:
+    """Whether prompts start with BOS: not with ``--no-bos``; otherwise as the checkpoint's tokenizer_config.json
+    declares (``add_bos_token``, e.g. false for SmolLM2); where it declares nothing, yes (fot's own checkpoints
+    and LongLLaMA are trained with BOS). The choice is logged."""
+    if getattr(args, "no_bos", False):
+        logger.info("BOS: off (--no-bos)")
+        return False
+    declared = declared_add_bos(tokenizer_dir)
+    if declared is None:
+        logger.info("BOS: on (%s/tokenizer_config.json declares no add_bos_token; --no-bos turns it off)",
+                    tokenizer_dir)
+        return True
+    logger.info("BOS: %s (add_bos_token in %s/tokenizer_config.json)", "on" if declared else "off", tokenizer_dir)
+    return declared
 
 
 def check_vocab(tokenizer, tokenizer_dir: Path, config: dict) -> None:
@@ -454,7 +472,7 @@ def run_identity(task: str, args, model_dir: Path, tokenizer_dir: Path, settings
     return {"task": task, "model": str(model_dir.resolve()), "model_fingerprint": fingerprint(model_dir),
             "tokenizer": str(tokenizer_dir.resolve()),
             "tokenizer_fingerprint": fingerprint(tokenizer_dir, _TOKENIZER_FINGERPRINT),
-            "settings": [s.name for s in settings], "seed": args.seed, "bos": not args.no_bos,
+            "settings": [s.name for s in settings], "seed": args.seed, "bos": args.bos,
             "dtype": args.dtype, "device": str(args.device)}
 
 

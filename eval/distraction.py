@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=int, default=4, help="target documents (default 4)")
     add_settings_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the distractor draws")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not prepend BOS to documents (default: as the tokenizer_config.json declares, else BOS)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help=f"target positions per lm_head call (default {DEFAULT_CHUNK})")
     add_run_arguments(p, "output directory for results.json and distraction.png", resume=False)
@@ -355,7 +356,7 @@ def prepare(args) -> Prepared:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_vocab(tokenizer, tokenizer_dir, config)
-    encoder = PromptEncoder(tokenizer, add_bos=not args.no_bos)
+    encoder = PromptEncoder(tokenizer, add_bos=args.bos)
     docs = read_documents(encoder, check_files(args.files), args.text_field, args.split_tokens)
     targets = pick_targets(docs, args.targets, args.target_tokens)
     draws = draw_distractors(docs, targets, counts[-1], args.distractor_tokens, args.seed)

@@ -28,6 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
+from eval.common import resolve_bos
 from eval.passkey import DEFAULT_TEMPLATE, PromptEncoder, Trial, build_prompt, make_trials, trial_rng
 from plumbing.cli import ArgumentParser, user_errors
 from plumbing.tokenizer import load_tokenizer
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", nargs="+", default=[DEFAULT_TEMPLATE], help="eval/passkey.py's --template")
     p.add_argument("--depths", type=float, nargs="+", help="eval/passkey.py's --depths")
     p.add_argument("--seed", type=int, default=0, help="eval/passkey.py's --seed")
-    p.add_argument("--no-bos", action="store_true", help="eval/passkey.py's --no-bos")
+    p.add_argument("--no-bos", action="store_true", help="eval/passkey.py's --no-bos (default: as the tokenizer_config.json declares, else BOS)")
     p.add_argument("--out", required=True, help="folder for the YAML and jsonl files (lm_eval --include_path)")
     return p
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         if args.trials < 1 or any(n < 64 for n in args.lengths):
             raise ValueError("--trials must be >= 1 and --lengths at least 64 tokens each.")
         counts = write_tasks(load_tokenizer(args.model), Path(args.out), args.lengths, args.trials, args.seed,
-                             args.template, args.depths, add_bos=not args.no_bos)  # fmt: skip
+                             args.template, args.depths, add_bos=resolve_bos(args, Path(args.model)))  # fmt: skip
     total = sum(counts.values())
     print(f"{total} prompts in {len(counts)} tasks ({', '.join(f'{k}: {v}' for k, v in counts.items())}), group "
           f"{GROUP}: lm_eval --tasks {GROUP} --include_path {args.out}")

@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-context-length", type=int, help="override last_context_length for prefill and generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (size, trial) is seeded from it")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to dictionaries")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not prepend BOS to dictionaries (default: as the tokenizer_config.json declares, else BOS)")
     p.add_argument("--read-tokens", type=int, default=READ_TOKENS,
                    help=f"tokens generated beyond the answer for the score as read (default {READ_TOKENS})")
     add_run_arguments(p, "output directory for trials.jsonl, results.json and lookup.png; checked before any model "
@@ -349,7 +350,7 @@ def prepare(args) -> Prepared:
     if args.last_context_length is not None and not 1 <= args.last_context_length <= window:
         raise ValueError(f"--last-context-length {args.last_context_length} must be in [1, {window}] (the window).")
     log = open_trials(args, run_config(args, model_dir, tokenizer_dir, settings))
-    encoder = PromptEncoder(load_tokenizer(tokenizer_dir), add_bos=not args.no_bos)
+    encoder = PromptEncoder(load_tokenizer(tokenizer_dir), add_bos=args.bos)
     if not encoder.tokenizer.is_fast:
         raise ValueError(f"the tokenizer in {str(tokenizer_dir)!r} is not a fast tokenizer; lookup needs offset "
                          "mappings: save it with tokenizers installed (tokenizer.json).")

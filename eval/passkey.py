@@ -368,6 +368,15 @@ def logged_trial(log: TrialLog | None, setting: str, tr: Trial) -> dict | None:
     return None if log is None else log.get(trial_key(setting, tr), key=tr.key, tokens=tr.tokens)
 
 
+def key_token(tr: Trial) -> int | None:
+    """Where the key sits in the prompt: the index of the first token of the first run of the answer's tokens in
+    ``prompt_ids`` (None when the key line tokenizes differently). With W-token windows, ``key_token % W`` is the
+    key's offset in its window: a key in the first few tokens of a window is read with almost no local context,
+    which the score by position shows (docs/results.md)."""
+    n, ids, ans = len(tr.answer_ids), tr.prompt_ids, tr.answer_ids
+    return next((i for i in range(len(ids) - n + 1) if ids[i:i + n] == ans), None)
+
+
 def score_trial(model, tr: Trial, tokenizer, device, read_tokens: int = READ_TOKENS, **generate_kwargs) -> dict:
     """One trial's result record, with the seconds it took (not part of results.json's record): the protocol's
     score on the first ``len(answer_ids)`` generated tokens, the score as read on them and ``read_tokens`` more."""
@@ -376,7 +385,7 @@ def score_trial(model, tr: Trial, tokenizer, device, read_tokens: int = READ_TOK
     generated = greedy_answer(model, tr.prompt_ids, n + read_tokens, device, **generate_kwargs)
     text = tokenizer.decode(generated, skip_special_tokens=True)
     return {"trial": tr.trial, "template": tr.template, "depth": tr.depth, "key": tr.key, "tokens": tr.tokens,
-            "n_garbage": tr.n_garbage, "n_prefix": tr.n_prefix, "answer_ids": tr.answer_ids,
+            "n_garbage": tr.n_garbage, "n_prefix": tr.n_prefix, "key_token": key_token(tr), "answer_ids": tr.answer_ids,
             "predicted_ids": generated[:n], "read_ids": generated[n:], "read_text": text,
             "answer_read": read_answer(text), "answer_method": tr.answer_method,
             "correct": is_correct(generated[:n], tr.answer_ids), "correct_read": is_correct_read(text, tr.key),
@@ -559,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-context-length", type=int, help="override last_context_length for generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy for generate()")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (length, trial) is seeded from it")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to prompts")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not prepend BOS to prompts (default: as the tokenizer_config.json declares, else BOS)")
     p.add_argument("--read-tokens", type=int, default=READ_TOKENS,
                    help=f"tokens generated beyond the answer for the score as read (default {READ_TOKENS})")
     add_run_arguments(p, "output directory for trials.jsonl, results.json, passkey.png (and passkey_depth.png); "
@@ -685,7 +695,7 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = sorted(args.lengths)
-    encoder = PromptEncoder(load_tokenizer(tokenizer_dir), add_bos=not args.no_bos)
+    encoder = PromptEncoder(load_tokenizer(tokenizer_dir), add_bos=args.bos)
     trials = make_trials(encoder, lengths, args.trials, args.seed, args.template, args.depths, args.prompts)
     gen_kwargs = generation_kwargs(args, encoder.tokenizer)
 

@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--files", nargs="+", help="--source files: .txt (one document each), .jsonl or .parquet files")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl objects (default 'text')")
     p.add_argument("--seed", type=int, default=0, help="--source passkey: base seed, as eval/passkey.py")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not prepend BOS to documents (default: as the tokenizer_config.json declares, else BOS)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help=f"positions per lm_head call (default {DEFAULT_CHUNK})")
     add_run_arguments(p, "output directory for trials.jsonl, results.json and perplexity.png; checked before any "
@@ -429,7 +430,7 @@ def prepare(args) -> Prepared:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_vocab(tokenizer, tokenizer_dir, config)
-    encoder = PromptEncoder(tokenizer, add_bos=not args.no_bos)
+    encoder = PromptEncoder(tokenizer, add_bos=args.bos)
     if args.source == "passkey":
         docs = passkey_documents(encoder, args.length, args.docs, args.seed)
     else:

@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-context-length", type=int, help="override last_context_length for generate()")
     p.add_argument("--cache-policy", choices=["slide", "flush"], help="override the cache policy for generate()")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (task, length, sample) is seeded from it")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to prompts")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not prepend BOS to prompts (default: as the tokenizer_config.json declares, else BOS)")
     add_run_arguments(p, "output directory for trials.jsonl, results.json and ruler.png; checked before any model "
                          "is loaded")
     return p
@@ -384,7 +385,7 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
     model_dir, tokenizer_dir, settings, log = validated or validate_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    encoder = RulerEncoder(load_tokenizer(tokenizer_dir), add_bos=not args.no_bos, chat=args.chat_template)
+    encoder = RulerEncoder(load_tokenizer(tokenizer_dir), add_bos=args.bos, chat=args.chat_template)
     if args.jsonl:
         samples = [s for group in args.jsonl_samples for s in group]
     else:

@@ -92,11 +92,12 @@ def decode_text(data: bytes, name: str) -> str:
 class PromptFormat:
     """Token ids of the document part of the prompt (read once) and of each question that continues it.
 
-    Without a chat template the document is followed by a newline and BOS is prepended when the tokenizer has one
-    (fot's tokenizers leave BOS to the caller; the trainer and eval/passkey.py prepend it too).
+    Without a chat template the document is followed by a newline and, with ``add_bos``, BOS is prepended when
+    the tokenizer has one (fot's tokenizers leave BOS to the caller; the trainer and eval/passkey.py prepend it
+    too; ``fot ask`` passes false where the checkpoint declares ``add_bos_token`` false, as SmolLM2's does).
     """
 
-    def __init__(self, tokenizer, document: str, chat: bool):
+    def __init__(self, tokenizer, document: str, chat: bool, add_bos: bool = True):
         self.tokenizer, self.chat = tokenizer, chat
         self.bos_ids: list[int] = []
         if chat:
@@ -106,7 +107,7 @@ class PromptFormat:
             self.prefix_text, self.suffix = rendered.split(QUESTION_MARK)
         else:
             self.prefix_text, self.suffix = document + "\n", ""
-            if tokenizer.bos_token_id is not None:
+            if add_bos and tokenizer.bos_token_id is not None:
                 self.bos_ids = [tokenizer.bos_token_id]
         self.text_ids = self._encode(self.prefix_text)
         self.prefix_ids = self.bos_ids + self.text_ids
@@ -308,7 +309,9 @@ def open_session(args) -> Session:
                                    ("mem_layers", memory_layers(args.memory_layers, model_dir))) if v is not None}
     model, tokenizer = load_model(model_dir, overrides, args.dtype)
     chat = tokenizer.chat_template is not None and not args.no_chat_template
-    prompt = PromptFormat(tokenizer, document.text, chat)
+    from .convert import declared_add_bos
+
+    prompt = PromptFormat(tokenizer, document.text, chat, add_bos=declared_add_bos(model_dir) is not False)
     counter = TokenCounter(model.model.layers[-1])  # every token the model runs passes the last layer
     n = len(prompt.prefix_ids)
     expected = {

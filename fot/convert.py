@@ -24,6 +24,7 @@ quantized values exactly (Q4_1 rounding included), stored in ``dtype``. transfor
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
@@ -114,7 +115,38 @@ def convert(gguf_path: str | Path, out_dir: str | Path, mem_layers: list[int] | 
     model = from_gguf(gguf_path, mem_layers, max_position_embeddings, last_context_length, dtype, **config_overrides)
     model.save_pretrained(out_dir)
     tokenizer_from_gguf(gguf_path).save_pretrained(out_dir)
+    add_bos = gguf_add_bos(gguf_path)
+    if add_bos is not None:  # recorded where fot's readers look (declared_add_bos)
+        path = Path(out_dir) / "tokenizer_config.json"
+        tokenizer_config = json.loads(path.read_text())
+        tokenizer_config["add_bos_token"] = add_bos
+        path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return model
+
+
+def declared_add_bos(tokenizer_dir: str | Path) -> bool | None:
+    """Whether a checkpoint's tokenizer_config.json declares that text starts with BOS (``add_bos_token``), or None
+    where it says nothing (no such file, or no such key).
+
+    fot's readers (the evaluations, ``fot ask``) prepend BOS themselves rather than through ``tokenizer(...)``, so
+    that a prompt encoded in pieces gets it once, and transformers' tokenizers do not act on the key for every
+    backend: this is where they learn whether the model wants one. SmolLM2 is trained without BOS (its GGUF says
+    ``add_bos_token`` false; its BOS id is the chat marker ``<|im_start|>``)."""
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("add_bos_token")
+    return None if value is None else bool(value)
+
+
+def gguf_add_bos(gguf_path: str | Path) -> bool | None:
+    """The GGUF's ``tokenizer.ggml.add_bos_token``: whether the model reads text after a BOS token (None when the
+    file does not say). transformers' GGUF tokenizer does not carry it into ``save_pretrained``'s files, and a
+    model trained without BOS (SmolLM2) reads a prompt that starts with one as a chat turn."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(_check_gguf_path(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
 
 
 def rewrite_config(source_dir: str | Path, out_dir: str | Path, **fields) -> LongLlamaConfig:

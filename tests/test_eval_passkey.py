@@ -139,6 +139,17 @@ def test_answer_tokens_are_the_tail_of_prompt_plus_key(encoder):
     assert encoder.tokenizer.decode(trial.answer_ids).strip() == str(trial.key)
 
 
+def test_key_token_is_where_the_key_line_puts_the_answer(encoder):
+    positions = []
+    for depth in (0.0, 0.5, 1.0):
+        trial = passkey.make_trials(encoder, [600], trials=1, seed=3, depths=[depth])[600][0]
+        pos = passkey.key_token(trial)
+        assert trial.prompt_ids[pos:pos + len(trial.answer_ids)] == trial.answer_ids
+        assert str(trial.key) not in encoder.tokenizer.decode(trial.prompt_ids[:pos])  # the key line's own run
+        positions.append(pos)
+    assert positions[0] < 100 < positions[1] < positions[2] - 100  # the key moves with the depth
+
+
 class MergingTokenizer:
     """Characters as ids, except that "s " before a digit becomes one token: prompt tokens are then not a prefix
     of prompt + " " + K's tokens."""

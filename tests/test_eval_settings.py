@@ -149,3 +149,23 @@ def test_tools_that_read_through_fot_windows_refuse_hf(checkpoint, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "setting hf:64 (transformers' LlamaForCausalLM) runs in eval/passkey.py and eval/ruler.py" in err
+
+
+@pytest.mark.parametrize("declared, no_bos, expected", [
+    (None, False, True),  # nothing declared: BOS, as fot's checkpoints and LongLLaMA are trained
+    (False, False, False),  # SmolLM2's converted tokenizer_config.json
+    (True, False, True),
+    (True, True, False),  # --no-bos wins
+])
+def test_bos_follows_the_checkpoints_declaration_unless_no_bos(tmp_path, caplog, declared, no_bos, expected):
+    import json
+    import logging
+    from argparse import Namespace
+
+    from eval.common import resolve_bos
+
+    config = {"tokenizer_class": "LlamaTokenizer"} | ({} if declared is None else {"add_bos_token": declared})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO, logger="eval.common"):
+        assert resolve_bos(Namespace(no_bos=no_bos), tmp_path) is expected
+    assert f"BOS: {'on' if expected else 'off'}" in caplog.text  # "auto" says what it chose

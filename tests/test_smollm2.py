@@ -226,3 +226,23 @@ def test_the_recommended_checkpoint_holds_the_makefiles_settings():
            c.mem_dtype)
     assert got == (expected, top_k, want["INDEX"], int(want["NPROBE"]), int(want["WINDOW"]), int(want["LCL"]),
                    want["MEM_DTYPE"]), "models/smollm2-fot is not the Makefile's setting: run make smollm2"
+
+
+@needs_model
+def test_the_gguf_says_smollm2_reads_text_without_bos(gguf):
+    from fot.convert import gguf_add_bos
+
+    # Independent of fot's reader: gguf's own field listing, as llama.cpp writes it.
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields["tokenizer.ggml.add_bos_token"]
+    assert gguf_add_bos(gguf) is bool(field.parts[-1][0]) is False
+
+
+@pytest.mark.skipif(not (ROOT / "models/smollm2-fot/config.json").is_file(), reason="make smollm2 not run")
+def test_the_built_checkpoint_declares_no_bos_so_evaluations_prompt_without_one():
+    from argparse import Namespace
+
+    from eval.common import resolve_bos
+
+    assert resolve_bos(Namespace(no_bos=False), ROOT / "models/smollm2-fot") is False
