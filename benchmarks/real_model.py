@@ -3,14 +3,17 @@ against the same weights with memory off and against HF full attention, side by 
 
 Cases, each in its own process so its peak RSS is its own:
   * ``off``: fot with ``mem_layers=[]`` (window W = the checkpoint's, 512): the cost of the model itself;
-  * ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-ivf-sq8``, ``ivf-gemm``: every layer a memory layer, top-k memory (``--k``, default 32) through
-    that ``mem_index``; the approximate ones also report tie-aware recall@k against exact search on a sample of
-    their real queries (``benchmarks/memory_scaling.py``'s probe; the probe's time is left out of the seconds);
+  * ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-ivf-sq8``, ``ivf-gemm``: every layer a memory layer, top-k
+    memory (``--k``, default 32) through that ``mem_index``; the approximate ones also report tie-aware recall@k
+    against exact search on a sample of their real queries (``benchmarks/memory_scaling.py``'s probe; the probe's
+    time is left out of the wall seconds);
   * ``hf``: transformers' ``LlamaForCausalLM`` with SDPA attention in fp32, loaded with the same weights, reading
     the whole prompt as one sequence (its attention grows with the square of the length).
 
 Each case reads the same passkey prompt (eval/passkey.py's protocol, ``--template``) of N tokens, timed as one
-prefill, then decodes ``--decode-steps`` tokens greedily and reports ms per token. Case x length pairs whose
+prefill (wall seconds, and the CPU seconds the process got: on a shared machine the ratio of CPU seconds between
+cases is the steadier one, since a case that waits for a core is not charged for the wait), then decodes
+``--decode-steps`` tokens greedily and reports ms per token. Case x length pairs whose
 predicted prefill (a power law through the case's last two lengths, or its quadratic terms from its first
 length) exceeds ``--max-seconds`` are skipped, and the table says so.
 
@@ -99,9 +102,10 @@ def run_case(case: str, tokens: int, args) -> dict:
         stats.update(hits=0, total=0, probe_seconds=0.0)
         if case != "hf":
             kwargs = {"past_key_values": fot.LongLlamaCache(model.config, search_factory=factory)}
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = model(ids, use_cache=True, logits_to_keep=1, **kwargs)
         prefill = time.perf_counter() - start - stats["probe_seconds"]
+        prefill_cpu = time.process_time() - cpu_start  # with the recall probe: 1/16 of the calls, 64 queries each
         cache = getattr(out, "cache", None) or out.past_key_values
         tok = out.logits[:, -1:].argmax(-1)
         probe_before = stats["probe_seconds"]
@@ -112,7 +116,7 @@ def run_case(case: str, tokens: int, args) -> dict:
             tok = out.logits[:, -1:].argmax(-1)
         decode = time.perf_counter() - start - (stats["probe_seconds"] - probe_before)
     recall = stats["hits"] / stats["total"] if stats["total"] else None
-    return {"case": case, "tokens": ids.shape[1], "prefill_seconds": prefill,
+    return {"case": case, "tokens": ids.shape[1], "prefill_seconds": prefill, "prefill_cpu_seconds": prefill_cpu,
             "decode_ms": decode / max(args.decode_steps, 1) * 1000, "recall": recall,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "memory_bytes": None if case == "hf" else cache.memory_bytes()}  # fmt: skip
@@ -184,8 +188,8 @@ def main() -> None:
     print(f"{args.model}: {len(mem_config.mem_layers)} memory layers, k={args.k}, nprobe={args.nprobe}, "
           f"W={mem_config.max_position_embeddings}, L={mem_config.last_context_length}, {args.threads} thread(s); "
           f"fp32 GEMM peak {peak:.1f} GFLOP/s", flush=True)  # fmt: skip
-    header = (f"{'case':<11}{'tokens':>8}{'prefill s':>11}{'x off':>7}{'decode ms':>11}{'x off':>7}"
-              f"{'recall':>8}{'RSS MiB':>9}")  # fmt: skip
+    header = (f"{'case':<11}{'tokens':>8}{'prefill s':>11}{'x off':>7}{'cpu s':>9}{'x off':>7}{'decode ms':>11}"
+              f"{'x off':>7}{'recall':>8}{'RSS MiB':>9}")  # fmt: skip
     print(header)
     print("-" * len(header))
     rows, off, history = [], {}, {}
@@ -203,10 +207,12 @@ def main() -> None:
                 off[tokens] = row
             base = off.get(tokens)
             row["prefill_x_off"] = row["prefill_seconds"] / base["prefill_seconds"] if base else None
+            row["cpu_x_off"] = row["prefill_cpu_seconds"] / base["prefill_cpu_seconds"] if base else None
             row["decode_x_off"] = row["decode_ms"] / base["decode_ms"] if base else None
             rows.append(row)
             fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
             print(f"{case:<11}{tokens:>8}{row['prefill_seconds']:>11.1f}{fmt(row['prefill_x_off']):>7}"
+                  f"{row['prefill_cpu_seconds']:>9.1f}{fmt(row['cpu_x_off']):>7}"
                   f"{row['decode_ms']:>11.1f}{fmt(row['decode_x_off']):>7}"
                   f"{'-' if row['recall'] is None else format(row['recall'], '.3f'):>8}{row['peak_rss_mib']:>9.0f}",
                   flush=True)  # fmt: skip

@@ -14,7 +14,8 @@ The estimate (``estimate_memory``) adds, for a batch of B rows and N tokens:
     ``mem_offload="disk"``, this counts against the disk instead (``disk``);
   * index: what ``mem_index`` keeps besides the store: nothing for "exact" and "faiss-flat"; for "faiss-ivf" the
     lifted fp32 copy of every key (head_dim + 1 floats) with its int64 id, and the centroids ("faiss-ivf-sq8":
-    one byte per dimension instead of four, the lifted key padded with zeros to a multiple of 8 columns);
+    one byte per dimension instead of four, the lifted key padded with zeros to a multiple of 8 columns); for
+    "ivf-gemm" 13 bytes a key (its list and distance, the lists' slot order) and the centroids;
   * local: every layer's local window (raw keys, rotated keys, values) in the compute dtype;
   * activations: the input's hidden states (embeddings, output, their concatenation) and the logits kept;
   * working: the largest transient of one layer's forward (a memory block cast to fp32, an int8 memory
@@ -35,7 +36,7 @@ from .attention import MEMORY_BLOCK
 from .config import LongLlamaConfig
 from .memory import per_slot_bytes
 from .plan import WINDOW_GROUP_MAX, WINDOW_GROUP_QUERIES
-from .search import IVF_MIN_TRAIN, SEARCH_BLOCK, FaissIVFSearch, FaissIVFSQ8Search
+from .search import IVF_MIN_TRAIN, SEARCH_BLOCK, FaissIVFSearch, FaissIVFSQ8Search, IVFGemmSearch
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,11 @@ def _element_size(dtype) -> int:
 def index_bytes(config: LongLlamaConfig, slots: int, batch: int = 1) -> int:
     """Bytes ``config.mem_index`` keeps for ``slots`` keys of one memory layer, beyond the store
     (``KeySearch.nbytes``)."""
+    G, H = config.num_key_value_heads, config.head_dim
+    if config.mem_top_k is not None and config.mem_index == "ivf-gemm" and slots >= IVF_MIN_TRAIN:
+        return batch * G * IVFGemmSearch.bytes_for(slots, FaissIVFSearch.nlist_for(slots), H)
     if config.mem_top_k is None or config.mem_index not in IVF_CODE_BYTES or slots < IVF_MIN_TRAIN:
         return 0
-    G, H = config.num_key_value_heads, config.head_dim
     width = (FaissIVFSQ8Search if config.mem_index == "faiss-ivf-sq8" else FaissIVFSearch).lifted_width(H)
     per_key = IVF_CODE_BYTES[config.mem_index] * width + 8  # the lifted key's code + its int64 id in its list
     centroids = FaissIVFSearch.nlist_for(slots) * width * 4

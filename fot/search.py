@@ -682,6 +682,7 @@ class IVFGemmSearch(KeySearch):
         self.min_train = min_train
         self.rebuild_growth = rebuild_growth
         self.kmeans_iters = kmeans_iters
+        self.scored = 0  # (query, key) products of every search so far, centroids included, padding not (benchmarks)
         self.reset()
 
     def reset(self) -> None:
@@ -715,10 +716,20 @@ class IVFGemmSearch(KeySearch):
         self._lists = None
 
     def nbytes(self) -> int:
+        """The per-slot arrays and centroids, plus the lists (int32 slot order, int64 offsets and lengths) at the
+        size the next search builds them, whether or not they are built now."""
         total = sum(t.numel() * t.element_size() for t in self._tensors().values())
-        if self._lists is not None:
-            total += sum(t.numel() * t.element_size() for t in (self._lists.order, self._lists.off, self._lists.length))
+        if self.near_BGM is not None:
+            B, G, _ = self.near_BGM.shape
+            total += 4 * int((self.near_BGM >= 0).sum()) + 16 * B * G * (self.nlist + 1)
         return total
+
+    @staticmethod
+    def bytes_for(slots: int, nlist: int, head_dim: int) -> int:
+        """``nbytes`` of one (batch row, KV head) holding ``slots`` keys in ``nlist`` lists (``fot.budget``):
+        13 bytes a key (int32 order and nearest list, fp32 distance, bool outlier flag), and per list its lifted
+        centroid and its offset and length."""
+        return 13 * slots + nlist * (head_dim + 1) * 4 + 16 * (nlist + 1)
 
     def state(self):
         """The centroids and every slot's assignment: a reloaded cache searches exactly as the saved one did (a
@@ -861,6 +872,7 @@ class IVFGemmSearch(KeySearch):
         head_B11 = torch.arange(BG, device=probe_BXP.device).view(BG, 1, 1)
         lists_RJ = (torch.cat([probe_BXP, outlier_list], -1) + head_B11 * (C + 1)).view(BG * X, P + 1)
         scores_RW, start_RJ = self._score_lists(q_RH, lists_RJ, lists, view)
+        self.scored += BG * X * C + int(lists.length[lists_RJ].sum())
         kk = min(k, scores_RW.shape[1])
         top_s, pos = select_topk(scores_RW, kk)
         # position in a query's row -> (its j-th list, offset in it) -> slot
