@@ -31,6 +31,7 @@ Modifiers, after ``memory``, ``dense`` or ``topk*`` (``no-memory`` takes only ``
 ``k=K``            ``mem_top_k=K`` (top-k memory with the configured index)
 ``index=NAME``     ``mem_index=NAME`` (exact, faiss-flat or faiss-ivf)
 ``nprobe=N``       ``mem_nprobe=N`` (faiss-ivf)
+``overlap=O``      ``window_overlap=O``: each memory-bound window re-reads the O tokens before it as local context
 =================  ===========================================================================================
 
 For example ``topk-ivf:32+layers=all+window=1024+nprobe=32`` or ``memory+layers=15:``. A setting's name is what
@@ -86,10 +87,11 @@ def _libc():
     return None if name is None else ctypes.CDLL(name)
 
 SETTING_HELP = ("memory, dense, no-memory, topk:K, topk-flat:K, topk-ivf:K, full:W or hf:W, then optional "
-                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N (e.g. topk-ivf:32+layers=all+window=1024)")
+                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O "
+                "(e.g. topk-ivf:32+layers=all+window=1024)")
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}
 _MODIFIERS = {"layers": "mem_layers", "window": "max_position_embeddings", "lcl": "last_context_length",
-              "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe"}
+              "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe", "overlap": "window_overlap"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -133,7 +135,7 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
     if not sep or key not in _MODIFIERS or not value:
         raise ValueError(f"setting {text!r}: {part!r} is not a modifier; use +KEY=VALUE with KEY one of "
                          f"{', '.join(_MODIFIERS)} (e.g. memory+layers=all+window=1024).")
-    allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"), "dense": ("layers", "window", "lcl")}
+    allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"), "dense": ("layers", "window", "lcl", "overlap")}
     if key not in allowed.get(kind, _MODIFIERS):
         fits = ", ".join(allowed.get(kind, ())) or "none"
         hint = ("use topk:K or memory+k=K for top-k memory" if kind == "dense" else

@@ -26,7 +26,7 @@ VALIDATED_FIELDS = frozenset({
     "hidden_size", "num_attention_heads", "head_dim", "num_key_value_heads", "num_hidden_layers", "mem_layers",
     "max_position_embeddings", "last_context_length", "gradient_checkpoint_every_ith", "mem_dtype",
     "mem_attention_grouping", "mem_index", "mem_top_k", "mem_max_tokens", "mem_nprobe", "cache_policy", "attn_impl",
-    "rope_parameters", "mem_offload", "mem_offload_dir",
+    "rope_parameters", "mem_offload", "mem_offload_dir", "window_overlap",
 })  # fmt: skip
 
 
@@ -91,6 +91,15 @@ class LongLlamaConfig(PreTrainedConfig):
             ``mem_offload_dir`` (the search index stays in RAM), for memories larger than the RAM.
         mem_offload_dir: the folder of the memory files when ``mem_offload="disk"``; each cache makes its own
             subfolder there.
+        window_overlap: O, ours (0: the reference's windows). When a long input is cut into windows, each
+            window bound for memory after the first also re-reads the last O tokens before it as local context:
+            they run first, at positions 0..O-1, the window's own tokens at O..O+W-1, and only the window's own
+            keys and values go to memory (those O tokens went there with the window before). In the reference
+            the first tokens of every window see no local context at all: a pretrained model that was never
+            trained that way (SmolLM2) reads them as the start of a text, and a pass key whose digits open a
+            window cannot be retrieved (docs/results.md). Costs O / W more compute per window; the window's
+            queries reach those O tokens both locally and in memory. Inference only: the trainer's windows and
+            the last L tokens are not affected.
 
     Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
     raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.
@@ -135,6 +144,7 @@ class LongLlamaConfig(PreTrainedConfig):
     attn_impl: str = "auto"
     mem_offload: str = "ram"
     mem_offload_dir: str | None = None
+    window_overlap: int = 0
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -228,6 +238,10 @@ class LongLlamaConfig(PreTrainedConfig):
         if not isinstance(w, int) or w <= 0:
             raise ValueError(f"max_position_embeddings (the window length) must be a positive int, got {w!r}.")
         validate_last_context_length(lcl, w)
+        o = self.window_overlap
+        if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o < w:
+            raise ValueError(f"window_overlap must be an int in [0, {w}) (below the window, max_position_embeddings="
+                             f"{w}), got {o!r}; 0 turns it off.")
         if not isinstance(self.gradient_checkpoint_every_ith, int) or self.gradient_checkpoint_every_ith < 1:
             raise ValueError(
                 f"gradient_checkpoint_every_ith must be an int >= 1, got {self.gradient_checkpoint_every_ith!r}."

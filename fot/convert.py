@@ -195,7 +195,7 @@ def _config_fields(args) -> dict:
     """The config fields the command line sets (a flag left out leaves the field as it is, or at its default)."""
     names = {"mem_layers": "mem_layers", "window": "max_position_embeddings",
              "last_context_length": "last_context_length", "mem_top_k": "mem_top_k", "mem_index": "mem_index",
-             "mem_nprobe": "mem_nprobe", "mem_dtype": "mem_dtype"}
+             "mem_nprobe": "mem_nprobe", "mem_dtype": "mem_dtype", "window_overlap": "window_overlap"}
     fields = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
     if fields.get("mem_top_k") == "none":
         fields["mem_top_k"] = None
@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem-nprobe", type=int, help="IVF lists visited per query (faiss-ivf)")
     parser.add_argument("--mem-dtype", choices=list(MEM_DTYPES),
                         help="storage dtype of memory keys and values (with --gguf, default float32)")
+    parser.add_argument("--window-overlap", type=int, metavar="O",
+                        help="tokens before each memory-bound window that it re-reads as local context (default 0)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the saved weights (--gguf only)")
     parser.add_argument("--out", required=True, help="output directory (may equal --from)")
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         ("memory layers", _layers_text(c.mem_layers, c.num_hidden_layers)),
         ("memory top-k / index / nprobe / dtype", f"{c.mem_top_k or 'dense'} / {c.mem_index} / {c.mem_nprobe} / "
                                                  f"{c.mem_dtype}"),
-        ("window / last context", f"{c.max_position_embeddings} / {c.last_context_length}"),
+        ("window / last context / overlap", f"{c.max_position_embeddings} / {c.last_context_length} / "
+                                            f"{c.window_overlap}"),
         ("RoPE theta", f"{c.rope_theta:g}"),
         ("vocab / tied embeddings", f"{c.vocab_size} / {c.tie_word_embeddings}"),
         ("weights", weights),

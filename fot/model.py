@@ -236,11 +236,13 @@ def layer_inv_freqs(config: LongLlamaConfig, layers: nn.ModuleList, device) -> l
 
 
 def run_chunk(layers: nn.ModuleList, x_BTD, cache: LongLlamaCache, valid_BT, *, to_memory: bool,
-              plan: ForwardPlan, inv_freqs, keep_hidden: bool, crossbatch: CrossBatchPlan | None = None):  # fmt: skip
+              plan: ForwardPlan, inv_freqs, keep_hidden: bool, crossbatch: CrossBatchPlan | None = None,
+              context: int = 0):  # fmt: skip
     """One chunk of T tokens through every layer, positioned after the cache's local window; each layer's keys
     and values are committed to the cache after it ran (kept locally, or moved to memory with ``to_memory``).
-    Returns the pre-norm output [B, T, D] and, with ``keep_hidden``, the hidden states before each layer and
-    after the last."""
+    The first ``context`` tokens are context only (``config.window_overlap``): they are attended to, but their
+    keys and values are not committed. Returns the pre-norm output [B, T, D] and, with ``keep_hidden``, the hidden
+    states before each layer and after the last."""
     offset = cache.local_length
     T = x_BTD.shape[1]
     inv_freq = next((f for f in inv_freqs if f is not None), None)
@@ -254,7 +256,10 @@ def run_chunk(layers: nn.ModuleList, x_BTD, cache: LongLlamaCache, valid_BT, *, 
             memory=cache.memory_reader(idx), valid_BT=valid_BT, plan=plan, crossbatch=crossbatch,
         )  # fmt: skip
         if crossbatch is None:  # a crossbatch step keeps no state
-            cache.commit(idx, *kv, valid_BT, to_memory=to_memory, training=plan.training)
+            if context:
+                kv = tuple(t[:, :, context:] for t in kv)
+            valid = valid_BT if not context or valid_BT is None else valid_BT[:, context:]
+            cache.commit(idx, *kv, valid, to_memory=to_memory, training=plan.training)
         if keep_hidden:
             hidden.append(x_BTD)
     return x_BTD, hidden
@@ -278,9 +283,15 @@ def run_windows(layers: nn.ModuleList, x_BND, cache: LongLlamaCache, valid_BN, *
         else:
             if not group.to_memory:
                 cache.make_room(group.end - group.start, inv_freqs, plan=plan)
-            valid = None if valid_BN is None else valid_BN[:, group.start : group.end]
-            x, hidden = run_chunk(layers, x_BTD, cache, valid, to_memory=group.to_memory, plan=plan,
-                                  inv_freqs=inv_freqs, keep_hidden=keep_hidden)  # fmt: skip
+            # config.window_overlap: a memory-bound window re-reads the tokens before it as local context
+            o = min(plan.window_overlap, group.start) if group.to_memory else 0
+            valid = None if valid_BN is None else valid_BN[:, group.start - o : group.end]
+            x, hidden = run_chunk(layers, x_BND[:, group.start - o : group.end], cache, valid,
+                                  to_memory=group.to_memory, plan=plan, inv_freqs=inv_freqs, keep_hidden=keep_hidden,
+                                  context=o)  # fmt: skip
+            if o:
+                x = x[:, o:]
+                hidden = None if hidden is None else [h[:, o:] for h in hidden]
         cache.seen_tokens += group.end - group.start
         outputs.append(x)
         chunk_hidden.append(hidden)

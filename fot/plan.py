@@ -132,7 +132,8 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
     group = window_group_size(config, cache, impl=impl, memory_mode=mode, training=training, padded=padded,
                               group_queries=group_queries)  # fmt: skip
     grouping = None if config.mem_attention_grouping is None else tuple(config.mem_attention_grouping)
+    overlap = 0 if training or crossbatch else config.window_overlap
     return ForwardPlan(
-        impl=impl, memory_mode=mode, training=training, window_group=group, grouping=grouping,
-        cache_policy=policy, last_context_length=L,
+        impl=impl, memory_mode=mode, training=training, window_group=1 if overlap else group, grouping=grouping,
+        cache_policy=policy, last_context_length=L, window_overlap=overlap,
     )  # fmt: skip

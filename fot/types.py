@@ -111,6 +111,8 @@ class ForwardPlan:
         grouping: ``config.mem_attention_grouping``, (heads, queries) per attention block, or None.
         cache_policy: "slide" or "flush", for this call only (the cache's own policy is its default).
         last_context_length: tokens kept as the last window (L).
+        window_overlap: tokens before each memory-bound window (after the first) that it re-reads as local
+            context (``config.window_overlap``; 0 in training).
     """
 
     impl: str
@@ -120,6 +122,7 @@ class ForwardPlan:
     grouping: tuple[int, int] | None = None
     cache_policy: str = "slide"
     last_context_length: int = 0
+    window_overlap: int = 0
 
     def __post_init__(self):
         assert self.impl in IMPLEMENTATIONS, self.impl

@@ -47,6 +47,7 @@ class Spec:
         self.mem_positionals = get("mem_positionals")
         self.mem_dtype = getattr(torch, get("mem_dtype"))
         self.tied = get("tie_word_embeddings")
+        self.overlap = overrides.get("window_overlap", getattr(config, "window_overlap", 0))
 
 
 def weights_f64(model, requires_grad: bool = False) -> dict[str, torch.Tensor]:
@@ -145,8 +146,9 @@ class NaiveLongLlama:
         o = out.transpose(1, 2).reshape(B, T, N * H)
         return linear(o, w[p + "o_proj.weight"], w.get(p + "o_proj.bias")), k, v
 
-    def _chunk(self, ids_BT, valid_BT, keep_local: bool):
-        """Run a chunk through all layers on top of the current local state; keep or memorise its K/V."""
+    def _chunk(self, ids_BT, valid_BT, keep_local: bool, context: int = 0):
+        """Run a chunk through all layers on top of the current local state; keep or memorise its K/V (all but
+        the first ``context`` tokens', which are there to be attended to)."""
         s, w = self.s, self.w
         x = w["model.embed_tokens.weight"][ids_BT]
         for idx in range(s.num_layers):
@@ -162,7 +164,7 @@ class NaiveLongLlama:
                 st.k, st.v = torch.cat([st.k, k], 2), torch.cat([st.v, v], 2)
                 st.valid = torch.cat([st.valid, valid_BT], 1)
             elif idx in s.mem_layers:
-                self._to_memory(st, k, v, valid_BT)
+                self._to_memory(st, k[:, :, context:], v[:, :, context:], valid_BT[:, context:])
         x = rms_norm(x, w["model.norm.weight"], s.eps)
         head = w["model.embed_tokens.weight"] if s.tied else w["lm_head.weight"]
         return x @ head.T
@@ -196,7 +198,9 @@ class NaiveLongLlama:
         logits = []
         for start in range(0, n_mem, W):
             end = min(start + W, n_mem)
-            logits.append(self._chunk(ids_BN[:, start:end], valid_BN[:, start:end], keep_local=False))
+            o = min(self.s.overlap, start)  # window_overlap: the O tokens before the window, read again first
+            out = self._chunk(ids_BN[:, start - o:end], valid_BN[:, start - o:end], keep_local=False, context=o)
+            logits.append(out[:, o:])
         logits.append(self._chunk(ids_BN[:, n_mem:], valid_BN[:, n_mem:], keep_local=True))
         return torch.cat(logits, dim=1)
 

@@ -169,3 +169,14 @@ def test_bos_follows_the_checkpoints_declaration_unless_no_bos(tmp_path, caplog,
     with caplog.at_level(logging.INFO, logger="eval.common"):
         assert resolve_bos(Namespace(no_bos=no_bos), tmp_path) is expected
     assert f"BOS: {'on' if expected else 'off'}" in caplog.text  # "auto" says what it chose
+
+
+def test_overlap_modifier_sets_window_overlap_on_memory_settings_only():
+    from eval.common import parse_setting
+
+    assert parse_setting("memory+overlap=64").overrides == {"window_overlap": 64}
+    assert parse_setting("dense+overlap=32").overrides["window_overlap"] == 32
+    with pytest.raises(ValueError, match="no-memory takes no overlap="):
+        parse_setting("no-memory+overlap=64")
+    with pytest.raises(ValueError, match="positive integer"):
+        parse_setting("memory+overlap=0")

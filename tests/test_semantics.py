@@ -96,10 +96,11 @@ def test_bfloat16_memory_is_rounded_on_storage():
     assert store_dtype(model, ids) == torch.bfloat16
 
 
+@pytest.mark.parametrize("overlap", [0, 8])  # window_overlap slices the padding mask with the windows
 @pytest.mark.parametrize("impl", ["torch", "reference"])
-def test_left_padding_in_a_batch(impl):
+def test_left_padding_in_a_batch(impl, overlap):
     # Row 1 has 70 pad tokens: its whole first window is padding, so its memory starts with masked slots.
-    model = tiny_model(mem_layers=[0, 1], attn_impl=impl)
+    model = tiny_model(mem_layers=[0, 1], attn_impl=impl, window_overlap=overlap)
     n = 200
     ids = tokens(3, n, seed=5)
     mask = left_pad_mask([n, n - 70, n - 5], n)
@@ -227,3 +228,47 @@ def test_gradients_equal_spec_gradients(checkpointing):
         assert (got - expected).abs().max().item() <= 1e-4 * max(scale, 1.0), name
         checked += 1
     assert checked == len(grads)
+
+
+# ----------------------------------------------------------------------------- window_overlap
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_window_overlap_equals_spec(impl):
+    # W 64, L 32, 300 tokens: windows at 0, 64, ..., 256; each after the first re-reads the 16 tokens before it.
+    model = tiny_model(attn_impl=impl, window_overlap=16)
+    ids = tokens(1, 300, seed=11)
+    with torch.no_grad():
+        logits = model(ids).logits
+        cache = model(ids, use_cache=True).past_key_values
+    expected = naive_logits(model, model.config, ids)
+    assert max_err(logits, expected) < TOL64
+    # the overlap changes the windows' outputs, so the comparison above can fail
+    assert max_err(naive_logits(model, model.config, ids, window_overlap=0), expected) > 1e-2
+    # each token bound for memory is stored once (the re-read ones are not stored again); the last L stay local
+    assert cache.memories[model.config.mem_layers[0]].view().k_BGMH.shape[2] == 300 - 32
+    assert cache.local_length == 32
+
+
+def test_window_overlap_with_top_k_covering_memory_equals_dense():
+    # With K >= the memory's slots, top-k attention is dense attention (fot.search): the overlap path of the
+    # top-k model must then give the dense spec's logits.
+    model = tiny_model(attn_impl="torch", window_overlap=16, mem_top_k=512, mem_index="exact")
+    ids = tokens(1, 300, seed=12)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert max_err(logits, naive_logits(model, model.config, ids)) < TOL64
+
+
+@pytest.mark.parametrize("bad", [-1, 64, 100, True, 2.0])
+def test_window_overlap_must_be_below_the_window(bad):
+    with pytest.raises(ValueError, match="window_overlap must be an int in \\[0, 64\\)"):
+        tiny_model(window_overlap=bad)
+
+
+def test_window_overlap_is_for_inference_only():
+    # A training forward (autograd recording) runs the reference's windows whatever the config says, so the
+    # trainer's semantics do not change with an inference setting.
+    ids = tokens(1, 200, seed=14)
+    overlap, plain = tiny_model(window_overlap=16).train(), tiny_model().train()
+    assert torch.equal(overlap(ids).logits, plain(ids).logits)
+    with torch.no_grad():
+        assert max_err(overlap(ids).logits, plain(ids).logits) > 1e-2
