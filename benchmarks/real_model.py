@@ -46,10 +46,10 @@ INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
 APPROXIMATE = ("faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
 
 
-def memory_layers(model_path: str, layers: str) -> list[int]:
+def memory_layers(model_path: str, layers: str, model_layers: int | None = None) -> list[int]:
     import fot
 
-    n = fot.LongLlamaConfig.from_pretrained(model_path).num_hidden_layers
+    n = model_layers or fot.LongLlamaConfig.from_pretrained(model_path).num_hidden_layers
     return list(range(n)) if layers == "all" else [int(x) for x in layers.split(",")]
 
 
@@ -64,19 +64,27 @@ def build(case: str, args):
 
         from benchmarks.train_throughput import LLAMA_FIELDS
 
-        ours = fot.LongLlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, mem_layers=[])
+        ours = fot.LongLlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, mem_layers=[],
+                                                        **truncate(args))  # fmt: skip
         fields = {k: getattr(ours.config, k) for k in LLAMA_FIELDS}
         hf = LlamaForCausalLM(LlamaConfig(**fields, max_position_embeddings=max(args.tokens) + args.decode_steps + 8,
                                           attn_implementation="sdpa"))  # fmt: skip
         hf.load_state_dict(ours.state_dict())
         return hf.eval()
-    overrides = {"mem_layers": []}
+    overrides = {"mem_layers": [], **truncate(args)}
     if case in INDEXES:
-        overrides = dict(mem_layers=memory_layers(args.model, args.layers), mem_top_k=args.k, mem_index=case,
-                         mem_nprobe=args.nprobe)  # fmt: skip
+        overrides.update(mem_layers=memory_layers(args.model, args.layers, args.model_layers), mem_top_k=args.k,
+                         mem_index=case, mem_nprobe=args.nprobe)  # fmt: skip
     if args.mem_dtype:
         overrides["mem_dtype"] = args.mem_dtype
     return fot.LongLlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, **overrides).eval()
+
+
+def truncate(args) -> dict:
+    """``--model-layers N``: only the first N decoder layers are built and loaded. Their keys and queries are the
+    whole model's (layer l reads only layers below it), and model and search costs both scale with the layer
+    count, so ratios to memory off and recall hold for those layers at N / L of the run time."""
+    return {"num_hidden_layers": args.model_layers} if args.model_layers else {}
 
 
 def run_case(case: str, tokens: int, args) -> dict:
@@ -138,7 +146,7 @@ def search_flops(config, tokens: int, k: int) -> tuple[float, float]:
 
 def spawn(args, case: str, tokens: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.real_model", "--case", case, "--tokens", str(tokens)]
-    for name in ("model", "k", "nprobe", "layers", "threads", "decode_steps", "template", "mem_dtype"):
+    for name in ("model", "k", "nprobe", "layers", "threads", "decode_steps", "template", "mem_dtype", "model_layers"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -167,6 +175,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--layers", default="all", help="memory layers: 'all' or a comma-separated list")
+    parser.add_argument("--model-layers", type=int, help="run only the first N decoder layers (truncate's docstring)")
     parser.add_argument("--mem-dtype", choices=["float32", "bfloat16"], help="default: the checkpoint's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -175,7 +184,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    check_args(parser, args, positive=("tokens", "k", "nprobe", "threads", "decode_steps", "max_seconds"))
+    check_args(parser, args,
+               positive=("tokens", "k", "nprobe", "threads", "decode_steps", "max_seconds", "model_layers"))
     if args.case:
         print(json.dumps(run_case(args.case, args.tokens[0], args)))
         return
@@ -184,8 +194,10 @@ def main() -> None:
     from benchmarks.prefill import gemm_peak_gflops
 
     peak = gemm_peak_gflops()
-    mem_config = fot.LongLlamaConfig.from_pretrained(args.model, mem_layers=memory_layers(args.model, args.layers))
-    print(f"{args.model}: {len(mem_config.mem_layers)} memory layers, k={args.k}, nprobe={args.nprobe}, "
+    mem_config = fot.LongLlamaConfig.from_pretrained(
+        args.model, mem_layers=memory_layers(args.model, args.layers, args.model_layers), **truncate(args))
+    print(f"{args.model}: {mem_config.num_hidden_layers} layers, {len(mem_config.mem_layers)} memory layers, "
+          f"k={args.k}, nprobe={args.nprobe}, "
           f"W={mem_config.max_position_embeddings}, L={mem_config.last_context_length}, {args.threads} thread(s); "
           f"fp32 GEMM peak {peak:.1f} GFLOP/s", flush=True)  # fmt: skip
     header = (f"{'case':<11}{'tokens':>8}{'prefill s':>11}{'x off':>7}{'cpu s':>9}{'x off':>7}{'decode ms':>11}"
