@@ -185,9 +185,10 @@ SMOLLM2_NPROBE ?= 16
 SMOLLM2_WINDOW ?= 512
 SMOLLM2_LCL ?= 256
 SMOLLM2_MEM_DTYPE ?= bfloat16
+SMOLLM2_OVERLAP ?= 32
 SMOLLM2_SETTINGS = --mem-layers $(SMOLLM2_LAYERS) --mem-top-k $(SMOLLM2_TOP_K) --mem-index $(SMOLLM2_INDEX) \
 	--mem-nprobe $(SMOLLM2_NPROBE) --window $(SMOLLM2_WINDOW) --last-context-length $(SMOLLM2_LCL) \
-	--mem-dtype $(SMOLLM2_MEM_DTYPE)
+	--mem-dtype $(SMOLLM2_MEM_DTYPE) --window-overlap $(SMOLLM2_OVERLAP)
 SMOLLM2_3LAYERS := models/smollm2-fot-3layers
 .PHONY: assets smollm2 smollm2-3layers
 assets: $(STAMP)

@@ -223,9 +223,10 @@ def test_the_recommended_checkpoint_holds_the_makefiles_settings():
     expected = resolve_mem_layers(",".join(layers.split()), c.num_hidden_layers)
     top_k = None if want["TOP_K"] == "none" else int(want["TOP_K"])
     got = (c.mem_layers, c.mem_top_k, c.mem_index, c.mem_nprobe, c.max_position_embeddings, c.last_context_length,
-           c.mem_dtype)
+           c.mem_dtype, c.window_overlap)
     assert got == (expected, top_k, want["INDEX"], int(want["NPROBE"]), int(want["WINDOW"]), int(want["LCL"]),
-                   want["MEM_DTYPE"]), "models/smollm2-fot is not the Makefile's setting: run make smollm2"
+                   want["MEM_DTYPE"], int(want["OVERLAP"])), \
+        "models/smollm2-fot is not the Makefile's setting: run make smollm2"
 
 
 @needs_model
