@@ -38,7 +38,7 @@ def read_run(folder: Path) -> list[tuple[str, str, int, float, float | None, flo
             if report["task"] == "passkey":
                 cells.append(("passkey", setting, row["length"], row["accuracy"], row.get("accuracy_read"), per_prompt))
             else:
-                cells.append((row["task"], setting, row["length"], 100 * row["score"], 100 * row["read"], per_prompt))
+                cells.append((row["task"], setting, row["length"], row["score"], row["read"], per_prompt))  # in %
     return cells
 
 

@@ -19,7 +19,7 @@ def test_table_joins_passkey_and_ruler_cells_by_task_setting_and_length(tmp_path
                    {"length": 16384, "accuracy": 80.0, "accuracy_read": 80.0, "n": 5, "seconds": 300.0}],
         "hf:8192": [{"length": 4096, "accuracy": 90.0, "accuracy_read": 70.0}]}})
     ru = write(tmp_path / "ru", {"task": "ruler", "results": {
-        "memory": [{"task": "niah_single_1", "length": 4096, "score": 0.5, "read": 0.25}]}})
+        "memory": [{"task": "niah_single_1", "length": 4096, "score": 50.0, "read": 25.0}]}})  # eval/ruler.py: in %
     out = tmp_path / "out"
     summary.main(["--runs", str(pk), str(ru), "--out", str(out)])
     lines = (out / "summary.md").read_text().splitlines()
