@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", nargs="+", default=[DEFAULT_TEMPLATE], help="eval/passkey.py's --template")
     p.add_argument("--depths", type=float, nargs="+", help="eval/passkey.py's --depths")
     p.add_argument("--seed", type=int, default=0, help="eval/passkey.py's --seed")
-    p.add_argument("--no-bos", action="store_true", help="eval/passkey.py's --no-bos (default: as the tokenizer_config.json declares, else BOS)")
+    p.add_argument("--no-bos", action="store_true",
+                   help="eval/passkey.py's --no-bos (default: as the tokenizer_config.json declares, else BOS)")
     p.add_argument("--out", required=True, help="folder for the YAML and jsonl files (lm_eval --include_path)")
     return p
 

@@ -86,12 +86,13 @@ def window_group_size(config: LongLlamaConfig, cache, *, impl: str, memory_mode:
     """How many full windows bound for memory run together; 1 = one at a time.
 
     Grouping serves inference with dense, unbounded memory and no padding on the fused torch path, starting
-    from an empty local window: there it is exact and feeds the CPU attention kernel at least
+    from an empty local window, without ``window_overlap`` (a group's windows would need each other's tokens as
+    context): there it is exact and feeds the CPU attention kernel at least
     ``group_queries`` queries per call (0: no grouping).
     """
     W = config.max_position_embeddings
     if (training or impl != "torch" or memory_mode != "dense" or padded or cache.local_length
-            or config.mem_attention_grouping is not None or W >= group_queries
+            or config.mem_attention_grouping is not None or config.window_overlap or W >= group_queries
             or any(store.max_tokens is not None for store in cache.memories.values())):  # fmt: skip
         return 1
     return min(WINDOW_GROUP_MAX, -(-group_queries // W))
@@ -134,6 +135,6 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
     grouping = None if config.mem_attention_grouping is None else tuple(config.mem_attention_grouping)
     overlap = 0 if training or crossbatch else config.window_overlap
     return ForwardPlan(
-        impl=impl, memory_mode=mode, training=training, window_group=1 if overlap else group, grouping=grouping,
+        impl=impl, memory_mode=mode, training=training, window_group=group, grouping=grouping,
         cache_policy=policy, last_context_length=L, window_overlap=overlap,
     )  # fmt: skip
