@@ -7,6 +7,10 @@ Cases, each in its own process so its peak RSS is its own:
     memory (``--k``, default 32) through that ``mem_index``; the approximate ones also report tie-aware recall@k
     against exact search on a sample of their real queries (``benchmarks/memory_scaling.py``'s probe; the probe's
     time is left out of the wall seconds);
+  * ``blocks``: every layer a memory layer with block retrieval (``fot.blocks``: ``--blocks`` blocks of
+    ``--block-size`` slots per chunk of ``--block-queries`` queries); its recall@k is the share of each sampled
+    query's exact top-k memory keys that lie in the blocks its chunk chose, so it reads on the scale of the
+    indexes' recall;
   * ``hf``: transformers' ``LlamaForCausalLM`` with SDPA attention in fp32, loaded with the same weights, reading
     the whole prompt as one sequence (its attention grows with the square of the length).
 
@@ -41,7 +45,7 @@ from benchmarks.bench_config import check_args
 from tasks.passkey import TEMPLATES
 from plumbing.cli import ArgumentParser
 
-CASES = ("off", "exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "hf")
+CASES = ("off", "exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "blocks", "hf")
 INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
 APPROXIMATE = ("faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
 
@@ -75,6 +79,10 @@ def build(case: str, args):
     if case in INDEXES:
         overrides.update(mem_layers=memory_layers(args.model, args.layers, args.model_layers), mem_top_k=args.k,
                          mem_index=case, mem_nprobe=args.nprobe)  # fmt: skip
+    if case == "blocks":
+        overrides.update(mem_layers=memory_layers(args.model, args.layers, args.model_layers), mem_top_k=None,
+                         mem_index="exact", mem_blocks=args.blocks, mem_block_size=args.block_size,
+                         mem_block_queries=args.block_queries)  # fmt: skip
     if args.mem_dtype:
         overrides["mem_dtype"] = args.mem_dtype
     return fot.LongLlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, **overrides).eval()
@@ -85,6 +93,42 @@ def truncate(args) -> dict:
     whole model's (layer l reads only layers below it), and model and search costs both scale with the layer
     count, so ratios to memory off and recall hold for those layers at N / L of the run time."""
     return {"num_hidden_layers": args.model_layers} if args.model_layers else {}
+
+
+def probe_block_recall(stats: dict, k: int) -> None:
+    """Make every ``MemoryReader.choose_blocks`` of this process also count, on a sample of its calls and queries,
+    how many of each query's exact top-k memory slots lie in the blocks chosen for its chunk (in ``stats``, the
+    probe's seconds apart). The benchmark runs each case in its own process, so the patch stays in it."""
+    import torch
+
+    from benchmarks.memory_scaling import RECALL_EVERY, RECALL_QUERIES
+    from fot.cache import MemoryReader
+    from fot.search import exact_topk
+
+    inner = MemoryReader.choose_blocks
+    calls = [0]
+
+    def choose_with_probe(self, q_BNTH):
+        choice = inner(self, q_BNTH)
+        calls[0] += 1
+        view = self.view()
+        if calls[0] % RECALL_EVERY == 0 and view.size > k:
+            start = time.perf_counter()
+            B, N, T, H = q_BNTH.shape
+            G = view.k_BGMH.shape[1]
+            t = torch.arange(min(T, RECALL_QUERIES))
+            q = q_BNTH[:, :, t].reshape(B, G, (N // G) * t.numel(), H)  # rows (query head, query)
+            scores, slots = exact_topk(q, view.k_BGMH, view.valid_BM, k)
+            chunk_of_row = (t // choice.chunk).repeat(N // G)  # [X]
+            chosen = choice.ids_BGCn[:, :, chunk_of_row]  # [B, G, X, n]
+            inside = ((slots // choice.block_size)[..., None] == chosen[..., None, :]).any(-1)
+            found = torch.isfinite(scores)
+            stats["hits"] += int((inside & found).sum())
+            stats["total"] += int(found.sum())
+            stats["probe_seconds"] += time.perf_counter() - start
+        return choice
+
+    MemoryReader.choose_blocks = choose_with_probe
 
 
 def run_case(case: str, tokens: int, args) -> dict:
@@ -104,6 +148,8 @@ def run_case(case: str, tokens: int, args) -> dict:
     ids = input_ids(tokens, args.model, args.template)
     stats = {"hits": 0, "total": 0, "probe_seconds": 0.0}
     factory = recall_probe_factory(stats) if case in APPROXIMATE else default_search_factory
+    if case == "blocks":
+        probe_block_recall(stats, args.k)
     with torch.inference_mode():
         kwargs = {} if case == "hf" else {"past_key_values": fot.LongLlamaCache(model.config, search_factory=factory)}
         model(ids[:, :600], use_cache=False, **kwargs)  # warm-up: kernels, allocator, memory (600 > W + L)
@@ -146,7 +192,8 @@ def search_flops(config, tokens: int, k: int) -> tuple[float, float]:
 
 def spawn(args, case: str, tokens: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.real_model", "--case", case, "--tokens", str(tokens)]
-    for name in ("model", "k", "nprobe", "layers", "threads", "decode_steps", "template", "mem_dtype", "model_layers"):
+    for name in ("model", "k", "nprobe", "layers", "threads", "decode_steps", "template", "mem_dtype", "model_layers",
+                 "blocks", "block_size", "block_queries"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -174,6 +221,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--blocks", type=int, default=16, help="the blocks case: blocks each chunk of queries reads")
+    parser.add_argument("--block-size", type=int, default=32, help="the blocks case: slots per block")
+    parser.add_argument("--block-queries", type=int, default=64, help="the blocks case: queries per chunk")
     parser.add_argument("--layers", default="all", help="memory layers: 'all' or a comma-separated list")
     parser.add_argument("--model-layers", type=int, help="run only the first N decoder layers (truncate's docstring)")
     parser.add_argument("--mem-dtype", choices=["float32", "bfloat16"], help="default: the checkpoint's")
@@ -185,7 +235,8 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     check_args(parser, args,
-               positive=("tokens", "k", "nprobe", "threads", "decode_steps", "max_seconds", "model_layers"))
+               positive=("tokens", "k", "nprobe", "threads", "decode_steps", "max_seconds", "model_layers", "blocks",
+                         "block_size", "block_queries"))
     if args.case:
         print(json.dumps(run_case(args.case, args.tokens[0], args)))
         return

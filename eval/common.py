@@ -13,6 +13,7 @@ the saved config, written as a base and optional ``+KEY=VALUE`` modifiers:
 ``topk:K``         ``mem_top_k=K`` with ``mem_index="exact"`` (kNN memory, exact search)
 ``topk-flat:K``    ``mem_top_k=K`` with ``mem_index="faiss-flat"``
 ``topk-ivf:K``     ``mem_top_k=K`` with ``mem_index="faiss-ivf"`` (approximate)
+``blocks:N``       ``mem_blocks=N`` (block retrieval, ``fot.blocks``): each chunk of queries reads N memory blocks
 ``full:W``         no memory layers and a window of W tokens (``max_position_embeddings`` and
                    ``last_context_length`` W): plain causal attention over the whole prompt when it fits in W,
                    the base model's own long-context ability (e.g. ``full:8192`` for SmolLM2's native context)
@@ -21,7 +22,7 @@ the saved config, written as a base and optional ``+KEY=VALUE`` modifiers:
                    with a one-line error). What a user would run instead of fot.
 =================  ===========================================================================================
 
-Modifiers, after ``memory``, ``dense`` or ``topk*`` (``no-memory`` takes only ``window`` and ``lcl``):
+Modifiers, after ``memory``, ``dense``, ``topk*`` or ``blocks:N`` (``no-memory`` takes only ``window`` and ``lcl``):
 
 =================  ===========================================================================================
 ``layers=L``       ``mem_layers=L``: any ``LongLlamaConfig.mem_layers`` form (``all``, ``15:``, ``2:``,
@@ -32,6 +33,8 @@ Modifiers, after ``memory``, ``dense`` or ``topk*`` (``no-memory`` takes only ``
 ``index=NAME``     ``mem_index=NAME`` (exact, faiss-flat or faiss-ivf)
 ``nprobe=N``       ``mem_nprobe=N`` (faiss-ivf)
 ``overlap=O``      ``window_overlap=O``: each memory-bound window re-reads the O tokens before it as local context
+``block=S``        ``mem_block_size=S``, slots per memory block (``blocks:N`` only)
+``chunk=C``        ``mem_block_queries=C``, queries that share one choice of blocks (``blocks:N`` only)
 =================  ===========================================================================================
 
 For example ``topk-ivf:32+layers=all+window=1024+nprobe=32`` or ``memory+layers=15:``. A setting's name is what
@@ -86,12 +89,13 @@ def _libc():
     name = ctypes.util.find_library("c")
     return None if name is None else ctypes.CDLL(name)
 
-SETTING_HELP = ("memory, dense, no-memory, topk:K, topk-flat:K, topk-ivf:K, full:W or hf:W, then optional "
-                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O "
+SETTING_HELP = ("memory, dense, no-memory, topk:K, topk-flat:K, topk-ivf:K, blocks:N, full:W or hf:W, then optional "
+                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O, +block=S, +chunk=C "
                 "(e.g. topk-ivf:32+layers=all+window=1024)")
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}
 _MODIFIERS = {"layers": "mem_layers", "window": "max_position_embeddings", "lcl": "last_context_length",
-              "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe", "overlap": "window_overlap"}
+              "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe", "overlap": "window_overlap",
+              "block": "mem_block_size", "chunk": "mem_block_queries"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -124,6 +128,9 @@ def _base_setting(text: str, base: str) -> tuple[dict, str]:
     if kind in _TOPK_INDEX:
         k = _positive(value, f"setting {text!r}: K", f"{kind}:32")
         return {"mem_top_k": k, "mem_index": _TOPK_INDEX[kind]}, "topk"
+    if kind == "blocks":  # block retrieval (fot.blocks): no per-query top-k, so no index either
+        n = _positive(value, f"setting {text!r}: N (blocks each chunk of queries reads)", "blocks:16")
+        return {"mem_blocks": n, "mem_top_k": None, "mem_index": "exact"}, "blocks"
     raise ValueError(f"unknown setting {text!r}; use {SETTING_HELP}.")
 
 
@@ -135,7 +142,10 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
     if not sep or key not in _MODIFIERS or not value:
         raise ValueError(f"setting {text!r}: {part!r} is not a modifier; use +KEY=VALUE with KEY one of "
                          f"{', '.join(_MODIFIERS)} (e.g. memory+layers=all+window=1024).")
-    allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"), "dense": ("layers", "window", "lcl", "overlap")}
+    allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"), "dense": ("layers", "window", "lcl", "overlap"),
+               "blocks": ("layers", "window", "lcl", "overlap", "block", "chunk")}
+    if key in ("block", "chunk") and kind != "blocks":
+        raise ValueError(f"setting {text!r}: {key}= sets block retrieval's {_MODIFIERS[key]}; start from blocks:N.")
     if key not in allowed.get(kind, _MODIFIERS):
         fits = ", ".join(allowed.get(kind, ())) or "none"
         hint = ("use topk:K or memory+k=K for top-k memory" if kind == "dense" else
@@ -274,9 +284,10 @@ def load_model(path: Path, setting: Setting, device: str, dtype: str):
     cfg = model.config
     if setting.name == "no-memory" and not cfg.mem_positionals:
         logger.warning("no-memory: the checkpoint has mem_positionals=false; its former memory layers now use RoPE")
-    logger.info("%s: window %d, last_context_length %d, mem_layers %s, mem_top_k %s, mem_index %s",
-                setting.name, cfg.max_position_embeddings, cfg.last_context_length, cfg.mem_layers, cfg.mem_top_k,
-                cfg.mem_index)
+    reads = (f"mem_blocks {cfg.mem_blocks} of {cfg.mem_block_size} slots per {cfg.mem_block_queries} queries"
+             if cfg.mem_blocks is not None else f"mem_top_k {cfg.mem_top_k}, mem_index {cfg.mem_index}")
+    logger.info("%s: window %d, last_context_length %d, window_overlap %d, mem_layers %s, %s", setting.name,
+                cfg.max_position_embeddings, cfg.last_context_length, cfg.window_overlap, cfg.mem_layers, reads)
     return model.to(device).eval()
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .quant import round_trip
-from .types import IMPLEMENTATIONS, LocalKV, MemoryKV, QuantizedMemoryKV
+from .blocks import block_slots, chunk_queries, unchunk_queries
+from .types import IMPLEMENTATIONS, BlockChoice, LocalKV, MemoryKV, QuantizedMemoryKV
 
 MASKED_SCORE = -1e6  # the reference clamps masked scores to max(score + mask, -1e6)
 
@@ -486,6 +487,62 @@ def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc, scratch=No
     return merged.to(q_BNTH.dtype)
 
 
+def reference_block_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, blocks: BlockChoice | None):
+    """The block-retrieval spec (``fot.blocks``): each query attends, in one fp32 softmax with its local keys, to
+    every valid slot of the blocks its chunk chose (``blocks``), computed literally over a [B, N, T, M] mask of
+    the memory. A masked local key scores -1e6 as in ``reference_memory_attention``; memory outside the chosen
+    blocks is excluded."""
+    if memory is None or memory.size == 0 or blocks is None:
+        return reference_memory_attention(q_BNTH, local, None)
+    B, N, T, H = q_BNTH.shape
+    G = local.k_BGSH.shape[1]
+    R, M, dtype = N // G, memory.size, q_BNTH.dtype
+    slots, ok = block_slots(blocks.ids_BGCn, blocks.block_size, memory)  # [B, G, C, n * S]
+    chosen_BGCM = torch.zeros(slots.shape[:3] + (M,), dtype=torch.bool, device=q_BNTH.device)
+    for b in range(B):
+        for g in range(G):
+            for c in range(slots.shape[2]):
+                chosen_BGCM[b, g, c, slots[b, g, c][ok[b, g, c]]] = True
+    chunk_of_t = torch.arange(T, device=q_BNTH.device) // blocks.chunk
+    chosen_BNTM = chosen_BGCM.repeat_interleave(R, dim=1)[:, :, chunk_of_t]
+    k_loc = local.k_BGSH.repeat_interleave(R, dim=1)
+    v_loc = local.v_BGSH.repeat_interleave(R, dim=1)
+    s_loc = torch.matmul(q_BNTH, k_loc.transpose(2, 3)) / math.sqrt(H)
+    s_loc = s_loc.masked_fill(~local_visibility(T, local), masked_score(dtype))
+    k_mem = memory.k_BGMH.repeat_interleave(R, dim=1).to(dtype)
+    v_mem = memory.v_BGMH.repeat_interleave(R, dim=1).to(dtype)
+    s_mem = torch.matmul(q_BNTH, k_mem.transpose(2, 3)) / math.sqrt(H)
+    s_mem = s_mem.masked_fill(~chosen_BNTM, float("-inf"))
+    probs = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=softmax_dtype(dtype)).to(dtype)
+    S = s_loc.shape[-1]
+    return torch.matmul(probs[..., :S], v_loc) + torch.matmul(probs[..., S:], v_mem)
+
+
+def fused_block_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, blocks: BlockChoice | None,
+                          scratch=None) -> torch.Tensor:  # fmt: skip
+    """Fast path of ``reference_block_attention``: fused local attention with LSE; per chunk and KV head, the
+    chosen blocks' keys and values gathered once and attended by all the chunk's queries with two batched
+    matmuls; the two parts merged by LSE. Inference only."""
+    out_loc, lse_loc = _local_part(q_BNTH, local)
+    if memory is None or memory.size == 0 or blocks is None:
+        return out_loc
+    B, N, T, H = q_BNTH.shape
+    G = blocks.ids_BGCn.shape[1]
+    R, dtype = N // G, q_BNTH.dtype
+    slots, ok = block_slots(blocks.ids_BGCn, blocks.block_size, memory)  # [B, G, C, n * S]
+    k_sel, v_sel = gather_memory(memory, slots, dtype, scratch)  # as [B, N=G, T=C, K=n*S, H]: one row per KV head
+    q = chunk_queries(q_BNTH.reshape(B, G, R, T, H), blocks.chunk)  # [B, G, C, R * chunk, H]
+    s = torch.matmul(q, k_sel.transpose(-1, -2)).float() * (1.0 / math.sqrt(H))  # [B, G, C, Y, n * S]
+    s = s.masked_fill(~ok[:, :, :, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None].clamp(min=-1e30)).to(dtype)
+    o = torch.matmul(p, v_sel)  # [B, G, C, Y, H]
+    o_mem = unchunk_queries(o, R, T)
+    lse_mem = unchunk_queries(lse[..., None], R, T)[..., 0]
+    merged, _ = merge_lse(out_loc, lse_loc, o_mem, lse_mem)
+    return merged.to(dtype)
+
+
 # ----------------------------------------------------------------------------- registry
 # Every entry takes (q_BNTH, local, memory, *, idx_BNTK, grouping, scratch) and returns [B, N, T, H] in the
 # query dtype; ``memory`` None means nothing to attend besides the local window. The kind is the forward
@@ -517,6 +574,14 @@ def _triton(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None
     return triton_memory_attention(q_BNTH, local, memory, idx_BNTK)
 
 
+def _reference_block(q_BNTH, local, memory, *, blocks=None, scratch=None, **_):
+    return reference_block_attention(q_BNTH, local, memory, blocks)
+
+
+def _torch_block(q_BNTH, local, memory, *, blocks=None, scratch=None, **_):
+    return fused_block_attention(q_BNTH, local, memory, blocks, scratch)
+
+
 ATTENTION_FUNCTIONS: dict[tuple[str, str], AttentionFunction] = {
     ("reference", "dense"): _reference_dense,
     ("reference", "top-k"): _reference_topk,
@@ -527,6 +592,9 @@ ATTENTION_FUNCTIONS: dict[tuple[str, str], AttentionFunction] = {
     ("torch", "dense-training"): _torch_dense_training,
     # the gathered top-k path has no fused backward; the reference is the differentiable implementation
     ("torch", "top-k-training"): _reference_topk,
+    # block retrieval (``mem_blocks``) is inference only and has no Triton kernel: resolve_plan refuses it there
+    ("reference", "block"): _reference_block,
+    ("torch", "block"): _torch_block,
     ("triton", "dense"): _triton,
     ("triton", "top-k"): _triton,
     ("triton", "dense-training"): _triton,

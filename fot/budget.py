@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .attention import MEMORY_BLOCK
+from .blocks import BlockIndex
 from .config import LongLlamaConfig
 from .memory import per_slot_bytes
 from .plan import WINDOW_GROUP_MAX, WINDOW_GROUP_QUERIES
@@ -103,6 +104,8 @@ def index_bytes(config: LongLlamaConfig, slots: int, batch: int = 1) -> int:
     """Bytes ``config.mem_index`` keeps for ``slots`` keys of one memory layer, beyond the store
     (``KeySearch.nbytes``)."""
     G, H = config.num_key_value_heads, config.head_dim
+    if config.mem_blocks is not None:
+        return BlockIndex.bytes_for(slots, config.mem_block_size, G, H, batch)
     if config.mem_top_k is not None and config.mem_index == "ivf-gemm" and slots >= IVF_MIN_TRAIN:
         return batch * G * IVFGemmSearch.bytes_for(slots, FaissIVFSearch.nlist_for(slots), H)
     if config.mem_top_k is None or config.mem_index not in IVF_CODE_BYTES or slots < IVF_MIN_TRAIN:
@@ -153,6 +156,12 @@ def _working_bytes(config: LongLlamaConfig, M: int, batch: int) -> int:
     G, H, N, W = config.num_key_value_heads, config.head_dim, config.num_attention_heads, config.max_position_embeddings
     T = W if W >= WINDOW_GROUP_QUERIES else min(WINDOW_GROUP_MAX, -(-WINDOW_GROUP_QUERIES // W)) * W  # queries
     quantized = config.mem_dtype == "int8"
+    if config.mem_blocks is not None:  # block retrieval: scores of the chosen slots, their keys and values
+        C, R, read = -(-T // config.mem_block_queries), N // G, min(M, config.mem_blocks * config.mem_block_size)
+        scores = batch * G * C * R * config.mem_block_queries * read * 4 * 2  # scores and probabilities
+        gathered = batch * G * C * read * H * 4 * 2
+        bounds = batch * G * C * -(-M // config.mem_block_size) * 4 + (1 << 24)  # block scores, the bound block
+        return scores + gathered + bounds
     if config.mem_top_k is None:  # dense: memory cast block by block (whole, dequantized, for int8)
         slots = M if quantized else min(M, MEMORY_BLOCK)
         return batch * 2 * G * slots * H * 4

@@ -49,8 +49,9 @@ from .budget import check_enabled
 from .config import LongLlamaConfig
 from .memory import MemoryStore, copy_on_write
 from .rope import apply_rope, rope_cos_sin
+from .blocks import BlockIndex
 from .search import KeySearch, SearchFactory, default_search_factory
-from .types import ForwardPlan, LocalKV
+from .types import BlockChoice, ForwardPlan, LocalKV
 
 INITIAL_LOCAL_CAPACITY = 256
 
@@ -237,6 +238,11 @@ class MemoryReader:
         idx_BGXK = self.search.search(q_BGXH, self._view, self.top_k)
         return idx_BGXK.reshape(B, N, T, self.top_k)
 
+    def choose_blocks(self, q_BNTH: torch.Tensor) -> BlockChoice:
+        """The blocks each chunk of rotated queries reads (``mem_blocks``, ``fot.blocks``)."""
+        index = self.search
+        return BlockChoice(index.choose(q_BNTH, index.n_blocks, index.chunk), index.block_size, index.chunk)
+
 
 class LongLlamaCache(Cache):
     """State of a LongLLaMA model across windows and generation steps.
@@ -266,6 +272,7 @@ class LongLlamaCache(Cache):
         self.locals = [LocalWindow(self.window) for _ in range(config.num_hidden_layers)]
         self.config = config
         self.top_k = config.mem_top_k
+        self.blocks = config.mem_blocks
         self.memories: dict[int, MemoryStore] = {}
         self.searches: dict[int, KeySearch] = {}
         self.search_factory = search_factory
@@ -292,6 +299,8 @@ class LongLlamaCache(Cache):
                                            offload_dir=folder)  # fmt: skip
             if cfg.mem_top_k is not None:
                 self.searches[i] = self.search_factory(cfg, i)
+            elif cfg.mem_blocks is not None:  # block retrieval's index: block bounds, not a top-k search
+                self.searches[i] = BlockIndex(cfg.mem_block_size, cfg.mem_blocks, cfg.mem_block_queries)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:

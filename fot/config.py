@@ -26,7 +26,8 @@ VALIDATED_FIELDS = frozenset({
     "hidden_size", "num_attention_heads", "head_dim", "num_key_value_heads", "num_hidden_layers", "mem_layers",
     "max_position_embeddings", "last_context_length", "gradient_checkpoint_every_ith", "mem_dtype",
     "mem_attention_grouping", "mem_index", "mem_top_k", "mem_max_tokens", "mem_nprobe", "cache_policy", "attn_impl",
-    "rope_parameters", "mem_offload", "mem_offload_dir", "window_overlap",
+    "rope_parameters", "mem_offload", "mem_offload_dir", "window_overlap", "mem_blocks", "mem_block_size",
+    "mem_block_queries",
 })  # fmt: skip
 
 
@@ -100,6 +101,13 @@ class LongLlamaConfig(PreTrainedConfig):
             window cannot be retrieved (docs/results.md). Costs O / W more compute per window; the window's
             queries reach those O tokens both locally and in memory. Inference only: the trainer's windows and
             the last L tokens are not affected.
+        mem_blocks: ours, block retrieval (``fot.blocks``), a second setting next to ``mem_top_k``: None (off) or
+            the number of memory blocks each chunk of queries reads. Memory is grouped into blocks of
+            ``mem_block_size`` consecutive slots, each with the elementwise min and max of its keys; each chunk of
+            ``mem_block_queries`` consecutive queries (a decoding step is a chunk of one) chooses the blocks whose
+            score bound is largest for its queries and attends to all their slots, in the one softmax with the
+            local window. Its search and its attention are dense matrix products instead of a per-query top-k and
+            gather. Inference only; excludes ``mem_top_k``.
 
     Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
     raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.
@@ -145,6 +153,9 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_offload: str = "ram"
     mem_offload_dir: str | None = None
     window_overlap: int = 0
+    mem_blocks: int | None = None
+    mem_block_size: int = 32
+    mem_block_queries: int = 64
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -274,6 +285,15 @@ class LongLlamaConfig(PreTrainedConfig):
                 "attention to all of memory, which searches nothing). Set mem_top_k (e.g. 32) to use the index, "
                 "or drop mem_index."
             )
+        for name in ("mem_blocks", "mem_block_size", "mem_block_queries"):
+            value = getattr(self, name)
+            if (value is not None or name != "mem_blocks") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value <= 0):  # fmt: skip
+                raise ValueError(f"{name}={value!r} must be a positive int" + (" or None." if name == "mem_blocks"
+                                                                                else "."))  # fmt: skip
+        if self.mem_blocks is not None and self.mem_top_k is not None:
+            raise ValueError(f"mem_blocks={self.mem_blocks} (block retrieval) and mem_top_k={self.mem_top_k} (per-query "
+                             "top-k) are two ways to read memory; set one of them to None.")
         validate_cache_policy(self.cache_policy)
         if self.mem_offload not in MEM_OFFLOADS:
             raise ValueError(f"mem_offload={self.mem_offload!r} is unknown; use one of {', '.join(MEM_OFFLOADS)}.")

@@ -38,7 +38,7 @@ from .cache import LocalSnapshot, LongLlamaCache
 from .config import LongLlamaConfig
 from .crossbatch import CrossBatchPlan, crossbatch_attention
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
-from .types import ForwardPlan, LocalKV
+from .types import BlockChoice, ForwardPlan, LocalKV
 
 
 class LongLlamaRMSNorm(nn.Module):
@@ -119,6 +119,7 @@ class LongLlamaAttention(nn.Module):
         plan: ForwardPlan,
         crossbatch: CrossBatchPlan | None = None,
         windows: int = 1,
+        blocks: BlockChoice | None = None,
     ) -> torch.Tensor:
         """Attend a chunk's queries.
 
@@ -126,7 +127,8 @@ class LongLlamaAttention(nn.Module):
         layers) or None: dense attention to its whole view, or, in the plan's top-k mode, to each query's slots
         ``idx_BNTK``. With ``crossbatch`` (training), memory layers instead attend to the other rows' raw keys
         (position 0) and values named by it, in the same softmax. ``windows`` > 1: the chunk is that many
-        consecutive windows stacked as batch rows (window-major, ``window_group_attention``).
+        consecutive windows stacked as batch rows (window-major, ``window_group_attention``). In the plan's block
+        mode, ``blocks`` are the memory blocks each chunk of queries reads (``fot.blocks``).
 
         Returns:
             the output [B, T, D].
@@ -139,6 +141,8 @@ class LongLlamaAttention(nn.Module):
         elif self.is_memory_layer and windows > 1:
             out_BNTH = window_group_attention(q_BNTH, local_kv, k_raw_BGTH, v_BGTH, memory.view(), windows,
                                               memory.dtype)  # fmt: skip
+        elif self.is_memory_layer and plan.memory_mode == "block":
+            out_BNTH = attend(q_BNTH, local_kv, memory.view(), blocks=blocks, scratch=memory.scratch)
         else:
             mem_kv = memory.view() if self.is_memory_layer else None
             scratch = None if memory is None else memory.scratch
@@ -175,12 +179,14 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         # What attention reads is gathered here, outside it: the chunk joins the local window (the cache's window
         # stages it in its free slots, a training snapshot concatenates it) and top-k memory is searched.
         local_kv = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
-        idx_BNTK = None
+        idx_BNTK = blocks = None
         if memory is not None and plan.memory_mode == "top-k" and memory.view() is not None:
             idx_BNTK = memory.retrieve(q_BNTH)
+        if memory is not None and plan.memory_mode == "block" and memory.view() is not None:
+            blocks = memory.choose_blocks(q_BNTH)
         attn_BTD = self.self_attn(
             q_BNTH, local_kv=local_kv, k_raw_BGTH=k_raw_BGTH, v_BGTH=v_BGTH, memory=memory, idx_BNTK=idx_BNTK,
-            valid_BT=valid_BT, plan=plan, crossbatch=crossbatch, windows=windows,
+            valid_BT=valid_BT, plan=plan, crossbatch=crossbatch, windows=windows, blocks=blocks,
         )  # fmt: skip
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))

@@ -121,7 +121,13 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
     if crossbatch:
         mode = "crossbatch"
     else:
-        mode = "top-k" if cache.top_k is not None else "dense"
+        mode = "top-k" if cache.top_k is not None else "block" if cache.blocks is not None else "dense"
+    if mode == "block" and training:
+        raise ValueError("mem_blocks (block retrieval) is for inference: run this forward under torch.no_grad(), or "
+                         "train with mem_blocks=None.")
+    if mode == "block" and impl == "triton":
+        raise ValueError("mem_blocks (block retrieval) has no Triton kernel; set attn_impl='torch' (it runs on CUDA "
+                         "too) or mem_blocks=None.")
     if training and mode == "top-k":
         for search in cache.searches.values():
             if not search.trainable:

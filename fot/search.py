@@ -658,7 +658,28 @@ class _Lists:
     M: int  # slots per head when built
 
 
-class IVFGemmSearch(KeySearch):
+class TensorIndex(KeySearch):
+    """A backend whose state is batch-major tensors, named in ``TENSORS`` (attributes, None until built): copied by
+    cloning them, reordered with the batch by indexing their first dimension."""
+
+    TENSORS: tuple[str, ...] = ()
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.TENSORS if getattr(self, n) is not None}
+
+    def copy(self) -> "TensorIndex":
+        new = copy.copy(self)
+        for name, t in self._tensors().items():
+            setattr(new, name, t.clone())
+        return new
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Row b of the new batch takes the index of old row index[b]."""
+        for name, t in self._tensors().items():
+            setattr(self, name, t.index_select(0, index.to(t.device)))
+
+
+class IVFGemmSearch(TensorIndex):
     """IVF whose probed lists are scored with dense GEMMs in torch (module docstring, "ivf-gemm").
 
     Per (batch row, KV head): ``nlist`` centroids from k-means on the lifted keys (the MIPS -> L2 reduction of
@@ -699,20 +720,10 @@ class IVFGemmSearch(KeySearch):
     def nlist(self) -> int:
         return 0 if self.centroids_BGCD is None else self.centroids_BGCD.shape[2]
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        names = ("centroids_BGCD", "radius_BG", "near_BGM", "dist_BGM", "outlier_BGM")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-
-    def copy(self) -> "IVFGemmSearch":
-        new = copy.copy(self)
-        for name, t in self._tensors().items():
-            setattr(new, name, t.clone())
-        return new
+    TENSORS = ("centroids_BGCD", "radius_BG", "near_BGM", "dist_BGM", "outlier_BGM")
 
     def select_batch(self, index: torch.Tensor) -> None:
-        """Row b of the new batch takes the index of old row index[b]."""
-        for name, t in self._tensors().items():
-            setattr(self, name, t.index_select(0, index.to(t.device)))
+        super().select_batch(index)
         self._lists = None
 
     def nbytes(self) -> int:

@@ -12,7 +12,7 @@ import torch
 from .quant import dequantize
 
 IMPLEMENTATIONS = ("reference", "torch", "triton")
-MEMORY_MODES = ("dense", "top-k", "crossbatch")
+MEMORY_MODES = ("dense", "top-k", "block", "crossbatch")
 
 
 @dataclass
@@ -97,13 +97,24 @@ class QuantizedMemoryKV(MemoryKV):
 
 
 @dataclass(frozen=True)
+class BlockChoice:
+    """The memory blocks each chunk of queries reads (``fot.blocks``): ``ids_BGCn`` [B, G, C, n] (-1 = none) for
+    chunks of ``chunk`` consecutive queries, blocks of ``block_size`` consecutive slots."""
+
+    ids_BGCn: torch.Tensor
+    block_size: int
+    chunk: int
+
+
+@dataclass(frozen=True)
 class ForwardPlan:
     """Every decision of one forward, made once at its start (``fot.plan.resolve_plan``).
 
     Attributes:
         impl: the attention implementation, "reference", "torch" or "triton" (never "auto").
         memory_mode: what memory layers attend to besides their local window: "dense" (all of memory),
-            "top-k" (each query's retrieved slots) or "crossbatch" (other batch rows, training).
+            "top-k" (each query's retrieved slots), "block" (the blocks each chunk of queries chose,
+            ``fot.blocks``) or "crossbatch" (other batch rows, training).
         training: autograd records this forward and something requires a gradient. Then local windows are
             extended by concatenation (a checkpointed layer recomputes exactly), buffers are copied before
             they are written, and attention uses its differentiable implementation.
@@ -131,7 +142,9 @@ class ForwardPlan:
 
     @property
     def attention_kind(self) -> str:
-        """The attention registry's column: "dense", "top-k", "dense-training" or "top-k-training"
-        (crossbatch attends densely to the other rows)."""
+        """The attention registry's column: "dense", "top-k", "block" (inference only), "dense-training" or
+        "top-k-training" (crossbatch attends densely to the other rows)."""
+        if self.memory_mode == "block":
+            return "block"
         kind = "top-k" if self.memory_mode == "top-k" else "dense"
         return f"{kind}-training" if self.training else kind

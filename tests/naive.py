@@ -48,6 +48,10 @@ class Spec:
         self.mem_dtype = getattr(torch, get("mem_dtype"))
         self.tied = get("tie_word_embeddings")
         self.overlap = overrides.get("window_overlap", getattr(config, "window_overlap", 0))
+        # block retrieval: (blocks read per chunk, slots per block, queries per chunk), or None
+        n_blocks = overrides.get("mem_blocks", getattr(config, "mem_blocks", None))
+        self.blocks = None if n_blocks is None else (
+            n_blocks, get("mem_block_size"), get("mem_block_queries"))  # fmt: skip
 
 
 def weights_f64(model, requires_grad: bool = False) -> dict[str, torch.Tensor]:
@@ -139,6 +143,12 @@ class NaiveLongLlama:
                 if is_mem and st.mk.shape[2]:
                     mscores = (q[b, n] @ st.mk[b, g].T) / math.sqrt(H)
                     mscores = torch.where(st.mvalid[b][None, :], mscores, torch.full_like(mscores, MASKED))
+                    if s.blocks is not None:  # only the slots of the blocks each query's chunk chose
+                        n_blocks, size, chunk = s.blocks
+                        chosen = naive_block_choice(q[b, g * R:(g + 1) * R], st.mk[b, g], st.mvalid[b], size,
+                                                    n_blocks, chunk)  # fmt: skip
+                        mscores = torch.where(naive_block_mask(chosen, T, st.mk.shape[2], size, chunk), mscores,
+                                              torch.full_like(mscores, -math.inf))  # fmt: skip
                     scores = torch.cat([scores, mscores], dim=1)
                     vals = torch.cat([vals, st.mv[b, g]], dim=0)
                 prob = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
@@ -257,3 +267,32 @@ def naive_attention(q_BNTH, k_BGSH, v_BGSH, valid_BS=None, mk_BGMH=None, mv_BGMH
                     vals = torch.cat([vals, mv_BGMH[b, g].to(F64)])
                 out[b, n, t] = torch.softmax(sc, dim=0) @ vals
     return out
+
+
+# ----------------------------------------------------------------------------- block retrieval (mem_blocks)
+def naive_block_choice(q_RTH, mk_MH, mvalid_M, block_size, n_blocks, chunk) -> list[set[int]]:
+    """The blocks each chunk of queries chooses, for one KV head: block j holds slots [j*S, (j+1)*S); its bound
+    for query q is sum_d max(q_d * min_d, q_d * max_d) over the block's valid keys; a chunk's score is the
+    largest bound over its queries and the R query heads; the n best blocks with a valid key are chosen."""
+    q, mk = q_RTH.to(F64), mk_MH.to(F64)
+    R, T, H = q.shape
+    M = mk.shape[0]
+    n_all = -(-M // block_size)
+    choices = []
+    for c0 in range(0, T, chunk):
+        scores = {}
+        for j in range(n_all):
+            keys = [mk[m] for m in range(j * block_size, min((j + 1) * block_size, M)) if mvalid_M[m]]
+            if not keys:
+                continue
+            lo, hi = torch.stack(keys).min(0).values, torch.stack(keys).max(0).values
+            scores[j] = max(float(torch.maximum(q[r, t] * lo, q[r, t] * hi).sum())
+                            for r in range(R) for t in range(c0, min(c0 + chunk, T)))  # fmt: skip
+        best = sorted(scores, key=lambda j: -scores[j])[:n_blocks]
+        choices.append(set(best))
+    return choices
+
+
+def naive_block_mask(choices: list[set[int]], T, M, block_size, chunk) -> torch.Tensor:
+    """[T, M] bool: query t may read memory slot m iff m's block is among its chunk's choices."""
+    return torch.tensor([[m // block_size in choices[t // chunk] for m in range(M)] for t in range(T)])
