@@ -41,7 +41,7 @@ def llama_config(fot_config, window: int) -> LlamaConfig:
     """The ``LlamaConfig`` of a ``LongLlamaConfig``'s architecture, with ``max_position_embeddings=window``.
 
     The memory description (``mem_layers`` [], ``mem_top_k`` and ``mem_blocks`` None, ``mem_index`` "none",
-    ``window_overlap`` 0, ``last_context_length`` W, ``cache_policy`` "none") is set on it too, as plain attributes, so that the CLIs' setting descriptions
+    ``window_overlap`` and ``mem_score_bias`` 0, ``last_context_length`` W, ``cache_policy`` "none") is set on it too, as plain attributes, so that the CLIs' setting descriptions
     (``eval.passkey.describe_setting``) record what this model does without knowing its class.
     """
     import fot
@@ -51,7 +51,7 @@ def llama_config(fot_config, window: int) -> LlamaConfig:
     fields = {k: v for k, v in fot_config.to_dict().items() if k not in only_fot and k not in _FILE_KEYS}
     config = LlamaConfig(**{**fields, "max_position_embeddings": window})
     config.mem_layers, config.mem_top_k, config.mem_index = [], None, "none"
-    config.mem_blocks, config.window_overlap = None, 0
+    config.mem_blocks, config.window_overlap, config.mem_score_bias = None, 0, 0.0
     config.last_context_length, config.cache_policy = window, "none"
     return config
 

@@ -35,6 +35,7 @@ Modifiers, after ``memory``, ``dense``, ``topk*`` or ``blocks:N`` (``no-memory``
 ``overlap=O``      ``window_overlap=O``: each memory-bound window re-reads the O tokens before it as local context
 ``block=S``        ``mem_block_size=S``, slots per memory block (``blocks:N`` only)
 ``chunk=C``        ``mem_block_queries=C``, queries that share one choice of blocks (``blocks:N`` only)
+``bias=B``         ``mem_score_bias=B``: B is subtracted from every memory score before the one softmax
 =================  ===========================================================================================
 
 For example ``topk-ivf:32+layers=all+window=1024+nprobe=32`` or ``memory+layers=15:``. A setting's name is what
@@ -90,12 +91,12 @@ def _libc():
     return None if name is None else ctypes.CDLL(name)
 
 SETTING_HELP = ("memory, dense, no-memory, topk:K, topk-flat:K, topk-ivf:K, blocks:N, full:W or hf:W, then optional "
-                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O, +block=S, +chunk=C "
+                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O, +block=S, +chunk=C, +bias=B "
                 "(e.g. topk-ivf:32+layers=all+window=1024)")
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}
 _MODIFIERS = {"layers": "mem_layers", "window": "max_position_embeddings", "lcl": "last_context_length",
               "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe", "overlap": "window_overlap",
-              "block": "mem_block_size", "chunk": "mem_block_queries"}
+              "block": "mem_block_size", "chunk": "mem_block_queries", "bias": "mem_score_bias"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -142,8 +143,9 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
     if not sep or key not in _MODIFIERS or not value:
         raise ValueError(f"setting {text!r}: {part!r} is not a modifier; use +KEY=VALUE with KEY one of "
                          f"{', '.join(_MODIFIERS)} (e.g. memory+layers=all+window=1024).")
-    allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"), "dense": ("layers", "window", "lcl", "overlap"),
-               "blocks": ("layers", "window", "lcl", "overlap", "block", "chunk")}
+    allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"),
+               "dense": ("layers", "window", "lcl", "overlap", "bias"),
+               "blocks": ("layers", "window", "lcl", "overlap", "block", "chunk", "bias")}
     if key in ("block", "chunk") and kind != "blocks":
         raise ValueError(f"setting {text!r}: {key}= sets block retrieval's {_MODIFIERS[key]}; start from blocks:N.")
     if key not in allowed.get(kind, _MODIFIERS):
@@ -160,6 +162,14 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
         except ValueError as err:
             raise ValueError(f"setting {text!r}: {err}") from None
         return field_name, value
+    if key == "bias":
+        try:
+            bias = float(value)
+        except ValueError:
+            bias = -1.0
+        if not 0 <= bias < float("inf"):
+            raise ValueError(f"setting {text!r}: bias must be a number >= 0 (the offset of memory scores), e.g. bias=2.")
+        return field_name, bias
     if key == "index":
         if value not in MEM_INDEXES:
             raise ValueError(f"setting {text!r}: index={value!r} is unknown; use one of {', '.join(MEM_INDEXES)}.")
@@ -286,6 +296,8 @@ def load_model(path: Path, setting: Setting, device: str, dtype: str):
         logger.warning("no-memory: the checkpoint has mem_positionals=false; its former memory layers now use RoPE")
     reads = (f"mem_blocks {cfg.mem_blocks} of {cfg.mem_block_size} slots per {cfg.mem_block_queries} queries"
              if cfg.mem_blocks is not None else f"mem_top_k {cfg.mem_top_k}, mem_index {cfg.mem_index}")
+    if cfg.mem_score_bias:
+        reads += f", mem_score_bias {cfg.mem_score_bias:g}"
     logger.info("%s: window %d, last_context_length %d, window_overlap %d, mem_layers %s, %s", setting.name,
                 cfg.max_position_embeddings, cfg.last_context_length, cfg.window_overlap, cfg.mem_layers, reads)
     return model.to(device).eval()

@@ -105,7 +105,7 @@ def reference_memory_attention(
             scores = scores.masked_fill(~visible_B1TS[:, :, ts], masked_score(dtype))
             values = v_BNSH[:, hs]
             if memory is not None:
-                mem_scores = torch.matmul(q, k_mem_BNMH[:, hs].transpose(2, 3)) / math.sqrt(H)
+                mem_scores = torch.matmul(q, k_mem_BNMH[:, hs].transpose(2, 3)) / math.sqrt(H) - memory.score_bias
                 if memory.valid_BM is not None:
                     mem_scores = mem_scores.masked_fill(~memory.valid_BM[:, None, None, :], masked_score(dtype))
                 scores = torch.cat([scores, mem_scores], dim=-1)
@@ -316,7 +316,8 @@ def fused_memory_attention(
             hs = slice(h0, min(h0 + step_h, N))
             gs = slice(h0 // R, hs.stop // R)
             sub_local = LocalKV(local.k_BGSH[:, gs], local.v_BGSH[:, gs], local.valid_BS)
-            sub_mem = None if memory is None else MemoryKV(memory.k_BGMH[:, gs], memory.v_BGMH[:, gs], memory.valid_BM)
+            sub_mem = None if memory is None else MemoryKV(memory.k_BGMH[:, gs], memory.v_BGMH[:, gs], memory.valid_BM,
+                                                           memory.score_bias)  # fmt: skip
             for t0 in range(0, T, step_q):
                 ts = slice(t0, min(t0 + step_q, T))
                 S = local.k_BGSH.shape[-2]
@@ -336,13 +337,16 @@ def fused_memory_attention(
     R = N // G
     q_BGXH = q_BNTH.reshape(B, G, R * T, H)  # heads of one KV group are adjacent
     mem_out, mem_lse = _memory_part(q_BGXH, memory, block)
-    merged, _ = merge_lse(out_BNTH, lse_BNT, mem_out.reshape(B, N, T, H), mem_lse.reshape(B, N, T))
+    # an offset of every memory score is an offset of the memory part's log-sum-exp
+    mem_lse = mem_lse.reshape(B, N, T) - memory.score_bias
+    merged, _ = merge_lse(out_BNTH, lse_BNT, mem_out.reshape(B, N, T, H), mem_lse)
     return merged.to(q_BNTH.dtype)
 
 
 def window_group_attention(
     q_BNTH: torch.Tensor, local: LocalKV, k_raw_BGTH: torch.Tensor, v_BGTH: torch.Tensor,
     memory: MemoryKV | None, windows: int, memory_dtype: torch.dtype, block: int = MEMORY_BLOCK,
+    score_bias: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """Dense memory attention of P = ``windows`` consecutive windows in one pass, equal to running them one
     after another.
@@ -352,7 +356,8 @@ def window_group_attention(
     of its batch row, which running them in order would have put in memory by then (so they are rounded to
     ``memory_dtype`` as storing would). All P windows' queries meet the memory in one fused call per KV
     head: P times more queries per call, where PyTorch's CPU flash kernel picks larger, faster blocks. The
-    three parts are merged by their log-sum-exps.
+    three parts are merged by their log-sum-exps; ``score_bias`` (``mem_score_bias``) lowers the scores of
+    memory and of the earlier windows, which are memory to window p.
     """
     PB, N, T, H = q_BNTH.shape
     P, G = windows, k_raw_BGTH.shape[1]
@@ -363,7 +368,7 @@ def window_group_attention(
         q_BGXH = q_BNTH.reshape(P, B, N, T, H).permute(1, 2, 0, 3, 4).reshape(B, G, R * P * T, H)
         m_out, m_lse = _memory_part(q_BGXH, memory, block)
         m_out = m_out.reshape(B, N, P, T, H).permute(2, 0, 1, 3, 4)
-        m_lse = m_lse.reshape(B, N, P, T).permute(2, 0, 1, 3)
+        m_lse = m_lse.reshape(B, N, P, T).permute(2, 0, 1, 3) - score_bias
         out, lse = merge_lse(out, lse, m_out, m_lse)
     stored = [round_trip(t, memory_dtype).reshape(P, B, G, T, H) for t in (k_raw_BGTH, v_BGTH)]
     k_PBGTH, v_PBGTH = stored
@@ -373,7 +378,7 @@ def window_group_attention(
         k = k_PBGTH[:p].permute(1, 2, 0, 3, 4).reshape(B, G, p * T, H)
         v = v_PBGTH[:p].permute(1, 2, 0, 3, 4).reshape(B, G, p * T, H)
         g_out, g_lse = attention_with_lse(q_BNTH.reshape(P, B, N, T, H)[p].reshape(B, G, R * T, H), k, v)
-        o, _ = merge_lse(out[p], lse[p], g_out.reshape(B, N, T, H), g_lse.reshape(B, N, T))
+        o, _ = merge_lse(out[p], lse[p], g_out.reshape(B, N, T, H), g_lse.reshape(B, N, T) - score_bias)
         windows_out.append(o.to(dtype))
     return torch.stack(windows_out).reshape(PB, N, T, H)
 
@@ -438,7 +443,7 @@ def reference_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, id
     s_loc = torch.matmul(q_BNTH, k_loc.transpose(2, 3)) / math.sqrt(H)
     s_loc = s_loc.masked_fill(~local_visibility(T, local), masked_score(dtype))
     k_sel, v_sel = gather_memory(memory, idx_BNTK, dtype)
-    s_sel = torch.einsum("bnth,bntkh->bntk", q_BNTH, k_sel) / math.sqrt(H)
+    s_sel = torch.einsum("bnth,bntkh->bntk", q_BNTH, k_sel) / math.sqrt(H) - memory.score_bias
     s_sel = s_sel.masked_fill(~_retrieved_ok(memory, idx_BNTK), float("-inf"))
     probs = torch.softmax(torch.cat([s_loc, s_sel], dim=-1), dim=-1, dtype=softmax_dtype(dtype)).to(dtype)
     S = s_loc.shape[-1]
@@ -483,7 +488,7 @@ def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc, scratch=No
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None].clamp(min=-1e30)).to(q_BNTH.dtype)
     o_sel = torch.matmul(p.unsqueeze(-2), v_sel).squeeze(-2)
-    merged, _ = merge_lse(out_loc, lse_loc, o_sel, lse)
+    merged, _ = merge_lse(out_loc, lse_loc, o_sel, lse - memory.score_bias)
     return merged.to(q_BNTH.dtype)
 
 
@@ -511,7 +516,7 @@ def reference_block_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, b
     s_loc = s_loc.masked_fill(~local_visibility(T, local), masked_score(dtype))
     k_mem = memory.k_BGMH.repeat_interleave(R, dim=1).to(dtype)
     v_mem = memory.v_BGMH.repeat_interleave(R, dim=1).to(dtype)
-    s_mem = torch.matmul(q_BNTH, k_mem.transpose(2, 3)) / math.sqrt(H)
+    s_mem = torch.matmul(q_BNTH, k_mem.transpose(2, 3)) / math.sqrt(H) - memory.score_bias
     s_mem = s_mem.masked_fill(~chosen_BNTM, float("-inf"))
     probs = torch.softmax(torch.cat([s_loc, s_mem], dim=-1), dim=-1, dtype=softmax_dtype(dtype)).to(dtype)
     S = s_loc.shape[-1]
@@ -538,7 +543,7 @@ def fused_block_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, block
     p = torch.exp(s - lse[..., None].clamp(min=-1e30)).to(dtype)
     o = torch.matmul(p, v_sel)  # [B, G, C, Y, H]
     o_mem = unchunk_queries(o, R, T)
-    lse_mem = unchunk_queries(lse[..., None], R, T)[..., 0]
+    lse_mem = unchunk_queries(lse[..., None], R, T)[..., 0] - memory.score_bias
     merged, _ = merge_lse(out_loc, lse_loc, o_mem, lse_mem)
     return merged.to(dtype)
 

@@ -220,11 +220,14 @@ class MemoryReader:
     """
 
     def __init__(self, store: MemoryStore, search: KeySearch | None, top_k: int | None,
-                 scratch: GatherScratch | None = None):  # fmt: skip
+                 scratch: GatherScratch | None = None, score_bias: float = 0.0):  # fmt: skip
         self.search, self.top_k = search, top_k
         self.scratch = scratch  # the cache's buffers for top-k gathers (``GatherScratch``)
         self.dtype = store.dtype
+        self.score_bias = score_bias  # ``mem_score_bias``, carried by the view to every attention path
         self._view = store.view()
+        if self._view is not None:
+            self._view.score_bias = score_bias
         self.num_kv_heads = None if store.k_BGMH is None else store.k_BGMH.shape[1]
 
     def view(self) -> MemoryKV | None:
@@ -416,7 +419,8 @@ class LongLlamaCache(Cache):
     def memory_reader(self, layer_idx: int) -> MemoryReader | None:
         if layer_idx not in self.memories:
             return None
-        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k, self.scratch)
+        return MemoryReader(self.memories[layer_idx], self.searches.get(layer_idx), self.top_k, self.scratch,
+                            self.config.mem_score_bias)  # fmt: skip
 
     def clear_memory(self, rows=None) -> None:
         """Forget what batch ``rows`` (all when None) have in memory; the local windows are kept."""

@@ -27,7 +27,7 @@ VALIDATED_FIELDS = frozenset({
     "max_position_embeddings", "last_context_length", "gradient_checkpoint_every_ith", "mem_dtype",
     "mem_attention_grouping", "mem_index", "mem_top_k", "mem_max_tokens", "mem_nprobe", "cache_policy", "attn_impl",
     "rope_parameters", "mem_offload", "mem_offload_dir", "window_overlap", "mem_blocks", "mem_block_size",
-    "mem_block_queries",
+    "mem_block_queries", "mem_score_bias",
 })  # fmt: skip
 
 
@@ -108,6 +108,11 @@ class LongLlamaConfig(PreTrainedConfig):
             score bound is largest for its queries and attends to all their slots, in the one softmax with the
             local window. Its search and its attention are dense matrix products instead of a per-query top-k and
             gather. Inference only; excludes ``mem_top_k``.
+        mem_score_bias: ours, b >= 0 (0: the reference). Subtracted from every memory score (after the
+            1/sqrt(H) scaling) before the one softmax with the local window, so memory takes attention from the
+            local context only where it matches clearly. With memory in every layer of a pretrained model, top-k
+            memory's best keys score higher the longer memory grows and draw attention that language modelling
+            needs locally (docs/results.md, perplexity by position). Inference only.
 
     Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
     raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.
@@ -156,6 +161,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_blocks: int | None = None
     mem_block_size: int = 32
     mem_block_queries: int = 64
+    mem_score_bias: float = 0.0
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -291,6 +297,9 @@ class LongLlamaConfig(PreTrainedConfig):
                     isinstance(value, bool) or not isinstance(value, int) or value <= 0):  # fmt: skip
                 raise ValueError(f"{name}={value!r} must be a positive int" + (" or None." if name == "mem_blocks"
                                                                                 else "."))  # fmt: skip
+        b = self.mem_score_bias
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < float("inf"):
+            raise ValueError(f"mem_score_bias={b!r} must be a finite number >= 0 (0: no offset), e.g. 2.0.")
         if self.mem_blocks is not None and self.mem_top_k is not None:
             raise ValueError(f"mem_blocks={self.mem_blocks} (block retrieval) and mem_top_k={self.mem_top_k} (per-query "
                              "top-k) are two ways to read memory; set one of them to None.")

@@ -140,7 +140,7 @@ class LongLlamaAttention(nn.Module):
                                             plan.grouping)  # fmt: skip
         elif self.is_memory_layer and windows > 1:
             out_BNTH = window_group_attention(q_BNTH, local_kv, k_raw_BGTH, v_BGTH, memory.view(), windows,
-                                              memory.dtype)  # fmt: skip
+                                              memory.dtype, score_bias=memory.score_bias)  # fmt: skip
         elif self.is_memory_layer and plan.memory_mode == "block":
             out_BNTH = attend(q_BNTH, local_kv, memory.view(), blocks=blocks, scratch=memory.scratch)
         else:

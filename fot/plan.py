@@ -122,6 +122,12 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
         mode = "crossbatch"
     else:
         mode = "top-k" if cache.top_k is not None else "block" if cache.blocks is not None else "dense"
+    if config.mem_score_bias and (training or crossbatch):
+        raise ValueError(f"mem_score_bias={config.mem_score_bias} is for inference: run this forward under "
+                         "torch.no_grad(), or train with mem_score_bias=0.")
+    if config.mem_score_bias and impl == "triton":
+        raise ValueError(f"mem_score_bias={config.mem_score_bias} has no Triton kernel; set attn_impl='torch' or "
+                         "mem_score_bias=0.")
     if mode == "block" and training:
         raise ValueError("mem_blocks (block retrieval) is for inference: run this forward under torch.no_grad(), or "
                          "train with mem_blocks=None.")

@@ -31,11 +31,13 @@ class LocalKV:
 
 @dataclass
 class MemoryKV:
-    """Memory keys (pre-RoPE), values and validity. ``valid_BM`` None means every slot is valid."""
+    """Memory keys (pre-RoPE), values and validity. ``valid_BM`` None means every slot is valid. ``score_bias`` is
+    subtracted from every memory score before the one softmax (``LongLlamaConfig.mem_score_bias``; 0: none)."""
 
     k_BGMH: torch.Tensor
     v_BGMH: torch.Tensor
     valid_BM: torch.Tensor | None
+    score_bias: float = 0.0
 
     @property
     def size(self) -> int:

@@ -48,6 +48,7 @@ class Spec:
         self.mem_dtype = getattr(torch, get("mem_dtype"))
         self.tied = get("tie_word_embeddings")
         self.overlap = overrides.get("window_overlap", getattr(config, "window_overlap", 0))
+        self.mem_score_bias = overrides.get("mem_score_bias", getattr(config, "mem_score_bias", 0.0))
         # block retrieval: (blocks read per chunk, slots per block, queries per chunk), or None
         n_blocks = overrides.get("mem_blocks", getattr(config, "mem_blocks", None))
         self.blocks = None if n_blocks is None else (
@@ -141,7 +142,7 @@ class NaiveLongLlama:
                 scores = torch.where(visible_TS, scores, torch.full_like(scores, MASKED))
                 vals = values[b, g]
                 if is_mem and st.mk.shape[2]:
-                    mscores = (q[b, n] @ st.mk[b, g].T) / math.sqrt(H)
+                    mscores = (q[b, n] @ st.mk[b, g].T) / math.sqrt(H) - s.mem_score_bias
                     mscores = torch.where(st.mvalid[b][None, :], mscores, torch.full_like(mscores, MASKED))
                     if s.blocks is not None:  # only the slots of the blocks each query's chunk chose
                         n_blocks, size, chunk = s.blocks

@@ -1,0 +1,58 @@
+"""``mem_score_bias``: an offset subtracted from every memory score, on every inference path, against the float64
+spec of tests/naive.py."""
+
+import pytest
+import torch
+
+from tests.naive import naive_logits
+from tests.tiny import TOL64, max_err, tiny_model, tokens
+
+BIAS = 1.5
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+@pytest.mark.parametrize("extra", [
+    {},  # dense memory (on the torch path, windows of 64 run in groups: window_group_attention)
+    {"window_overlap": 16},  # dense, one window at a time
+    {"mem_top_k": 512, "mem_index": "exact"},  # top-k covering all of memory
+    {"mem_top_k": 4, "mem_index": "exact"},  # top-k reading a few slots
+    {"mem_blocks": 64, "mem_block_size": 8},  # block retrieval reading every block
+    {"mem_attention_grouping": (2, 16)},  # dense in (heads, queries) blocks
+], ids=["dense", "overlap", "topk-all", "topk-4", "blocks-all", "grouping"])
+def test_memory_score_bias_equals_spec(impl, extra):
+    model = tiny_model(attn_impl=impl, mem_score_bias=BIAS, **extra)
+    ids = tokens(1, 300, seed=31)
+    with torch.no_grad():
+        logits = model(ids).logits
+    spec_extra = {} if "mem_top_k" not in extra or extra["mem_top_k"] >= 300 else None
+    if spec_extra is None:  # top-4: the spec has no top-k; compare with the model's own reference path instead
+        with torch.no_grad():
+            want = tiny_model(attn_impl="reference", mem_score_bias=BIAS, **extra)(ids).logits
+        assert max_err(logits, want) < TOL64
+        return
+    expected = naive_logits(model, model.config, ids)
+    assert max_err(logits, expected) < TOL64
+    # the offset changes the result, so the comparison above can fail
+    assert max_err(naive_logits(model, model.config, ids, mem_score_bias=0.0), expected) > 1e-3
+
+
+def test_memory_score_bias_in_decoding_equals_spec():
+    from tests.naive import NaiveLongLlama, Spec, weights_f64
+
+    model = tiny_model(attn_impl="torch", mem_score_bias=BIAS, mem_top_k=512, mem_index="exact")
+    ids, steps = tokens(1, 200, seed=32), tokens(1, 10, seed=33)
+    naive = NaiveLongLlama(weights_f64(model), Spec(model.config), policy="slide")
+    naive.prefill(ids)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        for t in range(steps.shape[1]):
+            got = model(steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            assert max_err(got, naive.step(steps[:, t:t + 1])) < TOL64
+
+
+def test_memory_score_bias_is_checked_and_for_inference():
+    with pytest.raises(ValueError, match="mem_score_bias=-1.0 must be a finite number >= 0"):
+        tiny_model(mem_score_bias=-1.0)
+    model = tiny_model(attn_impl="torch", mem_score_bias=BIAS).train()
+    with pytest.raises(ValueError, match="mem_score_bias=1.5 is for inference"):
+        model(tokens(1, 100, seed=34))
