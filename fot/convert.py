@@ -195,7 +195,8 @@ def _config_fields(args) -> dict:
     """The config fields the command line sets (a flag left out leaves the field as it is, or at its default)."""
     names = {"mem_layers": "mem_layers", "window": "max_position_embeddings",
              "last_context_length": "last_context_length", "mem_top_k": "mem_top_k", "mem_index": "mem_index",
-             "mem_nprobe": "mem_nprobe", "mem_dtype": "mem_dtype", "window_overlap": "window_overlap"}
+             "mem_nprobe": "mem_nprobe", "mem_dtype": "mem_dtype", "window_overlap": "window_overlap",
+             "mem_score_bias": "mem_score_bias"}
     fields = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
     if fields.get("mem_top_k") == "none":
         fields["mem_top_k"] = None
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="storage dtype of memory keys and values (with --gguf, default float32)")
     parser.add_argument("--window-overlap", type=int, metavar="O",
                         help="tokens before each memory-bound window that it re-reads as local context (default 0)")
+    parser.add_argument("--mem-score-bias", type=float, metavar="B",
+                        help="subtracted from every memory score before the one softmax (default 0)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the saved weights (--gguf only)")
     parser.add_argument("--out", required=True, help="output directory (may equal --from)")

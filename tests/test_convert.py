@@ -25,18 +25,19 @@ def saved(path):
 def test_from_rewrites_the_memory_settings_into_a_copy_that_loads_as_the_overrides_would(checkpoint, tmp_path, capsys):
     out = tmp_path / "every-layer"
     main(["--from", str(checkpoint), "--mem-layers", "all", "--mem-top-k", "4", "--mem-nprobe", "8", "--window", "32",
-          "--last-context-length", "16", "--window-overlap", "8", "--out", str(out)])
+          "--last-context-length", "16", "--window-overlap", "8", "--mem-score-bias", "1.5", "--out", str(out)])
     assert "memory layers" in capsys.readouterr().out
     cfg = saved(out)
     assert (cfg["mem_layers"], cfg["mem_top_k"], cfg["mem_nprobe"]) == ([0, 1, 2], 4, 8)
     assert (cfg["max_position_embeddings"], cfg["last_context_length"], cfg["window_overlap"]) == (32, 16, 8)
+    assert cfg["mem_score_bias"] == 1.5
     assert saved(checkpoint)["mem_layers"] == [1]  # the source is untouched
     assert (out / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
     assert not list(out.glob(".*.tmp"))
     # Reference: the source loaded with the same settings as from_pretrained overrides.
     expected = fot.LongLlamaForCausalLM.from_pretrained(checkpoint, mem_layers=[0, 1, 2], mem_top_k=4, mem_nprobe=8,
                                                         max_position_embeddings=32, last_context_length=16,
-                                                        window_overlap=8).eval()
+                                                        window_overlap=8, mem_score_bias=1.5).eval()
     ids = torch.randint(3, 128, (1, 150), generator=torch.Generator().manual_seed(0))  # several windows of memory
     with torch.no_grad():
         assert torch.equal(fot.LongLlamaForCausalLM.from_pretrained(out).eval()(ids).logits, expected(ids).logits)
