@@ -217,17 +217,18 @@ class _SplitSoftmaxAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_BNTH, k_BNTH, v_BNTH, k_mem_BGMH, v_mem_BGMH):
+    def forward(ctx, q_BNTH, k_BNTH, v_BNTH, k_mem_BGMH, v_mem_BGMH, score_bias: float = 0.0):
         B, N, T, H = q_BNTH.shape
         G = k_mem_BGMH.shape[1]
         scale = 1.0 / math.sqrt(H)
         out_l, lse_l = cpu_flash_attention(q_BNTH, k_BNTH, v_BNTH, is_causal=True, scale=scale)
         q_BGXH = q_BNTH.reshape(B, G, (N // G) * T, H)
         out_m, lse_m = cpu_flash_attention(q_BGXH, k_mem_BGMH, v_mem_BGMH, is_causal=False, scale=scale)
-        merged, lse = merge_lse(out_l, lse_l, out_m.reshape(B, N, T, H), lse_m.reshape(B, N, T))
+        # a memory score offset b lowers every memory score, so the memory part's log-sum-exp by exactly b
+        merged, lse = merge_lse(out_l, lse_l, out_m.reshape(B, N, T, H), lse_m.reshape(B, N, T) - score_bias)
         out = merged.to(q_BNTH.dtype)
         ctx.save_for_backward(q_BNTH, k_BNTH, v_BNTH, k_mem_BGMH, v_mem_BGMH, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.score_bias = scale, score_bias
         return out
 
     @staticmethod
@@ -238,11 +239,12 @@ class _SplitSoftmaxAttention(torch.autograd.Function):
         X = (N // G) * T
         grad_BNTH = grad_BNTH.contiguous()
         dq_l, dk, dv = cpu_flash_attention_backward(grad_BNTH, q, k, v, out, lse, is_causal=True, scale=ctx.scale)
+        # the kernel forms P = exp(scale * S - lse); with the offset the memory part's P is exp(scale * S - b - lse)
         dq_m, dk_mem, dv_mem = cpu_flash_attention_backward(
             grad_BNTH.reshape(B, G, X, H), q.reshape(B, G, X, H), k_mem, v_mem,
-            out.reshape(B, G, X, H), lse.reshape(B, G, X), is_causal=False, scale=ctx.scale,
+            out.reshape(B, G, X, H), (lse + ctx.score_bias).reshape(B, G, X), is_causal=False, scale=ctx.scale,
         )  # fmt: skip
-        return dq_l + dq_m.reshape(B, N, T, H), dk, dv, dk_mem, dv_mem
+        return dq_l + dq_m.reshape(B, N, T, H), dk, dv, dk_mem, dv_mem, None
 
 
 def _split_softmax_applies(q_BNTH: torch.Tensor, local: LocalKV, memory: MemoryKV | None) -> bool:
@@ -272,7 +274,7 @@ def differentiable_memory_attention(q_BNTH: torch.Tensor, local: LocalKV, memory
         N, G = q_BNTH.shape[1], local.k_BGSH.shape[1]
         k_BNTH = local.k_BGSH if G == N else local.k_BGSH.repeat_interleave(N // G, dim=1)
         v_BNTH = local.v_BGSH if G == N else local.v_BGSH.repeat_interleave(N // G, dim=1)
-        return _SplitSoftmaxAttention.apply(q_BNTH, k_BNTH, v_BNTH, memory.k_BGMH, memory.v_BGMH)
+        return _SplitSoftmaxAttention.apply(q_BNTH, k_BNTH, v_BNTH, memory.k_BGMH, memory.v_BGMH, memory.score_bias)
     T = q_BNTH.shape[-2]
     dtype = q_BNTH.dtype
     bias = _additive(local_visibility(T, local), dtype)  # [B or 1, 1, T, S]
@@ -282,10 +284,10 @@ def differentiable_memory_attention(q_BNTH: torch.Tensor, local: LocalKV, memory
         v = torch.cat([v.expand(memory.v_BGMH.shape[0], -1, -1, -1), memory.v_BGMH.to(dtype)], dim=2)
         B, M = k.shape[0], memory.size
         if memory.valid_BM is not None:
-            mem_bias = _additive(memory.valid_BM[:, None, None, :].expand(B, 1, T, M), dtype)
+            mem_bias = _additive(memory.valid_BM[:, None, None, :].expand(B, 1, T, M), dtype) - memory.score_bias
             bias = torch.cat([bias.expand(B, 1, T, -1), mem_bias], dim=-1)
         else:  # keep a batch-broadcast mask when nothing is padded: no [B, 1, T, S+M] tensor to build and read
-            mem_bias = bias.new_zeros((bias.shape[0], 1, T, M))
+            mem_bias = bias.new_full((bias.shape[0], 1, T, M), -memory.score_bias)
             bias = torch.cat([bias, mem_bias], dim=-1)
     G, N = k.shape[1], q_BNTH.shape[1]
     return F.scaled_dot_product_attention(q_BNTH, k, v, attn_mask=bias, enable_gqa=G != N)

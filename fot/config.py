@@ -112,7 +112,9 @@ class LongLlamaConfig(PreTrainedConfig):
             1/sqrt(H) scaling) before the one softmax with the local window, so memory takes attention from the
             local context only where it matches clearly. With memory in every layer of a pretrained model, top-k
             memory's best keys score higher the longer memory grows and draw attention that language modelling
-            needs locally (docs/results.md, perplexity by position). Inference only.
+            needs locally (docs/results.md, perplexity by position). Training (crossbatch contexts, or a
+            memory under autograd) subtracts it too, so an adapter learns under the offset it runs with; Triton
+            has no kernel for it.
 
     Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
     raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.

@@ -131,7 +131,7 @@ def _contiguous_grads(parts):
     return parts
 
 
-def _gather_contexts(sources_BC, active_BC, k_raw_BGTH, v_BGTH, valid_BT) -> MemoryKV:
+def _gather_contexts(sources_BC, active_BC, k_raw_BGTH, v_BGTH, valid_BT, score_bias: float = 0.0) -> MemoryKV:
     B, C = sources_BC.shape
     _, G, T, H = k_raw_BGTH.shape
     flat = sources_BC.reshape(-1)
@@ -140,11 +140,11 @@ def _gather_contexts(sources_BC, active_BC, k_raw_BGTH, v_BGTH, valid_BT) -> Mem
     k_BGXH = k_raw_BGTH.transpose(1, 2)[flat].reshape(B, C * T, G, H).transpose(1, 2)
     v_BGXH = v_BGTH.transpose(1, 2)[flat].reshape(B, C * T, G, H).transpose(1, 2)
     if valid_BT is None and bool(active_BC.all()):
-        return MemoryKV(k_BGXH, v_BGXH, None)  # every key is valid: no mask to build, read or broadcast
+        return MemoryKV(k_BGXH, v_BGXH, None, score_bias)  # every key is valid: no mask to build, read or broadcast
     valid_BCT = active_BC[:, :, None].expand(B, C, T)
     if valid_BT is not None:
         valid_BCT = valid_BCT & valid_BT[flat].view(B, C, T)
-    return MemoryKV(k_BGXH, v_BGXH, valid_BCT.reshape(B, C * T))
+    return MemoryKV(k_BGXH, v_BGXH, valid_BCT.reshape(B, C * T), score_bias)
 
 
 def crossbatch_attention(
@@ -156,16 +156,18 @@ def crossbatch_attention(
     plan: CrossBatchPlan,
     attend,
     grouping=None,
+    score_bias: float = 0.0,
 ) -> torch.Tensor:
     """A memory layer's training attention: each row attends causally to itself and, in the same softmax, to
     its active contexts. Rows are grouped by their number of active contexts and each group attends only to
     those (inactive contexts cost nothing; a row with none runs plain causal attention). ``attend`` is the
-    dense attention of ``fot.attention.ATTENTION_FUNCTIONS`` the forward plan chose."""
+    dense attention of ``fot.attention.ATTENTION_FUNCTIONS`` the forward plan chose. ``score_bias``
+    (``mem_score_bias``) is subtracted from every context key's score, as inference subtracts it from memory's."""
     k_pool, v_pool, valid_pool = plan.row_pool(k_raw_BGTH, v_BGTH, valid_BT)
     n_active_B = plan.active_BC.sum(1)
     counts = torch.unique(n_active_B).tolist()
     if len(counts) == 1 and counts[0] == plan.num_contexts:  # every row uses every context
-        memory = _gather_contexts(plan.sources_BC, plan.active_BC, k_pool, v_pool, valid_pool)
+        memory = _gather_contexts(plan.sources_BC, plan.active_BC, k_pool, v_pool, valid_pool, score_bias)
         return attend(q_BNTH, local, memory, grouping=grouping)
     outputs, order = [], []
     for count in counts:
@@ -179,7 +181,7 @@ def crossbatch_attention(
             cols = torch.argsort((~plan.active_BC[rows]).to(torch.int8), dim=1, stable=True)[:, :count]
             sources = plan.sources_BC[rows].gather(1, cols)
             active = torch.ones_like(sources, dtype=torch.bool)
-            memory = _gather_contexts(sources, active, k_pool, v_pool, valid_pool)
+            memory = _gather_contexts(sources, active, k_pool, v_pool, valid_pool, score_bias)
         outputs.append(attend(q_BNTH[rows], sub_local, memory, grouping=grouping))
         order.append(rows)
     inverse = torch.argsort(torch.cat(order))

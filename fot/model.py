@@ -137,7 +137,7 @@ class LongLlamaAttention(nn.Module):
         attend = attention_function(plan.impl, plan.attention_kind)
         if self.is_memory_layer and crossbatch is not None:
             out_BNTH = crossbatch_attention(q_BNTH, local_kv, k_raw_BGTH, v_BGTH, valid_BT, crossbatch, attend,
-                                            plan.grouping)  # fmt: skip
+                                            plan.grouping, plan.score_bias)  # fmt: skip
         elif self.is_memory_layer and windows > 1:
             out_BNTH = window_group_attention(q_BNTH, local_kv, k_raw_BGTH, v_BGTH, memory.view(), windows,
                                               memory.dtype, score_bias=memory.score_bias)  # fmt: skip

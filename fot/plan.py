@@ -122,9 +122,6 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
         mode = "crossbatch"
     else:
         mode = "top-k" if cache.top_k is not None else "block" if cache.blocks is not None else "dense"
-    if config.mem_score_bias and (training or crossbatch):
-        raise ValueError(f"mem_score_bias={config.mem_score_bias} is for inference: run this forward under "
-                         "torch.no_grad(), or train with mem_score_bias=0.")
     if config.mem_score_bias and impl == "triton":
         raise ValueError(f"mem_score_bias={config.mem_score_bias} has no Triton kernel; set attn_impl='torch' or "
                          "mem_score_bias=0.")
@@ -148,5 +145,5 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
     overlap = 0 if training or crossbatch else config.window_overlap
     return ForwardPlan(
         impl=impl, memory_mode=mode, training=training, window_group=group, grouping=grouping,
-        cache_policy=policy, last_context_length=L, window_overlap=overlap,
+        cache_policy=policy, last_context_length=L, window_overlap=overlap, score_bias=config.mem_score_bias,
     )  # fmt: skip

@@ -126,6 +126,8 @@ class ForwardPlan:
         last_context_length: tokens kept as the last window (L).
         window_overlap: tokens before each memory-bound window (after the first) that it re-reads as local
             context (``config.window_overlap``; 0 in training).
+        score_bias: ``config.mem_score_bias``, for crossbatch attention (its contexts are no memory view; memory
+            views carry the offset themselves, ``MemoryKV.score_bias``).
     """
 
     impl: str
@@ -136,6 +138,7 @@ class ForwardPlan:
     cache_policy: str = "slide"
     last_context_length: int = 0
     window_overlap: int = 0
+    score_bias: float = 0.0
 
     def __post_init__(self):
         assert self.impl in IMPLEMENTATIONS, self.impl

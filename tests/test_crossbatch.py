@@ -107,7 +107,7 @@ def test_d_schedules():
 
 
 # ----------------------------------------------------------------------------- attention
-def memory_layer_forward(model, x_BTD, plan):
+def memory_layer_forward(model, x_BTD, plan, score_bias=0.0):
     """Run the first memory layer's attention module on normalized inputs, as the model's crossbatch step does."""
     idx = model.config.mem_layers[0]
     layer = model.model.layers[idx]
@@ -119,16 +119,17 @@ def memory_layer_forward(model, x_BTD, plan):
     rope = rope_cos_sin(torch.arange(x_BTD.shape[1]), inv, x_BTD.dtype)
     impl = model.model.impl_resolver(model.config.attn_impl, x_BTD.device)
     training = torch.is_grad_enabled()
-    forward_plan = ForwardPlan(impl=impl, memory_mode="crossbatch", training=training)
+    forward_plan = ForwardPlan(impl=impl, memory_mode="crossbatch", training=training, score_bias=score_bias)
     q, k_raw, k_rot, v = layer.self_attn.project(x_BTD, rope)
     local_kv = cache.local_for_attention(idx, training=training).extend(k_rot, v, None)
     return layer.self_attn(q, local_kv=local_kv, k_raw_BGTH=k_raw, v_BGTH=v, memory=None, idx_BNTK=None,
                            valid_BT=None, plan=forward_plan, crossbatch=plan)  # fmt: skip
 
 
-def spec_attention(attn, x_BTD, plan, dtype=torch.float64):
+def spec_attention(attn, x_BTD, plan, dtype=torch.float64, score_bias=0.0):
     """The spec, row by row (float64 unless ``dtype``): scores of the row's queries against its own rotated keys (causal) and the
-    raw (position-0) keys of its active context rows, concatenated; ONE softmax; weighted sum of the values."""
+    raw (position-0) keys of its active context rows (less ``score_bias``), concatenated; ONE softmax; weighted
+    sum of the values."""
     x = x_BTD.to(dtype)
     B, T, _ = x.shape
     N, G, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -153,6 +154,7 @@ def spec_attention(attn, x_BTD, plan, dtype=torch.float64):
             keys = torch.cat([kl] + [k[j, :, g] for j in ctx_rows])  # context keys: raw, position 0
             vals = torch.cat([vl] + [v[j, :, g] for j in ctx_rows])
             scores = qn @ keys.T / math.sqrt(H)
+            scores[:, T:] -= score_bias
             causal = torch.ones(T, T, dtype=torch.bool).tril()
             visible = torch.cat([causal, torch.ones(T, len(ctx_rows) * T, dtype=torch.bool)], 1)
             probs = torch.softmax(scores.masked_fill(~visible, -math.inf), -1)
@@ -182,19 +184,29 @@ def test_crossbatch_attention_matches_float64_spec(plan_fn):
     assert max_err(alone, spec) > 1e-2
 
 
+@pytest.mark.parametrize("score_bias", [0.0, 1.5], ids=["no-offset", "offset"])
 @pytest.mark.parametrize("plan_fn", [lambda: paper_layout(8, 2, 3), lambda: reference_layout(8, 4, 3, True)])
-def test_crossbatch_gradients_match_float64_spec(plan_fn):
+def test_crossbatch_gradients_match_float64_spec(plan_fn, score_bias):
     """The training backward (CPU: two fused flash backwards fed the merged output and LSE) gives the input
-    gradients of the explicit "concatenate and one softmax" spec."""
+    gradients of the explicit "concatenate and one softmax" spec, with and without a memory score offset."""
     plan = plan_fn()
     model = tiny_model(dtype=torch.float64, mem_layers=[1], num_key_value_heads=2)
+    attn = model.model.layers[1].self_attn
     g = torch.Generator().manual_seed(7)
     x = torch.randn(8, 17, model.config.hidden_size, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, 17, model.config.hidden_size, generator=g, dtype=torch.float64)
-    (grad_fast,) = torch.autograd.grad((memory_layer_forward(model, x, plan) * w).sum(), x)
-    (grad_spec,) = torch.autograd.grad((spec_attention(model.model.layers[1].self_attn, x, plan) * w).sum(), x)
+    out = memory_layer_forward(model, x, plan, score_bias)
+    spec = spec_attention(attn, x, plan, score_bias=score_bias)
+    assert max_err(out, spec) < TOL64
+    (grad_fast,) = torch.autograd.grad((out * w).sum(), x)
+    (grad_spec,) = torch.autograd.grad((spec * w).sum(), x)
     assert max_err(grad_fast, grad_spec) < TOL64 * 10
     assert grad_spec.abs().max() > 1e-2
+    if score_bias:  # the offset moves outputs and gradients far beyond rounding, so both checks can fail
+        plain = spec_attention(attn, x, plan)
+        assert max_err(plain, spec) > 1e-3
+        (grad_plain,) = torch.autograd.grad((plain * w).sum(), x)
+        assert max_err(grad_plain, grad_spec) > 1e-3
 
 
 def test_gradients_reach_exactly_the_context_rows():

@@ -4,8 +4,10 @@ spec of tests/naive.py."""
 import pytest
 import torch
 
+import fot
+
 from tests.naive import naive_logits
-from tests.tiny import TOL64, max_err, tiny_model, tokens
+from tests.tiny import TOL32, TOL64, max_err, tiny_model, tokens
 
 BIAS = 1.5
 
@@ -50,9 +52,34 @@ def test_memory_score_bias_in_decoding_equals_spec():
             assert max_err(got, naive.step(steps[:, t:t + 1])) < TOL64
 
 
-def test_memory_score_bias_is_checked_and_for_inference():
+def test_memory_score_bias_is_checked_and_has_no_triton_kernel():
     with pytest.raises(ValueError, match="mem_score_bias=-1.0 must be a finite number >= 0"):
         tiny_model(mem_score_bias=-1.0)
-    model = tiny_model(attn_impl="torch", mem_score_bias=BIAS).train()
-    with pytest.raises(ValueError, match="mem_score_bias=1.5 is for inference"):
-        model(tokens(1, 100, seed=34))
+    from fot.plan import resolve_plan
+
+    model = tiny_model(mem_score_bias=BIAS)
+    with pytest.raises(ValueError, match="mem_score_bias=1.5 has no Triton kernel"):
+        resolve_plan(model.config, fot.LongLlamaCache(model.config), impl="triton", training=False, crossbatch=False,
+                     padded=False, last_context_length=None, cache_policy=None)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL32), (torch.float64, TOL64)], ids=["fp32", "fp64"])
+def test_memory_score_bias_trains_like_the_reference(dtype, tol):
+    """Training under the offset: the differentiable torch path (in fp32, the split flash softmax where a window
+    starts a chunk and one concatenated SDPA elsewhere; in fp64 with fp32 memory, SDPA) gives the loss and
+    gradients of the reference path, which is the float64 spec (test above) under autograd."""
+    ids = tokens(1, 200, seed=35)
+    losses, grads = {}, {}
+    mem_dtype = "float32"
+    for impl in ("torch", "reference"):
+        model = tiny_model(dtype=dtype, attn_impl=impl, mem_score_bias=BIAS, mem_dtype=mem_dtype).train()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses[impl] = loss.item()
+        grads[impl] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert abs(losses["torch"] - losses["reference"]) < tol
+    assert max_err(grads["torch"], grads["reference"]) < tol
+    plain = tiny_model(dtype=dtype, attn_impl="reference", mem_dtype=mem_dtype).train()
+    plain(ids, labels=ids).loss.backward()  # without the offset the gradients differ, so the check can fail
+    plain_grads = torch.cat([p.grad.flatten() for p in plain.parameters() if p.grad is not None])
+    assert max_err(plain_grads, grads["reference"]) > 1e-4
