@@ -329,6 +329,65 @@ def add_run_arguments(p, out_help: str, resume: bool = True) -> None:
         p.add_argument("--resume", action="store_true", help=RESUME_HELP)
 
 
+def add_prefill_arguments(p) -> None:
+    """``--prefill-segment`` and ``--offload-dir``: how a long prompt's memory is filled (``PromptPrefill``)."""
+    p.add_argument("--prefill-segment", type=int, metavar="TOKENS",
+                   help="prefill each prompt's memory in calls of TOKENS (a multiple of the window) before generate: "
+                        "bounded activations and a progress bar; the result is that of one call (fot.prefill)")
+    p.add_argument("--offload-dir", metavar="DIR",
+                   help="keep each prompt's memory in memory-mapped files under DIR (mem_offload='disk'), prefilled "
+                        "in segments (--prefill-segment, default 65536); with --resume an interrupted prompt "
+                        "continues from its last window bound on disk instead of starting again")
+
+
+class PromptPrefill:
+    """A prompt's memory filled in segments before ``generate`` (``--prefill-segment``), optionally on disk and
+    resumable across processes (``--offload-dir``, ``fot.prefill.ResumablePrefill``). A prompt's job name is its
+    trial key, so a resumed run finds the memory its interrupted prompt left."""
+
+    def __init__(self, segment: int | None, offload_dir: str | None, last_context_length: int | None = None):
+        from fot.prefill import DEFAULT_SEGMENT, ResumablePrefill
+
+        self.segment = segment or DEFAULT_SEGMENT
+        self.offload_dir = offload_dir
+        self.last_context_length = last_context_length
+        self.resumable = None if offload_dir is None else ResumablePrefill(offload_dir, self.segment)
+
+    @classmethod
+    def from_args(cls, args) -> "PromptPrefill | None":
+        if args.prefill_segment is None and args.offload_dir is None:
+            return None
+        if args.prefill_segment is not None and args.prefill_segment < 1:
+            raise ValueError(f"--prefill-segment must be a positive number of tokens, got {args.prefill_segment}.")
+        return cls(args.prefill_segment, args.offload_dir, args.last_context_length)
+
+    def configure(self, model, setting: Setting) -> None:
+        """Point a loaded fot model's memory at the offload folder (no-op without ``--offload-dir``)."""
+        if setting.backend == "hf":
+            raise ValueError(f"setting {setting.name} (transformers' full attention) has no fot memory to prefill; "
+                             "run it without --prefill-segment and --offload-dir.")
+        if self.offload_dir is not None:
+            model.config.mem_offload_dir = os.path.join(self.offload_dir, "memory")  # first: "disk" needs it
+            model.config.mem_offload = "disk"
+
+    def cache(self, name: str, model, ids: torch.Tensor):
+        """The prompt's cache with its memory-bound windows prefilled (reopened and continued when on disk)."""
+        from fot.prefill import prefill
+
+        if self.resumable is not None:
+            return self.resumable.cache(name, model, ids, self.last_context_length)
+        return prefill(model, ids, segment=self.segment, last_context_length=self.last_context_length, progress=True)
+
+    def earlier_seconds(self, name: str) -> float:
+        """Seconds earlier processes spent prefilling this prompt (0 unless it was resumed from disk)."""
+        return 0.0 if self.resumable is None else self.resumable.seconds(name)
+
+    def finish(self, name: str) -> None:
+        """The prompt is scored: delete its memory files."""
+        if self.resumable is not None:
+            self.resumable.finish(name)
+
+
 def check_model_args(args, full_attention_baseline: bool = False) -> tuple[list[Setting], Path, Path, dict]:
     """The checks of ``--threads``, ``--settings``, ``--model`` and ``--tokenizer``, made before anything is loaded.
     Returns the settings, the model and tokenizer directories and the model's saved config. ``hf:W`` settings are

@@ -41,11 +41,17 @@ Outputs (``--out DIR``): trials.jsonl (each finished trial as it arrives; ``--re
 from it), then at the end results.json (configuration, per setting and length: accuracy, n, token counts,
 seconds, breakdowns and every trial), passkey.png (accuracy against prompt length, log2 axis, window marked) and,
 with ``--depths``, passkey_depth.png (a length x depth heatmap of accuracy per setting).
+
+Very long prompts (``--prefill-segment``, ``--offload-dir``): each prompt's memory is filled in segments before
+``generate`` (``fot.prefill``; the result is that of one call), and with ``--offload-dir`` it lives in files on
+disk, so a 1M-token prompt interrupted by a kill or the end of a session continues, with ``--resume``, from its
+last window bound instead of from the start.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import re
@@ -59,9 +65,11 @@ import numpy as np
 import torch
 
 from eval.common import (
+    PromptPrefill,
     Setting,
     TrialLog,
     add_model_arguments,
+    add_prefill_arguments,
     add_run_arguments,
     add_settings_argument,
     check_full_attention_lengths,
@@ -316,9 +324,12 @@ def _warn_about_lengths(encoder: PromptEncoder, length: int, trials: list[Trial]
 
 # ----------------------------------------------------------------------------- scoring
 def greedy_answer(model, prompt_ids: list[int], n_tokens: int, device: str | torch.device = "cpu",
-                  **generate_kwargs) -> list[int]:
-    """Greedily generate exactly ``n_tokens`` tokens (fewer if the model stops at EOS) after the prompt."""
+                  prefill: PromptPrefill | None = None, job: str = "", **generate_kwargs) -> list[int]:
+    """Greedily generate exactly ``n_tokens`` tokens (fewer if the model stops at EOS) after the prompt. With
+    ``prefill``, the prompt's memory is filled in segments first (job ``job``), then ``generate`` runs the rest."""
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    if prefill is not None:
+        generate_kwargs = {**generate_kwargs, "cache": prefill.cache(job, model, ids)}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens, do_sample=False,
                              num_beams=1, use_cache=True, **generate_kwargs)
@@ -377,12 +388,14 @@ def key_token(tr: Trial) -> int | None:
     return next((i for i in range(len(ids) - n + 1) if ids[i:i + n] == ans), None)
 
 
-def score_trial(model, tr: Trial, tokenizer, device, read_tokens: int = READ_TOKENS, **generate_kwargs) -> dict:
+def score_trial(model, tr: Trial, tokenizer, device, read_tokens: int = READ_TOKENS,
+                prefill: PromptPrefill | None = None, job: str = "", **generate_kwargs) -> dict:
     """One trial's result record, with the seconds it took (not part of results.json's record): the protocol's
-    score on the first ``len(answer_ids)`` generated tokens, the score as read on them and ``read_tokens`` more."""
-    start = time.perf_counter()
+    score on the first ``len(answer_ids)`` generated tokens, the score as read on them and ``read_tokens`` more.
+    A prompt prefilled from disk counts the seconds its earlier processes spent too."""
+    start = time.perf_counter() - (0.0 if prefill is None else prefill.earlier_seconds(job))
     n = len(tr.answer_ids)
-    generated = greedy_answer(model, tr.prompt_ids, n + read_tokens, device, **generate_kwargs)
+    generated = greedy_answer(model, tr.prompt_ids, n + read_tokens, device, prefill, job, **generate_kwargs)
     text = tokenizer.decode(generated, skip_special_tokens=True)
     return {"trial": tr.trial, "template": tr.template, "depth": tr.depth, "key": tr.key, "tokens": tr.tokens,
             "n_garbage": tr.n_garbage, "n_prefix": tr.n_prefix, "key_token": key_token(tr), "answer_ids": tr.answer_ids,
@@ -394,9 +407,10 @@ def score_trial(model, tr: Trial, tokenizer, device, read_tokens: int = READ_TOK
 
 def evaluate(model, trials: dict[int, list[Trial]], tokenizer, device="cpu", desc: str = "passkey",
              log: TrialLog | None = None, setting: str = "", read_tokens: int = READ_TOKENS,
-             **generate_kwargs) -> list[dict]:
+             prefill: PromptPrefill | None = None, **generate_kwargs) -> list[dict]:
     """Score every trial; returns one summary per length with its trials (tqdm progress over all trials).
-    ``tokenizer`` decodes the generated tokens for the score as read (``score_trial``).
+    ``tokenizer`` decodes the generated tokens for the score as read (``score_trial``). ``prefill`` fills each
+    prompt's memory in segments first (``--prefill-segment``, ``--offload-dir``), its job named by the trial key.
 
     With ``log``, trials it holds for ``setting`` are taken from it (``model`` is then not called for them) and
     each new one is appended to it as soon as it is scored. A row's accuracy is the mean over templates;
@@ -411,10 +425,13 @@ def evaluate(model, trials: dict[int, list[Trial]], tokenizer, device="cpu", des
             for tr in ts:
                 record = logged_trial(log, setting, tr)
                 if record is None:
-                    record = score_trial(model, tr, tokenizer, device, read_tokens, **generate_kwargs)
+                    job = json.dumps(trial_key(setting, tr))
+                    record = score_trial(model, tr, tokenizer, device, read_tokens, prefill, job, **generate_kwargs)
                     release_memory()
                     if log is not None:
                         log.put(trial_key(setting, tr), record)
+                    if prefill is not None:
+                        prefill.finish(job)
                 seconds += record["seconds"]
                 records.append({k: v for k, v in record.items() if k != "seconds"})
                 bar.update(1)
@@ -572,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not prepend BOS to prompts (default: as the tokenizer_config.json declares, else BOS)")
     p.add_argument("--read-tokens", type=int, default=READ_TOKENS,
                    help=f"tokens generated beyond the answer for the score as read (default {READ_TOKENS})")
+    add_prefill_arguments(p)
     add_run_arguments(p, "output directory for trials.jsonl, results.json, passkey.png (and passkey_depth.png); "
                          "checked before any model is loaded")
     return p
@@ -698,6 +716,7 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
     encoder = PromptEncoder(load_tokenizer(tokenizer_dir), add_bos=args.bos)
     trials = make_trials(encoder, lengths, args.trials, args.seed, args.template, args.depths, args.prompts)
     gen_kwargs = generation_kwargs(args, encoder.tokenizer)
+    prefill = PromptPrefill.from_args(args)
 
     results, configs = {}, {}
     for setting in settings:
@@ -706,9 +725,12 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
         model, configs[setting.name] = setting_model(
             log, setting, pending, lambda: load_model(model_dir, setting, args.device, args.dtype),
             lambda cfg: describe_setting(setting, cfg, args))
+        if prefill is not None and model is not None:
+            prefill.configure(model, setting)
         start = time.perf_counter()
         results[setting.name] = evaluate(model, mine, encoder.tokenizer, args.device, desc=setting.name, log=log,
-                                         setting=setting.name, read_tokens=args.read_tokens, **gen_kwargs)
+                                         setting=setting.name, read_tokens=args.read_tokens, prefill=prefill,
+                                         **gen_kwargs)
         logger.info("%s: %.1f s", setting.name, time.perf_counter() - start)
         del model
     window = configs[settings[-1].name]["window"]

@@ -282,6 +282,7 @@ class LongLlamaCache(Cache):
         self.memories, self.searches = {}, {}  # a fork's shared stores are left as they are
         self._new_memories()
         self.seen_tokens = 0
+        self.overlap_context = None  # see keep_overlap_context
         self.shares_memory = False
         self.gather_scratch = gather_scratch
         self.scratch = gather_scratch()  # reused by every top-k gather while this cache lives
@@ -522,6 +523,13 @@ class LongLlamaCache(Cache):
             if search is not None:
                 search.load_state(store, {}, None)
         cache.seen_tokens = common
+        if common and config.window_overlap:
+            context = os.path.join(path, OVERLAP_FILE.format(end=common))
+            if not os.path.isfile(context):
+                raise ValueError(f"{path} has memory up to token {common} but not the window_overlap context of that "
+                                 "window bound (written by an older fot?); start a new cache.")
+            payload = torch.load(context, weights_only=True)
+            cache.overlap_context = (payload["embeds"], payload["valid"])
         return cache
 
     def local_for_attention(self, layer_idx: int, *, training: bool):
@@ -537,7 +545,25 @@ class LongLlamaCache(Cache):
             if layer_idx in self.memories:
                 self.append_memory(layer_idx, k_raw_BGTH, v_BGTH, valid_BT, training=training)
         else:
+            self.overlap_context = None  # tokens now follow the last memory-bound window: it is no longer the last
             self.locals[layer_idx].commit(k_raw_BGTH, k_rot_BGTH, v_BGTH, valid_BT, training=training)
+
+    def keep_overlap_context(self, x_BOD: torch.Tensor, valid_BO: torch.Tensor | None, end: int) -> None:
+        """Keep the inputs (embeddings) of the last ``config.window_overlap`` tokens bound for memory, which end at
+        token ``end``. One forward re-reads them before the next memory-bound window; a later call that starts
+        with an empty local window (after a prefill into memory, ``fot.prefill``, or ``open_offloaded``)
+        re-reads them from here, so a prefill split into calls at window bounds computes what one call would. A
+        disk-offloaded cache also writes them next to its memory files, before the window runs (the last three
+        kept), so that ``open_offloaded`` finds the context of whichever window bound a kill leaves it at."""
+        self.overlap_context = (x_BOD.detach(), None if valid_BO is None else valid_BO.detach())
+        if self.offload_path is None:
+            return
+        payload = {"embeds": x_BOD.detach().cpu(), "valid": None if valid_BO is None else valid_BO.detach().cpu()}
+        path = os.path.join(self.offload_path, OVERLAP_FILE.format(end=end))
+        torch.save(payload, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        for old in sorted(_overlap_files(self.offload_path))[:-3]:
+            os.remove(os.path.join(self.offload_path, OVERLAP_FILE.format(end=old)))
 
     # ------------------------------------------------------------------ batch surgery
     def _select(self, index: torch.Tensor) -> None:
@@ -548,6 +574,9 @@ class LongLlamaCache(Cache):
             store.select_batch(index)
         for search in self.searches.values():
             search.select_batch(index)
+        if self.overlap_context is not None:
+            x, valid = self.overlap_context
+            self.overlap_context = (x[index.to(x.device)], None if valid is None else valid[index.to(valid.device)])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -574,10 +603,22 @@ class LongLlamaCache(Cache):
             self.locals[i] = LocalWindow(self.window)
         self._new_memories()
         self.seen_tokens = 0
+        self.overlap_context = None
 
 
 # ---------------------------------------------------------------------------------------------- persistence
 CACHE_FORMAT = "fot-longllama-cache/1"
+OVERLAP_FILE = "overlap-{end}.pt"  # in a disk-offloaded cache's folder: keep_overlap_context's inputs at a window bound
+
+
+def _overlap_files(folder: str) -> list[int]:
+    """The window bounds whose overlap context a disk-offloaded cache's folder holds."""
+    ends = []
+    for name in os.listdir(folder):
+        head, _, tail = name.partition("overlap-")
+        if not head and tail.endswith(".pt") and tail[:-3].isdigit():
+            ends.append(int(tail[:-3]))
+    return ends
 OFFLOAD_HEADER = "cache.json"  # in a disk-offloaded cache's folder: the format and the model fingerprint
 _FINGERPRINT_FIELDS = (
     "num_hidden_layers", "mem_layers", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size",
@@ -620,6 +661,11 @@ def save_cache(cache: LongLlamaCache, path: str | os.PathLike, writer: Callable 
             for name, buf in (("raw_k", local.raw_k), ("rot_k", local.rot_k), ("v", local.v)):
                 tensors[f"local.{i}.{name}"] = buf[:, :, :n].contiguous().cpu()
             tensors[f"local.{i}.valid"] = local.valid[:, :n].contiguous().cpu()
+    if cache.overlap_context is not None:  # the inputs a later call's first window re-reads (window_overlap)
+        x, valid = cache.overlap_context
+        tensors["overlap.embeds"] = x.contiguous().cpu()
+        if valid is not None:
+            tensors["overlap.valid"] = valid.contiguous().cpu()
     stores, searches = {}, {}
     for i, store in cache.memories.items():
         for name, t in store.state().items():
@@ -710,6 +756,9 @@ def load_cache(path: str | os.PathLike, config: LongLlamaConfig, device=None,
         raise ValueError(f"{path} is corrupt: its header or tensors do not match the checksum it was saved with.")
     cache = LongLlamaCache(config, cache_policy=header["policy"], search_factory=search_factory)
     cache.seen_tokens = header["seen_tokens"]
+    if "overlap.embeds" in tensors:
+        valid = tensors.get("overlap.valid")
+        cache.overlap_context = (tensors["overlap.embeds"].to(device), None if valid is None else valid.to(device))
     for i, local in enumerate(cache.locals):
         if f"local.{i}.raw_k" in tensors:
             k = tensors[f"local.{i}.raw_k"].to(device)

@@ -291,10 +291,20 @@ def run_windows(layers: nn.ModuleList, x_BND, cache: LongLlamaCache, valid_BN, *
                 cache.make_room(group.end - group.start, inv_freqs, plan=plan)
             # config.window_overlap: a memory-bound window re-reads the tokens before it as local context
             o = min(plan.window_overlap, group.start) if group.to_memory else 0
+            x_in = x_BND[:, group.start - o : group.end]
             valid = None if valid_BN is None else valid_BN[:, group.start - o : group.end]
-            x, hidden = run_chunk(layers, x_BND[:, group.start - o : group.end], cache, valid,
-                                  to_memory=group.to_memory, plan=plan, inv_freqs=inv_freqs, keep_hidden=keep_hidden,
-                                  context=o)  # fmt: skip
+            if group.to_memory and plan.window_overlap:
+                if group.start == 0 and cache.overlap_context is not None:  # the tokens before it came in a call before
+                    x_in, valid, o = _with_overlap_context(x_in, valid, cache.overlap_context, plan.window_overlap)
+                lo = max(group.end - plan.window_overlap, 0)
+                tail = (x_BND[:, lo : group.end], None if valid_BN is None else valid_BN[:, lo : group.end])
+                if lo == 0 and cache.overlap_context is not None:  # fewer tokens than the overlap so far this call
+                    tail = _with_overlap_context(tail[0], tail[1], cache.overlap_context, plan.window_overlap)[:2]
+                cache.keep_overlap_context(tail[0][:, -plan.window_overlap:],
+                                           None if tail[1] is None else tail[1][:, -plan.window_overlap:],
+                                           end=cache.seen_tokens + group.end - group.start)  # fmt: skip
+            x, hidden = run_chunk(layers, x_in, cache, valid, to_memory=group.to_memory, plan=plan,
+                                  inv_freqs=inv_freqs, keep_hidden=keep_hidden, context=o)  # fmt: skip
             if o:
                 x = x[:, o:]
                 hidden = None if hidden is None else [h[:, o:] for h in hidden]
@@ -302,6 +312,21 @@ def run_windows(layers: nn.ModuleList, x_BND, cache: LongLlamaCache, valid_BN, *
         outputs.append(x)
         chunk_hidden.append(hidden)
     return (torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]), chunk_hidden
+
+
+def _with_overlap_context(x_BTD, valid_BT, context, overlap: int):
+    """A call's first memory-bound window with the last ``overlap`` tokens of the previous call's in front (their
+    inputs, ``LongLlamaCache.overlap_context``): (inputs, validity, number of context tokens)."""
+    ctx_BOD, ctx_valid_BO = context
+    ctx_BOD = ctx_BOD[:, -overlap:].to(device=x_BTD.device, dtype=x_BTD.dtype)
+    O = ctx_BOD.shape[1]
+    if valid_BT is not None or ctx_valid_BO is not None:
+        ones = torch.ones
+        ctx_valid = ones(ctx_BOD.shape[:2], dtype=torch.bool, device=x_BTD.device) if ctx_valid_BO is None else \
+            ctx_valid_BO[:, -O:].to(x_BTD.device)
+        new_valid = ones(x_BTD.shape[:2], dtype=torch.bool, device=x_BTD.device) if valid_BT is None else valid_BT
+        valid_BT = torch.cat([ctx_valid, new_valid.bool()], dim=1)
+    return torch.cat([ctx_BOD, x_BTD], dim=1), valid_BT, O
 
 
 def run_window_group(layers: nn.ModuleList, x_BTD, cache: LongLlamaCache, *, windows: int, plan: ForwardPlan,

@@ -180,7 +180,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             cache: a ``LongLlamaCache`` to continue from; a fresh one is made when None. ``past_key_values`` is
                 the same argument under its name before transformers 5.24; pass one of them.
             use_cache: return the cache (default ``config.use_cache``).
-            last_context_length: overrides ``config.last_context_length`` for this call.
+            last_context_length: overrides ``config.last_context_length`` for this call; 0 (ours, per call only)
+                moves every window of the input to memory and keeps nothing local, a prefill step (``fot.prefill``).
             cache_policy: overrides the cache's policy ("slide" or "flush") for this call; the cache keeps its own.
             crossbatch: training only. Every row is one window (N <= W); memory layers attend to the other
                 rows named by the plan (see ``fot.crossbatch``) instead of a memory. No cache is used.

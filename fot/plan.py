@@ -115,7 +115,13 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
         group_queries: queries per call that window groups aim for (``window_group_size``).
     """
     L = config.last_context_length if last_context_length is None else last_context_length
-    validate_last_context_length(L, config.max_position_embeddings)
+    if last_context_length == 0 and not isinstance(last_context_length, bool):
+        # ours, per call only: a prefill step (fot.prefill) that moves every window of the input to memory
+        if cache.local_length or crossbatch:
+            raise ValueError("last_context_length=0 moves a whole call to memory, so it needs a cache with an empty "
+                             "local window (fresh, or only prefilled); pass a positive last_context_length.")
+    else:
+        validate_last_context_length(L, config.max_position_embeddings)
     policy = cache.policy if cache_policy is None else cache_policy
     validate_cache_policy(policy)  # a cache takes any policy: the one a forward runs with is checked here
     if crossbatch:

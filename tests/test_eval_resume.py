@@ -66,9 +66,10 @@ def forbid_loading(monkeypatch, module) -> None:
 
 
 def without_timings(obj):
-    """``obj`` without its wall-clock fields (``seconds``) and the thread count: what may differ between runs."""
+    """``obj`` without its wall-clock fields (``seconds``), the thread count and the peak RSS (the process's
+    high-water mark, which depends on what ran in it before): what may differ between runs."""
     if isinstance(obj, dict):
-        return {k: without_timings(v) for k, v in obj.items() if k not in ("seconds", "threads")}
+        return {k: without_timings(v) for k, v in obj.items() if k not in ("seconds", "threads", "peak_rss_bytes")}
     if isinstance(obj, list):
         return [without_timings(v) for v in obj]
     return obj
@@ -302,3 +303,39 @@ def test_release_memory_returns_freed_heap_pages_to_the_os():
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rss["held"] > 150, rss  # the freed chunks are still resident: the case release_memory is for
     assert rss["after"] < rss["held"] - 100, rss
+
+
+def test_a_prompt_killed_mid_prefill_resumes_from_its_memory_on_disk(uninterrupted, model_dir, tmp_path,
+                                                                      monkeypatch):
+    """--offload-dir: prompts are prefilled in segments into memory files; a run killed inside a prompt's prefill,
+    after its first segment, resumes that prompt from the files (its first segment is not run again) and writes
+    the uninterrupted run's results; every prompt's files are deleted once it is scored."""
+    import fot.prefill
+
+    out, offload = tmp_path / "out", tmp_path / "offload"
+    extra = ["--offload-dir", str(offload), "--prefill-segment", "64"]
+    real = fot.prefill.prefill
+    segments = []
+
+    def killed_in_third_prompt(model, ids, cache=None, **kwargs):
+        def on_segment(c):
+            segments.append(c.seen_tokens)
+            kwargs["on_segment"](c)  # the job's checkpoint
+            if len(segments) == 5:  # prompts of 128 and 160 tokens: 1 and 2 segments (W 64, L 32); third prompt
+                raise KeyboardInterrupt
+        return real(model, ids, cache, **{**kwargs, "on_segment": on_segment})
+
+    with monkeypatch.context() as m:
+        m.setattr(fot.prefill, "prefill", killed_in_third_prompt)
+        with pytest.raises(KeyboardInterrupt):
+            passkey.main(argv("passkey", model_dir, out, *extra))
+    jobs = json.loads((offload / "jobs.json").read_text())
+    assert [job["tokens"] for job in jobs.values()] == [64]  # the killed prompt: one segment done, on disk
+    segments.clear()
+    with monkeypatch.context() as m:
+        m.setattr(fot.prefill, "prefill", lambda *a, **k: segments.append(a[2].seen_tokens) or real(*a, **k))
+        passkey.main(argv("passkey", model_dir, out, *extra, "--resume"))
+    assert segments[0] == 64  # the killed prompt continued from its files
+    saved = json.loads((out / "results.json").read_text())
+    assert without_timings(saved) == without_timings(uninterrupted["passkey"])
+    assert json.loads((offload / "jobs.json").read_text()) == {} and os.listdir(offload / "memory") == []
