@@ -16,18 +16,25 @@ UNBOUNDED = 1 << 40  # synthetic sources have no end
 
 @dataclass
 class Document:
-    """Token ids int64 [N] and, optionally, a bool [N] mask of the tokens that carry loss."""
+    """Token ids int64 [N] and, optionally, a bool [N] mask of the tokens that carry loss and a float32 [N] weight
+    of each token's loss (None: 1 for every token; ``data.mix_answer_end_weight``)."""
 
     ids: np.ndarray
     loss_mask: np.ndarray | None = None
+    loss_weight: np.ndarray | None = None
 
 
 
 @dataclass(frozen=True)
 class Target:
-    """An answer: text that carries the loss."""
+    """An answer: text that carries the loss. ``end``: the character that ends an answer (``answer_end``), whose
+    loss a source may weight apart (``data.mix_answer_end_weight``)."""
 
     text: str
+    end: bool = False
+
+    def __repr__(self) -> str:  # as before ``end`` existed unless it is set (tests/test_tasks_digests.py hashes it)
+        return f"Target(text={self.text!r}" + (", end=True)" if self.end else ")")
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ def answer_end(answer: str, after: str, ends: bool | str) -> list:
     if ends not in ANSWER_ENDS:
         raise ValueError(f"answer ends={ends!r}: use one of {', '.join(map(repr, ANSWER_ENDS))}.")
     if ends == "period":
-        return [Target(answer + "."), after.removeprefix(".")]
+        return [Target(answer), Target(".", end=True), after.removeprefix(".")]
     if not ends:
         return [Target(answer), after]
-    return [Target(answer + after[:1]), after[1:]]
+    return [Target(answer), Target(after[:1], end=True), after[1:]]

@@ -95,7 +95,7 @@ class SyntheticMix:
                  max_keys: int = 4, lookup_keys: Sequence[str] | None = None,
                  haystacks: dict[str, float] | None = None, mentions: float = 0.0, named_intros: float = 0.0,
                  short_recall: float = 0.0, short_recall_tokens: Sequence[int] = (96, 256),
-                 answer_ends: bool | str = False):
+                 answer_ends: bool | str = False, answer_end_weight: float = 1.0):
         if not 0.0 <= short_recall <= 1.0:
             raise ValueError(f"data.mix_short_recall={short_recall}: a probability per recall document, in [0, 1].")
         span = tuple(int(t) for t in short_recall_tokens)
@@ -109,6 +109,9 @@ class SyntheticMix:
             raise ValueError(f"data.mix_named_intros={named_intros}: a probability per recall document, in [0, 1].")
         self.mentions, self.named_intros = mentions, named_intros
         self.answer_ends = answer_ends
+        if not 0.0 <= answer_end_weight <= 1.0:
+            raise ValueError(f"data.mix_answer_end_weight={answer_end_weight}: the end token's loss weight, in [0, 1].")
+        self.answer_end_weight = float(answer_end_weight)
         haystacks = DEFAULT_HAYSTACKS if haystacks is None else dict(haystacks)
         unknown = sorted(set(haystacks) - set(HAYSTACK_STYLES))
         if unknown or not haystacks or min(haystacks.values()) < 0 or sum(haystacks.values()) <= 0:
@@ -191,27 +194,38 @@ class SyntheticMix:
                     text = self.haystack.passage(n, rng)
             elif isinstance(p, Target):
                 text = p.text
-                targets.append((at, at + len(text)))
+                targets.append((at, at + len(text), p.end))
             else:
                 text = p
             pieces.append(text)
             at += len(text)
         text = "".join(pieces)
         lead = len(text) - len(text.lstrip())  # an empty first haystack leaves a separator in front: drop it
-        return text[lead:], [(a - lead, b - lead) for a, b in targets]
+        return text[lead:], [(a - lead, b - lead, end) for a, b, end in targets]
 
-    def encode(self, text: str, targets: list[tuple[int, int]], everything: bool):
+    def encode(self, text: str, targets: list[tuple[int, int, bool]], everything: bool):
+        """(ids, loss mask, loss weights or None): a token carries the loss when it overlaps an answer; with
+        ``answer_end_weight`` < 1, a token that overlaps only answer ends weighs that much."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        mask = [everything or any(s < b and a < e for a, b in targets) for s, e in offsets]
+        hit = [[end for a, b, end in targets if s < b and a < e] for s, e in offsets]
+        mask = [everything or bool(h) for h in hit]
+        ends_only = [bool(h) and all(h) for h in hit]
         if self.add_bos and self.tokenizer.bos_token_id is not None:
-            ids, mask = [self.tokenizer.bos_token_id] + ids, [False] + mask
+            ids, mask, ends_only = [self.tokenizer.bos_token_id] + ids, [False] + mask, [False] + ends_only
         if self.add_eos and self.tokenizer.eos_token_id is not None:
-            ids, mask = ids + [self.tokenizer.eos_token_id], mask + [everything]
-        return np.asarray(ids, np.int64), np.asarray(mask, bool)
+            ids, mask, ends_only = ids + [self.tokenizer.eos_token_id], mask + [everything], ends_only + [False]
+        weight = None
+        if self.answer_end_weight != 1.0 and any(ends_only):
+            weight = np.where(ends_only, self.answer_end_weight, 1.0).astype(np.float32)
+        return np.asarray(ids, np.int64), np.asarray(mask, bool), weight
 
     def sample(self, epoch: int, index: int):
         """(family, text, ids int64 [N], loss mask bool [N]) of one document."""
+        return self._draw(epoch, index)[:4]
+
+    def _draw(self, epoch: int, index: int):
+        """``sample``'s document and its loss weights (float32 [N], or None when every token weighs 1)."""
         rng = np.random.default_rng([self.seed, epoch, index, 41])
         family = self.families[int(rng.choice(len(self.families), p=self.probs))]
         tokens = int(rng.integers(self.min_tokens, self.doc_tokens + 1))
@@ -229,18 +243,18 @@ class SyntheticMix:
             hay_chars = int((tokens - n_fixed) * self.chars_per_token)
             for _ in range(4):  # the haystack's tokens per character vary: rescale it to the drawn length
                 text, targets = self.render(parts, hay_chars, rng, family)
-                ids, mask = self.encode(text, targets, family == "books" or self.loss_on == "all")
+                ids, mask, weight = self.encode(text, targets, family == "books" or self.loss_on == "all")
                 if hay_chars == 0 or 0.92 * tokens <= len(ids) <= self.doc_tokens:
                     break
                 hay_chars = int(hay_chars * (tokens - n_fixed) / max(len(ids) - n_fixed, 1) * 0.98)
             if len(ids) <= self.doc_tokens and self.scanner.find(text) is None:
-                return family, text, ids, mask
+                return family, text, ids, mask, weight
         raise ValueError(f"no {family} document of at most {self.doc_tokens} tokens without an evaluation string in "
                          f"12 draws (epoch {epoch}, index {index}); raise data.synthetic_doc_tokens.")
 
     def get(self, epoch: int, index: int):
-        _, _, ids, mask = self.sample(epoch, index)
-        return Document(ids, mask)
+        _, _, ids, mask, weight = self._draw(epoch, index)
+        return Document(ids, mask, weight)
 
 
 def training_texts(haystack: BookHaystack, documents: int, seed: int) -> list[str]:

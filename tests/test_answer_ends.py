@@ -23,11 +23,23 @@ def text_of(parts) -> str:
     return "".join(p if isinstance(p, str) else p.text if isinstance(p, Target) else "" for p in parts)
 
 
+def merged(parts) -> list:
+    """The parts with each answer and its end (a ``Target(end=True)`` right after it) as one ``Target``."""
+    out = []
+    for p in parts:
+        if isinstance(p, Target) and p.end:
+            assert out and isinstance(out[-1], Target) and not out[-1].end  # an end follows its answer
+            out[-1] = Target(out[-1].text + p.text)
+        else:
+            out.append(p)
+    return out
+
+
 @pytest.mark.parametrize("make", [recall_parts, lookup_parts])
 def test_the_answer_takes_the_next_character_and_the_text_stays_the_same(make):
     for seed in range(40):
         off = make(np.random.default_rng(seed), 300)
-        on = make(np.random.default_rng(seed), 300, answer_ends=True)
+        on = merged(make(np.random.default_rng(seed), 300, answer_ends=True))
         assert text_of(on) == text_of(off)  # the same draws, the same document
         answers_off = [p.text for p in off if isinstance(p, Target)]
         answers_on = [p.text for p in on if isinstance(p, Target)]
@@ -71,7 +83,7 @@ def test_period_ends_every_answer_with_a_period_and_nothing_else_changes(make):
     the line break alone, and the documents' other parts are the same draws."""
     for seed in range(40):
         off = make(np.random.default_rng(seed), 300)
-        period = make(np.random.default_rng(seed), 300, answer_ends="period")
+        period = merged(make(np.random.default_rng(seed), 300, answer_ends="period"))
         assert len(period) == len(off)
         for i, (a, b) in enumerate(zip(off, period)):
             if isinstance(a, Target):
@@ -116,3 +128,66 @@ def test_stage_12_config_puts_the_loss_on_the_period_and_other_values_are_refuse
     assert spec.run.out_dir.startswith("runs/")
     with pytest.raises(ValueError, match="data.mix_answer_ends must be true, false or period, got 'dot'"):
         load_config(ROOT / "configs" / "demo_stage12.yaml", {"data.mix_answer_ends": "dot"})
+
+
+# ----------------------------------------------------------------------------- data.mix_answer_end_weight
+def test_the_end_token_weighs_the_end_weight_and_everything_else_is_unchanged():
+    """With mix_answer_end_weight w the "." after each answer (period) weighs w, every other token 1; the ids and
+    the loss mask are those of weight 1, whose documents carry no weights at all."""
+    from plumbing.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(FOT_TINY)
+    period_id, = tokenizer("a.", add_special_tokens=False)["input_ids"][-1:]
+    haystack = BookHaystack([TEXT] * 4, Scanner())
+    full, light = (SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0, "lookup": 1.0}, 5, answer_ends="period",
+                                answer_end_weight=w) for w in (1.0, 0.25))  # fmt: skip
+    ends = 0
+    for index in range(16):
+        a, b = full.get(0, index), light.get(0, index)
+        assert a.loss_weight is None and np.array_equal(a.ids, b.ids) and np.array_equal(a.loss_mask, b.loss_mask)
+        for c, d in mask_runs(b.loss_mask):
+            assert b.ids[d - 1] == period_id and b.loss_weight[d - 1] == 0.25  # the run's "."
+            assert (b.loss_weight[c:d - 1] == 1.0).all()
+            ends += 1
+        assert int((b.loss_weight != 1.0).sum()) == len(mask_runs(b.loss_mask))  # nothing else is lighter
+    assert ends >= 16
+    with pytest.raises(ValueError, match="data.mix_answer_end_weight=1.5"):
+        SyntheticMix(tokenizer, haystack, 256, {"recall": 1.0}, 5, answer_ends="period", answer_end_weight=1.5)
+
+
+def test_the_weighted_loss_is_the_weighted_mean_of_the_token_losses():
+    """train.crossbatch.weighted_lm_loss: weights of 1 give the model's own loss; other weights give
+    sum(w * CE) / count over the labelled tokens, computed here in float64 from log-softmax."""
+    import torch
+
+    from tests.tiny import tiny_model, tokens
+    from train.crossbatch import weighted_lm_loss
+
+    model = tiny_model(dtype=torch.float32, mem_layers=[1])
+    ids = tokens(2, 40, seed=7)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    logits = model(ids, use_cache=False).logits
+    ones = torch.ones(2, 40)
+    assert abs(weighted_lm_loss(logits, labels, ones).item() - model(ids, labels=labels).loss.item()) < 1e-5
+    weights = torch.ones(2, 40)
+    weights[0, 20], weights[1, 33] = 0.25, 0.0
+    logp = torch.log_softmax(logits.double(), -1)
+    total = count = 0.0
+    for b in range(2):
+        for t in range(39):
+            if labels[b, t + 1] != -100:
+                total += -logp[b, t, labels[b, t + 1]].item() * weights[b, t + 1].item()
+                count += 1
+    assert abs(weighted_lm_loss(logits, labels, weights).item() - total / count) < 1e-5
+    assert abs(weighted_lm_loss(logits, labels, weights).item() - weighted_lm_loss(logits, labels, ones).item()) > 1e-4
+
+
+def test_the_end_weight_reaches_the_batches_and_is_checked():
+    spec = load_config(ROOT / "configs" / "demo_stage12.yaml", {"data.mix_answer_end_weight": 0.3})
+    assert spec.data.mix_answer_end_weight == 0.3
+    with pytest.raises(ValueError, match="data.mix_answer_end_weight must be in \\[0, 1\\]"):
+        load_config(ROOT / "configs" / "demo_stage12.yaml", {"data.mix_answer_end_weight": 2.0})
+    with pytest.raises(ValueError, match="set data.mix_answer_ends to period or true"):
+        load_config(ROOT / "configs" / "demo_stage12.yaml", {"data.mix_answer_end_weight": 0.3,
+                                                               "data.mix_answer_ends": False})

@@ -416,3 +416,18 @@ def test_config_errors(haystack, tokenizer):
         SyntheticMix(tokenizer, haystack, 256, {"recal": 1.0}, seed=0)
     with pytest.raises(ValueError, match="not all zero"):
         SyntheticMix(tokenizer, haystack, 256, {"recall": 0.0}, seed=0)
+
+
+def test_the_answer_end_weight_reaches_the_trainers_batches(books, tokenizer):
+    """data.mix_answer_end_weight: the trainer's micro-batches carry loss weights, w on the "." after each answer
+    (labels of every answer end) and 1 on every other label; with weight 1 they carry none."""
+    spec = mix_spec(books, tokenizer.name_or_path, mix={"recall": 1.0, "lookup": 1.0}, mix_answer_ends="period",
+                    mix_answer_end_weight=0.2)
+    batch = build_batches(spec, tokenizer, 4096, spec.data.window, rank=0, world=1).next_batch()
+    assert batch.loss_weights is not None and batch.loss_weights.shape == batch.labels.shape
+    light = batch.loss_weights == 0.2
+    assert int(light.sum()) >= 4 and bool((batch.labels[light] != -100).all())
+    assert {tokenizer.decode([t]) for t in batch.labels[light].tolist()} == {"."}
+    assert bool((batch.loss_weights[~light] == 1.0).all())
+    plain = mix_spec(books, tokenizer.name_or_path, mix={"recall": 1.0, "lookup": 1.0}, mix_answer_ends="period")
+    assert build_batches(plain, tokenizer, 4096, plain.data.window, rank=0, world=1).next_batch().loss_weights is None

@@ -104,6 +104,9 @@ class DataConfig:
             runs on into more digits). "period": every answer is followed by ".", and only that "." carries the
             loss with it (with true, the line break that ends half the answers became a likely token wherever the
             model was unsure).
+        mix_answer_end_weight: the loss weight of that end token, in [0, 1] (1: as an answer token). Below 1 the
+            model still learns to stop after the key, but stopping weighs less than the digits, so it is not drawn
+            to end an answer early wherever it is unsure of the next digit (stage 12 with weight 1 did that).
         mix_short_recall: for ``synthetic_mix``, the probability that a recall document is short: its length is
             drawn from ``mix_short_recall_tokens`` instead, so its opening line, key line and question share one
             or two windows (the rest of its pack is padding).
@@ -145,6 +148,7 @@ class DataConfig:
     mix_mentions: float = 0.0
     mix_named_intros: float = 0.0
     mix_answer_ends: bool | str = False
+    mix_answer_end_weight: float = 1.0
     mix_short_recall: float = 0.0
     mix_short_recall_tokens: list[int] = field(default_factory=lambda: [96, 256])
     passkey_fraction: float = 0.0
@@ -454,6 +458,12 @@ def validate(spec: RunSpec) -> None:
         raise ValueError(f"data.passkey_fraction must be in [0, 1], got {d.passkey_fraction}.")
     if d.mix_answer_ends not in (False, True, "period"):
         raise ValueError(f"data.mix_answer_ends must be true, false or period, got {d.mix_answer_ends!r}.")
+    if not 0.0 <= d.mix_answer_end_weight <= 1.0:
+        raise ValueError(f"data.mix_answer_end_weight must be in [0, 1] (the end token's loss weight), got "
+                         f"{d.mix_answer_end_weight!r}.")
+    if d.mix_answer_end_weight != 1.0 and not d.mix_answer_ends:
+        raise ValueError("data.mix_answer_end_weight weighs the answer ends that data.mix_answer_ends puts the loss "
+                         "on: set data.mix_answer_ends to period or true.")
     if d.synthetic_kind == "repeat" and len(d.synthetic_span_tokens) != 2:
         raise ValueError(f"data.synthetic_span_tokens is a range [lo, hi], got {d.synthetic_span_tokens}.")
     if d.synthetic_jitter_gate is not None and (d.synthetic_jitter_gate <= 0 or d.synthetic_gate_steps < 1):

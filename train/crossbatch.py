@@ -36,7 +36,7 @@ from train.config import (
     resume_changes,
     to_dict,
 )
-from train.data import build_batches
+from train.data import IGNORE, build_batches
 from train.lr_schedule import build_lr_scheduler
 from train.metrics import RunLogger
 from train.objective import Objective
@@ -218,16 +218,33 @@ def train_step(spec, info, model, optimizer, scheduler, batches, plan):
         batch = batches.next_batch()
         tokens += batch.tokens
         mask = None if batch.attention_mask is None else batch.attention_mask.to(info.device)
+        labels = batch.labels.to(info.device)
         with gradient_sync(model, micro == accum - 1), autocast(spec, info):
-            out = model(input_ids=batch.input_ids.to(info.device), labels=batch.labels.to(info.device),
-                        attention_mask=mask, crossbatch=plan, use_cache=False)
-            (out.loss / accum).backward()
-        loss_sum += out.loss.detach().double().cpu()
+            if batch.loss_weights is None:
+                loss = model(input_ids=batch.input_ids.to(info.device), labels=labels, attention_mask=mask,
+                             crossbatch=plan, use_cache=False).loss
+            else:
+                logits = model(input_ids=batch.input_ids.to(info.device), attention_mask=mask, crossbatch=plan,
+                               use_cache=False).logits
+                loss = weighted_lm_loss(logits, labels, batch.loss_weights.to(info.device))
+            (loss / accum).backward()
+        loss_sum += loss.detach().double().cpu()
     grad_norm = clip_gradients(model, spec.optim.grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / accum, grad_norm, tokens
+
+
+def weighted_lm_loss(logits_BWV: torch.Tensor, labels_BW: torch.Tensor, weights_BW: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy with a weight per label: sum(weight * CE) over the labels that are not ignored,
+    divided by their number, so that weights of 1 give the mean the model's own loss computes (transformers'
+    causal LM loss: logits at t predict the label at t + 1)."""
+    labels = labels_BW[:, 1:].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits_BWV[:, :-1].reshape(-1, logits_BWV.shape[-1]).float(), labels,
+                                           ignore_index=IGNORE, reduction="none")  # fmt: skip
+    counted = labels != IGNORE
+    return (ce * weights_BW[:, 1:].reshape(-1).to(ce.dtype) * counted).sum() / counted.sum().clamp(min=1)
 
 
 def out_of_time(deadline: float | None, info) -> bool:

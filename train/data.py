@@ -46,12 +46,14 @@ IGNORE = -100
 @dataclass
 class Batch:
     """One micro-batch: ``input_ids`` and ``labels`` int64 [B, W], ``attention_mask`` int64 [B, W] or None when
-    there is no padding. ``tokens``: the number of non-padding tokens."""
+    there is no padding. ``tokens``: the number of non-padding tokens. ``loss_weights``: float32 [B, W], each
+    label's weight in the loss (``data.mix_answer_end_weight``), or None when every label weighs 1."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor | None
     tokens: int
+    loss_weights: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- text sources
@@ -219,8 +221,9 @@ class PackedBatches:
         if lane + s["counter"] * self.lanes >= len(self.documents):
             s["epoch"], s["counter"] = s["epoch"] + 1, 0
 
-    def _next_segment(self, lane: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The lane's next segment: ids and labels int64 [k * W] (padded) and which of them are real (bool)."""
+    def _next_segment(self, lane: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The lane's next segment: ids and labels int64 [k * W] (padded), which of them are real (bool) and the
+        labels' loss weights (float32, or None when all are 1)."""
         for _ in range(1000):  # documents skipped in a row before giving up
             doc = self._document(lane)
             s = self.state[lane]
@@ -246,16 +249,24 @@ class PackedBatches:
         labels_X = np.full(self.segment_tokens, IGNORE, np.int64)
         valid_X = np.zeros(self.segment_tokens, bool)
         ids_X[slots], labels_X[slots], valid_X[slots] = ids, labels, True
-        return ids_X, labels_X, valid_X
+        weights_X = None
+        if doc.loss_weight is not None:
+            weights_X = np.ones(self.segment_tokens, np.float32)
+            weights_X[slots] = doc.loss_weight[start:end]
+        return ids_X, labels_X, valid_X, weights_X
 
     def next_batch(self) -> Batch:
-        ids, labels, valid = zip(*(self._next_segment(lane) for lane in range(self.lanes)))
+        ids, labels, valid, weights = zip(*(self._next_segment(lane) for lane in range(self.lanes)))
         B, W = self.lanes * self.pack, self.window
         ids_BW = torch.from_numpy(np.stack(ids)).view(B, W)  # lane p's segment -> rows p*k ... p*k + k - 1
         labels_BW = torch.from_numpy(np.stack(labels)).view(B, W)
         valid_BW = torch.from_numpy(np.stack(valid)).view(B, W)
         mask = None if bool(valid_BW.all()) else valid_BW.long()
-        return Batch(ids_BW, labels_BW, mask, int(valid_BW.sum()))
+        weights_BW = None
+        if any(w is not None for w in weights):
+            ones = np.ones(self.segment_tokens, np.float32)
+            weights_BW = torch.from_numpy(np.stack([ones if w is None else w for w in weights])).view(B, W)
+        return Batch(ids_BW, labels_BW, mask, int(valid_BW.sum()), weights_BW)
 
 
 # ----------------------------------------------------------------------------- factory
@@ -268,7 +279,8 @@ def build_mix(d, tokenizer, doc_tokens: int, seed: int):
                         value_kinds=d.mix_values, max_keys=d.mix_max_keys, lookup_keys=d.mix_lookup_keys,
                         haystacks=d.mix_haystacks, mentions=d.mix_mentions,
                         named_intros=d.mix_named_intros, short_recall=d.mix_short_recall,
-                        short_recall_tokens=tuple(d.mix_short_recall_tokens), answer_ends=d.mix_answer_ends)
+                        short_recall_tokens=tuple(d.mix_short_recall_tokens), answer_ends=d.mix_answer_ends,
+                        answer_end_weight=d.mix_answer_end_weight)
 
 
 def build_batches(spec, tokenizer, vocab_size: int, window: int, rank: int, world: int) -> PackedBatches:
