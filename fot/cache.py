@@ -555,7 +555,8 @@ class LongLlamaCache(Cache):
         re-reads them from here, so a prefill split into calls at window bounds computes what one call would. A
         disk-offloaded cache also writes them next to its memory files, before the window runs (the last three
         kept), so that ``open_offloaded`` finds the context of whichever window bound a kill leaves it at."""
-        self.overlap_context = (x_BOD.detach(), None if valid_BO is None else valid_BO.detach())
+        # copies: a slice is a view that would keep the call's whole input embeddings alive with the cache
+        self.overlap_context = (x_BOD.detach().clone(), None if valid_BO is None else valid_BO.detach().clone())
         if self.offload_path is None:
             return
         payload = {"embeds": x_BOD.detach().cpu(), "valid": None if valid_BO is None else valid_BO.detach().cpu()}
