@@ -353,19 +353,33 @@ class PromptPrefill:
         self.last_context_length = last_context_length
         self.resumable = None if offload_dir is None else ResumablePrefill(offload_dir, self.segment)
 
+    @staticmethod
+    def check_args(args, settings: list[Setting], window: int | None) -> None:
+        """The checks of ``--prefill-segment`` and ``--offload-dir`` that need no model, made before one is loaded:
+        a segment is a positive multiple of the model's ``window``, and transformers' full attention (``hf:W``)
+        has no fot memory to prefill."""
+        if args.prefill_segment is None and args.offload_dir is None:
+            return
+        if args.prefill_segment is not None and (args.prefill_segment < 1 or (
+                window is not None and args.prefill_segment % window)):
+            example = f", e.g. {16 * window}" if window else ""
+            raise ValueError(f"--prefill-segment {args.prefill_segment}: a segment is a positive multiple of the "
+                             f"model's window ({window} tokens){example}.")
+        hf = [s.name for s in settings if s.backend == "hf"]
+        if hf:
+            raise ValueError(f"setting {hf[0]} (transformers' full attention) has no fot memory to prefill; run it "
+                             "in another call without --prefill-segment and --offload-dir.")
+
     @classmethod
     def from_args(cls, args) -> "PromptPrefill | None":
+        """The prefill ``args`` ask for (``check_args`` has passed), or None for a prompt in one call."""
         if args.prefill_segment is None and args.offload_dir is None:
             return None
-        if args.prefill_segment is not None and args.prefill_segment < 1:
-            raise ValueError(f"--prefill-segment must be a positive number of tokens, got {args.prefill_segment}.")
         return cls(args.prefill_segment, args.offload_dir, args.last_context_length)
 
-    def configure(self, model, setting: Setting) -> None:
-        """Point a loaded fot model's memory at the offload folder (no-op without ``--offload-dir``)."""
-        if setting.backend == "hf":
-            raise ValueError(f"setting {setting.name} (transformers' full attention) has no fot memory to prefill; "
-                             "run it without --prefill-segment and --offload-dir.")
+    def configure(self, model) -> None:
+        """Point a loaded fot model's memory at the offload folder (no-op without ``--offload-dir``; ``hf:W``
+        settings were refused by ``check_args``)."""
         if self.offload_dir is not None:
             model.config.mem_offload_dir = os.path.join(self.offload_dir, "memory")  # first: "disk" needs it
             model.config.mem_offload = "disk"

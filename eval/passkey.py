@@ -682,6 +682,7 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
     if args.last_context_length is not None and window is not None and args.last_context_length > window:
         raise ValueError(f"--last-context-length {args.last_context_length} exceeds the model's window "
                          f"(max_position_embeddings={window}); use a value <= {window}.")
+    PromptPrefill.check_args(args, settings, window)
     args.setting_lengths = parse_lengths_for(args.lengths_for, settings, args.lengths)
     check_full_attention_lengths(settings, args.setting_lengths)
     per_length = len(args.template) * len(args.depths or [None]) * args.trials
@@ -726,7 +727,7 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
             log, setting, pending, lambda: load_model(model_dir, setting, args.device, args.dtype),
             lambda cfg: describe_setting(setting, cfg, args))
         if prefill is not None and model is not None:
-            prefill.configure(model, setting)
+            prefill.configure(model)
         start = time.perf_counter()
         results[setting.name] = evaluate(model, mine, encoder.tokenizer, args.device, desc=setting.name, log=log,
                                          setting=setting.name, read_tokens=args.read_tokens, prefill=prefill,

@@ -574,6 +574,10 @@ def test_prompts_for_below_the_template_count_reports_the_templates_it_ran(model
     (["--model", "{model}", "--template", "all", "landmark"], "already includes every template"),
     (["--model", "{model}", "--template", "landmark", "landmark"], "lists a template twice"),
     (["--model", "{model}", "--depths", "0.5", "1.5"], "fractions of the filler in [0, 1]"),
+    (["--model", "{model}", "--prefill-segment", "100"], "a positive multiple of the model's window (64 tokens)"),
+    (["--model", "{model}", "--prefill-segment", "0"], "a positive multiple of the model's window"),
+    (["--model", "{model}", "--offload-dir", "{empty}", "--settings", "memory", "hf:128"],
+     "setting hf:128 (transformers' full attention) has no fot memory to prefill"),
 ])
 def test_bad_inputs_are_clear_errors(args, message, model_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
