@@ -41,7 +41,8 @@ def llama_config(fot_config, window: int) -> LlamaConfig:
     """The ``LlamaConfig`` of a ``LongLlamaConfig``'s architecture, with ``max_position_embeddings=window``.
 
     The memory description (``mem_layers`` [], ``mem_top_k`` and ``mem_blocks`` None, ``mem_index`` "none",
-    ``window_overlap`` and ``mem_score_bias`` 0, ``last_context_length`` W, ``cache_policy`` "none") is set on it too, as plain attributes, so that the CLIs' setting descriptions
+    ``window_overlap`` and ``mem_score_bias`` 0, ``mem_rope_distance`` None, ``last_context_length`` W,
+    ``cache_policy`` "none") is set on it too, as plain attributes, so that the CLIs' setting descriptions
     (``eval.passkey.describe_setting``) record what this model does without knowing its class.
     """
     import fot
@@ -52,6 +53,7 @@ def llama_config(fot_config, window: int) -> LlamaConfig:
     config = LlamaConfig(**{**fields, "max_position_embeddings": window})
     config.mem_layers, config.mem_top_k, config.mem_index = [], None, "none"
     config.mem_blocks, config.window_overlap, config.mem_score_bias = None, 0, 0.0
+    config.mem_rope_distance = None
     config.last_context_length, config.cache_policy = window, "none"
     return config
 

@@ -36,6 +36,8 @@ Modifiers, after ``memory``, ``dense``, ``topk*`` or ``blocks:N`` (``no-memory``
 ``block=S``        ``mem_block_size=S``, slots per memory block (``blocks:N`` only)
 ``chunk=C``        ``mem_block_queries=C``, queries that share one choice of blocks (``blocks:N`` only)
 ``bias=B``         ``mem_score_bias=B``: B is subtracted from every memory score before the one softmax
+``dist=D``         ``mem_rope_distance=D``: memory scored as keys D positions before each query (``dist=none``: at
+                   the query's own position in its window, the reference's)
 =================  ===========================================================================================
 
 For example ``topk-ivf:32+layers=all+window=1024+nprobe=32`` or ``memory+layers=15:``. A setting's name is what
@@ -91,12 +93,13 @@ def _libc():
     return None if name is None else ctypes.CDLL(name)
 
 SETTING_HELP = ("memory, dense, no-memory, topk:K, topk-flat:K, topk-ivf:K, blocks:N, full:W or hf:W, then optional "
-                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O, +block=S, +chunk=C, +bias=B "
-                "(e.g. topk-ivf:32+layers=all+window=1024)")
+                "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O, +block=S, +chunk=C, +bias=B, "
+                "+dist=D (e.g. topk-ivf:32+layers=all+window=1024)")
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}
 _MODIFIERS = {"layers": "mem_layers", "window": "max_position_embeddings", "lcl": "last_context_length",
               "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe", "overlap": "window_overlap",
-              "block": "mem_block_size", "chunk": "mem_block_queries", "bias": "mem_score_bias"}
+              "block": "mem_block_size", "chunk": "mem_block_queries", "bias": "mem_score_bias",
+              "dist": "mem_rope_distance"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -144,7 +147,7 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
         raise ValueError(f"setting {text!r}: {part!r} is not a modifier; use +KEY=VALUE with KEY one of "
                          f"{', '.join(_MODIFIERS)} (e.g. memory+layers=all+window=1024).")
     allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"),
-               "dense": ("layers", "window", "lcl", "overlap", "bias"),
+               "dense": ("layers", "window", "lcl", "overlap", "bias", "dist"),
                "blocks": ("layers", "window", "lcl", "overlap", "block", "chunk", "bias")}
     if key in ("block", "chunk") and kind != "blocks":
         raise ValueError(f"setting {text!r}: {key}= sets block retrieval's {_MODIFIERS[key]}; start from blocks:N.")
@@ -170,6 +173,13 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
         if not 0 <= bias < float("inf"):
             raise ValueError(f"setting {text!r}: bias must be a number >= 0 (the offset of memory scores), e.g. bias=2.")
         return field_name, bias
+    if key == "dist":
+        if value == "none":
+            return field_name, None
+        if not value.isdigit():
+            raise ValueError(f"setting {text!r}: dist must be an integer >= 0 (memory's RoPE distance from each "
+                             "query) or none, e.g. dist=512.")
+        return field_name, int(value)
     if key == "index":
         if value not in MEM_INDEXES:
             raise ValueError(f"setting {text!r}: index={value!r} is unknown; use one of {', '.join(MEM_INDEXES)}.")
@@ -298,6 +308,8 @@ def load_model(path: Path, setting: Setting, device: str, dtype: str):
              if cfg.mem_blocks is not None else f"mem_top_k {cfg.mem_top_k}, mem_index {cfg.mem_index}")
     if cfg.mem_score_bias:
         reads += f", mem_score_bias {cfg.mem_score_bias:g}"
+    if cfg.mem_rope_distance is not None:
+        reads += f", mem_rope_distance {cfg.mem_rope_distance}"
     logger.info("%s: window %d, last_context_length %d, window_overlap %d, mem_layers %s, %s", setting.name,
                 cfg.max_position_embeddings, cfg.last_context_length, cfg.window_overlap, cfg.mem_layers, reads)
     return model.to(device).eval()

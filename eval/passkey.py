@@ -753,10 +753,13 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
 
 def describe_setting(setting: Setting, cfg, args) -> dict:
     """A setting's effective configuration, as results.json records it (lookup.py's too)."""
-    return {"overrides": setting.overrides, "window": cfg.max_position_embeddings, "mem_layers": list(cfg.mem_layers),
-            "mem_top_k": cfg.mem_top_k, "mem_index": cfg.mem_index, "mem_blocks": cfg.mem_blocks,
-            "window_overlap": cfg.window_overlap, "mem_score_bias": cfg.mem_score_bias,
-            "last_context_length": args.last_context_length or cfg.last_context_length,
+    described = {"overrides": setting.overrides, "window": cfg.max_position_embeddings,
+                 "mem_layers": list(cfg.mem_layers), "mem_top_k": cfg.mem_top_k, "mem_index": cfg.mem_index,
+                 "mem_blocks": cfg.mem_blocks, "window_overlap": cfg.window_overlap,
+                 "mem_score_bias": cfg.mem_score_bias}
+    if cfg.mem_rope_distance is not None:  # only when set: records of runs before the setting stay as they were
+        described["mem_rope_distance"] = cfg.mem_rope_distance
+    return {**described, "last_context_length": args.last_context_length or cfg.last_context_length,
             "cache_policy": args.cache_policy or cfg.cache_policy}
 
 

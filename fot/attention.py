@@ -65,6 +65,7 @@ def reference_memory_attention(
     local: LocalKV,
     memory: MemoryKV | None,
     grouping: tuple[int, int] | None = None,
+    q_mem_BNTH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The spec: one fp32 softmax over [local | memory] scores, computed literally.
 
@@ -78,6 +79,7 @@ def reference_memory_attention(
         local: local keys/values; the T queries are the last T local positions.
         memory: memory keys/values, or None.
         grouping: optional (heads, queries) block sizes.
+        q_mem_BNTH: the queries that score memory (``config.mem_rope_distance``), or None: ``q_BNTH``.
 
     Returns:
         [B, N, T, H] in the query dtype.
@@ -95,6 +97,7 @@ def reference_memory_attention(
     else:
         memory = None
     step_h, step_q = grouping if grouping is not None else (N, T)
+    q_mem_BNTH = q_BNTH if q_mem_BNTH is None else q_mem_BNTH
     out_BNTH = torch.empty_like(q_BNTH)
     for h0 in range(0, N, step_h):
         hs = slice(h0, min(h0 + step_h, N))
@@ -105,7 +108,8 @@ def reference_memory_attention(
             scores = scores.masked_fill(~visible_B1TS[:, :, ts], masked_score(dtype))
             values = v_BNSH[:, hs]
             if memory is not None:
-                mem_scores = torch.matmul(q, k_mem_BNMH[:, hs].transpose(2, 3)) / math.sqrt(H) - memory.score_bias
+                q_mem = q_mem_BNTH[:, hs, ts]
+                mem_scores = torch.matmul(q_mem, k_mem_BNMH[:, hs].transpose(2, 3)) / math.sqrt(H) - memory.score_bias
                 if memory.valid_BM is not None:
                     mem_scores = mem_scores.masked_fill(~memory.valid_BM[:, None, None, :], masked_score(dtype))
                 scores = torch.cat([scores, mem_scores], dim=-1)
@@ -299,6 +303,7 @@ def fused_memory_attention(
     memory: MemoryKV | None,
     grouping: tuple[int, int] | None = None,
     block: int = MEMORY_BLOCK,
+    q_mem_BNTH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fast path of ``reference_memory_attention`` (same arguments and result, up to rounding).
 
@@ -330,14 +335,15 @@ def fused_memory_attention(
                     sub_local.v_BGSH[:, :, :trimmed],
                     None if local.valid_BS is None else local.valid_BS[:, :trimmed],
                 )
-                out[:, hs, ts] = fused_memory_attention(q_BNTH[:, hs, ts], part_local, sub_mem, None, block)
+                q_mem = None if q_mem_BNTH is None else q_mem_BNTH[:, hs, ts]
+                out[:, hs, ts] = fused_memory_attention(q_BNTH[:, hs, ts], part_local, sub_mem, None, block, q_mem)
         return out
     out_BNTH, lse_BNT = _local_part(q_BNTH, local)
     if memory is None or memory.size == 0:
         return out_BNTH
     G = memory.k_BGMH.shape[1]
     R = N // G
-    q_BGXH = q_BNTH.reshape(B, G, R * T, H)  # heads of one KV group are adjacent
+    q_BGXH = (q_BNTH if q_mem_BNTH is None else q_mem_BNTH).reshape(B, G, R * T, H)  # a KV group's heads adjacent
     mem_out, mem_lse = _memory_part(q_BGXH, memory, block)
     # an offset of every memory score is an offset of the memory part's log-sum-exp
     mem_lse = mem_lse.reshape(B, N, T) - memory.score_bias
@@ -430,11 +436,13 @@ def gather_memory(memory: MemoryKV, idx_BNTK: torch.Tensor, dtype: torch.dtype, 
     return k.view(B, N, T, K, H), v.view(B, N, T, K, H)
 
 
-def reference_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK: torch.Tensor | None):
+def reference_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK: torch.Tensor | None,
+                             q_mem_BNTH: torch.Tensor | None = None):  # fmt: skip
     """The kNN-memory spec: each query attends to its local keys and to its own retrieved memory slots
     (``idx`` [B, N, T, K], -1 = none), all in one fp32 softmax; scores scaled by 1/sqrt(H), a masked local
     key scores -1e6, a missing (-1) or invalid retrieved slot is excluded. Without memory (None: nothing
-    stored yet) it is local attention. Differentiable: training with top-k memory uses it."""
+    stored yet) it is local attention. ``q_mem_BNTH`` (``config.mem_rope_distance``) scores the retrieved slots
+    instead of ``q_BNTH``. Differentiable: training with top-k memory uses it."""
     if memory is None:
         return reference_memory_attention(q_BNTH, local, None)
     B, N, T, H = q_BNTH.shape
@@ -445,7 +453,8 @@ def reference_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, id
     s_loc = torch.matmul(q_BNTH, k_loc.transpose(2, 3)) / math.sqrt(H)
     s_loc = s_loc.masked_fill(~local_visibility(T, local), masked_score(dtype))
     k_sel, v_sel = gather_memory(memory, idx_BNTK, dtype)
-    s_sel = torch.einsum("bnth,bntkh->bntk", q_BNTH, k_sel) / math.sqrt(H) - memory.score_bias
+    q_mem_BNTH = q_BNTH if q_mem_BNTH is None else q_mem_BNTH
+    s_sel = torch.einsum("bnth,bntkh->bntk", q_mem_BNTH, k_sel) / math.sqrt(H) - memory.score_bias
     s_sel = s_sel.masked_fill(~_retrieved_ok(memory, idx_BNTK), float("-inf"))
     probs = torch.softmax(torch.cat([s_loc, s_sel], dim=-1), dim=-1, dtype=softmax_dtype(dtype)).to(dtype)
     S = s_loc.shape[-1]
@@ -462,7 +471,7 @@ def _retrieved_ok(memory: MemoryKV, idx_BNTK: torch.Tensor) -> torch.Tensor:
 
 
 def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK, query_block: int = 128,
-                         scratch=None):  # fmt: skip
+                         scratch=None, q_mem_BNTH: torch.Tensor | None = None):  # fmt: skip
     """Fast path of ``reference_topk_attention``: fused local attention with LSE, retrieved slots gathered
     ``query_block`` queries at a time (bounding the [B, N, T, K, H] gather, into ``scratch`` when given),
     merged by LSE. Inference only: the gathers write into preallocated buffers, which autograd rejects."""
@@ -470,18 +479,19 @@ def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BN
     out_loc, lse_loc = _local_part(q_BNTH, local)
     if memory is None:
         return out_loc
+    q_mem_BNTH = q_BNTH if q_mem_BNTH is None else q_mem_BNTH  # scores memory; _topk_block returns its dtype
     if T <= query_block:  # one block (decoding, short chunks): no output buffer
-        return _topk_block(q_BNTH, memory, idx_BNTK, out_loc, lse_loc, scratch)
+        return _topk_block(q_mem_BNTH, memory, idx_BNTK, out_loc, lse_loc, scratch)
     out = torch.empty_like(q_BNTH)
     for t0 in range(0, T, query_block):
         ts = slice(t0, min(t0 + query_block, T))
-        out[:, :, ts] = _topk_block(q_BNTH[:, :, ts], memory, idx_BNTK[:, :, ts], out_loc[:, :, ts],
+        out[:, :, ts] = _topk_block(q_mem_BNTH[:, :, ts], memory, idx_BNTK[:, :, ts], out_loc[:, :, ts],
                                     lse_loc[:, :, ts], scratch)  # fmt: skip
     return out
 
 
 def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc, scratch=None) -> torch.Tensor:
-    """Attention of a block of queries to their retrieved slots, merged with their local part by LSE."""
+    """Attention of a block of memory queries to their retrieved slots, merged with their local part by LSE."""
     k_sel, v_sel = gather_memory(memory, idx_BNTK, q_BNTH.dtype, scratch)  # [B, N, T, K, H]
     scale = 1.0 / math.sqrt(q_BNTH.shape[-1])
     s = torch.matmul(q_BNTH.unsqueeze(-2), k_sel.transpose(-1, -2)).squeeze(-2).float() * scale  # [B, N, T, K]
@@ -557,20 +567,22 @@ def fused_block_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, block
 AttentionFunction = Callable[..., torch.Tensor]
 
 
-def _reference_dense(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
-    return reference_memory_attention(q_BNTH, local, memory, grouping)
+# The four inference entries below take ``q_mem_BNTH`` (``config.mem_rope_distance``); the others do not, and
+# resolve_plan refuses the setting where they would run.
+def _reference_dense(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None, q_mem_BNTH=None):
+    return reference_memory_attention(q_BNTH, local, memory, grouping, q_mem_BNTH)
 
 
-def _reference_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
-    return reference_topk_attention(q_BNTH, local, memory, idx_BNTK)
+def _reference_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None, q_mem_BNTH=None):
+    return reference_topk_attention(q_BNTH, local, memory, idx_BNTK, q_mem_BNTH)
 
 
-def _torch_dense(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
-    return fused_memory_attention(q_BNTH, local, memory, grouping)
+def _torch_dense(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None, q_mem_BNTH=None):
+    return fused_memory_attention(q_BNTH, local, memory, grouping, q_mem_BNTH=q_mem_BNTH)
 
 
-def _torch_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):
-    return fused_topk_attention(q_BNTH, local, memory, idx_BNTK, scratch=scratch)
+def _torch_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None, q_mem_BNTH=None):
+    return fused_topk_attention(q_BNTH, local, memory, idx_BNTK, scratch=scratch, q_mem_BNTH=q_mem_BNTH)
 
 
 def _torch_dense_training(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None):

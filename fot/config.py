@@ -27,7 +27,7 @@ VALIDATED_FIELDS = frozenset({
     "max_position_embeddings", "last_context_length", "gradient_checkpoint_every_ith", "mem_dtype",
     "mem_attention_grouping", "mem_index", "mem_top_k", "mem_max_tokens", "mem_nprobe", "cache_policy", "attn_impl",
     "rope_parameters", "mem_offload", "mem_offload_dir", "window_overlap", "mem_blocks", "mem_block_size",
-    "mem_block_queries", "mem_score_bias",
+    "mem_block_queries", "mem_score_bias", "mem_rope_distance",
 })  # fmt: skip
 
 
@@ -115,6 +115,14 @@ class LongLlamaConfig(PreTrainedConfig):
             needs locally (docs/results.md, perplexity by position). Training (crossbatch contexts, or a
             memory under autograd) subtracts it too, so an adapter learns under the offset it runs with; Triton
             has no kernel for it.
+        mem_rope_distance: ours, None (the reference) or an int D >= 0. Memory keys are stored before RoPE, so
+            with None a query scores them as keys at position 0: at the distance of its own offset in the local
+            window, nearer than most of its local context for the window's first queries. With D every query
+            scores memory as keys D positions before it (its memory query is rotated at position D), so memory
+            never looks nearer than D tokens; InfLLM places its memory at the local window's distance the same
+            way. D = the window keeps SmolLM2's passkeys with memory in every layer and cuts memory's damage to
+            perplexity (docs/results.md). Inference with dense or top-k memory on the torch and reference paths;
+            training, block retrieval and Triton refuse it.
 
     Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
     raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.
@@ -164,6 +172,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_block_size: int = 32
     mem_block_queries: int = 64
     mem_score_bias: float = 0.0
+    mem_rope_distance: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -302,6 +311,13 @@ class LongLlamaConfig(PreTrainedConfig):
         b = self.mem_score_bias
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < float("inf"):
             raise ValueError(f"mem_score_bias={b!r} must be a finite number >= 0 (0: no offset), e.g. 2.0.")
+        d = self.mem_rope_distance
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
+            raise ValueError(f"mem_rope_distance={d!r} must be None (the reference) or an int >= 0, e.g. "
+                             f"{self.max_position_embeddings} (the window).")
+        if d is not None and not self.mem_positionals:
+            raise ValueError(f"mem_rope_distance={d} rotates memory queries, but mem_positionals=False turns RoPE "
+                             "off in memory layers; set mem_rope_distance=None.")
         if self.mem_blocks is not None and self.mem_top_k is not None:
             raise ValueError(f"mem_blocks={self.mem_blocks} (block retrieval) and mem_top_k={self.mem_top_k} (per-query "
                              "top-k) are two ways to read memory; set one of them to None.")

@@ -191,15 +191,26 @@ def _top_k_arg(text: str) -> int | str:
     return int(text)
 
 
+def _distance_arg(text: str) -> int | str:
+    if text == "none":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an int >= 0 nor 'none' (memory at each query's own "
+                                         "position)")
+    return int(text)
+
+
 def _config_fields(args) -> dict:
     """The config fields the command line sets (a flag left out leaves the field as it is, or at its default)."""
     names = {"mem_layers": "mem_layers", "window": "max_position_embeddings",
              "last_context_length": "last_context_length", "mem_top_k": "mem_top_k", "mem_index": "mem_index",
              "mem_nprobe": "mem_nprobe", "mem_dtype": "mem_dtype", "window_overlap": "window_overlap",
-             "mem_score_bias": "mem_score_bias"}
+             "mem_score_bias": "mem_score_bias", "mem_rope_distance": "mem_rope_distance"}
     fields = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
     if fields.get("mem_top_k") == "none":
         fields["mem_top_k"] = None
+    if fields.get("mem_rope_distance") == "none":
+        fields["mem_rope_distance"] = None
     if "mem_layers" in fields:
         fields["mem_layers"] = _mem_layers_arg(fields["mem_layers"])
     return fields
@@ -226,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens before each memory-bound window that it re-reads as local context (default 0)")
     parser.add_argument("--mem-score-bias", type=float, metavar="B",
                         help="subtracted from every memory score before the one softmax (default 0)")
+    parser.add_argument("--mem-rope-distance", type=_distance_arg, metavar="D|none",
+                        help="memory scored as keys D positions before each query (e.g. the window); none: at the "
+                             "query's own position in its window, the reference's (the default)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the saved weights (--gguf only)")
     parser.add_argument("--out", required=True, help="output directory (may equal --from)")

@@ -120,6 +120,7 @@ class LongLlamaAttention(nn.Module):
         crossbatch: CrossBatchPlan | None = None,
         windows: int = 1,
         blocks: BlockChoice | None = None,
+        q_mem_BNTH: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend a chunk's queries.
 
@@ -128,7 +129,9 @@ class LongLlamaAttention(nn.Module):
         ``idx_BNTK``. With ``crossbatch`` (training), memory layers instead attend to the other rows' raw keys
         (position 0) and values named by it, in the same softmax. ``windows`` > 1: the chunk is that many
         consecutive windows stacked as batch rows (window-major, ``window_group_attention``). In the plan's block
-        mode, ``blocks`` are the memory blocks each chunk of queries reads (``fot.blocks``).
+        mode, ``blocks`` are the memory blocks each chunk of queries reads (``fot.blocks``). ``q_mem_BNTH``, when
+        given (``config.mem_rope_distance``), are the queries that score memory; the local window is scored by
+        ``q_BNTH``.
 
         Returns:
             the output [B, T, D].
@@ -146,7 +149,9 @@ class LongLlamaAttention(nn.Module):
         else:
             mem_kv = memory.view() if self.is_memory_layer else None
             scratch = None if memory is None else memory.scratch
-            out_BNTH = attend(q_BNTH, local_kv, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping, scratch=scratch)
+            extra = {} if q_mem_BNTH is None else {"q_mem_BNTH": q_mem_BNTH}  # only the paths that take it
+            out_BNTH = attend(q_BNTH, local_kv, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping, scratch=scratch,
+                              **extra)  # fmt: skip
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out_BTD)
 
@@ -164,12 +169,14 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x_BTD, *, rope_cos_sin, local, memory, valid_BT, plan: ForwardPlan, crossbatch=None,
-                windows: int = 1):  # fmt: skip
+                windows: int = 1, mem_rope_cos_sin=None):  # fmt: skip
         """Run the block on a chunk.
 
         ``x_BTD`` is positional (a checkpointed layer passes only positional arguments through the checkpoint
         function); everything else is a keyword. ``local`` is a ``LocalWindow`` (inference) or a ``LocalSnapshot``
-        (training), ``memory`` a ``MemoryReader`` or None; the rest is as in ``LongLlamaAttention.forward``.
+        (training), ``memory`` a ``MemoryReader`` or None; ``mem_rope_cos_sin`` (``config.mem_rope_distance``)
+        rotates the chunk's queries from their positions to position D for memory; the rest is as in
+        ``LongLlamaAttention.forward``.
 
         Returns:
             (output [B, T, D], (raw keys before RoPE, rotated keys, values), each [B, G, T, H]), for the caller to
@@ -179,14 +186,16 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         # What attention reads is gathered here, outside it: the chunk joins the local window (the cache's window
         # stages it in its free slots, a training snapshot concatenates it) and top-k memory is searched.
         local_kv = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
-        idx_BNTK = blocks = None
+        idx_BNTK = blocks = q_mem_BNTH = None
+        if memory is not None and mem_rope_cos_sin is not None and self.self_attn.use_rope:
+            q_mem_BNTH = apply_rope(q_BNTH, *(t.to(q_BNTH.dtype) for t in mem_rope_cos_sin))
         if memory is not None and plan.memory_mode == "top-k" and memory.view() is not None:
-            idx_BNTK = memory.retrieve(q_BNTH)
+            idx_BNTK = memory.retrieve(q_BNTH if q_mem_BNTH is None else q_mem_BNTH)
         if memory is not None and plan.memory_mode == "block" and memory.view() is not None:
             blocks = memory.choose_blocks(q_BNTH)
         attn_BTD = self.self_attn(
             q_BNTH, local_kv=local_kv, k_raw_BGTH=k_raw_BGTH, v_BGTH=v_BGTH, memory=memory, idx_BNTK=idx_BNTK,
-            valid_BT=valid_BT, plan=plan, crossbatch=crossbatch, windows=windows, blocks=blocks,
+            valid_BT=valid_BT, plan=plan, crossbatch=crossbatch, windows=windows, blocks=blocks, q_mem_BNTH=q_mem_BNTH,
         )  # fmt: skip
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
@@ -252,14 +261,18 @@ def run_chunk(layers: nn.ModuleList, x_BTD, cache: LongLlamaCache, valid_BT, *, 
     offset = cache.local_length
     T = x_BTD.shape[1]
     inv_freq = next((f for f in inv_freqs if f is not None), None)
-    rope = None
+    rope = mem_rope = None
     if inv_freq is not None:
-        rope = rope_cos_sin(torch.arange(offset, offset + T, device=x_BTD.device), inv_freq, x_BTD.dtype)
+        positions_T = torch.arange(offset, offset + T, device=x_BTD.device)
+        rope = rope_cos_sin(positions_T, inv_freq, x_BTD.dtype)
+        if plan.mem_rope_distance is not None:  # turns a query at position p to position D: by D - p
+            mem_rope = rope_cos_sin(plan.mem_rope_distance - positions_T, inv_freq, x_BTD.dtype)
     hidden = [x_BTD] if keep_hidden else None
     for idx, layer in enumerate(layers):
         x_BTD, kv = layer(
             x_BTD, rope_cos_sin=rope, local=cache.local_for_attention(idx, training=plan.training),
             memory=cache.memory_reader(idx), valid_BT=valid_BT, plan=plan, crossbatch=crossbatch,
+            mem_rope_cos_sin=mem_rope,
         )  # fmt: skip
         if crossbatch is None:  # a crossbatch step keeps no state
             if context:

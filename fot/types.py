@@ -128,6 +128,8 @@ class ForwardPlan:
             context (``config.window_overlap``; 0 in training).
         score_bias: ``config.mem_score_bias``, for crossbatch attention (its contexts are no memory view; memory
             views carry the offset themselves, ``MemoryKV.score_bias``).
+        mem_rope_distance: ``config.mem_rope_distance``: memory queries rotated at this position, or None (the
+            queries' own).
     """
 
     impl: str
@@ -139,6 +141,7 @@ class ForwardPlan:
     last_context_length: int = 0
     window_overlap: int = 0
     score_bias: float = 0.0
+    mem_rope_distance: int | None = None
 
     def __post_init__(self):
         assert self.impl in IMPLEMENTATIONS, self.impl

@@ -49,6 +49,10 @@ class Spec:
         self.tied = get("tie_word_embeddings")
         self.overlap = overrides.get("window_overlap", getattr(config, "window_overlap", 0))
         self.mem_score_bias = overrides.get("mem_score_bias", getattr(config, "mem_score_bias", 0.0))
+        # memory scored by queries at this RoPE position instead of their own (None: their own)
+        self.mem_rope_distance = overrides.get("mem_rope_distance", getattr(config, "mem_rope_distance", None))
+        # top-k memory by exact search, only when asked for (a model's own mem_top_k is not read)
+        self.top_k = overrides.get("top_k")
         # block retrieval: (blocks read per chunk, slots per block, queries per chunk), or None
         n_blocks = overrides.get("mem_blocks", getattr(config, "mem_blocks", None))
         self.blocks = None if n_blocks is None else (
@@ -126,7 +130,9 @@ class NaiveLongLlama:
         is_mem = idx in s.mem_layers
         use_rope = s.mem_positionals or not is_mem
         q_pos = list(range(S - T, S))
+        q_mem = q  # the queries that score memory
         if use_rope:
+            q_mem = rotate(q, [s.mem_rope_distance] * T if s.mem_rope_distance is not None else q_pos, s.theta)
             q = rotate(q, q_pos, s.theta)
             keys = rotate(keys_raw, list(range(S)), s.theta)
         else:
@@ -142,8 +148,11 @@ class NaiveLongLlama:
                 scores = torch.where(visible_TS, scores, torch.full_like(scores, MASKED))
                 vals = values[b, g]
                 if is_mem and st.mk.shape[2]:
-                    mscores = (q[b, n] @ st.mk[b, g].T) / math.sqrt(H) - s.mem_score_bias
+                    mscores = (q_mem[b, n] @ st.mk[b, g].T) / math.sqrt(H) - s.mem_score_bias
                     mscores = torch.where(st.mvalid[b][None, :], mscores, torch.full_like(mscores, MASKED))
+                    if s.top_k is not None and mscores.shape[1] > s.top_k:  # each query's k best memory scores
+                        kth = mscores.topk(s.top_k, dim=1).values[:, -1:]
+                        mscores = torch.where(mscores >= kth, mscores, torch.full_like(mscores, -math.inf))
                     if s.blocks is not None:  # only the slots of the blocks each query's chunk chose
                         n_blocks, size, chunk = s.blocks
                         chosen = naive_block_choice(q[b, g * R:(g + 1) * R], st.mk[b, g], st.mvalid[b], size,
@@ -232,6 +241,22 @@ class NaiveLongLlama:
         for idx in sorted(self.s.mem_layers):
             return self.layers[idx].mk.shape[2]
         return 0
+
+
+def decoding_error(model, ids, steps, policy: str = "slide") -> float:
+    """The largest logit error of ``model`` against the spec while it prefills ``ids`` [1, N], then decodes
+    ``steps`` [1, S] one token at a time through its cache."""
+    from tests.tiny import max_err
+
+    naive = NaiveLongLlama(weights_f64(model), Spec(model.config), policy=policy)
+    naive.prefill(ids)
+    worst = 0.0
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        for t in range(steps.shape[1]):
+            got = model(steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            worst = max(worst, max_err(got, naive.step(steps[:, t:t + 1])))
+    return worst
 
 
 def naive_logits(model_or_weights, config, ids, valid=None, **overrides) -> torch.Tensor:

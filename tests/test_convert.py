@@ -25,19 +25,21 @@ def saved(path):
 def test_from_rewrites_the_memory_settings_into_a_copy_that_loads_as_the_overrides_would(checkpoint, tmp_path, capsys):
     out = tmp_path / "every-layer"
     main(["--from", str(checkpoint), "--mem-layers", "all", "--mem-top-k", "4", "--mem-nprobe", "8", "--window", "32",
-          "--last-context-length", "16", "--window-overlap", "8", "--mem-score-bias", "1.5", "--out", str(out)])
+          "--last-context-length", "16", "--window-overlap", "8", "--mem-score-bias", "1.5", "--mem-rope-distance", "32",
+          "--out", str(out)])
     assert "memory layers" in capsys.readouterr().out
     cfg = saved(out)
     assert (cfg["mem_layers"], cfg["mem_top_k"], cfg["mem_nprobe"]) == ([0, 1, 2], 4, 8)
     assert (cfg["max_position_embeddings"], cfg["last_context_length"], cfg["window_overlap"]) == (32, 16, 8)
-    assert cfg["mem_score_bias"] == 1.5
+    assert (cfg["mem_score_bias"], cfg["mem_rope_distance"]) == (1.5, 32)
     assert saved(checkpoint)["mem_layers"] == [1]  # the source is untouched
     assert (out / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
     assert not list(out.glob(".*.tmp"))
     # Reference: the source loaded with the same settings as from_pretrained overrides.
     expected = fot.LongLlamaForCausalLM.from_pretrained(checkpoint, mem_layers=[0, 1, 2], mem_top_k=4, mem_nprobe=8,
                                                         max_position_embeddings=32, last_context_length=16,
-                                                        window_overlap=8, mem_score_bias=1.5).eval()
+                                                        window_overlap=8, mem_score_bias=1.5,
+                                                        mem_rope_distance=32).eval()
     ids = torch.randint(3, 128, (1, 150), generator=torch.Generator().manual_seed(0))  # several windows of memory
     with torch.no_grad():
         assert torch.equal(fot.LongLlamaForCausalLM.from_pretrained(out).eval()(ids).logits, expected(ids).logits)
@@ -47,9 +49,12 @@ def test_from_in_place_changes_only_the_config_and_none_turns_top_k_off(checkpoi
     weights = (checkpoint / "model.safetensors").read_bytes()
     main(["--from", str(checkpoint), "--mem-layers", "0", "2", "--mem-top-k", "3", "--out", str(checkpoint)])
     assert (saved(checkpoint)["mem_layers"], saved(checkpoint)["mem_top_k"]) == ([0, 2], 3)
-    main(["--from", str(checkpoint), "--mem-top-k", "none", "--out", str(checkpoint)])
+    main(["--from", str(checkpoint), "--mem-rope-distance", "64", "--out", str(checkpoint)])
+    assert saved(checkpoint)["mem_rope_distance"] == 64
+    main(["--from", str(checkpoint), "--mem-top-k", "none", "--mem-rope-distance", "none", "--out", str(checkpoint)])
     cfg = saved(checkpoint)
     assert cfg["mem_layers"] == [0, 2] and cfg.get("mem_top_k") is None  # a flag left out leaves its field alone
+    assert cfg.get("mem_rope_distance") is None
     assert (checkpoint / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "generation_config.json",
                                                               "model.safetensors"]
@@ -61,6 +66,7 @@ def test_from_in_place_changes_only_the_config_and_none_turns_top_k_off(checkpoi
         (["--mem-layers", "5:"], "mem_layers='5:' selects no layer of a model with num_hidden_layers=3"),
         (["--mem-layers", "all", "--mem-top-k", "0"], "--mem-top-k: '0' is neither a positive int nor 'none'"),
         (["--window", "8"], "last_context_length=32 exceeds max_position_embeddings=8"),
+        (["--mem-rope-distance", "-4"], "--mem-rope-distance: '-4' is neither an int >= 0 nor 'none'"),
     ],
 )
 def test_bad_settings_are_one_line_errors_and_write_nothing(checkpoint, tmp_path, capsys, args, message):

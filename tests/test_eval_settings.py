@@ -32,6 +32,9 @@ HF_PARITY = 1e-5  # fp32 logits of the same causal attention computed by two imp
         ("full:8192", {"mem_layers": [], "max_position_embeddings": 8192, "last_context_length": 8192}),
         ("hf:4096", {"max_position_embeddings": 4096}),
         ("memory+bias=2.5", {"mem_score_bias": 2.5}),
+        ("memory+dist=512", {"mem_rope_distance": 512}),
+        ("dense+dist=0", {"mem_top_k": None, "mem_index": "exact", "mem_rope_distance": 0}),
+        ("memory+dist=none", {"mem_rope_distance": None}),
         ("blocks:16+block=64+chunk=128+overlap=32",
          {"mem_blocks": 16, "mem_top_k": None, "mem_index": "exact", "mem_block_size": 64, "mem_block_queries": 128,
           "window_overlap": 32}),
@@ -63,6 +66,8 @@ def test_composed_settings_are_the_overrides_they_name(text, overrides):
         ("blocks:8+k=32", "blocks takes no k="),
         ("memory+bias=-1", "bias must be a number >= 0"),
         ("memory+bias=x", "bias must be a number >= 0"),
+        ("memory+dist=-5", "dist must be an integer >= 0"),
+        ("blocks:4+dist=512", "blocks takes no dist="),
     ],
 )
 def test_bad_settings_name_the_fix(text, message):

@@ -6,7 +6,7 @@ import torch
 
 import fot
 
-from tests.naive import naive_logits
+from tests.naive import decoding_error, naive_logits
 from tests.tiny import TOL32, TOL64, max_err, tiny_model, tokens
 
 BIAS = 1.5
@@ -39,17 +39,8 @@ def test_memory_score_bias_equals_spec(impl, extra):
 
 
 def test_memory_score_bias_in_decoding_equals_spec():
-    from tests.naive import NaiveLongLlama, Spec, weights_f64
-
     model = tiny_model(attn_impl="torch", mem_score_bias=BIAS, mem_top_k=512, mem_index="exact")
-    ids, steps = tokens(1, 200, seed=32), tokens(1, 10, seed=33)
-    naive = NaiveLongLlama(weights_f64(model), Spec(model.config), policy="slide")
-    naive.prefill(ids)
-    with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-        for t in range(steps.shape[1]):
-            got = model(steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits
-            assert max_err(got, naive.step(steps[:, t:t + 1])) < TOL64
+    assert decoding_error(model, tokens(1, 200, seed=32), tokens(1, 10, seed=33)) < TOL64
 
 
 def test_memory_score_bias_is_checked_and_has_no_triton_kernel():
