@@ -187,9 +187,11 @@ SMOLLM2_LCL ?= 256
 SMOLLM2_MEM_DTYPE ?= bfloat16
 SMOLLM2_OVERLAP ?= 32
 SMOLLM2_SCORE_BIAS ?= 0
+SMOLLM2_ROPE_DISTANCE ?= none
 SMOLLM2_SETTINGS = --mem-layers $(SMOLLM2_LAYERS) --mem-top-k $(SMOLLM2_TOP_K) --mem-index $(SMOLLM2_INDEX) \
 	--mem-nprobe $(SMOLLM2_NPROBE) --window $(SMOLLM2_WINDOW) --last-context-length $(SMOLLM2_LCL) \
-	--mem-dtype $(SMOLLM2_MEM_DTYPE) --window-overlap $(SMOLLM2_OVERLAP) --mem-score-bias $(SMOLLM2_SCORE_BIAS)
+	--mem-dtype $(SMOLLM2_MEM_DTYPE) --window-overlap $(SMOLLM2_OVERLAP) --mem-score-bias $(SMOLLM2_SCORE_BIAS) \
+	--mem-rope-distance $(SMOLLM2_ROPE_DISTANCE)
 SMOLLM2_3LAYERS := models/smollm2-fot-3layers
 .PHONY: assets smollm2 smollm2-3layers
 assets: $(STAMP)
@@ -236,7 +238,7 @@ demo-smollm2-long: smollm2
 smollm2-3layers: smollm2
 	$(OFFLINE) $(PY) -m fot.convert --from $(SMOLLM2) --mem-layers 7 15 22 --mem-top-k none --mem-index exact \
 		--mem-dtype float32 --window 512 --last-context-length 256 --window-overlap 0 --mem-score-bias 0 \
-		--out $(SMOLLM2_3LAYERS)
+		--mem-rope-distance none --out $(SMOLLM2_3LAYERS)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LOCK_VENV) build dist *.egg-info .pytest_cache

@@ -222,10 +222,11 @@ def test_the_recommended_checkpoint_holds_the_makefiles_settings():
     layers = want["LAYERS"]
     expected = resolve_mem_layers(",".join(layers.split()), c.num_hidden_layers)
     top_k = None if want["TOP_K"] == "none" else int(want["TOP_K"])
+    distance = None if want["ROPE_DISTANCE"] == "none" else int(want["ROPE_DISTANCE"])
     got = (c.mem_layers, c.mem_top_k, c.mem_index, c.mem_nprobe, c.max_position_embeddings, c.last_context_length,
-           c.mem_dtype, c.window_overlap)
+           c.mem_dtype, c.window_overlap, c.mem_score_bias, c.mem_rope_distance)
     assert got == (expected, top_k, want["INDEX"], int(want["NPROBE"]), int(want["WINDOW"]), int(want["LCL"]),
-                   want["MEM_DTYPE"], int(want["OVERLAP"])), \
+                   want["MEM_DTYPE"], int(want["OVERLAP"]), float(want["SCORE_BIAS"]), distance), \
         "models/smollm2-fot is not the Makefile's setting: run make smollm2"
 
 
