@@ -18,6 +18,7 @@ this way, across sessions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -82,8 +83,8 @@ class ResumablePrefill:
     """Prefills whose memory lives on disk and survives the process: one cache folder per job, found again by
     the job's name.
 
-    ``folder`` holds ``jobs.json`` (job name -> its cache folder, the tokens done and the seconds spent) and the
-    cache folders (``mem_offload_dir``). ``cache(name, model, input_ids)`` reopens the job's cache when there is
+    ``folder`` holds ``jobs.json`` (job name -> its cache folder, the tokens done, the seconds spent and the
+    job's ``identity``) and the cache folders (``mem_offload_dir``). ``cache(name, model, input_ids)`` reopens the job's cache when there is
     one and prefills the rest; ``finish(name)`` deletes it (the memory of a 1M-token SmolLM2 prompt is 24 GB).
     The model's config must have ``mem_offload="disk"`` with ``mem_offload_dir`` inside ``folder``.
     """
@@ -107,6 +108,21 @@ class ResumablePrefill:
             json.dump(jobs, f, indent=1)
         os.replace(tmp, self._jobs_path)
 
+    @staticmethod
+    def identity(model, input_ids: torch.Tensor, last_context_length: int | None) -> str:
+        """What a job's memory is a function of: the prompt's tokens, the model's config (where its memory is
+        kept aside) and a sample of every weight, and ``last_context_length``. A job resumed under another of
+        any of them is started again, not continued (its memory would mix two settings)."""
+        digest = hashlib.sha256(input_ids.detach().cpu().to(torch.int64).numpy().tobytes())
+        config = {k: v for k, v in model.config.to_dict().items()
+                  if k not in ("mem_offload", "mem_offload_dir", "_name_or_path", "transformers_version")}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        digest.update(repr(last_context_length).encode())
+        for name, p in sorted(model.state_dict().items()):
+            head = p.detach().flatten()[:64].cpu().to(torch.float64)
+            digest.update(f"{name}{tuple(p.shape)}".encode() + head.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def seconds(self, name: str) -> float:
         """Seconds the job's earlier processes spent on its prefill (0 for a new job)."""
         return float(self._jobs().get(name, {}).get("seconds", 0.0))
@@ -120,13 +136,19 @@ class ResumablePrefill:
         jobs = self._jobs()
         job = jobs.get(name)
         cache = None
+        identity = self.identity(model, input_ids, last_context_length)
+        if job is not None and job.get("identity") != identity:
+            logger.warning("prefill %s: the memory in %s was made by another prompt, model or setting; starting "
+                           "this prompt again", name, job["path"])  # fmt: skip
+            shutil.rmtree(job["path"], ignore_errors=True)
+            job = None
         if job is not None and os.path.isdir(job["path"]):
             cache = LongLlamaCache.open_offloaded(job["path"], config)
             logger.info("prefill %s: resumed at token %d of %d from %s", name, cache.seen_tokens,
                         input_ids.shape[1], job["path"])  # fmt: skip
         if cache is None:
             cache = LongLlamaCache(config)
-            job = {"path": cache.offload_path, "tokens": 0, "seconds": 0.0}
+            job = {"path": cache.offload_path, "tokens": 0, "seconds": 0.0, "identity": identity}
             jobs[name] = job
             self._write_jobs(jobs)
         clock = [time.perf_counter()]
@@ -135,7 +157,8 @@ class ResumablePrefill:
             now = time.perf_counter()
             state = self._jobs()
             state[name] = {"path": job["path"], "tokens": c.seen_tokens,
-                           "seconds": float(state.get(name, job).get("seconds", 0.0)) + now - clock[0]}
+                           "seconds": float(state.get(name, job).get("seconds", 0.0)) + now - clock[0],
+                           "identity": identity}
             clock[0] = now
             self._write_jobs(state)
 

@@ -127,6 +127,31 @@ def test_a_killed_resumable_prefill_continues_to_one_calls_result(tmp_path):
         (folder / "jobs.json").read_text())
 
 
+def test_a_job_resumed_under_another_prompt_or_setting_starts_again(tmp_path, caplog):
+    folder = tmp_path / "prefill"
+    disk = dict(mem_offload="disk", mem_offload_dir=str(folder / "memory"))
+    topk = dict(mem_top_k=4, mem_index="exact")
+    ids = tokens(1, N, seed=45)
+    resumable = ResumablePrefill(str(folder), segment=192, progress=False)
+    first = resumable.cache("prompt-0", tiny_model(**topk, **disk), ids)
+    path = first.offload_path
+    again = resumable.cache("prompt-0", tiny_model(**topk, **disk), ids)  # the same job: reopened, nothing to do
+    assert again.offload_path == path and again.seen_tokens == first.seen_tokens
+    for seed, extra, prompt in ((0, {"mem_score_bias": 1.0}, ids),  # another setting
+                                (0, {}, tokens(1, N, seed=46)),  # another prompt
+                                (1, {}, ids)):  # other weights
+        model = tiny_model(seed=seed, **topk, **extra, **disk)
+        with caplog.at_level("WARNING", logger="fot.prefill"):
+            cache = resumable.cache("prompt-0", model, prompt)
+        assert "made by another prompt, model or setting" in caplog.text and not os.path.exists(path)
+        caplog.clear()
+        path, done = cache.offload_path, cache.seen_tokens
+        with torch.no_grad():
+            rest = model(prompt[:, done:], cache=cache).logits
+        full, _ = one_call(tiny_model(seed=seed, **topk, **extra), prompt)  # the same model, memory in RAM
+        assert max_err(rest, full[:, done:]) < TOL64
+
+
 def test_a_saved_prefilled_cache_keeps_the_overlap_context(tmp_path):
     model = tiny_model(window_overlap=16)
     ids = tokens(1, 400, seed=45)
