@@ -38,6 +38,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fot", "fot.*", "train", "eval", "benchmarks", "tasks", "plumbing"]),
+    package_data={"fot": ["csrc/*.cpp"]},  # compiled on first use by fot.native
     install_requires=[
         "torch>=2.4",
         f"transformers>={TRANSFORMERS_OLDEST},<6",

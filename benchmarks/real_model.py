@@ -3,10 +3,10 @@ against the same weights with memory off and against HF full attention, side by 
 
 Cases, each in its own process so its peak RSS is its own:
   * ``off``: fot with ``mem_layers=[]`` (window W = the checkpoint's, 512): the cost of the model itself;
-  * ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-ivf-sq8``, ``ivf-gemm``: every layer a memory layer, top-k
-    memory (``--k``, default 32) through that ``mem_index``; the approximate ones also report tie-aware recall@k
-    against exact search on a sample of their real queries (``benchmarks/memory_scaling.py``'s probe; the probe's
-    time is left out of the wall seconds);
+  * ``exact``, ``faiss-flat``, ``faiss-ivf``, ``faiss-ivf-sq8``, ``ivf-gemm``, ``ivf-scan``: every layer a memory
+    layer, top-k memory (``--k``, default 32) through that ``mem_index``; the approximate ones also report
+    tie-aware recall@k against exact search on a sample of their real queries (``benchmarks/memory_scaling.py``'s
+    probe; the probe's time is left out of the wall seconds);
   * ``blocks``: every layer a memory layer with block retrieval (``fot.blocks``: ``--blocks`` blocks of
     ``--block-size`` slots per chunk of ``--block-queries`` queries); its recall@k is the share of each sampled
     query's exact top-k memory keys that lie in the blocks its chunk chose, so it reads on the scale of the
@@ -45,9 +45,9 @@ from benchmarks.bench_config import check_args
 from tasks.passkey import TEMPLATES
 from plumbing.cli import ArgumentParser
 
-CASES = ("off", "exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "blocks", "hf")
-INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
-APPROXIMATE = ("faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
+CASES = ("off", "exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan", "blocks", "hf")
+INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan")
+APPROXIMATE = ("faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan")
 
 
 def memory_layers(model_path: str, layers: str, model_layers: int | None = None) -> list[int]:

@@ -1,10 +1,10 @@
-"""One window's top-k search at SmolLM2-135M's shapes: ``exact``, ``faiss-ivf`` and ``ivf-gemm``, side by side.
+"""One window's top-k search at SmolLM2-135M's shapes: ``exact``, ``faiss-ivf``, ``ivf-gemm`` and ``ivf-scan``, side by side.
 
 Each index searches the same memory of one memory layer (3 KV heads, head dim 64, bfloat16 keys drawn from a
 mixture of Gaussian clusters, which trained models' keys resemble more than isotropic noise; ``--clusters``)
 with the same queries (stored keys plus noise: one 512-token window of 9 query heads, 1,536 queries per KV
 head), round-robin ``--repeats`` times on one thread. It prints each index's best search time, its build time,
-its tie-aware recall@k against exact search, and for ``ivf-gemm`` the rate of its useful scoring (2 H FLOPs per
+its tie-aware recall@k against exact search, and for ``ivf-gemm`` and ``ivf-scan`` the rate of its useful scoring (2 H FLOPs per
 (query, key) product it needed: centroids and probed keys, no padding) against this core's fp32 GEMM peak.
 
 The search times are of a memory that does not change between searches. During a prefill each window first adds
@@ -28,7 +28,7 @@ from plumbing.cli import ArgumentParser
 KV_HEADS, HEAD_DIM, TOP_K = 3, 64, 32  # SmolLM2-135M every-layer setting
 WINDOW = 512
 QUERIES = 3 * WINDOW  # per KV head: its 3 query heads x a 512-token window
-INDEXES = ("exact", "faiss-ivf", "ivf-gemm")
+INDEXES = ("exact", "faiss-ivf", "ivf-gemm", "ivf-scan")
 
 
 def clustered(M: int, G: int, H: int, clusters: int, generator):
@@ -54,7 +54,7 @@ def main() -> None:
 
     from benchmarks.prefill import gemm_peak_gflops
     from fot.memory import MemoryStore
-    from fot.search import ExactSearch, FaissIVFSearch, IVFGemmSearch, exact_topk, recall_at_k
+    from fot.search import ExactSearch, FaissIVFSearch, IVFGemmSearch, IVFScanSearch, exact_topk, recall_at_k
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -75,7 +75,7 @@ def main() -> None:
         q = (q + 0.3 * torch.randn(G, X, H, generator=g))[None]
         exact, _ = exact_topk(q, view.k_BGMH, None, K)
         made = {"exact": ExactSearch, "faiss-ivf": lambda: FaissIVFSearch(args.nprobe),
-                "ivf-gemm": lambda: IVFGemmSearch(args.nprobe)}
+                "ivf-gemm": lambda: IVFGemmSearch(args.nprobe), "ivf-scan": lambda: IVFScanSearch(args.nprobe)}
         searches = [made[name]() for name in INDEXES if name in args.indexes]
         build = {}
         for search in searches:
@@ -96,7 +96,7 @@ def main() -> None:
             best = min(times[search.name])
             hits, wanted = recall_at_k(q, view.k_BGMH, found[search.name], exact)
             rate = ""
-            if search.name == "ivf-gemm":
+            if search.name in ("ivf-gemm", "ivf-scan"):
                 gflops = 2 * H * per_search[search.name] / best / 1e9
                 rate = (f"{per_search[search.name] / (G * X):.0f} keys/q, {gflops:.1f} GF/s "
                         f"({100 * gflops / peak:.0f}%)")  # fmt: skip

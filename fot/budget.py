@@ -15,7 +15,7 @@ The estimate (``estimate_memory``) adds, for a batch of B rows and N tokens:
   * index: what ``mem_index`` keeps besides the store: nothing for "exact" and "faiss-flat"; for "faiss-ivf" the
     lifted fp32 copy of every key (head_dim + 1 floats) with its int64 id, and the centroids ("faiss-ivf-sq8":
     one byte per dimension instead of four, the lifted key padded with zeros to a multiple of 8 columns); for
-    "ivf-gemm" 13 bytes a key (its list and distance, the lists' slot order) and the centroids;
+    "ivf-gemm" and "ivf-scan" 13 bytes a key (its list and distance, the lists' slot order) and the centroids;
   * local: every layer's local window (raw keys, rotated keys, values) in the compute dtype;
   * activations: the input's hidden states (embeddings, output, their concatenation) and the logits kept;
   * working: the largest transient of one layer's forward (a memory block cast to fp32, an int8 memory
@@ -106,7 +106,7 @@ def index_bytes(config: LongLlamaConfig, slots: int, batch: int = 1) -> int:
     G, H = config.num_key_value_heads, config.head_dim
     if config.mem_blocks is not None:
         return BlockIndex.bytes_for(slots, config.mem_block_size, G, H, batch)
-    if config.mem_top_k is not None and config.mem_index == "ivf-gemm" and slots >= IVF_MIN_TRAIN:
+    if config.mem_top_k is not None and config.mem_index in ("ivf-gemm", "ivf-scan") and slots >= IVF_MIN_TRAIN:
         return batch * G * IVFGemmSearch.bytes_for(slots, FaissIVFSearch.nlist_for(slots), H)
     if config.mem_top_k is None or config.mem_index not in IVF_CODE_BYTES or slots < IVF_MIN_TRAIN:
         return 0

@@ -19,7 +19,7 @@ from transformers.configuration_utils import PreTrainedConfig
 MEM_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-vector scale (fot.quant)
 MEM_OFFLOADS = ("ram", "disk")
 CACHE_POLICIES = ("slide", "flush")
-MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm")
+MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan")
 ATTN_IMPLS = ("auto", "torch", "triton", "reference")
 # What ``validate_longllama`` checks: assigning one of these to a built config validates it again.
 VALIDATED_FIELDS = frozenset({
@@ -74,8 +74,9 @@ class LongLlamaConfig(PreTrainedConfig):
         mem_index: how top-K slots are found: "exact" (matmul + topk), "faiss-flat" (FAISS brute force),
             "faiss-ivf" (FAISS IVF-Flat, approximate), "faiss-ivf-sq8" (the same with 8-bit lists: a quarter of
             its RAM beyond the store) or "ivf-gemm" (the same IVF in torch, lists of slot ids scored with dense
-            matmuls; no second copy of the keys). See ``fot.search``.
-        mem_nprobe: inverted lists visited per query by "faiss-ivf" and "ivf-gemm". The default, 16, is the knee
+            matmuls; no second copy of the keys) or "ivf-scan" (ivf-gemm's index searched by a compiled CPU scan
+            keeping each query's best k as it goes, built on first use with the system's C++ compiler). See ``fot.search``.
+        mem_nprobe: inverted lists visited per query by "faiss-ivf", "ivf-gemm" and "ivf-scan". The default, 16, is the knee
             measured on the demo model over text full of numbers (docs/benchmarks.md, "Choosing nprobe"): recall@32
             0.96 at 5.4x memory off at 64K tokens, against 0.90 at 4.5x for 8 and 0.99 at 8.1x for 32.
         mem_max_tokens: None means unbounded memory; an int caps the memory per layer, evicting the oldest

@@ -41,6 +41,12 @@ Backends (``mem_index``):
     ``bmm`` (padding at most doubles a bucket's work). The scores are copied into one row per query in runs of
     ``SCORE_CHUNK`` and reduced to its top k by ``select_topk``. New keys join their nearest list after every
     window without retraining; overwritten slots (FIFO) just change list. No faiss needed.
+  * "ivf-scan": ivf-gemm's index, probed the same way, but each query's top k is found by a compiled scan
+    (fot/csrc/ivf_scan.cpp, built with the system's C++ compiler on first use by ``fot.native``): each list is
+    visited once, its keys gathered into a transposed fp32 block and scored against the queries that probe it,
+    four queries by sixteen keys at a time in registers, and a score is kept only if it beats its query's
+    current k-th best. Nothing the size of a query's row is written, which is what costs
+    ivf-gemm most on a CPU. CPU only, bf16 or fp32 memory; the same lists, so the same keys are found.
 faiss is optional: asking for a faiss backend without it raises an error naming the extra to install.
 """
 
@@ -872,16 +878,7 @@ class IVFGemmSearch(TensorIndex):
             self._lists = self._build_lists(M)
         lists = self._lists
         C, BG = self.nlist, B * G
-        q_RH = q_BGXH.detach().float().reshape(BG * X, H)  # R = BG * X queries, head-major
-        # probing: ascending |[q,0] - c|^2 = descending q . c[:H] - |c|^2 / 2, for all heads in one batched GEMM
-        cent = self.centroids_BGCD.view(BG, C, H + 1)
-        half_BC = cent.pow(2).sum(-1) / 2
-        cs_BXC = torch.baddbmm(-half_BC[:, None, :], q_RH.view(BG, X, H), cent[:, :, :H].transpose(1, 2))
-        P = min(self.nprobe, C)
-        probe_BXP = cs_BXC.topk(P, dim=-1).indices
-        outlier_list = torch.full((BG, X, 1), C, dtype=torch.long, device=probe_BXP.device)
-        head_B11 = torch.arange(BG, device=probe_BXP.device).view(BG, 1, 1)
-        lists_RJ = (torch.cat([probe_BXP, outlier_list], -1) + head_B11 * (C + 1)).view(BG * X, P + 1)
+        q_RH, lists_RJ = self._probe(q_BGXH)
         scores_RW, start_RJ = self._score_lists(q_RH, lists_RJ, lists, view)
         self.scored += BG * X * C + int(lists.length[lists_RJ].sum())
         kk = min(k, scores_RW.shape[1])
@@ -894,6 +891,22 @@ class IVFGemmSearch(TensorIndex):
         if kk < k:
             ids = torch.nn.functional.pad(ids, (0, k - kk), value=-1)
         return ids.view(B, G, X, k).to(q_BGXH.device)
+
+    def _probe(self, q_BGXH) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the queries [R, H] fp32, R = B G X head-major; the global ids [R, nprobe + 1] of the lists each
+        probes: its ``nprobe`` nearest and its head's outlier list)."""
+        B, G, X, H = q_BGXH.shape
+        C, BG = self.nlist, B * G
+        q_RH = q_BGXH.detach().float().reshape(BG * X, H)
+        # probing: ascending |[q,0] - c|^2 = descending q . c[:H] - |c|^2 / 2, for all heads in one batched GEMM
+        cent = self.centroids_BGCD.view(BG, C, H + 1)
+        half_BC = cent.pow(2).sum(-1) / 2
+        cs_BXC = torch.baddbmm(-half_BC[:, None, :], q_RH.view(BG, X, H), cent[:, :, :H].transpose(1, 2))
+        P = min(self.nprobe, C)
+        probe_BXP = cs_BXC.topk(P, dim=-1).indices
+        outlier_list = torch.full((BG, X, 1), C, dtype=torch.long, device=probe_BXP.device)
+        head_B11 = torch.arange(BG, device=probe_BXP.device).view(BG, 1, 1)
+        return q_RH, (torch.cat([probe_BXP, outlier_list], -1) + head_B11 * (C + 1)).view(BG * X, P + 1)
 
     def _score_lists(self, q_RH, lists_RJ, lists: _Lists, view):
         """Every query's scores against the keys of its lists, one row per query.
@@ -946,6 +959,46 @@ class IVFGemmSearch(TensorIndex):
             ok = (ar_q < n_q[ls, None])[:, :, None] & (ar_c < chunks_L[ls, None])[:, None, :]
             out.view(-1, CH).index_copy_(0, chunk.masked_fill(~ok, trash).flatten(), s.view(-1, CH))
         return out[: R * width].view(R, width), start_RJ
+
+
+class IVFScanSearch(IVFGemmSearch):
+    """ivf-gemm's index, searched by a compiled scan that keeps each query's best k (module docstring, "ivf-scan";
+    fot/csrc/ivf_scan.cpp, built on first use by ``fot.native``). CPU only; float memories (bf16 or fp32)."""
+
+    name = "ivf-scan"
+    KEY_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+
+    def search(self, q_BGXH, view, k):
+        if q_BGXH.device.type != "cpu":
+            raise RuntimeError("fot: mem_index='ivf-scan' is a CPU kernel; use mem_index='ivf-gemm' on "
+                               f"{q_BGXH.device.type}.")  # fmt: skip
+        if self.centroids_BGCD is None:  # not trained yet: memory is still small, search it exactly
+            return ExactSearch().search(q_BGXH, view, k)
+        reader = _KeyReader(view)
+        if reader.flat is None or reader.flat.dtype not in self.KEY_DTYPES:
+            raise RuntimeError("fot: mem_index='ivf-scan' reads bf16 or fp32 memory in place; this memory is "
+                               f"{'int8' if reader.quantized else view.k_BGMH.dtype}: use mem_dtype='bfloat16' or "
+                               "mem_index='ivf-gemm'.")  # fmt: skip
+        from . import native
+
+        B, G, X, H = q_BGXH.shape
+        M = view.size
+        if self._lists is None or self._lists.M != M:
+            self._lists = self._build_lists(M)
+        lists = self._lists
+        q_RH, lists_RJ = self._probe(q_BGXH)
+        q_RH, lists_RJ = q_RH.contiguous(), lists_RJ.contiguous()
+        R, J = lists_RJ.shape
+        valid = None if view.valid_BM is None else view.valid_BM.to(torch.uint8).contiguous()
+        out_s = torch.empty(R, k)
+        out_ids = torch.empty(R, k, dtype=torch.long)
+        native.ivf_scan()(q_RH.data_ptr(), R, H, lists_RJ.data_ptr(), J, X, lists.order.data_ptr(),
+                          lists.off.data_ptr(), lists.length.data_ptr(), self.nlist + 1, reader.flat.data_ptr(),
+                          self.KEY_DTYPES[reader.flat.dtype], reader.per_head, lists.M,
+                          None if valid is None else valid.data_ptr(), 0 if valid is None else valid.shape[1], G, k,
+                          torch.get_num_threads(), out_s.data_ptr(), out_ids.data_ptr())  # fmt: skip
+        self.scored += B * G * X * self.nlist + int(lists.length[lists_RJ].sum())
+        return out_ids.view(B, G, X, k)
 
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
@@ -1007,4 +1060,6 @@ def make_search(mem_index: str, nprobe: int = DEFAULT_NPROBE) -> KeySearch:
         return FaissIVFSQ8Search(nprobe)
     if mem_index == "ivf-gemm":
         return IVFGemmSearch(nprobe)
+    if mem_index == "ivf-scan":
+        return IVFScanSearch(nprobe)
     raise ValueError(f"mem_index={mem_index!r} is unknown; use one of {', '.join(MEM_INDEXES)}.")

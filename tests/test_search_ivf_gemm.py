@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fot
-from fot.search import IVFGemmSearch, default_search_factory, exact_topk, recall_at_k
+from fot.search import IVFGemmSearch, IVFScanSearch, default_search_factory, exact_topk, recall_at_k
 from tests.test_knn_memory import assert_same_topk, brute_topk, one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.tiny import TOL64, left_pad_mask, max_err, tiny_config, tiny_model, tokens
 
@@ -21,19 +21,21 @@ W, L = 64, 32  # the tiny window and last context length (tests/tiny.py)
 
 
 def small_factory(nprobe: int | None = None, rebuild_growth: float = 2):
-    """ivf-gemm backends that train on 64 keys (so the approximate path runs on tiny memories)."""
+    """ivf-gemm (and ivf-scan, its compiled search) backends that train on 64 keys (so the approximate path runs on
+    tiny memories)."""
 
     def factory(config, layer_idx):
-        if config.mem_index == "ivf-gemm":
-            return IVFGemmSearch(nprobe or config.mem_nprobe, min_train=64, rebuild_growth=rebuild_growth)
+        backend = {"ivf-gemm": IVFGemmSearch, "ivf-scan": IVFScanSearch}.get(config.mem_index)
+        if backend is not None:
+            return backend(nprobe or config.mem_nprobe, min_train=64, rebuild_growth=rebuild_growth)
         return default_search_factory(config, layer_idx)
 
     return factory
 
 
-def filled(M=200, B=2, G=2, window=50, keys=None, seed=0, **cfg):
+def filled(M=200, B=2, G=2, window=50, keys=None, seed=0, mem_index="ivf-gemm", **cfg):
     """A cache whose memory layer 1 holds ``keys`` (default: random [B, G, M, H]) appended window by window."""
-    config = tiny_config(num_key_value_heads=G, mem_top_k=4, mem_index="ivf-gemm", **cfg)
+    config = tiny_config(num_key_value_heads=G, mem_top_k=4, mem_index=mem_index, **cfg)
     cache = fot.LongLlamaCache(config, search_factory=small_factory(rebuild_growth=cfg.pop("growth", 2)))
     g = torch.Generator().manual_seed(seed)
     if keys is None:
@@ -67,7 +69,12 @@ def clustered_keys(M, B=1, G=2, H=16, clusters=24, seed=3):
 
 
 def test_every_list_probed_equals_brute_force_with_invalid_slots():
-    cache, _ = filled(mem_nprobe=4096)
+    assert_every_list_probed_equals_brute_force(filled(mem_nprobe=4096)[0])
+
+
+def assert_every_list_probed_equals_brute_force(cache):
+    """A cache from ``filled(mem_nprobe=4096, ...)``: exact on rows with a random validity mask and with fewer
+    valid slots than K."""
     store, search = cache.memories[1], cache.searches[1]
     assert search.nlist > 1 and search.trained_at == 200  # trained at 100 keys, retrained at 200 (x2 growth)
     assert int(search.outlier_BGM.sum()) > 0  # the outlier list takes part too
@@ -199,20 +206,24 @@ def test_copy_select_batch_and_save_load_keep_the_index(tmp_path):
     assert torch.equal(swapped[0], want[1]) and torch.equal(swapped[1], want[1])
 
 
-def test_model_with_every_list_probed_equals_exact():
-    """The whole tiny model (memory layers, GQA, padding in memory): ivf-gemm probing every list gives the logits
-    of exact top-k search, and probing one list does not (so the approximate path really ran)."""
+def assert_model_with_every_list_probed_equals_exact(mem_index: str, factory, **cfg):
+    """The whole tiny model (memory layers, GQA, padding in memory): ``mem_index`` probing every list gives the
+    logits of exact top-k search, and probing one list does not (so the approximate path really ran)."""
     ids = tokens(2, L + 4 * W, seed=7)
     mask = left_pad_mask([L + 4 * W, L + 4 * W - 70], L + 4 * W)
-    exact = tiny_model(num_key_value_heads=2, mem_top_k=4, mem_index="exact")
-    ivf = tiny_model(num_key_value_heads=2, mem_top_k=4, mem_index="ivf-gemm", mem_nprobe=4096)
+    exact = tiny_model(num_key_value_heads=2, mem_top_k=4, mem_index="exact", **cfg)
+    ivf = tiny_model(num_key_value_heads=2, mem_top_k=4, mem_index=mem_index, mem_nprobe=4096, **cfg)
     with torch.no_grad():
         expected = exact(ids, attention_mask=mask).logits
-        out = ivf(ids, attention_mask=mask, past_key_values=fot.LongLlamaCache(ivf.config, search_factory=small_factory()))
+        out = ivf(ids, attention_mask=mask, past_key_values=fot.LongLlamaCache(ivf.config, search_factory=factory()))
         assert out.past_key_values.searches[1].nlist > 1
         assert max_err(out.logits, expected, mask) < TOL64
-        one = ivf(ids, attention_mask=mask, past_key_values=fot.LongLlamaCache(ivf.config, search_factory=small_factory(1)))
+        one = ivf(ids, attention_mask=mask, past_key_values=fot.LongLlamaCache(ivf.config, search_factory=factory(1)))
         assert max_err(one.logits, expected, mask) > 1e-3
+
+
+def test_model_with_every_list_probed_equals_exact():
+    assert_model_with_every_list_probed_equals_exact("ivf-gemm", small_factory)
 
 
 def test_config_names_the_index():

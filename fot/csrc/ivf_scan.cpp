@@ -1,0 +1,243 @@
+// The compiled scan of mem_index="ivf-scan" (fot/search.py, IVFScanSearch): every query's top k over the keys of
+// the inverted lists it probes, kept in a buffer of its best k, in one pass over each list.
+//
+// ivf-gemm scores the same (query, list) pairs with torch's bmm and then selects with torch's topk over a row of
+// every score; on a CPU the copies into those rows and the selection cost more than the products. Here each list
+// is visited once per KV head: its keys are gathered into a transposed fp32 block, scored against the queries
+// that probe it four at a time (register-blocked, 4 queries x 16 keys), and each score is compared with its
+// query's current k-th best before it is kept (TopK), so nothing the size of a row is ever written.
+//
+// Plain C ABI (loaded with ctypes by fot/native.py): no Python headers, no torch headers, no build system.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Hit {
+  float s;
+  int64_t id;
+};
+
+// A query's best k so far: candidates that beat the floor are appended to a buffer of 2k; a full buffer keeps
+// its k best (nth_element), whose worst becomes the floor. Amortized O(1) per kept candidate, where a heap pays
+// two sifts for each: a query visits its lists in list order, not best first, so many candidates are kept.
+struct TopK {
+  Hit* h;  // 2k entries
+  int64_t n;
+  int64_t k;
+  float floor;
+  inline void push(float s, int64_t id) {
+    h[n++] = Hit{s, id};
+    if (n == 2 * k) {
+      std::nth_element(h, h + k - 1, h + n, [](const Hit& p, const Hit& q) { return p.s > q.s; });
+      floor = h[k - 1].s;
+      n = k;
+    }
+  }
+};
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+constexpr int QB = 4;   // queries scored together
+constexpr int KB = 16;  // keys scored together
+
+// acc[t][u] = sum_h qb[h][t] * kt[h][u] for a block of QB queries (qb: [H][QB]) and KB keys (kt: row stride ld).
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+inline void score_block(const float* kt, int64_t ld, const float* qb, int64_t H, float (*acc)[KB]) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  for (int64_t h = 0; h < H; ++h) {
+    const __m256 k0 = _mm256_loadu_ps(kt + h * ld), k1 = _mm256_loadu_ps(kt + h * ld + 8);
+    const float* w = qb + h * QB;
+    __m256 b = _mm256_broadcast_ss(w);
+    a00 = _mm256_fmadd_ps(b, k0, a00), a01 = _mm256_fmadd_ps(b, k1, a01);
+    b = _mm256_broadcast_ss(w + 1);
+    a10 = _mm256_fmadd_ps(b, k0, a10), a11 = _mm256_fmadd_ps(b, k1, a11);
+    b = _mm256_broadcast_ss(w + 2);
+    a20 = _mm256_fmadd_ps(b, k0, a20), a21 = _mm256_fmadd_ps(b, k1, a21);
+    b = _mm256_broadcast_ss(w + 3);
+    a30 = _mm256_fmadd_ps(b, k0, a30), a31 = _mm256_fmadd_ps(b, k1, a31);
+  }
+  _mm256_storeu_ps(acc[0], a00), _mm256_storeu_ps(acc[0] + 8, a01);
+  _mm256_storeu_ps(acc[1], a10), _mm256_storeu_ps(acc[1] + 8, a11);
+  _mm256_storeu_ps(acc[2], a20), _mm256_storeu_ps(acc[2] + 8, a21);
+  _mm256_storeu_ps(acc[3], a30), _mm256_storeu_ps(acc[3] + 8, a31);
+}
+inline bool any_above(const float* v, float floor) {
+  const __m256 f = _mm256_set1_ps(floor);
+  const __m256 m = _mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(v), f, _CMP_GT_OQ),
+                                _mm256_cmp_ps(_mm256_loadu_ps(v + 8), f, _CMP_GT_OQ));
+  return _mm256_movemask_ps(m) != 0;
+}
+#else
+inline bool any_above(const float* v, float floor) {
+  bool any = false;
+  for (int u = 0; u < KB; ++u) any |= v[u] > floor;
+  return any;
+}
+inline void score_block(const float* kt, int64_t ld, const float* qb, int64_t H, float (*acc)[KB]) {
+  for (int t = 0; t < QB; ++t)
+    for (int u = 0; u < KB; ++u) acc[t][u] = 0.0f;
+  for (int64_t h = 0; h < H; ++h)
+    for (int t = 0; t < QB; ++t)
+      for (int u = 0; u < KB; ++u) acc[t][u] += qb[h * QB + t] * kt[h * ld + u];
+}
+#endif
+
+struct Args {
+  const float* q;
+  int64_t H;
+  const int64_t* lists;  // [R, J] global list ids, head-major queries
+  int64_t J;
+  int64_t X;  // queries per head
+  const int32_t* order;
+  const int64_t* off;
+  const int64_t* len;
+  int64_t lists_per_head;
+  const void* keys;
+  int32_t key_bf16;
+  int64_t per_head;  // rows of the flat key buffer per head
+  int64_t M;         // order holds head * M + slot
+  const uint8_t* valid;
+  int64_t valid_stride;
+  int64_t G;
+  int64_t k;
+  float* out_s;
+  int64_t* out_ids;
+};
+
+void scan_head(const Args& a, int64_t head) {
+  const int64_t H = a.H, X = a.X, J = a.J, k = a.k, L = a.lists_per_head;
+  const int64_t r0 = head * X;
+  // the queries of each of this head's lists (counting sort of the head's (query, list) pairs)
+  std::vector<int64_t> count(L + 1, 0);
+  for (int64_t x = 0; x < X; ++x)
+    for (int64_t j = 0; j < J; ++j) {
+      int64_t c = a.lists[(r0 + x) * J + j] - head * L;
+      if (c >= 0 && c < L) ++count[c + 1];
+    }
+  for (int64_t c = 0; c < L; ++c) count[c + 1] += count[c];
+  std::vector<int64_t> fill(count.begin(), count.end() - 1), probe(count[L]);
+  for (int64_t x = 0; x < X; ++x)
+    for (int64_t j = 0; j < J; ++j) {
+      int64_t c = a.lists[(r0 + x) * J + j] - head * L;
+      if (c >= 0 && c < L) probe[fill[c]++] = x;
+    }
+
+  std::vector<Hit> hits(X * 2 * k);
+  std::vector<TopK> best(X);
+  for (int64_t x = 0; x < X; ++x) best[x] = TopK{hits.data() + x * 2 * k, 0, k, -std::numeric_limits<float>::infinity()};
+
+  std::vector<float> kt, qb(QB * H);
+  std::vector<int64_t> slot;
+  const uint8_t* valid = a.valid ? a.valid + (head / a.G) * a.valid_stride : nullptr;
+  for (int64_t c = 0; c < L; ++c) {
+    const int64_t nq = count[c + 1] - count[c];
+    const int64_t gid = head * L + c, len = a.len[gid];
+    if (nq == 0 || len == 0) continue;
+    // the list's keys, transposed to [H][n] fp32 (n padded to KB with zero keys that are never kept)
+    slot.clear();
+    for (int64_t i = 0; i < len; ++i) {
+      int64_t s = static_cast<int64_t>(a.order[a.off[gid] + i]) - head * a.M;
+      if (!valid || valid[s]) slot.push_back(s);
+    }
+    const int64_t n = static_cast<int64_t>(slot.size());
+    if (n == 0) continue;
+    const int64_t np = (n + KB - 1) / KB * KB;
+    kt.resize(H * np);
+    for (int64_t j0 = 0; j0 < np; j0 += KB) {  // a block of KB keys at a time: each write is KB contiguous floats
+      const int64_t nk = std::min<int64_t>(KB, n - j0);
+      for (int64_t u = 0; u < KB; ++u) {
+        float* dst = kt.data() + j0 + u;
+        if (u >= nk) {
+          for (int64_t h = 0; h < H; ++h) dst[h * np] = 0.0f;
+          continue;
+        }
+        const int64_t row = head * a.per_head + slot[j0 + u];
+        if (j0 + u + 8 < n) {  // the key rows are scattered over the store: fetch ahead
+          const int64_t ahead = (head * a.per_head + slot[j0 + u + 8]) * H * (a.key_bf16 ? 2 : 4);
+          __builtin_prefetch(static_cast<const char*>(a.keys) + ahead);
+          __builtin_prefetch(static_cast<const char*>(a.keys) + ahead + 64);
+        }
+        if (a.key_bf16) {
+          const uint16_t* src = static_cast<const uint16_t*>(a.keys) + row * H;
+          for (int64_t h = 0; h < H; ++h) dst[h * np] = bf16_to_float(src[h]);
+        } else {
+          const float* src = static_cast<const float*>(a.keys) + row * H;
+          for (int64_t h = 0; h < H; ++h) dst[h * np] = src[h];
+        }
+      }
+    }
+    const int64_t* qs = probe.data() + count[c];
+    for (int64_t q0 = 0; q0 < nq; q0 += QB) {
+      const int nb = static_cast<int>(std::min<int64_t>(QB, nq - q0));
+      for (int t = 0; t < QB; ++t) {  // a short block repeats its last query; only the first nb are kept
+        const float* src = a.q + (r0 + qs[q0 + std::min(t, nb - 1)]) * H;
+        for (int64_t h = 0; h < H; ++h) qb[h * QB + t] = src[h];
+      }
+      for (int64_t j0 = 0; j0 < np; j0 += KB) {
+        float acc[QB][KB];
+        score_block(kt.data() + j0, np, qb.data(), H, acc);
+        const int64_t nk = std::min<int64_t>(KB, n - j0);
+        for (int t = 0; t < nb; ++t) {
+          TopK& b = best[qs[q0 + t]];
+          if (nk == KB && !any_above(acc[t], b.floor)) continue;  // the common case once k are found
+          for (int64_t u = 0; u < nk; ++u)
+            if (acc[t][u] > b.floor) b.push(acc[t][u], slot[j0 + u]);
+        }
+      }
+    }
+  }
+  // best first; ties by slot, so the answer does not depend on the order the lists were visited in
+  for (int64_t x = 0; x < X; ++x) {
+    TopK& b = best[x];
+    std::sort(b.h, b.h + b.n, [](const Hit& p, const Hit& q) { return p.s > q.s || (p.s == q.s && p.id < q.id); });
+    float* os = a.out_s + (r0 + x) * k;
+    int64_t* oi = a.out_ids + (r0 + x) * k;
+    for (int64_t i = 0; i < k; ++i) {
+      os[i] = i < b.n ? b.h[i].s : -std::numeric_limits<float>::infinity();
+      oi[i] = i < b.n ? b.h[i].id : -1;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0. Queries are head-major: query r belongs to head r / X. lists[r * J + j] is a global list id
+// head * lists_per_head + c; list gid holds order[off[gid] .. off[gid] + len[gid]), each entry head * M + slot.
+// Key (head, slot) is row head * per_head + slot of keys ([*, H], bf16 if key_bf16 else fp32). valid, when not
+// null, is a [B, valid_stride] byte mask read at row head / G. Writes the k best (score, slot) of each query, best
+// first, padded with (-inf, -1).
+int fot_ivf_scan(const float* q, int64_t R, int64_t H, const int64_t* lists, int64_t J, int64_t X,
+                 const int32_t* order, const int64_t* off, const int64_t* len, int64_t lists_per_head,
+                 const void* keys, int32_t key_bf16, int64_t per_head, int64_t M, const uint8_t* valid,
+                 int64_t valid_stride, int64_t G, int64_t k, int32_t threads, float* out_s, int64_t* out_ids) {
+  Args a{q, H, lists, J, X, order, off, len, lists_per_head, keys, key_bf16, per_head, M, valid, valid_stride, G, k,
+         out_s, out_ids};
+  const int64_t heads = X > 0 ? R / X : 0;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, heads));
+  if (nt == 1) {
+    for (int64_t h = 0; h < heads; ++h) scan_head(a, h);
+    return 0;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t t = 0; t < nt; ++t)
+    pool.emplace_back([&a, t, nt, heads] {
+      for (int64_t h = t; h < heads; h += nt) scan_head(a, h);
+    });
+  for (auto& th : pool) th.join();
+  return 0;
+}
+}

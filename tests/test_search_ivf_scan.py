@@ -1,0 +1,90 @@
+"""mem_index="ivf-scan" (``fot.search.IVFScanSearch``): ivf-gemm's index searched by the compiled scan of
+fot/csrc/ivf_scan.cpp (built by ``fot.native``).
+
+References, each independent of the code under test:
+  * a float64 brute force over the valid keys (``brute_topk``), compared tie-aware (``assert_same_topk``): with
+    every list probed the search is exact;
+  * ivf-gemm on the very same index (its state loaded into the scan): the same lists probed, so the same keys;
+  * the same tiny model with ``mem_index="exact"``, for the whole model's logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fot import native
+from fot.search import IVFGemmSearch
+from tests import test_search_ivf_gemm as ivf_gemm_tests
+from tests.test_knn_memory import brute_topk, one_torch_thread  # noqa: F401 (autouse fixture)
+from tests.test_search_ivf_gemm import assert_model_with_every_list_probed_equals_exact, clustered_keys, small_factory
+from tests.tiny import tiny_config
+
+
+def filled(**cfg):
+    return ivf_gemm_tests.filled(mem_index="ivf-scan", **cfg)
+
+
+@pytest.mark.parametrize("mem_dtype", ["float32", "bfloat16"])
+def test_every_list_probed_equals_brute_force_with_invalid_slots(mem_dtype):
+    ivf_gemm_tests.assert_every_list_probed_equals_brute_force(filled(mem_nprobe=4096, mem_dtype=mem_dtype)[0])
+
+
+@pytest.mark.parametrize("nprobe", [1, 3])
+def test_finds_what_ivf_gemm_finds_on_the_same_index(nprobe):
+    """Few lists probed (the approximate path): the scan returns ivf-gemm's slots on the very same index, for
+    every query, and misses some of the exact top k (so the probing really limited it)."""
+    keys = clustered_keys(1024, B=2, G=2)
+    cache, _ = filled(keys=keys, window=128, mem_dtype="bfloat16", mem_nprobe=nprobe)
+    store, scan = cache.memories[1], cache.searches[1]
+    gemm = IVFGemmSearch(nprobe, min_train=64)
+    gemm.load_state(store, *scan.state())
+    view = store.view()
+    g = torch.Generator().manual_seed(7)
+    q = keys[:, :, torch.randint(0, 1024, (96,), generator=g)] + 0.5 * torch.randn(2, 2, 96, keys.shape[-1], generator=g)
+    got, want = scan.search(q, view, 8), gemm.search(q, view, 8)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    exact = torch.stack([torch.stack([brute_topk(q[b, h], view.k_BGMH[b, h].float(), None, 8) for h in range(2)])
+                         for b in range(2)])  # fmt: skip
+    assert not torch.equal(got.sort(-1).values, exact.sort(-1).values)
+
+
+def test_two_threads_give_the_answer_of_one():
+    cache, _ = filled(M=400, B=2, G=4, window=100, mem_nprobe=2, mem_dtype="bfloat16")
+    store, search = cache.memories[1], cache.searches[1]
+    q = torch.randn(2, 4, 33, store.k_BGMH.shape[-1], generator=torch.Generator().manual_seed(3))
+    one = search.search(q, store.view(), 5)
+    torch.set_num_threads(2)
+    assert torch.equal(search.search(q, store.view(), 5), one)
+
+
+def test_model_with_every_list_probed_equals_exact():
+    assert_model_with_every_list_probed_equals_exact("ivf-scan", small_factory, mem_dtype="float32")
+
+
+def test_int8_memory_is_refused_in_one_line():
+    cache, keys = filled(M=200, mem_nprobe=4, mem_dtype="int8")
+    store, search = cache.memories[1], cache.searches[1]
+    q = torch.randn(2, 2, 3, keys.shape[-1])
+    with pytest.raises(RuntimeError, match="mem_dtype='bfloat16' or mem_index='ivf-gemm'"):
+        search.search(q, store.view(), 4)
+
+
+def test_the_kernel_is_built_once_per_source_and_a_missing_compiler_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("FOT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_LOADED", {})
+    native.ivf_scan()
+    built = list((tmp_path / "native").glob("ivf_scan-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_LOADED", {})
+    native.ivf_scan()  # from the cache, not rebuilt
+    assert built[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "native").iterdir())) == 1
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setenv("CXX", "no-such-compiler-fot")
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*mem_index='ivf-gemm'"):
+        native.ivf_scan()
+
+
+def test_config_names_the_index():
+    assert tiny_config(mem_index="ivf-scan", mem_top_k=8).mem_index == "ivf-scan"
