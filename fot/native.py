@@ -90,3 +90,12 @@ def ivf_scan():
     fn.argtypes = [p, i64, i64, p, i64, i64, p, p, p, i64, p, i32, i64, i64, p, i64, i64, i64, i32, p, p]
     fn.restype = ctypes.c_int
     return fn
+
+
+def ivf_lists():
+    """``fot_ivf_lists`` from fot/csrc/ivf_scan.cpp, with its argument types declared."""
+    fn = load("ivf_scan").fot_ivf_lists
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, p, i64, i64, i64, i64, p, p, p]
+    fn.restype = ctypes.c_int64
+    return fn

@@ -968,6 +968,19 @@ class IVFScanSearch(IVFGemmSearch):
     name = "ivf-scan"
     KEY_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 
+    def _build_lists(self, M: int) -> _Lists:
+        """``IVFGemmSearch._build_lists`` by the kernel's counting sort (the same lists, the same slot order)."""
+        from . import native
+
+        near, outlier = self.near_BGM.contiguous(), self.outlier_BGM.contiguous()
+        B, G, stride = near.shape
+        heads, n_lists = B * G, B * G * (self.nlist + 1)
+        order = torch.empty(heads * M, dtype=torch.int32)
+        off, length = torch.empty(n_lists, dtype=torch.long), torch.empty(n_lists, dtype=torch.long)
+        n = native.ivf_lists()(near.data_ptr(), outlier.view(torch.uint8).data_ptr(), heads, stride, M, self.nlist,
+                               order.data_ptr(), off.data_ptr(), length.data_ptr())  # fmt: skip
+        return _Lists(order[:n], off, length, M)
+
     def search(self, q_BGXH, view, k):
         if q_BGXH.device.type != "cpu":
             raise RuntimeError("fot: mem_index='ivf-scan' is a CPU kernel; use mem_index='ivf-gemm' on "

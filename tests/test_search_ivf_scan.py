@@ -47,6 +47,13 @@ def test_finds_what_ivf_gemm_finds_on_the_same_index(nprobe):
     exact = torch.stack([torch.stack([brute_topk(q[b, h], view.k_BGMH[b, h].float(), None, 8) for h in range(2)])
                          for b in range(2)])  # fmt: skip
     assert not torch.equal(got.sort(-1).values, exact.sort(-1).values)
+    # the kernel's counting sort builds ivf-gemm's lists exactly, slots not indexed (-1) left out
+    for search in (scan, gemm):
+        search.near_BGM[0, 1, [5, 700]] = -1
+    mine, theirs = scan._build_lists(view.size), gemm._build_lists(view.size)
+    assert mine.order.numel() == 4 * 1024 - 2
+    for name in ("order", "off", "length"):
+        assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
 
 
 def test_two_threads_give_the_answer_of_one():

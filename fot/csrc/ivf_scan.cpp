@@ -215,6 +215,31 @@ void scan_head(const Args& a, int64_t head) {
 
 extern "C" {
 
+// The inverted lists of ivf-gemm's assignment (fot/search.py, _Lists) by a counting sort, where torch needs a
+// stable argsort of every slot at every window. near and outlier are [heads, stride] (near -1: not indexed); the
+// first M slots of each head are listed. Head h's list c is h * (C + 1) + c, c = C its outlier list. Writes
+// len and off ([heads * (C + 1)]) and order (head * M + slot, grouped by list, slots ascending within a list);
+// returns the number of indexed slots.
+int64_t fot_ivf_lists(const int32_t* near, const uint8_t* outlier, int64_t heads, int64_t stride, int64_t M,
+                      int64_t C, int32_t* order, int64_t* off, int64_t* len) {
+  const int64_t L = C + 1;
+  std::fill(len, len + heads * L, 0);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t c = near[h * stride + m];
+      if (c >= 0) ++len[h * L + (outlier[h * stride + m] ? C : c)];
+    }
+  int64_t total = 0;
+  for (int64_t l = 0; l < heads * L; ++l) off[l] = total, total += len[l];
+  std::vector<int64_t> at(off, off + heads * L);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t c = near[h * stride + m];
+      if (c >= 0) order[at[h * L + (outlier[h * stride + m] ? C : c)]++] = static_cast<int32_t>(h * M + m);
+    }
+  return total;
+}
+
 // Returns 0. Queries are head-major: query r belongs to head r / X. lists[r * J + j] is a global list id
 // head * lists_per_head + c; list gid holds order[off[gid] .. off[gid] + len[gid]), each entry head * M + slot.
 // Key (head, slot) is row head * per_head + slot of keys ([*, H], bf16 if key_bf16 else fp32). valid, when not
