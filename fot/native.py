@@ -99,3 +99,12 @@ def ivf_lists():
     fn.argtypes = [p, p, i64, i64, i64, i64, p, p, p]
     fn.restype = ctypes.c_int64
     return fn
+
+
+def top_rows():
+    """``fot_top_rows`` from fot/csrc/ivf_scan.cpp, with its argument types declared."""
+    fn = load("ivf_scan").fot_top_rows
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i64, i64, i64, p]
+    fn.restype = ctypes.c_int
+    return fn

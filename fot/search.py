@@ -44,7 +44,7 @@ Backends (``mem_index``):
   * "ivf-scan": ivf-gemm's index, probed the same way, but each query's top k is found by a compiled scan
     (fot/csrc/ivf_scan.cpp, built with the system's C++ compiler on first use by ``fot.native``): each list is
     visited once, its keys gathered into a transposed fp32 block and scored against the queries that probe it,
-    four queries by sixteen keys at a time in registers, and a score is kept only if it beats its query's
+    six queries by sixteen keys at a time in registers, and a score is kept only if it beats its query's
     current k-th best. Nothing the size of a query's row is written, which is what costs
     ivf-gemm most on a CPU. CPU only, bf16 or fp32 memory; the same lists, so the same keys are found.
 faiss is optional: asking for a faiss backend without it raises an error naming the extra to install.
@@ -903,10 +903,14 @@ class IVFGemmSearch(TensorIndex):
         half_BC = cent.pow(2).sum(-1) / 2
         cs_BXC = torch.baddbmm(-half_BC[:, None, :], q_RH.view(BG, X, H), cent[:, :, :H].transpose(1, 2))
         P = min(self.nprobe, C)
-        probe_BXP = cs_BXC.topk(P, dim=-1).indices
+        probe_BXP = self._top_lists(cs_BXC, P)
         outlier_list = torch.full((BG, X, 1), C, dtype=torch.long, device=probe_BXP.device)
         head_B11 = torch.arange(BG, device=probe_BXP.device).view(BG, 1, 1)
         return q_RH, (torch.cat([probe_BXP, outlier_list], -1) + head_B11 * (C + 1)).view(BG * X, P + 1)
+
+    def _top_lists(self, cs_BXC: torch.Tensor, P: int) -> torch.Tensor:
+        """The ``P`` best-scoring lists of each query, in any order."""
+        return cs_BXC.topk(P, dim=-1).indices
 
     def _score_lists(self, q_RH, lists_RJ, lists: _Lists, view):
         """Every query's scores against the keys of its lists, one row per query.
@@ -967,6 +971,14 @@ class IVFScanSearch(IVFGemmSearch):
 
     name = "ivf-scan"
     KEY_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+
+    def _top_lists(self, cs_BXC, P):
+        from . import native
+
+        cs = cs_BXC.contiguous()
+        out = torch.empty(cs.shape[:-1] + (P,), dtype=torch.long)
+        native.top_rows()(cs.data_ptr(), cs.numel() // cs.shape[-1], cs.shape[-1], P, out.data_ptr())
+        return out
 
     def _build_lists(self, M: int) -> _Lists:
         """``IVFGemmSearch._build_lists`` by the kernel's counting sort (the same lists, the same slot order)."""

@@ -4,7 +4,7 @@
 // ivf-gemm scores the same (query, list) pairs with torch's bmm and then selects with torch's topk over a row of
 // every score; on a CPU the copies into those rows and the selection cost more than the products. Here each list
 // is visited once per KV head: its keys are gathered into a transposed fp32 block, scored against the queries
-// that probe it four at a time (register-blocked, 4 queries x 16 keys), and each score is compared with its
+// that probe it six at a time (register-blocked, 6 queries x 16 keys), and each score is compared with its
 // query's current k-th best before it is kept (TopK), so nothing the size of a row is ever written.
 //
 // Plain C ABI (loaded with ctypes by fot/native.py): no Python headers, no torch headers, no build system.
@@ -48,31 +48,29 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-constexpr int QB = 4;   // queries scored together
+constexpr int QB = 6;   // queries scored together
 constexpr int KB = 16;  // keys scored together
 
 // acc[t][u] = sum_h qb[h][t] * kt[h][u] for a block of QB queries (qb: [H][QB]) and KB keys (kt: row stride ld).
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 inline void score_block(const float* kt, int64_t ld, const float* qb, int64_t H, float (*acc)[KB]) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  __m256 a0[QB], a1[QB];
+#pragma GCC unroll 8
+  for (int t = 0; t < QB; ++t) a0[t] = _mm256_setzero_ps(), a1[t] = _mm256_setzero_ps();
   for (int64_t h = 0; h < H; ++h) {
     const __m256 k0 = _mm256_loadu_ps(kt + h * ld), k1 = _mm256_loadu_ps(kt + h * ld + 8);
     const float* w = qb + h * QB;
-    __m256 b = _mm256_broadcast_ss(w);
-    a00 = _mm256_fmadd_ps(b, k0, a00), a01 = _mm256_fmadd_ps(b, k1, a01);
-    b = _mm256_broadcast_ss(w + 1);
-    a10 = _mm256_fmadd_ps(b, k0, a10), a11 = _mm256_fmadd_ps(b, k1, a11);
-    b = _mm256_broadcast_ss(w + 2);
-    a20 = _mm256_fmadd_ps(b, k0, a20), a21 = _mm256_fmadd_ps(b, k1, a21);
-    b = _mm256_broadcast_ss(w + 3);
-    a30 = _mm256_fmadd_ps(b, k0, a30), a31 = _mm256_fmadd_ps(b, k1, a31);
+#pragma GCC unroll 8
+    for (int t = 0; t < QB; ++t) {
+      const __m256 b = _mm256_broadcast_ss(w + t);
+      a0[t] = _mm256_fmadd_ps(b, k0, a0[t]), a1[t] = _mm256_fmadd_ps(b, k1, a1[t]);
+    }
   }
-  _mm256_storeu_ps(acc[0], a00), _mm256_storeu_ps(acc[0] + 8, a01);
-  _mm256_storeu_ps(acc[1], a10), _mm256_storeu_ps(acc[1] + 8, a11);
-  _mm256_storeu_ps(acc[2], a20), _mm256_storeu_ps(acc[2] + 8, a21);
-  _mm256_storeu_ps(acc[3], a30), _mm256_storeu_ps(acc[3] + 8, a31);
+#pragma GCC unroll 8
+  for (int t = 0; t < QB; ++t) _mm256_storeu_ps(acc[t], a0[t]), _mm256_storeu_ps(acc[t] + 8, a1[t]);
 }
+
 inline bool any_above(const float* v, float floor) {
   const __m256 f = _mm256_set1_ps(floor);
   const __m256 m = _mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(v), f, _CMP_GT_OQ),
@@ -214,6 +212,27 @@ void scan_head(const Args& a, int64_t head) {
 }  // namespace
 
 extern "C" {
+
+// The p largest of each row of s ([R, C] fp32) by position, in no particular order: the lists each query probes
+// (torch.topk sorts them, which costs more than the selection at these sizes).
+int fot_top_rows(const float* s, int64_t R, int64_t C, int64_t p, int64_t* out) {
+  std::vector<Hit> buf(2 * p);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = s + r * C;
+    TopK best{buf.data(), 0, p, -std::numeric_limits<float>::infinity()};
+    int64_t c = 0;
+    for (; c + KB <= C; c += KB)
+      if (any_above(row + c, best.floor))
+        for (int64_t u = c; u < c + KB; ++u)
+          if (row[u] > best.floor) best.push(row[u], u);
+    for (; c < C; ++c)
+      if (row[c] > best.floor) best.push(row[c], c);
+    if (best.n > p)
+      std::nth_element(best.h, best.h + p - 1, best.h + best.n, [](const Hit& a, const Hit& b) { return a.s > b.s; });
+    for (int64_t i = 0; i < p; ++i) out[r * p + i] = i < best.n ? best.h[i].id : 0;
+  }
+  return 0;
+}
 
 // The inverted lists of ivf-gemm's assignment (fot/search.py, _Lists) by a counting sort, where torch needs a
 // stable argsort of every slot at every window. near and outlier are [heads, stride] (near -1: not indexed); the
