@@ -137,6 +137,7 @@ def _real_bytes(cache: LongLlamaCache) -> int:
     {"mem_dtype": "float32", "mem_top_k": 8, "mem_index": "faiss-ivf"},
     {"mem_dtype": "int8", "mem_top_k": 8, "mem_index": "faiss-ivf-sq8"},
     {"mem_dtype": "bfloat16", "mem_top_k": 8, "mem_index": "ivf-gemm"},
+    {"mem_dtype": "bfloat16", "mem_top_k": 8, "mem_index": "ivf-scan"},
 ])  # fmt: skip
 def test_estimate_matches_the_bytes_a_cache_allocates(settings):
     pytest.importorskip("faiss") if settings.get("mem_index", "").startswith("faiss") else None
