@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fot import native
-from fot.search import IVFGemmSearch
+from fot.search import IVFGemmSearch, IVFScanSearch
 from tests import test_search_ivf_gemm as ivf_gemm_tests
 from tests.test_knn_memory import brute_topk, one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.test_search_ivf_gemm import assert_model_with_every_list_probed_equals_exact, clustered_keys, small_factory
@@ -95,3 +95,12 @@ def test_the_kernel_is_built_once_per_source_and_a_missing_compiler_names_the_fi
 
 def test_config_names_the_index():
     assert tiny_config(mem_index="ivf-scan", mem_top_k=8).mem_index == "ivf-scan"
+
+
+@pytest.mark.parametrize("C, p", [(5, 5), (7, 3), (16, 16), (37, 16), (512, 16)])
+def test_list_choice_is_each_rows_top_p(C, p):
+    """The kernel's choice of lists (any order) is torch.topk's set, whatever the row length's remainder by the
+    kernel's block of 16."""
+    s = torch.randn(33, C, generator=torch.Generator().manual_seed(C))
+    got = IVFScanSearch()._top_lists(s.view(1, 33, C), p).view(33, p)
+    assert torch.equal(got.sort(-1).values, s.topk(p, dim=-1).indices.sort(-1).values)
