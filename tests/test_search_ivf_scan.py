@@ -104,3 +104,22 @@ def test_list_choice_is_each_rows_top_p(C, p):
     s = torch.randn(33, C, generator=torch.Generator().manual_seed(C))
     got = IVFScanSearch()._top_lists(s.view(1, 33, C), p).view(33, p)
     assert torch.equal(got.sort(-1).values, s.topk(p, dim=-1).indices.sort(-1).values)
+
+
+def test_memory_offloaded_to_disk_is_read_in_place(tmp_path):
+    """A memory-mapped store (``mem_offload="disk"``): the scan reads its keys where they lie and finds what
+    ivf-gemm finds on the same index."""
+    from fot.memory import MemoryStore
+
+    g = torch.Generator().manual_seed(0)
+    store = MemoryStore(torch.bfloat16, offload_dir=tmp_path)
+    keys = torch.randn(1, 2, 300, 16, generator=g)
+    for i in range(0, 300, 60):
+        store.append(keys[:, :, i : i + 60], keys[:, :, i : i + 60], None)
+    scan = IVFScanSearch(2, min_train=64)
+    scan.update(store, torch.arange(300), evicted=False)
+    gemm = IVFGemmSearch(2, min_train=64)
+    gemm.load_state(store, *scan.state())
+    q = torch.randn(1, 2, 7, 16, generator=g)
+    got, want = scan.search(q, store.view(), 5), gemm.search(q, store.view(), 5)
+    assert any(tmp_path.iterdir()) and torch.equal(got.sort(-1).values, want.sort(-1).values)
