@@ -60,6 +60,10 @@ def load(name: str) -> ctypes.CDLL:
     if name in _LOADED:
         return _LOADED[name]
     source = CSRC / f"{name}.cpp"
+    if not source.exists():  # checkpoint code (save_code=True) carries the .py files, not fot/csrc
+        raise RuntimeError(f"fot: the {name} kernel's source ships with the installed fot, not with a checkpoint's "
+                           "code; install fot and load the checkpoint after `import fot`, or choose "
+                           "mem_index='ivf-gemm'.")  # fmt: skip
     cxx = _compiler()
     key = hashlib.sha256(source.read_bytes() + " ".join((cxx, *CXXFLAGS)).encode() + _cpu_flags().encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"

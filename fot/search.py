@@ -973,23 +973,23 @@ class IVFScanSearch(IVFGemmSearch):
     KEY_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 
     def _top_lists(self, cs_BXC, P):
-        from . import native
+        from .native import top_rows
 
         cs = cs_BXC.contiguous()
         out = torch.empty(cs.shape[:-1] + (P,), dtype=torch.long)
-        native.top_rows()(cs.data_ptr(), cs.numel() // cs.shape[-1], cs.shape[-1], P, out.data_ptr())
+        top_rows()(cs.data_ptr(), cs.numel() // cs.shape[-1], cs.shape[-1], P, out.data_ptr())
         return out
 
     def _build_lists(self, M: int) -> _Lists:
         """``IVFGemmSearch._build_lists`` by the kernel's counting sort (the same lists, the same slot order)."""
-        from . import native
+        from .native import ivf_lists
 
         near, outlier = self.near_BGM.contiguous(), self.outlier_BGM.contiguous()
         B, G, stride = near.shape
         heads, n_lists = B * G, B * G * (self.nlist + 1)
         order = torch.empty(heads * M, dtype=torch.int32)
         off, length = torch.empty(n_lists, dtype=torch.long), torch.empty(n_lists, dtype=torch.long)
-        n = native.ivf_lists()(near.data_ptr(), outlier.view(torch.uint8).data_ptr(), heads, stride, M, self.nlist,
+        n = ivf_lists()(near.data_ptr(), outlier.view(torch.uint8).data_ptr(), heads, stride, M, self.nlist,
                                order.data_ptr(), off.data_ptr(), length.data_ptr())  # fmt: skip
         return _Lists(order[:n], off, length, M)
 
@@ -1004,7 +1004,7 @@ class IVFScanSearch(IVFGemmSearch):
             raise RuntimeError("fot: mem_index='ivf-scan' reads bf16 or fp32 memory in place; this memory is "
                                f"{'int8' if reader.quantized else view.k_BGMH.dtype}: use mem_dtype='bfloat16' or "
                                "mem_index='ivf-gemm'.")  # fmt: skip
-        from . import native
+        from .native import ivf_scan
 
         B, G, X, H = q_BGXH.shape
         M = view.size
@@ -1017,11 +1017,11 @@ class IVFScanSearch(IVFGemmSearch):
         valid = None if view.valid_BM is None else view.valid_BM.to(torch.uint8).contiguous()
         out_s = torch.empty(R, k)
         out_ids = torch.empty(R, k, dtype=torch.long)
-        native.ivf_scan()(q_RH.data_ptr(), R, H, lists_RJ.data_ptr(), J, X, lists.order.data_ptr(),
-                          lists.off.data_ptr(), lists.length.data_ptr(), self.nlist + 1, reader.flat.data_ptr(),
-                          self.KEY_DTYPES[reader.flat.dtype], reader.per_head, lists.M,
-                          None if valid is None else valid.data_ptr(), 0 if valid is None else valid.shape[1], G, k,
-                          torch.get_num_threads(), out_s.data_ptr(), out_ids.data_ptr())  # fmt: skip
+        ivf_scan()(q_RH.data_ptr(), R, H, lists_RJ.data_ptr(), J, X, lists.order.data_ptr(), lists.off.data_ptr(),
+                   lists.length.data_ptr(), self.nlist + 1, reader.flat.data_ptr(),
+                   self.KEY_DTYPES[reader.flat.dtype], reader.per_head, lists.M,
+                   None if valid is None else valid.data_ptr(), 0 if valid is None else valid.shape[1], G, k,
+                   torch.get_num_threads(), out_s.data_ptr(), out_ids.data_ptr())  # fmt: skip
         self.scored += B * G * X * self.nlist + int(lists.length[lists_RJ].sum())
         return out_ids.view(B, G, X, k)
 

@@ -88,6 +88,12 @@ def test_the_kernel_is_built_once_per_source_and_a_missing_compiler_names_the_fi
     native.ivf_scan()  # from the cache, not rebuilt
     assert built[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "native").iterdir())) == 1
     monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "CSRC", tmp_path / "no-csrc")  # as in checkpoint code, which carries no fot/csrc
+    with pytest.raises(RuntimeError, match="ships with the installed fot"):
+        native.ivf_scan()
+    monkeypatch.undo()
+    monkeypatch.setenv("FOT_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(native, "_LOADED", {})
     monkeypatch.setenv("CXX", "no-such-compiler-fot")
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*mem_index='ivf-gemm'"):
         native.ivf_scan()
