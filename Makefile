@@ -173,14 +173,15 @@ bench: $(STAMP)
 # runs them. The values are the SMOLLM2_* variables below, in this one place (issue 31's sweep chooses them; see
 # docs/results.md). When the checkpoint exists, make smollm2 only rewrites its config.json (python -m fot.convert
 # --from, seconds: memory layers have no weights of their own); otherwise it converts the GGUF. Each variable can be
-# set on the command line: make smollm2 SMOLLM2_LAYERS=15: puts memory in the upper half only.
+# set on the command line: make smollm2 SMOLLM2_LAYERS=15: puts memory in the upper half only. The index, ivf-scan,
+# is compiled on first use with the system's C++ compiler (g++, or CXX); without one, SMOLLM2_INDEX=faiss-ivf.
 # smollm2-3layers: that earlier layout in a directory of its own, models/smollm2-fot-3layers (memory layers 7, 15,
 # 22, dense memory attention, memory in fp32), the base of the LoRA adapters in models/ and of configs/smollm2_135m*.
 SMOLLM2_GGUF := assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 := models/smollm2-fot
 SMOLLM2_LAYERS ?= all
 SMOLLM2_TOP_K ?= 32
-SMOLLM2_INDEX ?= faiss-ivf
+SMOLLM2_INDEX ?= ivf-scan
 SMOLLM2_NPROBE ?= 16
 SMOLLM2_WINDOW ?= 512
 SMOLLM2_LCL ?= 256

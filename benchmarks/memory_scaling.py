@@ -81,11 +81,11 @@ def recall_probe_factory(stats: dict):
 
     def probed(config, layer_idx):
         search = default_search_factory(config, layer_idx)
-        inner = search.search
+        inner = search.search_scored  # what the cache calls (``search`` for the backends that give no scores)
         calls = [0]
 
         def search_with_probe(q_BGXH, view, k):
-            idx = inner(q_BGXH, view, k)
+            idx, scores = inner(q_BGXH, view, k)
             calls[0] += 1
             if calls[0] % RECALL_EVERY == 0 and view.size > k:
                 start, cpu_start = time.perf_counter(), time.process_time()
@@ -96,9 +96,9 @@ def recall_probe_factory(stats: dict):
                 stats["total"] += wanted
                 stats["probe_seconds"] += time.perf_counter() - start  # not part of the backend's time
                 stats["probe_cpu_seconds"] = stats.get("probe_cpu_seconds", 0.0) + time.process_time() - cpu_start
-            return idx
+            return idx, scores
 
-        search.search = search_with_probe
+        search.search_scored = search_with_probe
         return search
 
     return probed

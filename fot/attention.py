@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .quant import round_trip
 from .blocks import block_slots, chunk_queries, unchunk_queries
-from .types import IMPLEMENTATIONS, BlockChoice, LocalKV, MemoryKV, QuantizedMemoryKV
+from .types import IMPLEMENTATIONS, BlockChoice, LocalKV, MemoryKV, QuantizedMemoryKV, flat_rows
 
 MASKED_SCORE = -1e6  # the reference clamps masked scores to max(score + mask, -1e6)
 
@@ -490,6 +490,37 @@ def fused_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BN
     return out
 
 
+def scored_topk_attention(q_BNTH, local: LocalKV, memory: MemoryKV | None, idx_BNTK, s_mem_BNTK) -> torch.Tensor:
+    """``fused_topk_attention`` when the search has already scored the retrieved slots (``s_mem_BNTK``: the fp32
+    products q_mem . k of ``idx_BNTK``'s keys, the scores ``reference_topk_attention`` computes before scaling;
+    mem_index="ivf-scan" returns them). The memory part is fot/csrc's ``fot_topk_attend``: the softmax of the
+    scaled scores applied to the value rows read in place from the store, with nothing of shape [B, N, T, K, H]
+    gathered; it is merged with the local part by LSE. A CPU float memory laid out as the store keeps it
+    (``flat_rows``); inference only."""
+    out_loc, lse_loc = _local_part(q_BNTH, local)
+    if memory is None:
+        return out_loc
+    rows = None if isinstance(memory, QuantizedMemoryKV) else flat_rows(memory.v_BGMH)
+    if rows is None or q_BNTH.device.type != "cpu" or rows[0].dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError("fot: attention from the search's scores reads a CPU bf16 or fp32 memory in place; this "
+                         f"memory is {memory.v_BGMH.dtype} on {q_BNTH.device.type} in another layout.")  # fmt: skip
+    from .native import topk_attend
+
+    values, per_head = rows
+    B, N, T, H = q_BNTH.shape
+    K = idx_BNTK.shape[-1]
+    G = memory.v_BGMH.shape[1]
+    s = s_mem_BNTK.float().contiguous()
+    ids = idx_BNTK.contiguous()
+    out = torch.empty(B, N, T, H)
+    lse = torch.empty(B, N, T)
+    topk_attend()(s.data_ptr(), ids.data_ptr(), B * N * T, K, (N // G) * T, values.data_ptr(),
+                  int(values.dtype == torch.bfloat16), per_head, H, 1.0 / math.sqrt(H), torch.get_num_threads(),
+                  out.data_ptr(), lse.data_ptr())  # fmt: skip
+    merged, _ = merge_lse(out_loc, lse_loc, out, lse - memory.score_bias)
+    return merged.to(q_BNTH.dtype)
+
+
 def _topk_block(q_BNTH, memory: MemoryKV, idx_BNTK, out_loc, lse_loc, scratch=None) -> torch.Tensor:
     """Attention of a block of memory queries to their retrieved slots, merged with their local part by LSE."""
     k_sel, v_sel = gather_memory(memory, idx_BNTK, q_BNTH.dtype, scratch)  # [B, N, T, K, H]
@@ -573,7 +604,9 @@ def _reference_dense(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scr
     return reference_memory_attention(q_BNTH, local, memory, grouping, q_mem_BNTH)
 
 
-def _reference_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None, q_mem_BNTH=None):
+def _reference_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None, q_mem_BNTH=None,
+                    s_mem_BNTK=None):  # fmt: skip
+    # the reference scores the retrieved slots itself, whatever the search computed
     return reference_topk_attention(q_BNTH, local, memory, idx_BNTK, q_mem_BNTH)
 
 
@@ -581,7 +614,10 @@ def _torch_dense(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch
     return fused_memory_attention(q_BNTH, local, memory, grouping, q_mem_BNTH=q_mem_BNTH)
 
 
-def _torch_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None, q_mem_BNTH=None):
+def _torch_topk(q_BNTH, local, memory, *, idx_BNTK=None, grouping=None, scratch=None, q_mem_BNTH=None,
+                s_mem_BNTK=None):  # fmt: skip
+    if s_mem_BNTK is not None and memory is not None:  # the search's own scores (ivf-scan): read only the values
+        return scored_topk_attention(q_BNTH, local, memory, idx_BNTK, s_mem_BNTK)
     return fused_topk_attention(q_BNTH, local, memory, idx_BNTK, scratch=scratch, q_mem_BNTH=q_mem_BNTH)
 
 

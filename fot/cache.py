@@ -235,11 +235,17 @@ class MemoryReader:
 
     def retrieve(self, q_BNTH: torch.Tensor) -> torch.Tensor:
         """Top-k slot indices [B, N, T, K] (-1 = none) for rotated queries, searched per KV head."""
+        return self.retrieve_scored(q_BNTH)[0]
+
+    def retrieve_scored(self, q_BNTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(``retrieve``'s indices, the search's fp32 scores q . k of those slots [B, N, T, K] or None: the
+        backend's ``search_scored``)."""
         B, N, T, H = q_BNTH.shape
         G = self.num_kv_heads
         q_BGXH = q_BNTH.reshape(B, G, (N // G) * T, H)  # query heads of one KV head are adjacent
-        idx_BGXK = self.search.search(q_BGXH, self._view, self.top_k)
-        return idx_BGXK.reshape(B, N, T, self.top_k)
+        idx_BGXK, s_BGXK = self.search.search_scored(q_BGXH, self._view, self.top_k)
+        shape = (B, N, T, self.top_k)
+        return idx_BGXK.reshape(shape), None if s_BGXK is None else s_BGXK.reshape(shape)
 
     def choose_blocks(self, q_BNTH: torch.Tensor) -> BlockChoice:
         """The blocks each chunk of rotated queries reads (``mem_blocks``, ``fot.blocks``)."""

@@ -121,6 +121,7 @@ class LongLlamaAttention(nn.Module):
         windows: int = 1,
         blocks: BlockChoice | None = None,
         q_mem_BNTH: torch.Tensor | None = None,
+        s_mem_BNTK: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend a chunk's queries.
 
@@ -131,7 +132,8 @@ class LongLlamaAttention(nn.Module):
         consecutive windows stacked as batch rows (window-major, ``window_group_attention``). In the plan's block
         mode, ``blocks`` are the memory blocks each chunk of queries reads (``fot.blocks``). ``q_mem_BNTH``, when
         given (``config.mem_rope_distance``), are the queries that score memory; the local window is scored by
-        ``q_BNTH``.
+        ``q_BNTH``. ``s_mem_BNTK``, when given, are the search's own fp32 scores of ``idx_BNTK`` by the memory
+        queries (``MemoryReader.retrieve_scored``).
 
         Returns:
             the output [B, T, D].
@@ -150,6 +152,8 @@ class LongLlamaAttention(nn.Module):
             mem_kv = memory.view() if self.is_memory_layer else None
             scratch = None if memory is None else memory.scratch
             extra = {} if q_mem_BNTH is None else {"q_mem_BNTH": q_mem_BNTH}  # only the paths that take it
+            if s_mem_BNTK is not None and plan.impl == "torch":  # the search scored the slots (ivf-scan)
+                extra["s_mem_BNTK"] = s_mem_BNTK
             out_BNTH = attend(q_BNTH, local_kv, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping, scratch=scratch,
                               **extra)  # fmt: skip
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
@@ -186,16 +190,17 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         # What attention reads is gathered here, outside it: the chunk joins the local window (the cache's window
         # stages it in its free slots, a training snapshot concatenates it) and top-k memory is searched.
         local_kv = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
-        idx_BNTK = blocks = q_mem_BNTH = None
+        idx_BNTK = blocks = q_mem_BNTH = s_mem_BNTK = None
         if memory is not None and mem_rope_cos_sin is not None and self.self_attn.use_rope:
             q_mem_BNTH = apply_rope(q_BNTH, *(t.to(q_BNTH.dtype) for t in mem_rope_cos_sin))
         if memory is not None and plan.memory_mode == "top-k" and memory.view() is not None:
-            idx_BNTK = memory.retrieve(q_BNTH if q_mem_BNTH is None else q_mem_BNTH)
+            idx_BNTK, s_mem_BNTK = memory.retrieve_scored(q_BNTH if q_mem_BNTH is None else q_mem_BNTH)
         if memory is not None and plan.memory_mode == "block" and memory.view() is not None:
             blocks = memory.choose_blocks(q_BNTH)
         attn_BTD = self.self_attn(
             q_BNTH, local_kv=local_kv, k_raw_BGTH=k_raw_BGTH, v_BGTH=v_BGTH, memory=memory, idx_BNTK=idx_BNTK,
             valid_BT=valid_BT, plan=plan, crossbatch=crossbatch, windows=windows, blocks=blocks, q_mem_BNTH=q_mem_BNTH,
+            s_mem_BNTK=s_mem_BNTK,
         )  # fmt: skip
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))

@@ -91,7 +91,7 @@ def ivf_scan():
     lib = load("ivf_scan")
     fn = lib.fot_ivf_scan
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    fn.argtypes = [p, i64, i64, p, i64, i64, p, p, p, i64, p, i32, i64, i64, p, i64, i64, i64, i32, p, p]
+    fn.argtypes = [p, i64, i64, p, i64, i64, p, p, p, i64, p, i32, i64, i64, p, i64, i64, i64, i64, i64, i32, p, p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -110,5 +110,14 @@ def top_rows():
     fn = load("ivf_scan").fot_top_rows
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [p, i64, i64, i64, p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def topk_attend():
+    """``fot_topk_attend`` from fot/csrc/ivf_scan.cpp, with its argument types declared."""
+    fn = load("ivf_scan").fot_topk_attend
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    fn.argtypes = [p, p, i64, i64, i64, p, i32, i64, i64, ctypes.c_float, i32, p, p]
     fn.restype = ctypes.c_int
     return fn

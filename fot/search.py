@@ -46,7 +46,10 @@ Backends (``mem_index``):
     visited once, its keys gathered into a transposed fp32 block and scored against the queries that probe it,
     six queries by sixteen keys at a time in registers, and a score is kept only if it beats its query's
     current k-th best. Nothing the size of a query's row is written, which is what costs
-    ivf-gemm most on a CPU. CPU only, bf16 or fp32 memory; the same lists, so the same keys are found.
+    ivf-gemm most on a CPU. CPU only, bf16 or fp32 memory; the same lists, so the same keys are found. It
+    returns the scores of the slots it found (``search_scored``), from which top-k attention applies the
+    softmax to the values alone (``fot.attention.scored_topk_attention``); slots appended since the lists were
+    built (up to ``TAIL_MAX``: decoding) are scored by every query instead of rebuilding the lists per token.
 faiss is optional: asking for a faiss backend without it raises an error naming the extra to install.
 """
 
@@ -63,7 +66,7 @@ import torch
 
 from .config import DEFAULT_NPROBE, MEM_INDEXES, LongLlamaConfig
 from .memory import MemoryStore
-from .types import MemoryKV, QuantizedMemoryKV
+from .types import MemoryKV, QuantizedMemoryKV, flat_rows
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +205,12 @@ class KeySearch:
     def search(self, q_BGXH: torch.Tensor, view: MemoryKV, k: int) -> torch.Tensor:
         """Top-k slot indices [B, G, X, K] (-1 = none) among the valid slots of ``view``."""
         raise NotImplementedError
+
+    def search_scored(self, q_BGXH: torch.Tensor, view: MemoryKV, k: int):
+        """(``search``'s indices, their fp32 scores q . k [B, G, X, K] (-inf where -1) or None). A backend that
+        computes the exact products of the slots it returns gives them, so that top-k attention reads only the
+        values; the others give None and attention scores the slots itself."""
+        return self.search(q_BGXH, view, k), None
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Follow a batch reorder/selection of the store."""
@@ -853,6 +862,10 @@ class IVFGemmSearch(TensorIndex):
         self.near_BGM[:, :, idx], self.dist_BGM[:, :, idx] = near, dist
         self.outlier_BGM[:, :, idx] = dist > self.radius_BG[..., None]
         self._cap_outliers()
+        self._lists_after_update(slots)
+
+    def _lists_after_update(self, slots: torch.Tensor) -> None:
+        """The built lists after ``slots`` were assigned: rebuilt at the next search."""
         self._lists = None
 
     def _build_lists(self, M: int) -> _Lists:
@@ -971,6 +984,18 @@ class IVFScanSearch(IVFGemmSearch):
 
     name = "ivf-scan"
     KEY_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+    # Slots appended after the lists were built, up to this many, are scored by every query instead of rebuilding
+    # the lists (a counting sort over every slot): decoding appends a slot a token, and at 256K the rebuilds cost
+    # more than the scan. A new window (512 slots) rebuilds them.
+    TAIL_MAX = 256
+
+    def _lists_after_update(self, slots):
+        lists = self._lists
+        if lists is None or slots.numel() == 0:
+            return
+        # only slots past the built ones (appended, not overwritten) can wait in the tail
+        if int(slots.min()) < lists.M or int(slots.max()) + 1 - lists.M > self.TAIL_MAX:
+            self._lists = None
 
     def _top_lists(self, cs_BXC, P):
         from .native import top_rows
@@ -994,11 +1019,16 @@ class IVFScanSearch(IVFGemmSearch):
         return _Lists(order[:n], off, length, M)
 
     def search(self, q_BGXH, view, k):
+        return self.search_scored(q_BGXH, view, k)[0]
+
+    def search_scored(self, q_BGXH, view, k):
+        """``search``, with the scan's fp32 scores q . k of the slots it returns (-inf where -1), which top-k
+        attention then need not compute again (``scored_topk_attention``); None before the index is trained."""
         if q_BGXH.device.type != "cpu":
             raise RuntimeError("fot: mem_index='ivf-scan' is a CPU kernel; use mem_index='ivf-gemm' on "
                                f"{q_BGXH.device.type}.")  # fmt: skip
         if self.centroids_BGCD is None:  # not trained yet: memory is still small, search it exactly
-            return ExactSearch().search(q_BGXH, view, k)
+            return ExactSearch().search(q_BGXH, view, k), None
         reader = _KeyReader(view)
         if reader.flat is None or reader.flat.dtype not in self.KEY_DTYPES:
             raise RuntimeError("fot: mem_index='ivf-scan' reads bf16 or fp32 memory in place; this memory is "
@@ -1008,7 +1038,7 @@ class IVFScanSearch(IVFGemmSearch):
 
         B, G, X, H = q_BGXH.shape
         M = view.size
-        if self._lists is None or self._lists.M != M:
+        if self._lists is None or self._lists.M > M or M - self._lists.M > self.TAIL_MAX:
             self._lists = self._build_lists(M)
         lists = self._lists
         q_RH, lists_RJ = self._probe(q_BGXH)
@@ -1021,9 +1051,9 @@ class IVFScanSearch(IVFGemmSearch):
                    lists.length.data_ptr(), self.nlist + 1, reader.flat.data_ptr(),
                    self.KEY_DTYPES[reader.flat.dtype], reader.per_head, lists.M,
                    None if valid is None else valid.data_ptr(), 0 if valid is None else valid.shape[1], G, k,
-                   torch.get_num_threads(), out_s.data_ptr(), out_ids.data_ptr())  # fmt: skip
-        self.scored += B * G * X * self.nlist + int(lists.length[lists_RJ].sum())
-        return out_ids.view(B, G, X, k)
+                   lists.M, M, torch.get_num_threads(), out_s.data_ptr(), out_ids.data_ptr())  # fmt: skip
+        self.scored += B * G * X * (self.nlist + M - lists.M) + int(lists.length[lists_RJ].sum())
+        return out_ids.view(B, G, X, k), out_s.view(B, G, X, k)
 
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
@@ -1049,12 +1079,9 @@ class _KeyReader:
         self.view = view
         self.quantized = isinstance(view, QuantizedMemoryKV)
         k = view.k_codes_BGMH if self.quantized else view.k_BGMH
-        B, self.G, _, H = k.shape
-        self.flat = None
-        if not self.quantized and k.stride(3) == 1 and k.stride(2) == H and k.stride(1) % H == 0 \
-                and k.stride(0) == self.G * k.stride(1):  # fmt: skip
-            self.per_head = k.stride(1) // H  # the store's capacity
-            self.flat = k.as_strided((B * self.G * self.per_head, H), (H, 1))
+        self.G = k.shape[1]
+        rows = None if self.quantized else flat_rows(k)
+        self.flat, self.per_head = (None, 0) if rows is None else rows  # per_head: the store's capacity
 
     def keys(self, head: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Keys [n, H] fp32 of the pairs (head, slot), each flattened to [n]."""

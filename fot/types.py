@@ -49,6 +49,19 @@ class MemoryKV:
         return self.k_BGMH[b_idx.to(dev), g_idx.to(dev), slots.to(dev)].float()
 
 
+def flat_rows(t_BGMH: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """A memory tensor [B, G, M, H] viewed as one [B G C, H] row buffer, with C = its capacity per head (a store's
+    tensors are views of the first M slots of [B, G, C, H] buffers), so that (head = b G + g, slot) is row
+    head C + slot: (the rows, C), or None when the tensor is not laid out that way. Compiled kernels read
+    memory rows in place through it."""
+    B, G, _, H = t_BGMH.shape
+    st = t_BGMH.stride()
+    if st[3] != 1 or st[2] != H or st[1] % H != 0 or st[0] != G * st[1]:
+        return None
+    per_head = st[1] // H
+    return t_BGMH.as_strided((B * G * per_head, H), (H, 1)), per_head
+
+
 class QuantizedMemoryKV(MemoryKV):
     """An int8 memory (``mem_dtype="int8"``, ``fot.quant``): codes and one fp32 scale per key and value vector.
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from fot import native
+from fot.attention import reference_topk_attention, scored_topk_attention
 from fot.search import IVFGemmSearch, IVFScanSearch
+from fot.types import LocalKV, MemoryKV
 from tests import test_search_ivf_gemm as ivf_gemm_tests
 from tests.test_knn_memory import brute_topk, one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.test_search_ivf_gemm import assert_model_with_every_list_probed_equals_exact, clustered_keys, small_factory
@@ -65,8 +67,40 @@ def test_two_threads_give_the_answer_of_one():
     assert torch.equal(search.search(q, store.view(), 5), one)
 
 
-def test_model_with_every_list_probed_equals_exact():
-    assert_model_with_every_list_probed_equals_exact("ivf-scan", small_factory, mem_dtype="float32")
+@pytest.mark.parametrize("mem_dtype", ["float32", "bfloat16"])
+def test_model_with_every_list_probed_equals_exact(mem_dtype):
+    """Memory attention reads the scan's own scores (``scored_topk_attention``) here; the exact model scores its
+    gathered keys (``fused_topk_attention``)."""
+    assert_model_with_every_list_probed_equals_exact("ivf-scan", small_factory, mem_dtype=mem_dtype)
+
+
+@pytest.mark.parametrize("mem_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_from_the_scans_scores_equals_the_float64_reference(mem_dtype, threads):
+    """``scored_topk_attention`` (the compiled softmax over the search's scores, values read in place) against
+    ``reference_topk_attention`` in float64 on the same slots: GQA, a memory view of a larger store buffer, invalid
+    and missing (-1) slots, a query with nothing retrieved, and a score bias."""
+    g = torch.Generator().manual_seed(11)
+    B, G, N, T, H, C, M, S, K = 2, 2, 6, 70, 16, 300, 250, 90, 8
+    k_buf, v_buf = (torch.randn(B, G, C, H, generator=g).to(mem_dtype) for _ in range(2))
+    valid = torch.rand(B, M, generator=g) > 0.2
+    memory = MemoryKV(k_buf[:, :, :M], v_buf[:, :, :M], valid, score_bias=0.5)
+    local = LocalKV(torch.randn(B, G, S, H, generator=g), torch.randn(B, G, S, H, generator=g), None)
+    q, q_mem = (torch.randn(B, N, T, H, generator=g) for _ in range(2))
+    idx = torch.randint(0, M, (B, N, T, K), generator=g)
+    idx = torch.where(valid.gather(1, idx.view(B, -1)).view_as(idx), idx, -1)  # the search never returns invalid
+    idx[:, :, :5, 3:] = -1
+    idx[1, 2, 7] = -1  # nothing retrieved: local attention alone
+    k_sel = memory.k_BGMH.float().repeat_interleave(N // G, 1).gather(2, idx.clamp(min=0).view(B, N, T * K, 1)
+                                                                       .expand(-1, -1, -1, H)).view(B, N, T, K, H)  # fmt: skip
+    s_mem = torch.einsum("bnth,bntkh->bntk", q_mem, k_sel).masked_fill(idx < 0, float("-inf"))
+    torch.set_num_threads(threads)
+    got = scored_topk_attention(q, local, memory, idx, s_mem)
+    memory64 = MemoryKV(memory.k_BGMH.double(), memory.v_BGMH.double(), valid, score_bias=0.5)
+    local64 = LocalKV(local.k_BGSH.double(), local.v_BGSH.double(), None)
+    want = reference_topk_attention(q.double(), local64, memory64, idx, q_mem.double())
+    assert (got.double() - want).abs().max() < 1e-5
+    assert (got[1, 2, 7].double() - reference_topk_attention(q.double(), local64, None, None)[1, 2, 7]).abs().max() < 1e-5
 
 
 def test_int8_memory_is_refused_in_one_line():
@@ -129,3 +163,34 @@ def test_memory_offloaded_to_disk_is_read_in_place(tmp_path):
     q = torch.randn(1, 2, 7, 16, generator=g)
     got, want = scan.search(q, store.view(), 5), gemm.search(q, store.view(), 5)
     assert any(tmp_path.iterdir()) and torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def test_slots_appended_one_at_a_time_are_scored_by_every_query_until_the_lists_are_rebuilt():
+    """Decoding appends a slot a token: the lists stay as built and the new slots (the tail) are scored exactly by
+    every query, so with every list probed the search still equals float64 brute force, and with one list probed
+    a query equal to a new key finds it. Past ``TAIL_MAX`` new slots, or when a slot is overwritten, the lists are
+    rebuilt."""
+    keys = clustered_keys(1024, B=2, G=2)
+    cache, _ = filled(keys=keys, window=128, mem_dtype="bfloat16", mem_nprobe=4096)
+    store, scan = cache.memories[1], cache.searches[1]
+    g = torch.Generator().manual_seed(5)
+    H = keys.shape[-1]
+    scan.search(torch.randn(2, 2, 4, H, generator=g), store.view(), 4)  # builds the lists
+    built = scan._lists
+    new = []
+    for _ in range(3):
+        k = 4 * torch.randn(2, 2, 1, H, generator=g)  # long keys: each is its own query's best match
+        cache.append_memory(1, k, torch.randn(k.shape, generator=g), None)
+        new.append(k)
+        assert scan._lists is built  # not rebuilt: the new slots wait in the tail
+        ivf_gemm_tests.assert_exact(scan, store.view(), torch.randn(2, 2, 9, H, generator=g), 4)
+    assert built.M == 1024 and store.view().size == 1027
+    scan.nprobe = 1
+    q = torch.cat(new, 2).float()
+    idx = scan.search(q, store.view(), 1)
+    assert torch.equal(idx[..., 0], torch.arange(1024, 1027).expand(2, 2, 3))
+    scan.TAIL_MAX = 4
+    cache.append_memory(1, *(torch.randn(2, 2, 2, H, generator=g) for _ in range(2)), None)
+    assert scan._lists is None  # 5 new slots > TAIL_MAX: rebuilt at the next search
+    scan.search(q, store.view(), 1)
+    assert scan._lists.M == 1029

@@ -5,11 +5,16 @@
 // every score; on a CPU the copies into those rows and the selection cost more than the products. Here each list
 // is visited once per KV head: its keys are gathered into a transposed fp32 block, scored against the queries
 // that probe it six at a time (register-blocked, 6 queries x 16 keys), and each score is compared with its
-// query's current k-th best before it is kept (TopK), so nothing the size of a row is ever written.
+// query's current k-th best before it is kept (TopK), so nothing the size of a row is ever written. Slots appended
+// since the lists were built (decoding adds one a token) are scored by every query of their head instead.
+//
+// fot_topk_attend then applies each query's softmax over those scores to the retrieved value rows, read in place,
+// so top-k attention neither gathers the keys again nor recomputes their products.
 //
 // Plain C ABI (loaded with ctypes by fot/native.py): no Python headers, no torch headers, no build system.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -110,9 +115,63 @@ struct Args {
   int64_t valid_stride;
   int64_t G;
   int64_t k;
+  int64_t tail_lo, tail_hi;  // slots every query of a head scores besides its lists (appended since they were built)
   float* out_s;
   int64_t* out_ids;
 };
+
+// Scores the queries qs[0..nq) of a head (indices into its X) against the keys of the given slots and keeps each
+// query's best k: the keys are gathered into a transposed fp32 block kt, the queries scored six at a time.
+void score_slots(const Args& a, int64_t head, const std::vector<int64_t>& slot, const int64_t* qs, int64_t nq,
+                 TopK* best, std::vector<float>& kt, std::vector<float>& qb) {
+  const int64_t H = a.H, r0 = head * a.X;
+  const int64_t n = static_cast<int64_t>(slot.size());
+  if (n == 0) return;
+  // the keys, transposed to [H][np] fp32 (np: n padded to KB with zero keys that are never kept)
+  const int64_t np = (n + KB - 1) / KB * KB;
+  kt.resize(H * np);
+  for (int64_t j0 = 0; j0 < np; j0 += KB) {  // a block of KB keys at a time: each write is KB contiguous floats
+    const int64_t nk = std::min<int64_t>(KB, n - j0);
+    for (int64_t u = 0; u < KB; ++u) {
+      float* dst = kt.data() + j0 + u;
+      if (u >= nk) {
+        for (int64_t h = 0; h < H; ++h) dst[h * np] = 0.0f;
+        continue;
+      }
+      const int64_t row = head * a.per_head + slot[j0 + u];
+      if (j0 + u + 8 < n) {  // the key rows are scattered over the store: fetch ahead
+        const int64_t ahead = (head * a.per_head + slot[j0 + u + 8]) * H * (a.key_bf16 ? 2 : 4);
+        __builtin_prefetch(static_cast<const char*>(a.keys) + ahead);
+        __builtin_prefetch(static_cast<const char*>(a.keys) + ahead + 64);
+      }
+      if (a.key_bf16) {
+        const uint16_t* src = static_cast<const uint16_t*>(a.keys) + row * H;
+        for (int64_t h = 0; h < H; ++h) dst[h * np] = bf16_to_float(src[h]);
+      } else {
+        const float* src = static_cast<const float*>(a.keys) + row * H;
+        for (int64_t h = 0; h < H; ++h) dst[h * np] = src[h];
+      }
+    }
+  }
+  for (int64_t q0 = 0; q0 < nq; q0 += QB) {
+    const int nb = static_cast<int>(std::min<int64_t>(QB, nq - q0));
+    for (int t = 0; t < QB; ++t) {  // a short block repeats its last query; only the first nb are kept
+      const float* src = a.q + (r0 + qs[q0 + std::min(t, nb - 1)]) * H;
+      for (int64_t h = 0; h < H; ++h) qb[h * QB + t] = src[h];
+    }
+    for (int64_t j0 = 0; j0 < np; j0 += KB) {
+      float acc[QB][KB];
+      score_block(kt.data() + j0, np, qb.data(), H, acc);
+      const int64_t nk = std::min<int64_t>(KB, n - j0);
+      for (int t = 0; t < nb; ++t) {
+        TopK& b = best[qs[q0 + t]];
+        if (nk == KB && !any_above(acc[t], b.floor)) continue;  // the common case once k are found
+        for (int64_t u = 0; u < nk; ++u)
+          if (acc[t][u] > b.floor) b.push(acc[t][u], slot[j0 + u]);
+      }
+    }
+  }
+}
 
 void scan_head(const Args& a, int64_t head) {
   const int64_t H = a.H, X = a.X, J = a.J, k = a.k, L = a.lists_per_head;
@@ -143,58 +202,20 @@ void scan_head(const Args& a, int64_t head) {
     const int64_t nq = count[c + 1] - count[c];
     const int64_t gid = head * L + c, len = a.len[gid];
     if (nq == 0 || len == 0) continue;
-    // the list's keys, transposed to [H][n] fp32 (n padded to KB with zero keys that are never kept)
     slot.clear();
     for (int64_t i = 0; i < len; ++i) {
       int64_t s = static_cast<int64_t>(a.order[a.off[gid] + i]) - head * a.M;
       if (!valid || valid[s]) slot.push_back(s);
     }
-    const int64_t n = static_cast<int64_t>(slot.size());
-    if (n == 0) continue;
-    const int64_t np = (n + KB - 1) / KB * KB;
-    kt.resize(H * np);
-    for (int64_t j0 = 0; j0 < np; j0 += KB) {  // a block of KB keys at a time: each write is KB contiguous floats
-      const int64_t nk = std::min<int64_t>(KB, n - j0);
-      for (int64_t u = 0; u < KB; ++u) {
-        float* dst = kt.data() + j0 + u;
-        if (u >= nk) {
-          for (int64_t h = 0; h < H; ++h) dst[h * np] = 0.0f;
-          continue;
-        }
-        const int64_t row = head * a.per_head + slot[j0 + u];
-        if (j0 + u + 8 < n) {  // the key rows are scattered over the store: fetch ahead
-          const int64_t ahead = (head * a.per_head + slot[j0 + u + 8]) * H * (a.key_bf16 ? 2 : 4);
-          __builtin_prefetch(static_cast<const char*>(a.keys) + ahead);
-          __builtin_prefetch(static_cast<const char*>(a.keys) + ahead + 64);
-        }
-        if (a.key_bf16) {
-          const uint16_t* src = static_cast<const uint16_t*>(a.keys) + row * H;
-          for (int64_t h = 0; h < H; ++h) dst[h * np] = bf16_to_float(src[h]);
-        } else {
-          const float* src = static_cast<const float*>(a.keys) + row * H;
-          for (int64_t h = 0; h < H; ++h) dst[h * np] = src[h];
-        }
-      }
-    }
-    const int64_t* qs = probe.data() + count[c];
-    for (int64_t q0 = 0; q0 < nq; q0 += QB) {
-      const int nb = static_cast<int>(std::min<int64_t>(QB, nq - q0));
-      for (int t = 0; t < QB; ++t) {  // a short block repeats its last query; only the first nb are kept
-        const float* src = a.q + (r0 + qs[q0 + std::min(t, nb - 1)]) * H;
-        for (int64_t h = 0; h < H; ++h) qb[h * QB + t] = src[h];
-      }
-      for (int64_t j0 = 0; j0 < np; j0 += KB) {
-        float acc[QB][KB];
-        score_block(kt.data() + j0, np, qb.data(), H, acc);
-        const int64_t nk = std::min<int64_t>(KB, n - j0);
-        for (int t = 0; t < nb; ++t) {
-          TopK& b = best[qs[q0 + t]];
-          if (nk == KB && !any_above(acc[t], b.floor)) continue;  // the common case once k are found
-          for (int64_t u = 0; u < nk; ++u)
-            if (acc[t][u] > b.floor) b.push(acc[t][u], slot[j0 + u]);
-        }
-      }
-    }
+    score_slots(a, head, slot, probe.data() + count[c], nq, best.data(), kt, qb);
+  }
+  if (a.tail_hi > a.tail_lo) {  // the slots appended since the lists were built: every query scores them
+    slot.clear();
+    for (int64_t s = a.tail_lo; s < a.tail_hi; ++s)
+      if (!valid || valid[s]) slot.push_back(s);
+    std::vector<int64_t> all(X);
+    for (int64_t x = 0; x < X; ++x) all[x] = x;
+    score_slots(a, head, slot, all.data(), X, best.data(), kt, qb);
   }
   // best first; ties by slot, so the answer does not depend on the order the lists were visited in
   for (int64_t x = 0; x < X; ++x) {
@@ -206,6 +227,49 @@ void scan_head(const Args& a, int64_t head) {
       os[i] = i < b.n ? b.h[i].s : -std::numeric_limits<float>::infinity();
       oi[i] = i < b.n ? b.h[i].id : -1;
     }
+  }
+}
+
+
+// Rows [r0, r1) of fot_topk_attend.
+void attend_rows(const float* s, const int64_t* ids, int64_t K, int64_t X, const void* values, int32_t bf16,
+                 int64_t per_head, int64_t H, float scale, int64_t r0, int64_t r1, float* out, float* lse) {
+  std::vector<float> acc(H), w(K);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* sr = s + r * K;
+    const int64_t* ir = ids + r * K;
+    const int64_t base = (r / X) * per_head;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < K; ++i)
+      if (ir[i] >= 0) m = std::max(m, scale * sr[i]);
+    float* o = out + r * H;
+    if (m == -std::numeric_limits<float>::infinity()) {  // nothing retrieved: no weight in the merge
+      std::fill(o, o + H, 0.0f);
+      lse[r] = m;
+      continue;
+    }
+    float sum = 0.0f;
+    for (int64_t i = 0; i < K; ++i) {
+      w[i] = ir[i] >= 0 ? std::exp(scale * sr[i] - m) : 0.0f;
+      sum += w[i];
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t i = 0; i < K; ++i) {
+      if (ir[i] < 0) continue;
+      for (int64_t a = i + 1; a < std::min<int64_t>(K, i + 5); ++a)  // the value rows are scattered: fetch ahead
+        if (ir[a] >= 0) __builtin_prefetch(static_cast<const char*>(values) + (base + ir[a]) * H * (bf16 ? 2 : 4));
+      const float wi = w[i];
+      if (bf16) {
+        const uint16_t* v = static_cast<const uint16_t*>(values) + (base + ir[i]) * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += wi * bf16_to_float(v[h]);
+      } else {
+        const float* v = static_cast<const float*>(values) + (base + ir[i]) * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += wi * v[h];
+      }
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t h = 0; h < H; ++h) o[h] = acc[h] * inv;
+    lse[r] = m + std::log(sum);
   }
 }
 
@@ -262,14 +326,16 @@ int64_t fot_ivf_lists(const int32_t* near, const uint8_t* outlier, int64_t heads
 // Returns 0. Queries are head-major: query r belongs to head r / X. lists[r * J + j] is a global list id
 // head * lists_per_head + c; list gid holds order[off[gid] .. off[gid] + len[gid]), each entry head * M + slot.
 // Key (head, slot) is row head * per_head + slot of keys ([*, H], bf16 if key_bf16 else fp32). valid, when not
-// null, is a [B, valid_stride] byte mask read at row head / G. Writes the k best (score, slot) of each query, best
-// first, padded with (-inf, -1).
+// null, is a [B, valid_stride] byte mask read at row head / G. Slots tail_lo .. tail_hi - 1 of each head (appended
+// since the lists were built; an empty range for none) are scored by every query of the head. Writes the k best
+// (score, slot) of each query, best first, padded with (-inf, -1).
 int fot_ivf_scan(const float* q, int64_t R, int64_t H, const int64_t* lists, int64_t J, int64_t X,
                  const int32_t* order, const int64_t* off, const int64_t* len, int64_t lists_per_head,
                  const void* keys, int32_t key_bf16, int64_t per_head, int64_t M, const uint8_t* valid,
-                 int64_t valid_stride, int64_t G, int64_t k, int32_t threads, float* out_s, int64_t* out_ids) {
+                 int64_t valid_stride, int64_t G, int64_t k, int64_t tail_lo, int64_t tail_hi, int32_t threads,
+                 float* out_s, int64_t* out_ids) {
   Args a{q, H, lists, J, X, order, off, len, lists_per_head, keys, key_bf16, per_head, M, valid, valid_stride, G, k,
-         out_s, out_ids};
+         tail_lo, tail_hi, out_s, out_ids};
   const int64_t heads = X > 0 ? R / X : 0;
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, heads));
   if (nt == 1) {
@@ -280,6 +346,28 @@ int fot_ivf_scan(const float* q, int64_t R, int64_t H, const int64_t* lists, int
   for (int64_t t = 0; t < nt; ++t)
     pool.emplace_back([&a, t, nt, heads] {
       for (int64_t h = t; h < heads; h += nt) scan_head(a, h);
+    });
+  for (auto& th : pool) th.join();
+  return 0;
+}
+
+// Top-k attention's memory part from the scan's own scores (fot/attention.py, scored_topk_attention): query r
+// (head-major: head r / X) retrieved slots ids[r, i] (-1: none) whose keys scored s[r, i] (q . k, fp32). Writes
+// out[r] = the softmax of scale * s over the retrieved slots applied to their value rows, read in place (row
+// head * per_head + slot of values, [*, H], bf16 if bf16 else fp32), and lse[r] = its log-sum-exp (-inf, and a
+// zero row, for a query with nothing retrieved). Nothing the size of [R, K, H] is ever written. Returns 0.
+int fot_topk_attend(const float* s, const int64_t* ids, int64_t R, int64_t K, int64_t X, const void* values,
+                    int32_t bf16, int64_t per_head, int64_t H, float scale, int32_t threads, float* out, float* lse) {
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, R / 64));  // a thread is worth 64 rows
+  const int64_t step = nt > 0 ? (R + nt - 1) / nt : R;
+  if (nt == 1) {
+    attend_rows(s, ids, K, X, values, bf16, per_head, H, scale, 0, R, out, lse);
+    return 0;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t t = 0; t < nt; ++t)
+    pool.emplace_back([=] {
+      attend_rows(s, ids, K, X, values, bf16, per_head, H, scale, t * step, std::min(R, (t + 1) * step), out, lse);
     });
   for (auto& th : pool) th.join();
   return 0;
