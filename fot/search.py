@@ -1023,12 +1023,10 @@ class IVFScanSearch(IVFGemmSearch):
 
     def search_scored(self, q_BGXH, view, k):
         """``search``, with the scan's fp32 scores q . k of the slots it returns (-inf where -1), which top-k
-        attention then need not compute again (``scored_topk_attention``); None before the index is trained."""
+        attention then need not compute again (``scored_topk_attention``)."""
         if q_BGXH.device.type != "cpu":
             raise RuntimeError("fot: mem_index='ivf-scan' is a CPU kernel; use mem_index='ivf-gemm' on "
                                f"{q_BGXH.device.type}.")  # fmt: skip
-        if self.centroids_BGCD is None:  # not trained yet: memory is still small, search it exactly
-            return ExactSearch().search(q_BGXH, view, k), None
         reader = _KeyReader(view)
         if reader.flat is None or reader.flat.dtype not in self.KEY_DTYPES:
             raise RuntimeError("fot: mem_index='ivf-scan' reads bf16 or fp32 memory in place; this memory is "
@@ -1038,17 +1036,23 @@ class IVFScanSearch(IVFGemmSearch):
 
         B, G, X, H = q_BGXH.shape
         M = view.size
-        if self._lists is None or self._lists.M > M or M - self._lists.M > self.TAIL_MAX:
-            self._lists = self._build_lists(M)
-        lists = self._lists
-        q_RH, lists_RJ = self._probe(q_BGXH)
-        q_RH, lists_RJ = q_RH.contiguous(), lists_RJ.contiguous()
+        if self.centroids_BGCD is None:  # not trained yet, memory is still small: every query scores every slot
+            none = torch.zeros(0, dtype=torch.long)
+            lists = _Lists(torch.zeros(0, dtype=torch.int32), none, none, 0)  # all of memory is the tail
+            q_RH = q_BGXH.detach().float().reshape(B * G * X, H).contiguous()
+            lists_RJ = torch.zeros(B * G * X, 0, dtype=torch.long)
+        else:
+            if self._lists is None or self._lists.M > M or M - self._lists.M > self.TAIL_MAX:
+                self._lists = self._build_lists(M)
+            lists = self._lists
+            q_RH, lists_RJ = self._probe(q_BGXH)
+            q_RH, lists_RJ = q_RH.contiguous(), lists_RJ.contiguous()
         R, J = lists_RJ.shape
         valid = None if view.valid_BM is None else view.valid_BM.to(torch.uint8).contiguous()
         out_s = torch.empty(R, k)
         out_ids = torch.empty(R, k, dtype=torch.long)
         ivf_scan()(q_RH.data_ptr(), R, H, lists_RJ.data_ptr(), J, X, lists.order.data_ptr(), lists.off.data_ptr(),
-                   lists.length.data_ptr(), self.nlist + 1, reader.flat.data_ptr(),
+                   lists.length.data_ptr(), self.nlist + 1 if J else 0, reader.flat.data_ptr(),
                    self.KEY_DTYPES[reader.flat.dtype], reader.per_head, lists.M,
                    None if valid is None else valid.data_ptr(), 0 if valid is None else valid.shape[1], G, k,
                    lists.M, M, torch.get_num_threads(), out_s.data_ptr(), out_ids.data_ptr())  # fmt: skip

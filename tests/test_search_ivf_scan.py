@@ -194,3 +194,26 @@ def test_slots_appended_one_at_a_time_are_scored_by_every_query_until_the_lists_
     assert scan._lists is None  # 5 new slots > TAIL_MAX: rebuilt at the next search
     scan.search(q, store.view(), 1)
     assert scan._lists.M == 1029
+
+
+@pytest.mark.parametrize("mem_dtype", ["float32", "bfloat16"])
+def test_before_the_first_training_every_slot_is_scored_exactly(mem_dtype):
+    """Below ``min_train`` keys there is no index: the kernel scores every slot (all of memory as its tail), equal
+    to float64 brute force with a random validity mask and with fewer valid slots than k, and its scores are the
+    products of the slots it returns."""
+    cache, _ = filled(M=60, window=20, mem_dtype=mem_dtype)
+    store, search = cache.memories[1], cache.searches[1]
+    assert search.centroids_BGCD is None
+    g = torch.Generator().manual_seed(2)
+    cache.clear_memory(rows=[1])
+    store.valid_BM[0, :60] = torch.rand(60, generator=g) > 0.3
+    store.valid_BM[1, [3, 41]] = True
+    q = torch.randn(2, 2, 7, store.k_BGMH.shape[-1], generator=g)
+    idx = ivf_gemm_tests.assert_exact(search, store.view(), q, 4)
+    assert (idx[1, :, :, 2:] == -1).all()
+    ids, scores = search.search_scored(q, store.view(), 4)
+    keys = store.view().k_BGMH.float()
+    want = torch.einsum("bgxh,bgxkh->bgxk", q, keys[torch.arange(2)[:, None, None, None],
+                                                      torch.arange(2)[None, :, None, None], ids.clamp(min=0)])
+    assert torch.allclose(scores[ids >= 0], want[ids >= 0], atol=1e-5)
+    assert torch.isneginf(scores[ids < 0]).all()
