@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from .config import MEM_INDEXES
+
 DEFAULT_MODEL = "models/smollm2-fot"
 DEFAULT_CACHE_DIR = ".fot-cache"
 CACHE_META_FORMAT = "fot-ask/1"
@@ -384,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-layers", nargs="+", metavar="L",
                    help="memory in these layers instead of the configured ones: 'all' or indices (mem_layers)")
     p.add_argument("--top-k", type=int, help="kNN memory: attend to the K best memory keys (mem_top_k)")
-    p.add_argument("--index", choices=["exact", "faiss-flat", "faiss-ivf"], help="key search of --top-k (mem_index)")
+    p.add_argument("--index", choices=MEM_INDEXES, help="key search of --top-k (mem_index)")
     p.add_argument("--last-context-length", type=int, help="override the model's last_context_length")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default float32: bf16 matmuls are slow on most CPUs)")
