@@ -217,3 +217,22 @@ def test_before_the_first_training_every_slot_is_scored_exactly(mem_dtype):
                                                       torch.arange(2)[None, :, None, None], ids.clamp(min=0)])
     assert torch.allclose(scores[ids >= 0], want[ids >= 0], atol=1e-5)
     assert torch.isneginf(scores[ids < 0]).all()
+
+
+def test_fifo_eviction_between_searches_rebuilds_the_lists():
+    """A FIFO memory overwrites old slots: lists built before the overwrite would name keys that are gone, so the
+    next search rebuilds them and equals brute force over the memory as it now is, whether slots are overwritten a
+    window or one at a time."""
+    m = 96
+    cache, keys = filled(M=230, B=1, window=46, mem_max_tokens=m, mem_nprobe=4096, mem_dtype="bfloat16")
+    store, search = cache.memories[1], cache.searches[1]
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 11, keys.shape[-1], generator=g)
+    ivf_gemm_tests.assert_exact(search, store.view(), q, 6)
+    for _ in range(3):  # one slot at a time, as decoding does, each overwriting the oldest key
+        k = 3 * torch.randn(1, 2, 1, keys.shape[-1], generator=g)
+        cache.append_memory(1, k, torch.randn(k.shape, generator=g), None)
+        assert search._lists is None
+        idx = ivf_gemm_tests.assert_exact(search, store.view(), q, 6)
+        assert store.view().size == m
+    assert search._lists.M == m and idx.max() < m
