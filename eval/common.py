@@ -33,6 +33,7 @@ Modifiers, after ``memory``, ``dense``, ``topk*`` or ``blocks:N`` (``no-memory``
 ``index=NAME``     ``mem_index=NAME`` (exact, faiss-flat or faiss-ivf)
 ``nprobe=N``       ``mem_nprobe=N`` (faiss-ivf)
 ``overlap=O``      ``window_overlap=O``: each memory-bound window re-reads the O tokens before it as local context
+                   (0: none)
 ``block=S``        ``mem_block_size=S``, slots per memory block (``blocks:N`` only)
 ``chunk=C``        ``mem_block_queries=C``, queries that share one choice of blocks (``blocks:N`` only)
 ``bias=B``         ``mem_score_bias=B``: B is subtracted from every memory score before the one softmax
@@ -179,6 +180,11 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
         if not value.isdigit():
             raise ValueError(f"setting {text!r}: dist must be an integer >= 0 (memory's RoPE distance from each "
                              "query) or none, e.g. dist=512.")
+        return field_name, int(value)
+    if key == "overlap":  # 0 is a value here: it turns off a checkpoint's saved window_overlap
+        if not value.isdigit():
+            raise ValueError(f"setting {text!r}: overlap must be an integer >= 0 (tokens each memory-bound window "
+                             "re-reads), e.g. overlap=32, or overlap=0 for none.")
         return field_name, int(value)
     if key == "index":
         if value not in MEM_INDEXES:

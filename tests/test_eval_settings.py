@@ -192,5 +192,10 @@ def test_overlap_modifier_sets_window_overlap_on_memory_settings_only():
     assert parse_setting("dense+overlap=32").overrides["window_overlap"] == 32
     with pytest.raises(ValueError, match="no-memory takes no overlap="):
         parse_setting("no-memory+overlap=64")
-    with pytest.raises(ValueError, match="positive integer"):
-        parse_setting("memory+overlap=0")
+    # 0 turns off the overlap a checkpoint saved (make smollm2's 32), e.g. for the [7, 15, 22] layout's row
+    assert parse_setting("dense+layers=7,15,22+overlap=0+dist=none").overrides == {
+        "mem_top_k": None, "mem_index": "exact", "mem_layers": "7,15,22", "window_overlap": 0,
+        "mem_rope_distance": None}
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(ValueError, match="overlap must be an integer >= 0"):
+            parse_setting(f"memory+overlap={bad}")
