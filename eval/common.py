@@ -468,10 +468,57 @@ def write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+_EARLIER_PEAK = 0  # the run's peak RSS before the kernel's high-water mark was last reset (reset_peak_rss)
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set so far, in bytes (``getrusage``: kilobytes on Linux, bytes on macOS)."""
+    """This process's peak resident set so far, in bytes (``getrusage``: kilobytes on Linux, bytes on macOS), the
+    peaks before any ``reset_peak_rss`` included."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return max(_EARLIER_PEAK, int(peak if sys.platform == "darwin" else peak * 1024))
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark of this process's resident set, so that ``trial_peak_rss_bytes`` reads the peak
+    of what runs next (one prompt) rather than of the whole run, which may hold several settings. Linux only: it
+    writes 5 to ``/proc/self/clear_refs``; returns False where that cannot be done (and the trial records no peak).
+    ``peak_rss_bytes`` keeps the run's peak across resets."""
+    global _EARLIER_PEAK
+    _EARLIER_PEAK = peak_rss_bytes()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def with_peak_rss(score, *args, **kwargs) -> dict:
+    """``score(*args, **kwargs)``, which scores one prompt and returns its record, with the prompt's own peak
+    resident set added as ``peak_rss_bytes`` (None where it cannot be measured): with several settings in one
+    process, the run's peak says nothing of each."""
+    reset = reset_peak_rss()
+    record = score(*args, **kwargs)
+    record["peak_rss_bytes"] = trial_peak_rss_bytes(reset)
+    return record
+
+
+def cell_peak_rss(records: list[dict]) -> int | None:
+    """The largest ``peak_rss_bytes`` of a cell's trials; None when a trial has none (logged before trials recorded
+    it, or where ``reset_peak_rss`` is not available), since then the largest of the rest could understate it."""
+    peaks = [r.get("peak_rss_bytes") for r in records]
+    return None if not peaks or None in peaks else max(peaks)
+
+
+def trial_peak_rss_bytes(reset: bool) -> int | None:
+    """The peak resident set (bytes) since ``reset_peak_rss`` returned ``reset``; None when it could not reset."""
+    if not reset:
+        return None
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    hwm = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return None if hwm is None else int(hwm) * 1024
 
 
 def run_report(task: str, args, model_dir: Path, tokenizer_dir: Path, window: int, fields: dict, configs: dict,

@@ -74,6 +74,7 @@ from eval.common import (
     add_settings_argument,
     check_full_attention_lengths,
     check_model_args,
+    cell_peak_rss,
     cli_main,
     load_model,
     open_trials,
@@ -85,6 +86,7 @@ from eval.common import (
     run_report,
     save_figure,
     setting_model,
+    with_peak_rss,
 )
 from plumbing.cli import ArgumentParser
 from plumbing.tokenizer import load_tokenizer
@@ -426,7 +428,8 @@ def evaluate(model, trials: dict[int, list[Trial]], tokenizer, device="cpu", des
                 record = logged_trial(log, setting, tr)
                 if record is None:
                     job = json.dumps(trial_key(setting, tr))
-                    record = score_trial(model, tr, tokenizer, device, read_tokens, prefill, job, **generate_kwargs)
+                    record = with_peak_rss(score_trial, model, tr, tokenizer, device, read_tokens, prefill, job,
+                                           **generate_kwargs)
                     release_memory()
                     if log is not None:
                         log.put(trial_key(setting, tr), record)
@@ -437,7 +440,7 @@ def evaluate(model, trials: dict[int, list[Trial]], tokenizer, device="cpu", des
                 bar.update(1)
             row = {"length": length, "mean_tokens": float(np.mean([r["tokens"] for r in records])),
                    "min_tokens": min(r["tokens"] for r in records), "max_tokens": max(r["tokens"] for r in records),
-                   **summarize(records), "seconds": seconds}
+                   **summarize(records), "seconds": seconds, "peak_rss_bytes": cell_peak_rss(records)}
             row["by_template"] = {name: summarize([r for r in records if r["template"] == name])
                                   for name in dict.fromkeys(r["template"] for r in records)}
             if any(r["depth"] is not None for r in records):

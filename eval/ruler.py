@@ -47,6 +47,7 @@ from eval.common import (
     add_settings_argument,
     check_full_attention_lengths,
     check_model_args,
+    cell_peak_rss,
     cli_main,
     load_model,
     open_trials,
@@ -56,6 +57,7 @@ from eval.common import (
     run_report,
     save_figure,
     setting_model,
+    with_peak_rss,
 )
 from eval.passkey import PromptEncoder, describe_setting, generation_kwargs, greedy_answer
 from tasks.ruler import (
@@ -149,7 +151,7 @@ def summarize(task: str, length: int, records: list[dict], seconds: float) -> di
             "score": 100.0 * float(np.mean([r["score"] for r in records])),
             "read": 100.0 * float(np.mean([r["read"] for r in records])),
             "mean_tokens": float(np.mean(tokens)), "min_tokens": min(tokens), "max_tokens": max(tokens),
-            "seconds": seconds, "samples": records}
+            "seconds": seconds, "peak_rss_bytes": cell_peak_rss(records), "samples": records}
 
 
 def evaluate(model, encoder: RulerEncoder, samples: list[Sample], device="cpu", desc: str = "ruler",
@@ -168,7 +170,7 @@ def evaluate(model, encoder: RulerEncoder, samples: list[Sample], device="cpu", 
             for s in group:
                 record = None if log is None else log.get(trial_key(setting, s), outputs=s.outputs, units=s.units)
                 if record is None:
-                    record = score_sample(model, encoder, s, device, **generate_kwargs)
+                    record = with_peak_rss(score_sample, model, encoder, s, device, **generate_kwargs)
                     release_memory()
                     if log is not None:
                         log.put(trial_key(setting, s), record)

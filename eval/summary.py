@@ -7,8 +7,9 @@ checkpoint, each setting's score per task and length, as ``make demo-smollm2`` r
 A cell reads ``protocol / read``: the task's standard score (the passkey protocol's exact token match, RULER's
 ``string_match_all``) and the score of the answer as a user reads it (eval/README.md). Rows are (task, setting),
 columns the lengths any run measured; a length a setting did not run is "–". A second table gives the seconds per
-prompt of each cell (its run's seconds over its prompts), and a list each run's peak RSS (``peak_rss_bytes`` of
-results.json: the process's, so one setting per run gives that setting's). Writes ``OUT/summary.md`` (the tables,
+prompt of each cell (its run's seconds over its prompts), a third each cell's peak RSS (the largest of its prompts'
+own peaks, which runs since the eighth session record), and a list of each run's peak RSS (``peak_rss_bytes`` of
+results.json: the process's, every setting it ran). Writes ``OUT/summary.md`` (the tables,
 also printed) and ``OUT/summary.png`` (one panel per task: the protocol score solid, the read score dashed).
 """
 
@@ -22,8 +23,9 @@ from plumbing.cli import ArgumentParser
 from plumbing.files import atomic_path
 
 
-def read_run(folder: Path) -> list[tuple[str, str, int, float, float | None, float | None]]:
-    """(task, setting, length, protocol %, read %, seconds per prompt) of every cell in one run's results.json."""
+def read_run(folder: Path) -> list[tuple[str, str, int, float, float | None, float | None, int | None]]:
+    """(task, setting, length, protocol %, read %, seconds per prompt, peak RSS in bytes) of every cell in one run's
+    results.json."""
     path = folder / "results.json"
     if not path.is_file():
         raise ValueError(f"{path} does not exist: pass an output folder of eval/passkey.py or eval/ruler.py that "
@@ -35,10 +37,12 @@ def read_run(folder: Path) -> list[tuple[str, str, int, float, float | None, flo
     for setting, rows in report["results"].items():
         for row in rows:
             per_prompt = row["seconds"] / row["n"] if row.get("seconds") is not None and row.get("n") else None
+            peak = row.get("peak_rss_bytes")
             if report["task"] == "passkey":
-                cells.append(("passkey", setting, row["length"], row["accuracy"], row.get("accuracy_read"), per_prompt))
+                cells.append(("passkey", setting, row["length"], row["accuracy"], row.get("accuracy_read"), per_prompt,
+                              peak))
             else:
-                cells.append((row["task"], setting, row["length"], row["score"], row["read"], per_prompt))  # in %
+                cells.append((row["task"], setting, row["length"], row["score"], row["read"], per_prompt, peak))  # in %
     return cells
 
 
@@ -49,19 +53,24 @@ def peak_rss(folder: Path) -> int | None:
 
 def table(cells) -> str:
     """The scores' table: ``protocol / read`` per (task, setting) row and length column."""
-    return _grid(cells, lambda score, read, _: f"{score:.0f}%" + ("" if read is None else f" / {read:.0f}%"))
+    return _grid(cells, lambda score, read, *_: f"{score:.0f}%" + ("" if read is None else f" / {read:.0f}%"))
 
 
 def seconds_table(cells) -> str:
     """Seconds per prompt, in the scores' layout ("?" where a run recorded no seconds)."""
-    return _grid(cells, lambda _s, _r, sec: "?" if sec is None else f"{sec:.1f}")
+    return _grid(cells, lambda _s, _r, sec, _p: "?" if sec is None else f"{sec:.1f}")
+
+
+def rss_table(cells) -> str:
+    """Each cell's peak RSS in GiB, in the scores' layout ("?" where its prompts recorded none)."""
+    return _grid(cells, lambda _s, _r, _sec, peak: "?" if peak is None else f"{peak / 2**30:.2f}")
 
 
 def _grid(cells, fmt) -> str:
     lengths = sorted({c[2] for c in cells})
     rows: dict[tuple[str, str], dict[int, str]] = {}
-    for task, setting, length, score, read, seconds in cells:
-        rows.setdefault((task, setting), {})[length] = fmt(score, read, seconds)
+    for task, setting, length, *values in cells:
+        rows.setdefault((task, setting), {})[length] = fmt(*values)
     head = "| task | setting | " + " | ".join(_k(n) for n in lengths) + " |"
     lines = [head, "|" + "---|" * (len(lengths) + 2)]
     for (task, setting), by_length in rows.items():
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     rss = [f"- {folder}: {peak / 2**30:.2f} GiB" for folder in args.runs
            if (peak := peak_rss(Path(folder))) is not None]
     text = (table(cells) + "\n\nSeconds per prompt:\n\n" + seconds_table(cells)
+            + ("\n\nPeak RSS, GiB (the largest of a cell's prompts):\n\n" + rss_table(cells)
+               if any(c[6] is not None for c in cells) else "")
             + ("\n\nPeak RSS of each run (its process):\n\n" + "\n".join(rss) if rss else ""))
     print(text)
     with atomic_path(out / "summary.md") as tmp:

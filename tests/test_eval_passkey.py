@@ -394,6 +394,8 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
             for t in r["trials"]:
                 assert len(t["predicted_ids"]) <= len(t["answer_ids"])
                 assert t["correct"] == (t["predicted_ids"] == t["answer_ids"])
+                assert 0 < t["peak_rss_bytes"] <= saved["peak_rss_bytes"]  # each prompt's own peak, within the run's
+            assert r["peak_rss_bytes"] == max(t["peak_rss_bytes"] for t in r["trials"])
     keys = {name: [t["key"] for r in rows for t in r["trials"]] for name, rows in saved["results"].items()}
     assert keys["memory"] == keys["no-memory"] == keys["topk:4"]  # every setting sees the same prompts
     assert (out / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

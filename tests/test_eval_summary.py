@@ -34,6 +34,37 @@ def test_table_joins_passkey_and_ruler_cells_by_task_setting_and_length(tmp_path
     assert f"- {pk}: 3.00 GiB" in lines and not any(str(ru) in line for line in lines)  # ru recorded no RSS
 
 
+def test_cells_with_their_own_peak_rss_get_a_table_of_it(tmp_path):
+    pk = write(tmp_path / "pk", {"task": "passkey", "results": {
+        "memory": [{"length": 4096, "accuracy": 100.0, "n": 2, "seconds": 4.0, "peak_rss_bytes": 3 * 2**29}],
+        "hf:8192": [{"length": 4096, "accuracy": 50.0, "n": 2, "seconds": 2.0, "peak_rss_bytes": None}]}})
+    summary.main(["--runs", str(pk), "--out", str(tmp_path / "out")])
+    lines = (tmp_path / "out" / "summary.md").read_text().splitlines()
+    rss = lines[lines.index("Peak RSS, GiB (the largest of a cell's prompts):") + 2:]
+    assert rss[1:4] == ["|---|---|---|", "| passkey | memory | 1.50 |", "| passkey | hf:8192 | ? |"]
+
+
+def test_a_prompts_peak_rss_is_its_own_and_the_runs_peak_keeps_the_largest():
+    from eval.common import cell_peak_rss, peak_rss_bytes, reset_peak_rss, with_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here: prompts record no peak of their own")
+
+    def hold(mib):
+        held = bytearray(mib * 2**20)
+        held[::4096] = b"x" * len(held[::4096])  # touched, so resident
+        return {"n": len(held)}
+
+    base = with_peak_rss(lambda: {})["peak_rss_bytes"]  # what the process holds with no prompt running
+    big = with_peak_rss(hold, 600)["peak_rss_bytes"]
+    small = with_peak_rss(hold, 150)["peak_rss_bytes"]
+    assert base + 590 * 2**20 <= big < base + 700 * 2**20
+    assert base + 140 * 2**20 <= small < base + 250 * 2**20  # not the 600 MiB prompt's peak
+    assert peak_rss_bytes() >= big  # the run's peak survives the resets
+    assert cell_peak_rss([{"peak_rss_bytes": small}, {"peak_rss_bytes": big}]) == big
+    assert cell_peak_rss([{"peak_rss_bytes": big}, {}]) is None  # a prompt without one: no cell peak to state
+
+
 def test_run_report_records_the_peak_rss_of_the_process():
     from types import SimpleNamespace
 
