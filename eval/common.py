@@ -39,6 +39,9 @@ Modifiers, after ``memory``, ``dense``, ``topk*`` or ``blocks:N`` (``no-memory``
 ``bias=B``         ``mem_score_bias=B``: B is subtracted from every memory score before the one softmax
 ``dist=D``         ``mem_rope_distance=D``: memory scored as keys D positions before each query (``dist=none``: at
                    the query's own position in its window, the reference's)
+``heads=H``        ``mem_heads=H``: only these query heads read memory, and only their layers are memory layers
+                   (unless ``layers=`` says otherwise); H is a heads JSON file (eval/retrieval_heads.py),
+                   layer.head pairs ``18.6,21.8``, or ``all`` (every head)
 =================  ===========================================================================================
 
 For example ``topk-ivf:32+layers=all+window=1024+nprobe=32`` or ``memory+layers=15:``. A setting's name is what
@@ -95,12 +98,12 @@ def _libc():
 
 SETTING_HELP = ("memory, dense, no-memory, topk:K, topk-flat:K, topk-ivf:K, blocks:N, full:W or hf:W, then optional "
                 "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O, +block=S, +chunk=C, +bias=B, "
-                "+dist=D (e.g. topk-ivf:32+layers=all+window=1024)")
+                "+dist=D, +heads=H (e.g. topk-ivf:32+layers=all+window=1024)")
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}
 _MODIFIERS = {"layers": "mem_layers", "window": "max_position_embeddings", "lcl": "last_context_length",
               "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe", "overlap": "window_overlap",
               "block": "mem_block_size", "chunk": "mem_block_queries", "bias": "mem_score_bias",
-              "dist": "mem_rope_distance"}
+              "dist": "mem_rope_distance", "heads": "mem_heads"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -148,7 +151,7 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
         raise ValueError(f"setting {text!r}: {part!r} is not a modifier; use +KEY=VALUE with KEY one of "
                          f"{', '.join(_MODIFIERS)} (e.g. memory+layers=all+window=1024).")
     allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"),
-               "dense": ("layers", "window", "lcl", "overlap", "bias", "dist"),
+               "dense": ("layers", "window", "lcl", "overlap", "bias", "dist", "heads"),
                "blocks": ("layers", "window", "lcl", "overlap", "block", "chunk", "bias")}
     if key in ("block", "chunk") and kind != "blocks":
         raise ValueError(f"setting {text!r}: {key}= sets block retrieval's {_MODIFIERS[key]}; start from blocks:N.")
@@ -181,6 +184,8 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
             raise ValueError(f"setting {text!r}: dist must be an integer >= 0 (memory's RoPE distance from each "
                              "query) or none, e.g. dist=512.")
         return field_name, int(value)
+    if key == "heads":
+        return field_name, _heads_modifier(text, value)
     if key == "overlap":  # 0 is a value here: it turns off a checkpoint's saved window_overlap
         if not value.isdigit():
             raise ValueError(f"setting {text!r}: overlap must be an integer >= 0 (tokens each memory-bound window "
@@ -193,6 +198,25 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
     return field_name, _positive(value, f"setting {text!r}: {key}", f"{key}=32" if key != "window" else "window=1024")
 
 
+def _heads_modifier(text: str, value: str) -> str | None:
+    """``heads=``'s value as the override records it: None for ``all``, else the compact "layer.head,..." string
+    (JSON-stable, so a logged setting compares equal on ``--resume``) of a heads file (eval/retrieval_heads.py's
+    heads.json, or any JSON {layer: [heads]}) or of the value itself."""
+    from fot.config import parse_mem_heads
+
+    if value == "all":
+        return None
+    try:
+        spec = json.loads(Path(value).read_text()) if Path(value).is_file() else value
+        if isinstance(spec, dict) and "mem_heads" in spec:  # eval/retrieval_heads.py's file: the chosen heads in it
+            spec = spec["mem_heads"]
+        heads = parse_mem_heads(spec)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"setting {text!r}: heads={value!r} is neither 'all', a heads JSON file nor layer.head "
+                         f"pairs such as 18.6,21.8 ({err}).") from None
+    return ",".join(f"{layer}.{h}" for layer, hs in heads.items() for h in hs)
+
+
 def parse_setting(text: str) -> Setting:
     """A setting's text -> a ``Setting``: a base (``memory``, ``dense``, ``no-memory``, ``topk:K``, ``topk-flat:K``,
     ``topk-ivf:K``, ``full:W``, ``hf:W``) and optional ``+KEY=VALUE`` modifiers (module docstring). Raises
@@ -203,6 +227,8 @@ def parse_setting(text: str) -> Setting:
     for part in parts:
         name, value = _modifier(text, kind, part, overrides)
         overrides[name] = value
+    if overrides.get("mem_heads") is not None and "mem_layers" not in overrides:  # the heads' layers, and no others
+        overrides["mem_layers"] = ",".join(dict.fromkeys(p.split(".")[0] for p in overrides["mem_heads"].split(",")))
     index = overrides.get("mem_index")
     if index is not None and index.startswith("faiss") and importlib.util.find_spec("faiss") is None:
         raise ValueError(f"setting {text!r} needs FAISS: pip install -e '.[faiss]' (or use exact search, topk:K).")
@@ -227,8 +253,12 @@ def check_full_attention_lengths(settings: list[Setting], lengths: dict[str, lis
 def setting_overrides(setting: Setting, saved: dict) -> dict:
     """The ``from_pretrained`` overrides of ``setting`` on a checkpoint whose saved config is ``saved``: a
     ``window=W`` without ``lcl=`` also sets ``last_context_length`` to min(the saved one, W), so the window can
-    shrink below it."""
+    shrink below it; a setting that sets the memory layers (``no-memory``, ``full:W``, ``layers=``) on a checkpoint
+    with ``mem_heads`` reads them with every head unless it says ``heads=``."""
     overrides = dict(setting.overrides)
+    sets_layers = "mem_layers" in overrides and "mem_heads" not in overrides
+    if setting.backend == "fot" and sets_layers and saved.get("mem_heads"):
+        overrides["mem_heads"] = None  # other memory layers than the saved ones: read with every head (or heads=)
     if setting.backend == "fot" and "max_position_embeddings" in overrides and "last_context_length" not in overrides:
         w_saved = saved.get("max_position_embeddings", 2048)
         lcl = saved.get("last_context_length") or min(1024, w_saved)  # LongLlamaConfig's default when unsaved
@@ -436,6 +466,28 @@ def check_model_args(args, full_attention_baseline: bool = False) -> tuple[list[
     tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
     args.bos = resolve_bos(args, tokenizer_dir)
     return settings, model_dir, tokenizer_dir, model_config(model_dir)
+
+
+def add_probe_arguments(p, out_help: str) -> None:
+    """The arguments the probes (eval/lookup_probe.py, eval/retrieval_heads.py) share besides their own: ``--model``,
+    ``--tokenizer``, ``--device``, ``--threads``, ``--out``."""
+    p.add_argument("--model", type=Path, required=True, help="local checkpoint directory")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, help=out_help)
+
+
+def check_probe_args(args) -> tuple[Path, Path]:
+    """``add_probe_arguments``' checks before a model loads: (model directory, tokenizer directory); raises
+    ``ValueError`` naming the fix."""
+    model_dir = check_model_dir(args.model)
+    tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
+    if args.out is not None:
+        check_out_dir(args.out)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+    return model_dir, tokenizer_dir
 
 
 def resolve_bos(args, tokenizer_dir: Path) -> bool:

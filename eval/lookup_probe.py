@@ -32,10 +32,9 @@ from pathlib import Path
 import torch
 
 import fot.attention as attention
-from eval.common import check_model_dir, check_tokenizer_dir, write_json
+from eval.common import add_probe_arguments, check_probe_args, write_json
 from eval.lookup import Dictionary, make_dictionaries
 from eval.passkey import PromptEncoder
-from plumbing.files import check_out_dir
 from plumbing.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -150,15 +149,11 @@ def load_probe_model(path: Path, device: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", type=Path, required=True, help="local checkpoint directory")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model directory)")
+    add_probe_arguments(p, "write results.json here")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="dictionary sizes in tokens")
     p.add_argument("--trials", type=int, default=2, help="dictionaries per size")
     p.add_argument("--queries", type=int, default=16, help="queries per dictionary")
     p.add_argument("--seed", type=int, default=0, help="eval/lookup.py's seed: the same seed probes its dictionaries")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", type=Path, help="write results.json here")
     return p
 
 
@@ -167,12 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = build_parser()
     args = p.parse_args(argv)
     try:  # every input is checked before a model is loaded
-        model_dir = check_model_dir(args.model)
-        tokenizer_dir = check_tokenizer_dir(args.tokenizer or model_dir, model_dir)
-        if args.out is not None:
-            check_out_dir(args.out)
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+        model_dir, tokenizer_dir = check_probe_args(args)
         model = load_probe_model(model_dir, args.device)
     except ValueError as err:
         p.error(str(err))

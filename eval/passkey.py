@@ -762,6 +762,8 @@ def describe_setting(setting: Setting, cfg, args) -> dict:
                  "mem_score_bias": cfg.mem_score_bias}
     if cfg.mem_rope_distance is not None:  # only when set: records of runs before the setting stay as they were
         described["mem_rope_distance"] = cfg.mem_rope_distance
+    if getattr(cfg, "mem_heads", None) is not None:  # the same: JSON's string keys, so a logged setting compares equal on --resume
+        described["mem_heads"] = {str(layer): heads for layer, heads in cfg.mem_heads.items()}
     return {**described, "last_context_length": args.last_context_length or cfg.last_context_length,
             "cache_policy": args.cache_policy or cfg.cache_policy}
 

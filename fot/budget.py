@@ -100,10 +100,16 @@ def _element_size(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def index_bytes(config: LongLlamaConfig, slots: int, batch: int = 1) -> int:
-    """Bytes ``config.mem_index`` keeps for ``slots`` keys of one memory layer, beyond the store
-    (``KeySearch.nbytes``)."""
-    G, H = config.num_key_value_heads, config.head_dim
+def memory_kv_heads(config: LongLlamaConfig, layer: int) -> int:
+    """How many key/value heads memory layer ``layer`` stores: all of them, or one per ``mem_heads`` query head."""
+    heads = config.memory_kv_heads(layer)
+    return config.num_key_value_heads if heads is None else len(heads)
+
+
+def index_bytes(config: LongLlamaConfig, slots: int, batch: int = 1, layer: int | None = None) -> int:
+    """Bytes ``config.mem_index`` keeps for ``slots`` keys of one memory layer (``layer``'s stored heads; None:
+    every KV head), beyond the store (``KeySearch.nbytes``)."""
+    G, H = config.num_key_value_heads if layer is None else memory_kv_heads(config, layer), config.head_dim
     if config.mem_blocks is not None:
         return BlockIndex.bytes_for(slots, config.mem_block_size, G, H, batch)
     if config.mem_top_k is not None and config.mem_index in ("ivf-gemm", "ivf-scan") and slots >= IVF_MIN_TRAIN:
@@ -136,14 +142,15 @@ def estimate_memory(config: LongLlamaConfig, n_tokens: int, *, batch: int = 1, l
     if memory_tokens is None:
         memory_tokens = max(n_tokens - config.last_context_length, 0)
     M = memory_tokens if config.mem_max_tokens is None else min(memory_tokens, config.mem_max_tokens)
-    store_bytes = n_mem_layers * batch * per_slot_bytes(config.mem_torch_dtype, G, H) * M if n_mem_layers else 0
+    slot = sum(per_slot_bytes(config.mem_torch_dtype, memory_kv_heads(config, layer), H) for layer in config.mem_layers)
+    store_bytes = batch * slot * M
     on_disk = config.mem_offload == "disk"
     local = config.num_hidden_layers * batch * (3 * G * W * H * act + W)
     activations = batch * n_tokens * config.hidden_size * act * 3 + batch * logits_tokens * config.vocab_size * act
     return MemoryEstimate(
         weights=weight_bytes(config) if include_weights else 0,
         memory=0 if on_disk else store_bytes,
-        index=n_mem_layers * index_bytes(config, M, batch),
+        index=sum(index_bytes(config, M, batch, layer) for layer in config.mem_layers),
         local=local,
         activations=activations,
         working=_working_bytes(config, M, batch) if n_mem_layers else 0,

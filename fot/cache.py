@@ -400,7 +400,8 @@ class LongLlamaCache(Cache):
         counts as free, and the weights are loaded already."""
         held = [s.ram_bytes() for s in self.memories.values()]
         batch = self._batch_size() or batch_size
-        index = len(self.searches) * budget.index_bytes(self.config, self.memory_length, batch)  # O(1), unlike nbytes
+        index = sum(budget.index_bytes(self.config, self.memory_length, batch, layer)
+                    for layer in self.searches)  # O(1) a layer, unlike nbytes
         freed = sum(held) - max(held) + index + self.local_bytes()
         budget.check_memory_fits(
             self.config, n_tokens, available=budget.available_bytes(device) + freed, batch=batch_size,
@@ -415,6 +416,10 @@ class LongLlamaCache(Cache):
     def append_memory(self, layer_idx: int, k_raw_BGTH, v_BGTH, valid_BT, *, training: bool = False) -> None:
         """Write to a memory layer's store and keep its search index current (``training``: copy-on-write)."""
         self._check_writable(f"move {k_raw_BGTH.shape[2]} tokens to memory")
+        kv_heads = self.config.memory_kv_heads(layer_idx)
+        if kv_heads is not None:  # mem_heads: only the KV heads its query heads read, one per query head
+            index = torch.tensor(kv_heads, device=k_raw_BGTH.device)
+            k_raw_BGTH, v_BGTH = k_raw_BGTH.index_select(1, index), v_BGTH.index_select(1, index)
         store = self.memories[layer_idx]
         filled_before = store.length
         slots = store.append(k_raw_BGTH, v_BGTH, valid_BT, training=training)
@@ -629,13 +634,14 @@ def _overlap_files(folder: str) -> list[int]:
 OFFLOAD_HEADER = "cache.json"  # in a disk-offloaded cache's folder: the format and the model fingerprint
 _FINGERPRINT_FIELDS = (
     "num_hidden_layers", "mem_layers", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size",
-    "max_position_embeddings", "mem_dtype", "mem_positionals", "mem_max_tokens",
+    "max_position_embeddings", "mem_dtype", "mem_positionals", "mem_max_tokens", "mem_heads",
     "rope_theta",  # local keys are stored rotated: another theta would read them at wrong angles
 )  # fmt: skip
 
 
 def _fingerprint(config: LongLlamaConfig) -> dict:
-    return {name: getattr(config, name) for name in _FINGERPRINT_FIELDS}
+    """The fields a saved memory depends on, as JSON gives them back (so mem_heads' layers are strings)."""
+    return json.loads(json.dumps({name: getattr(config, name) for name in _FINGERPRINT_FIELDS}))
 
 
 def _checksum(tensors: dict[str, torch.Tensor], header: dict) -> str:

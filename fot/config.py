@@ -27,7 +27,7 @@ VALIDATED_FIELDS = frozenset({
     "max_position_embeddings", "last_context_length", "gradient_checkpoint_every_ith", "mem_dtype",
     "mem_attention_grouping", "mem_index", "mem_top_k", "mem_max_tokens", "mem_nprobe", "cache_policy", "attn_impl",
     "rope_parameters", "mem_offload", "mem_offload_dir", "window_overlap", "mem_blocks", "mem_block_size",
-    "mem_block_queries", "mem_score_bias", "mem_rope_distance",
+    "mem_block_queries", "mem_score_bias", "mem_rope_distance", "mem_heads",
 })  # fmt: skip
 
 
@@ -124,6 +124,16 @@ class LongLlamaConfig(PreTrainedConfig):
             way. D = the window keeps SmolLM2's passkeys with memory in every layer and cuts memory's damage to
             perplexity (docs/results.md). Inference with dense or top-k memory on the torch and reference paths;
             training, block retrieval and Triton refuse it.
+        mem_heads: ours, None (every query head of a memory layer reads memory, the reference) or, per memory
+            layer, the query heads that do: ``{layer: [heads]}``, or the compact string "18.6,18.7,21.8"
+            (layer.head). A memory layer it does not list reads memory with every head; a listed layer must be a
+            memory layer. The other heads of a listed layer attend to their local window only, and its memory
+            stores only the key/value heads the listed heads use, so memory's RAM and search shrink with the
+            head count. With memory in a pretrained model, a few heads retrieve (on SmolLM2, 16 of 270 carry
+            80% of the attention a pass key gets) while most others attend to memory as to local context and
+            cost perplexity (docs/results.md); ``eval/retrieval_heads.py`` finds them on validation prompts.
+            The config holds, and config.json stores, ``{layer: sorted heads}``. Inference with dense or top-k
+            memory on the torch and reference paths; training, block retrieval and Triton refuse it.
 
     Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
     raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.
@@ -174,6 +184,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_block_queries: int = 64
     mem_score_bias: float = 0.0
     mem_rope_distance: int | None = None
+    mem_heads: dict[int, list[int]] | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -188,6 +199,7 @@ class LongLlamaConfig(PreTrainedConfig):
                 f"{self.mem_layers!r}; for one memory layer write mem_layers=[{self.mem_layers!r}]."
             )
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
+        self.mem_heads = parse_mem_heads(self.mem_heads)
         if self.last_context_length is None:
             self.last_context_length = min(1024, self.max_position_embeddings)
         super().__post_init__(**kwargs)
@@ -200,6 +212,8 @@ class LongLlamaConfig(PreTrainedConfig):
             value = tuple(value)
         if key == "mem_layers" and isinstance(value, str) and getattr(self, "_longllama_built", False):
             value = resolve_mem_layers(value, self.num_hidden_layers)  # while building, ``__post_init__`` does it
+        if key == "mem_heads" and getattr(self, "_longllama_built", False):
+            value = parse_mem_heads(value)
         if key not in VALIDATED_FIELDS or not getattr(self, "_longllama_built", False):
             super().__setattr__(key, value)  # building: ``__post_init__`` validates the whole config once
             return
@@ -261,6 +275,15 @@ class LongLlamaConfig(PreTrainedConfig):
                 )
         if len(set(self.mem_layers)) != len(self.mem_layers):
             raise ValueError(f"mem_layers={self.mem_layers} lists a layer twice; list each memory layer once.")
+        for layer, heads in (self.mem_heads or {}).items():
+            if layer not in self.mem_layers:
+                raise ValueError(f"mem_heads lists layer {layer}, which is not a memory layer (mem_layers="
+                                 f"{self.mem_layers}); add it to mem_layers or drop it from mem_heads.")
+            bad = [h for h in heads if not 0 <= h < self.num_attention_heads]
+            if bad:
+                raise ValueError(f"mem_heads gives layer {layer} head {bad[0]}, but the model has "
+                                 f"num_attention_heads={self.num_attention_heads}; heads are in [0, "
+                                 f"{self.num_attention_heads - 1}].")
 
     def _validate_lengths(self) -> None:
         w, lcl = self.max_position_embeddings, self.last_context_length
@@ -349,6 +372,18 @@ class LongLlamaConfig(PreTrainedConfig):
     def mem_torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.mem_dtype)
 
+    def memory_heads(self, layer: int) -> list[int] | None:
+        """The query heads of memory layer ``layer`` that read memory (``mem_heads``), or None for all of them."""
+        return None if self.mem_heads is None else self.mem_heads.get(layer)
+
+    def memory_kv_heads(self, layer: int) -> list[int] | None:
+        """The key/value head each of ``memory_heads(layer)`` reads (grouped-query attention: query head h reads
+        KV head h // (num_attention_heads / num_key_value_heads)), in the same order; a KV head shared by two
+        listed query heads appears twice. What memory layer ``layer`` stores, or None: every KV head."""
+        heads = self.memory_heads(layer)
+        group = self.num_attention_heads // self.num_key_value_heads
+        return None if heads is None else [h // group for h in heads]
+
 
 _ANY_DEPTH = 1 << 16  # the layer count ``check_mem_layers`` resolves against
 
@@ -431,6 +466,57 @@ def check_mem_layers(spec: Any) -> None:
             raise ValueError(f"mem_layers={list(spec)!r} holds {bad[0]!r}, not a layer index; use ints.")
         return
     resolve_mem_layers(spec, _ANY_DEPTH)  # a layer count no model reaches: only the syntax can fail
+
+
+def parse_mem_heads(spec: Any) -> dict[int, list[int]] | None:
+    """``mem_heads`` as the config holds it: None, or {layer: sorted heads} from a mapping (JSON's string keys
+    included) or a string "18.6,18.7,21.8" of layer.head pairs. Raises ``ValueError`` naming the form on a
+    malformed one; whether the layers and heads exist is ``LongLlamaConfig``'s check."""
+    if spec is None:
+        return None
+    form = "a mapping {layer: [heads]} or a string of layer.head pairs such as '18.6,18.7,21.8'"
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(spec, str):
+        for part in spec.split(","):
+            layer, dot, head = part.strip().partition(".")
+            if not dot:
+                raise ValueError(f"mem_heads={spec!r}: {part.strip()!r} is not layer.head; use {form}.")
+            pairs.append((layer, head))
+    elif isinstance(spec, dict):
+        for layer, heads in spec.items():
+            if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+                raise ValueError(f"mem_heads={spec!r}: layer {layer!r} maps to {heads!r}, not a list of heads; "
+                                 f"use {form}.")
+            heads = list(heads)
+            if not heads:
+                raise ValueError(f"mem_heads={spec!r}: layer {layer!r} lists no head; drop the layer from mem_layers "
+                                 "and mem_heads instead.")
+            pairs.extend((layer, h) for h in heads)
+    else:
+        raise ValueError(f"mem_heads={spec!r} must be None, {form}.")
+    out: dict[int, list[int]] = {}
+    for layer, head in pairs:
+        try:
+            layer_i, head_i = _index(layer), _index(head)
+        except ValueError:
+            raise ValueError(f"mem_heads={spec!r}: layer {layer!r}, head {head!r} are not both indices (ints >= "
+                             f"0); use {form}.") from None
+        if head_i in out.setdefault(layer_i, []):
+            raise ValueError(f"mem_heads={spec!r} lists head {head_i} of layer {layer_i} twice; list it once.")
+        out[layer_i].append(head_i)
+    return {layer: sorted(heads) for layer, heads in sorted(out.items())}
+
+
+def _index(value: Any) -> int:
+    """An index >= 0 from an int or its decimal string (a JSON key); ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(value)
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError(value)
+    index = int(value)
+    if index < 0:
+        raise ValueError(value)
+    return index
 
 
 def validate_last_context_length(last_context_length: Any, window: int) -> None:

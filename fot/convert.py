@@ -213,7 +213,25 @@ def _config_fields(args) -> dict:
         fields["mem_rope_distance"] = None
     if "mem_layers" in fields:
         fields["mem_layers"] = _mem_layers_arg(fields["mem_layers"])
+    if args.mem_heads is not None:
+        fields["mem_heads"] = _mem_heads_arg(args.mem_heads)
+        if fields["mem_heads"] is not None:  # the heads decide the memory layers
+            fields["mem_layers"] = list(fields["mem_heads"])
     return fields
+
+
+def _mem_heads_arg(text: str) -> dict[int, list[int]] | None:
+    """``--mem-heads``: ``all`` (None), a heads JSON file (eval/retrieval_heads.py's heads.json, whose "mem_heads"
+    it reads, or a plain {layer: [heads]}), or layer.head pairs ("18.6,21.8")."""
+    from .config import parse_mem_heads
+
+    if text == "all":
+        return None
+    path = Path(text)
+    spec = json.loads(path.read_text()) if path.is_file() else text
+    if isinstance(spec, dict) and "mem_heads" in spec:
+        spec = spec["mem_heads"]
+    return parse_mem_heads(spec)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,13 +258,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem-rope-distance", type=_distance_arg, metavar="D|none",
                         help="memory scored as keys D positions before each query (e.g. the window); none: at the "
                              "query's own position in its window, the reference's (the default)")
+    parser.add_argument("--mem-heads", metavar="FILE|PAIRS|all",
+                        help="only these query heads read memory, and their layers are the memory layers (instead "
+                             "of --mem-layers): a heads file of eval/retrieval_heads.py, layer.head pairs such as "
+                             "18.6,21.8, or all (every head of --mem-layers, the default)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the saved weights (--gguf only)")
     parser.add_argument("--out", required=True, help="output directory (may equal --from)")
     args = parser.parse_args(argv)
-    fields = _config_fields(args)
     start = time.perf_counter()
     try:
+        fields = _config_fields(args)
         if args.source is not None:
             c = rewrite_config(args.source, args.out, **fields)
             weights = f"those of {args.source}" + ("" if Path(args.out).resolve() == Path(args.source).resolve()
@@ -269,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         ("layers / hidden / heads / KV heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / "
                                               f"{c.num_key_value_heads}"),
         ("memory layers", _layers_text(c.mem_layers, c.num_hidden_layers)),
+        ("query heads that read memory", "all" if c.mem_heads is None else
+         f"{sum(map(len, c.mem_heads.values()))} of {len(c.mem_layers) * c.num_attention_heads} (mem_heads)"),
         ("memory top-k / index / nprobe / dtype", f"{c.mem_top_k or 'dense'} / {c.mem_index} / {c.mem_nprobe} / "
                                                  f"{c.mem_dtype}"),
         ("window / last context / overlap", f"{c.max_position_embeddings} / {c.last_context_length} / "

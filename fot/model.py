@@ -87,6 +87,15 @@ class LongLlamaAttention(nn.Module):
         self.k_proj = nn.Linear(D, G * H, bias=bias)
         self.v_proj = nn.Linear(D, G * H, bias=bias)
         self.o_proj = nn.Linear(N * H, D, bias=bias)
+        # config.mem_heads: the query heads that read memory (None: all). Memory then stores, per listed head, the
+        # KV head it reads (config.memory_kv_heads), so it is read as N' heads with one query head each.
+        heads = config.memory_heads(layer_idx) if self.is_memory_layer else None
+        self.mem_heads = None if heads is None else tuple(heads)
+        self.mem_kv_heads = None if heads is None else tuple(config.memory_kv_heads(layer_idx))
+
+    def memory_queries(self, q_BNTH: torch.Tensor) -> torch.Tensor:
+        """The queries that read memory: all heads, or the ``mem_heads`` ones [B, N', T, H]."""
+        return q_BNTH if self.mem_heads is None else q_BNTH[:, list(self.mem_heads)]
 
     def project(self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None):
         """Queries, keys and values of a chunk, rotated at the positions of ``rope_cos_sin`` unless the layer uses
@@ -154,10 +163,29 @@ class LongLlamaAttention(nn.Module):
             extra = {} if q_mem_BNTH is None else {"q_mem_BNTH": q_mem_BNTH}  # only the paths that take it
             if s_mem_BNTK is not None and plan.impl == "torch":  # the search scored the slots (ivf-scan)
                 extra["s_mem_BNTK"] = s_mem_BNTK
-            out_BNTH = attend(q_BNTH, local_kv, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping, scratch=scratch,
-                              **extra)  # fmt: skip
+            if self.mem_heads is not None and mem_kv is not None:
+                out_BNTH = self._attend_memory_heads(attend, q_BNTH, local_kv, mem_kv, idx_BNTK, plan, scratch, extra)
+            else:
+                out_BNTH = attend(q_BNTH, local_kv, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping,
+                                  scratch=scratch, **extra)  # fmt: skip
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out_BTD)
+
+    def _attend_memory_heads(self, attend, q_BNTH, local_kv: LocalKV, mem_kv, idx_BNTK, plan: ForwardPlan, scratch,
+                             extra: dict) -> torch.Tensor:  # fmt: skip
+        """``config.mem_heads``: every head attends to its local window alone, then the listed heads again to the
+        local window and memory in one softmax, as N' heads of one query each (memory stores one KV head per
+        listed head). ``idx_BNTK`` and ``extra``'s memory queries and scores are the listed heads' already."""
+        out_BNTH = attend(q_BNTH, local_kv, None, grouping=plan.grouping, scratch=scratch)
+        kv = torch.tensor(self.mem_kv_heads, device=q_BNTH.device)
+        local_sub = LocalKV(local_kv.k_BGSH.index_select(1, kv), local_kv.v_BGSH.index_select(1, kv),
+                            local_kv.valid_BS)  # fmt: skip
+        heads = list(self.mem_heads)
+        out_sub = attend(q_BNTH[:, heads], local_sub, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping,
+                         scratch=scratch, **extra)  # fmt: skip
+        out_BNTH = out_BNTH.clone()
+        out_BNTH[:, heads] = out_sub.to(out_BNTH.dtype)
+        return out_BNTH
 
 
 class LongLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -193,8 +221,11 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         idx_BNTK = blocks = q_mem_BNTH = s_mem_BNTK = None
         if memory is not None and mem_rope_cos_sin is not None and self.self_attn.use_rope:
             q_mem_BNTH = apply_rope(q_BNTH, *(t.to(q_BNTH.dtype) for t in mem_rope_cos_sin))
+        if memory is not None and self.self_attn.mem_heads is not None and q_mem_BNTH is not None:
+            q_mem_BNTH = self.self_attn.memory_queries(q_mem_BNTH)  # mem_heads: only the listed heads read memory
         if memory is not None and plan.memory_mode == "top-k" and memory.view() is not None:
-            idx_BNTK, s_mem_BNTK = memory.retrieve_scored(q_BNTH if q_mem_BNTH is None else q_mem_BNTH)
+            q_search = self.self_attn.memory_queries(q_BNTH) if q_mem_BNTH is None else q_mem_BNTH
+            idx_BNTK, s_mem_BNTK = memory.retrieve_scored(q_search)
         if memory is not None and plan.memory_mode == "block" and memory.view() is not None:
             blocks = memory.choose_blocks(q_BNTH)
         attn_BTD = self.self_attn(

@@ -94,6 +94,7 @@ def window_group_size(config: LongLlamaConfig, cache, *, impl: str, memory_mode:
     if (training or impl != "torch" or memory_mode != "dense" or padded or cache.local_length
             or config.mem_attention_grouping is not None or config.window_overlap or W >= group_queries
             or config.mem_rope_distance is not None  # groups attend to each other's keys at their own positions
+            or config.mem_heads is not None  # the listed heads' memory attention runs apart from the others'
             or any(store.max_tokens is not None for store in cache.memories.values())):  # fmt: skip
         return 1
     return min(WINDOW_GROUP_MAX, -(-group_queries // W))
@@ -132,13 +133,16 @@ def resolve_plan(config: LongLlamaConfig, cache, *, impl: str, training: bool, c
     if config.mem_score_bias and impl == "triton":
         raise ValueError(f"mem_score_bias={config.mem_score_bias} has no Triton kernel; set attn_impl='torch' or "
                          "mem_score_bias=0.")
-    if config.mem_rope_distance is not None:
-        why = ("training" if training or crossbatch else "block retrieval (mem_blocks)" if mode == "block"
-               else "Triton" if impl == "triton" else None)  # fmt: skip
-        if why is not None:
-            raise ValueError(f"mem_rope_distance={config.mem_rope_distance} is built for inference with dense or "
-                             f"top-k memory on the torch and reference paths, not for {why}; set "
-                             "mem_rope_distance=None" + (" or attn_impl='torch'." if why == "Triton" else "."))
+    # settings built for inference with dense or top-k memory on the torch and reference paths only
+    unsupported = ("training" if training or crossbatch else "block retrieval (mem_blocks)" if mode == "block"
+                   else "Triton" if impl == "triton" else None)  # fmt: skip
+    for name, value, what in (("mem_rope_distance", config.mem_rope_distance, "mem_rope_distance"),
+                              ("mem_heads", config.mem_heads, "mem_heads (memory read by some heads only)")):
+        if value is not None and unsupported is not None:
+            shown = what if name == "mem_heads" else f"{name}={value}"
+            raise ValueError(f"{shown} is built for inference with dense or top-k memory on the torch and reference "
+                             f"paths, not for {unsupported}; set {name}=None"
+                             + (" or attn_impl='torch'." if unsupported == "Triton" else "."))
     if mode == "block" and training:
         raise ValueError("mem_blocks (block retrieval) is for inference: run this forward under torch.no_grad(), or "
                          "train with mem_blocks=None.")

@@ -51,6 +51,8 @@ class Spec:
         self.mem_score_bias = overrides.get("mem_score_bias", getattr(config, "mem_score_bias", 0.0))
         # memory scored by queries at this RoPE position instead of their own (None: their own)
         self.mem_rope_distance = overrides.get("mem_rope_distance", getattr(config, "mem_rope_distance", None))
+        # per memory layer, the query heads that read memory (None: all of them)
+        self.mem_heads = overrides.get("mem_heads", getattr(config, "mem_heads", None))
         # top-k memory by exact search, only when asked for (a model's own mem_top_k is not read)
         self.top_k = overrides.get("top_k")
         # block retrieval: (blocks read per chunk, slots per block, queries per chunk), or None
@@ -147,7 +149,8 @@ class NaiveLongLlama:
                 scores = (q[b, n] @ keys[b, g].T) / math.sqrt(H)
                 scores = torch.where(visible_TS, scores, torch.full_like(scores, MASKED))
                 vals = values[b, g]
-                if is_mem and st.mk.shape[2]:
+                reads_memory = s.mem_heads is None or idx not in s.mem_heads or n in s.mem_heads[idx]
+                if is_mem and st.mk.shape[2] and reads_memory:
                     mscores = (q_mem[b, n] @ st.mk[b, g].T) / math.sqrt(H) - s.mem_score_bias
                     mscores = torch.where(st.mvalid[b][None, :], mscores, torch.full_like(mscores, MASKED))
                     if s.top_k is not None and mscores.shape[1] > s.top_k:  # each query's k best memory scores

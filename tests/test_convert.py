@@ -60,6 +60,19 @@ def test_from_in_place_changes_only_the_config_and_none_turns_top_k_off(checkpoi
                                                               "model.safetensors"]
 
 
+def test_mem_heads_from_a_heads_file_set_the_memory_layers_and_all_undoes_them(checkpoint, tmp_path, capsys):
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"mem_heads": {"2": [1], "0": [3, 0]}, "key_mass": {}}))  # retrieval_heads.py's file
+    main(["--from", str(checkpoint), "--mem-layers", "all", "--mem-heads", str(heads), "--out", str(checkpoint)])
+    assert "3 of 8 (mem_heads)" in capsys.readouterr().out
+    cfg = saved(checkpoint)
+    assert (cfg["mem_layers"], cfg["mem_heads"]) == ([0, 2], {"0": [0, 3], "2": [1]})  # the heads' layers only
+    main(["--from", str(checkpoint), "--mem-heads", "1.2", "--out", str(checkpoint)])
+    assert (saved(checkpoint)["mem_layers"], saved(checkpoint)["mem_heads"]) == ([1], {"1": [2]})
+    main(["--from", str(checkpoint), "--mem-layers", "all", "--mem-heads", "all", "--out", str(checkpoint)])
+    assert (saved(checkpoint)["mem_layers"], saved(checkpoint).get("mem_heads")) == ([0, 1, 2], None)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -67,6 +80,8 @@ def test_from_in_place_changes_only_the_config_and_none_turns_top_k_off(checkpoi
         (["--mem-layers", "all", "--mem-top-k", "0"], "--mem-top-k: '0' is neither a positive int nor 'none'"),
         (["--window", "8"], "last_context_length=32 exceeds max_position_embeddings=8"),
         (["--mem-rope-distance", "-4"], "--mem-rope-distance: '-4' is neither an int >= 0 nor 'none'"),
+        (["--mem-heads", "1.9"], "mem_heads gives layer 1 head 9, but the model has num_attention_heads=4"),
+        (["--mem-heads", "one"], "'one' is not layer.head"),
     ],
 )
 def test_bad_settings_are_one_line_errors_and_write_nothing(checkpoint, tmp_path, capsys, args, message):

@@ -199,3 +199,30 @@ def test_overlap_modifier_sets_window_overlap_on_memory_settings_only():
     for bad in ("-1", "x", "1.5"):
         with pytest.raises(ValueError, match="overlap must be an integer >= 0"):
             parse_setting(f"memory+overlap={bad}")
+
+
+def test_heads_modifier_reads_pairs_a_file_or_all_and_layers_reset_saved_heads(tmp_path):
+    import json
+
+    from eval.common import parse_setting, setting_overrides
+
+    # normalized and JSON-stable; the heads' layers become the memory layers unless layers= says otherwise
+    assert parse_setting("memory+heads=21.8,18.6").overrides == {"mem_heads": "18.6,21.8", "mem_layers": "18,21"}
+    assert parse_setting("memory+layers=all+heads=21.8").overrides == {"mem_heads": "21.8", "mem_layers": "all"}
+    assert parse_setting("memory+heads=all").overrides == {"mem_heads": None}
+    chosen = tmp_path / "heads.json"
+    chosen.write_text(json.dumps({"mem_heads": {"7": [7], "18": [6, 7]}, "scores": [[0.0]]}))  # retrieval_heads.py's
+    assert parse_setting(f"memory+heads={chosen}").overrides == {"mem_heads": "7.7,18.6,18.7", "mem_layers": "7,18"}
+    for bad in ("18", "x.1", str(tmp_path / "missing.json")):
+        with pytest.raises(ValueError, match="neither 'all', a heads JSON file nor layer.head pairs"):
+            parse_setting(f"memory+heads={bad}")
+    with pytest.raises(ValueError, match="no-memory takes no heads="):
+        parse_setting("no-memory+heads=1.1")
+    saved = {"mem_layers": [7, 18], "mem_heads": {"7": [7], "18": [6, 7]}}
+    # a setting that sets the layers reads them with every head, unless it says heads=
+    assert setting_overrides(parse_setting("no-memory"), saved) == {"mem_layers": [], "mem_heads": None}
+    assert setting_overrides(parse_setting("memory+layers=all"), saved) == {"mem_layers": "all", "mem_heads": None}
+    assert setting_overrides(parse_setting("memory+layers=7+heads=7.1"), saved) == {"mem_layers": "7",
+                                                                                    "mem_heads": "7.1"}
+    assert setting_overrides(parse_setting("memory"), saved) == {}
+    assert setting_overrides(parse_setting("no-memory"), {"mem_layers": [1]}) == {"mem_layers": []}  # no saved heads

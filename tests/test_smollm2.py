@@ -218,9 +218,15 @@ def test_the_recommended_checkpoint_holds_the_makefiles_settings():
     from fot import LongLlamaConfig
     from fot.config import resolve_mem_layers
 
+    from fot.convert import _mem_heads_arg
+
     want, c = makefile_settings(), LongLlamaConfig.from_pretrained(RECOMMENDED)
     layers = want["LAYERS"]
     expected = resolve_mem_layers(",".join(layers.split()), c.num_hidden_layers)
+    heads = _mem_heads_arg(str(ROOT / want["HEADS"]) if (ROOT / want["HEADS"]).is_file() else want["HEADS"])
+    assert c.mem_heads == heads, "models/smollm2-fot's mem_heads are not the Makefile's: run make smollm2"
+    if heads is not None:  # the heads decide the memory layers
+        expected = list(heads)
     top_k = None if want["TOP_K"] == "none" else int(want["TOP_K"])
     distance = None if want["ROPE_DISTANCE"] == "none" else int(want["ROPE_DISTANCE"])
     got = (c.mem_layers, c.mem_top_k, c.mem_index, c.mem_nprobe, c.max_position_embeddings, c.last_context_length,
