@@ -11,6 +11,9 @@ Cases, each in its own process so its peak RSS is its own:
     ``--block-size`` slots per chunk of ``--block-queries`` queries); its recall@k is the share of each sampled
     query's exact top-k memory keys that lie in the blocks its chunk chose, so it reads on the scale of the
     indexes' recall;
+  * ``heads``: ``ivf-scan`` with memory read only by the query heads of ``--heads`` (a ``mem_heads`` file of
+    eval/retrieval_heads.py, or layer.head pairs), whose layers are then the only memory layers (``--layers`` does
+    not apply); with ``--model-layers``, the heads of the layers kept;
   * ``hf``: transformers' ``LlamaForCausalLM`` with SDPA attention in fp32, loaded with the same weights, reading
     the whole prompt as one sequence (its attention grows with the square of the length).
 
@@ -45,9 +48,9 @@ from benchmarks.bench_config import check_args
 from tasks.passkey import TEMPLATES
 from plumbing.cli import ArgumentParser
 
-CASES = ("off", "exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan", "blocks", "hf")
+CASES = ("off", "exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan", "heads", "blocks", "hf")
 INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan")
-APPROXIMATE = ("faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan")
+APPROXIMATE = ("faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan", "heads")
 
 
 def memory_layers(model_path: str, layers: str, model_layers: int | None = None) -> list[int]:
@@ -79,6 +82,10 @@ def build(case: str, args):
     if case in INDEXES:
         overrides.update(mem_layers=memory_layers(args.model, args.layers, args.model_layers), mem_top_k=args.k,
                          mem_index=case, mem_nprobe=args.nprobe)  # fmt: skip
+    if case == "heads":
+        heads = chosen_heads(args)
+        overrides.update(mem_layers=list(heads), mem_heads=heads, mem_top_k=args.k, mem_index="ivf-scan",
+                         mem_nprobe=args.nprobe)  # fmt: skip
     if case == "blocks":
         overrides.update(mem_layers=memory_layers(args.model, args.layers, args.model_layers), mem_top_k=None,
                          mem_index="exact", mem_blocks=args.blocks, mem_block_size=args.block_size,
@@ -86,6 +93,20 @@ def build(case: str, args):
     if args.mem_dtype:
         overrides["mem_dtype"] = args.mem_dtype
     return fot.LongLlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, **overrides).eval()
+
+
+def chosen_heads(args) -> dict[int, list[int]]:
+    """The ``heads`` case's ``mem_heads``: ``--heads`` (a heads file or layer.head pairs), less the layers that
+    ``--model-layers`` leaves out."""
+    from fot.convert import _mem_heads_arg
+
+    if not args.heads:
+        raise SystemExit("the heads case needs --heads FILE (eval/retrieval_heads.py's heads.json) or layer.head pairs.")
+    heads = _mem_heads_arg(args.heads)
+    kept = {layer: hs for layer, hs in heads.items() if not args.model_layers or layer < args.model_layers}
+    if not kept:
+        raise SystemExit(f"--heads lists no head in the first {args.model_layers} layers (--model-layers).")
+    return kept
 
 
 def truncate(args) -> dict:
@@ -194,7 +215,7 @@ def search_flops(config, tokens: int, k: int) -> tuple[float, float]:
 def spawn(args, case: str, tokens: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.real_model", "--case", case, "--tokens", str(tokens)]
     for name in ("model", "k", "nprobe", "layers", "threads", "decode_steps", "template", "mem_dtype", "model_layers",
-                 "blocks", "block_size", "block_queries"):
+                 "blocks", "block_size", "block_queries", "heads"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
@@ -226,6 +247,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32, help="the blocks case: slots per block")
     parser.add_argument("--block-queries", type=int, default=64, help="the blocks case: queries per chunk")
     parser.add_argument("--layers", default="all", help="memory layers: 'all' or a comma-separated list")
+    parser.add_argument("--heads", help="the heads case: a mem_heads file (eval/retrieval_heads.py) or layer.head pairs")
     parser.add_argument("--model-layers", type=int, help="run only the first N decoder layers (truncate's docstring)")
     parser.add_argument("--mem-dtype", choices=["float32", "bfloat16"], help="default: the checkpoint's")
     parser.add_argument("--threads", type=int, default=1)
