@@ -190,10 +190,12 @@ SMOLLM2_OVERLAP ?= 32
 SMOLLM2_SCORE_BIAS ?= 0
 SMOLLM2_ROPE_DISTANCE ?= 512
 SMOLLM2_HEADS ?= all
+SMOLLM2_HEADS_SCOPE ?= all
 SMOLLM2_SETTINGS = --mem-layers $(SMOLLM2_LAYERS) --mem-top-k $(SMOLLM2_TOP_K) --mem-index $(SMOLLM2_INDEX) \
 	--mem-nprobe $(SMOLLM2_NPROBE) --window $(SMOLLM2_WINDOW) --last-context-length $(SMOLLM2_LCL) \
 	--mem-dtype $(SMOLLM2_MEM_DTYPE) --window-overlap $(SMOLLM2_OVERLAP) --mem-score-bias $(SMOLLM2_SCORE_BIAS) \
-	--mem-rope-distance $(SMOLLM2_ROPE_DISTANCE) --mem-heads $(SMOLLM2_HEADS)
+	--mem-rope-distance $(SMOLLM2_ROPE_DISTANCE) --mem-heads $(SMOLLM2_HEADS) \
+	--mem-heads-scope $(SMOLLM2_HEADS_SCOPE)
 SMOLLM2_3LAYERS := models/smollm2-fot-3layers
 .PHONY: assets smollm2 smollm2-3layers
 assets: $(STAMP)

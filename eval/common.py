@@ -42,6 +42,8 @@ Modifiers, after ``memory``, ``dense``, ``topk*`` or ``blocks:N`` (``no-memory``
 ``heads=H``        ``mem_heads=H``: only these query heads read memory, and only their layers are memory layers
                    (unless ``layers=`` says otherwise); H is a heads JSON file (eval/retrieval_heads.py),
                    layer.head pairs ``18.6,21.8``, or ``all`` (every head)
+``hscope=S``       ``mem_heads_scope=S``: ``all`` (the heads alone everywhere) or ``prefill`` (only while the
+                   prompt's windows go to memory; every head reads it in the last window and while generating)
 =================  ===========================================================================================
 
 For example ``topk-ivf:32+layers=all+window=1024+nprobe=32`` or ``memory+layers=15:``. A setting's name is what
@@ -98,12 +100,12 @@ def _libc():
 
 SETTING_HELP = ("memory, dense, no-memory, topk:K, topk-flat:K, topk-ivf:K, blocks:N, full:W or hf:W, then optional "
                 "+layers=L, +window=W, +lcl=N, +k=K, +index=NAME, +nprobe=N, +overlap=O, +block=S, +chunk=C, +bias=B, "
-                "+dist=D, +heads=H (e.g. topk-ivf:32+layers=all+window=1024)")
+                "+dist=D, +heads=H, +hscope=S (e.g. topk-ivf:32+layers=all+window=1024)")
 _TOPK_INDEX = {"topk": "exact", "topk-flat": "faiss-flat", "topk-ivf": "faiss-ivf"}
 _MODIFIERS = {"layers": "mem_layers", "window": "max_position_embeddings", "lcl": "last_context_length",
               "k": "mem_top_k", "index": "mem_index", "nprobe": "mem_nprobe", "overlap": "window_overlap",
               "block": "mem_block_size", "chunk": "mem_block_queries", "bias": "mem_score_bias",
-              "dist": "mem_rope_distance", "heads": "mem_heads"}
+              "dist": "mem_rope_distance", "heads": "mem_heads", "hscope": "mem_heads_scope"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -151,7 +153,7 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
         raise ValueError(f"setting {text!r}: {part!r} is not a modifier; use +KEY=VALUE with KEY one of "
                          f"{', '.join(_MODIFIERS)} (e.g. memory+layers=all+window=1024).")
     allowed = {"full": (), "hf": (), "no-memory": ("window", "lcl"),
-               "dense": ("layers", "window", "lcl", "overlap", "bias", "dist", "heads"),
+               "dense": ("layers", "window", "lcl", "overlap", "bias", "dist", "heads", "hscope"),
                "blocks": ("layers", "window", "lcl", "overlap", "block", "chunk", "bias")}
     if key in ("block", "chunk") and kind != "blocks":
         raise ValueError(f"setting {text!r}: {key}= sets block retrieval's {_MODIFIERS[key]}; start from blocks:N.")
@@ -186,6 +188,13 @@ def _modifier(text: str, kind: str, part: str, overrides: dict) -> tuple[str, ob
         return field_name, int(value)
     if key == "heads":
         return field_name, _heads_modifier(text, value)
+    if key == "hscope":
+        from fot.config import MEM_HEADS_SCOPES
+
+        if value not in MEM_HEADS_SCOPES:
+            raise ValueError(f"setting {text!r}: hscope={value!r} is unknown; use one of {', '.join(MEM_HEADS_SCOPES)} "
+                             "(prefill: the heads alone only while the prompt's windows go to memory).")
+        return field_name, value
     if key == "overlap":  # 0 is a value here: it turns off a checkpoint's saved window_overlap
         if not value.isdigit():
             raise ValueError(f"setting {text!r}: overlap must be an integer >= 0 (tokens each memory-bound window "

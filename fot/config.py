@@ -19,6 +19,7 @@ from transformers.configuration_utils import PreTrainedConfig
 MEM_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: per-vector scale (fot.quant)
 MEM_OFFLOADS = ("ram", "disk")
 CACHE_POLICIES = ("slide", "flush")
+MEM_HEADS_SCOPES = ("all", "prefill")
 MEM_INDEXES = ("exact", "faiss-flat", "faiss-ivf", "faiss-ivf-sq8", "ivf-gemm", "ivf-scan")
 ATTN_IMPLS = ("auto", "torch", "triton", "reference")
 # What ``validate_longllama`` checks: assigning one of these to a built config validates it again.
@@ -27,7 +28,7 @@ VALIDATED_FIELDS = frozenset({
     "max_position_embeddings", "last_context_length", "gradient_checkpoint_every_ith", "mem_dtype",
     "mem_attention_grouping", "mem_index", "mem_top_k", "mem_max_tokens", "mem_nprobe", "cache_policy", "attn_impl",
     "rope_parameters", "mem_offload", "mem_offload_dir", "window_overlap", "mem_blocks", "mem_block_size",
-    "mem_block_queries", "mem_score_bias", "mem_rope_distance", "mem_heads",
+    "mem_block_queries", "mem_score_bias", "mem_rope_distance", "mem_heads", "mem_heads_scope",
 })  # fmt: skip
 
 
@@ -134,6 +135,11 @@ class LongLlamaConfig(PreTrainedConfig):
             cost perplexity (docs/results.md); ``eval/retrieval_heads.py`` finds them on validation prompts.
             The config holds, and config.json stores, ``{layer: sorted heads}``. Inference with dense or top-k
             memory on the torch and reference paths; training, block retrieval and Triton refuse it.
+        mem_heads_scope: ours, where ``mem_heads`` applies. "all": in every forward, and memory stores only the
+            listed heads' KV heads. "prefill": only while windows are written to memory (a prompt's windows before
+            its last ``last_context_length`` tokens); the last window and generated tokens read memory with every
+            head, so memory stores every KV head. On SmolLM2 a pass key whose question the model's prior answers
+            otherwise ("The pass key is a small wooden box") needs every head at the question (docs/results.md).
 
     Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
     raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.
@@ -185,6 +191,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_score_bias: float = 0.0
     mem_rope_distance: int | None = None
     mem_heads: dict[int, list[int]] | None = None
+    mem_heads_scope: str = "all"
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -275,6 +282,9 @@ class LongLlamaConfig(PreTrainedConfig):
                 )
         if len(set(self.mem_layers)) != len(self.mem_layers):
             raise ValueError(f"mem_layers={self.mem_layers} lists a layer twice; list each memory layer once.")
+        if self.mem_heads_scope not in MEM_HEADS_SCOPES:
+            raise ValueError(f"mem_heads_scope={self.mem_heads_scope!r} is unknown; use one of "
+                             f"{', '.join(MEM_HEADS_SCOPES)}.")
         for layer, heads in (self.mem_heads or {}).items():
             if layer not in self.mem_layers:
                 raise ValueError(f"mem_heads lists layer {layer}, which is not a memory layer (mem_layers="
@@ -379,8 +389,9 @@ class LongLlamaConfig(PreTrainedConfig):
     def memory_kv_heads(self, layer: int) -> list[int] | None:
         """The key/value head each of ``memory_heads(layer)`` reads (grouped-query attention: query head h reads
         KV head h // (num_attention_heads / num_key_value_heads)), in the same order; a KV head shared by two
-        listed query heads appears twice. What memory layer ``layer`` stores, or None: every KV head."""
-        heads = self.memory_heads(layer)
+        listed query heads appears twice. What memory layer ``layer`` stores, or None: every KV head (also under
+        ``mem_heads_scope="prefill"``, where every head reads memory in the last window)."""
+        heads = self.memory_heads(layer) if self.mem_heads_scope == "all" else None
         group = self.num_attention_heads // self.num_key_value_heads
         return None if heads is None else [h // group for h in heads]
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MEM_DTYPES, MEM_INDEXES, LongLlamaConfig
+from .config import MEM_DTYPES, MEM_HEADS_SCOPES, MEM_INDEXES, LongLlamaConfig
 from .modeling import LongLlamaForCausalLM
 
 # Keys of the GGUF-derived config that describe the file, not the model we build.
@@ -205,7 +205,8 @@ def _config_fields(args) -> dict:
     names = {"mem_layers": "mem_layers", "window": "max_position_embeddings",
              "last_context_length": "last_context_length", "mem_top_k": "mem_top_k", "mem_index": "mem_index",
              "mem_nprobe": "mem_nprobe", "mem_dtype": "mem_dtype", "window_overlap": "window_overlap",
-             "mem_score_bias": "mem_score_bias", "mem_rope_distance": "mem_rope_distance"}
+             "mem_score_bias": "mem_score_bias", "mem_rope_distance": "mem_rope_distance",
+             "mem_heads_scope": "mem_heads_scope"}
     fields = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
     if fields.get("mem_top_k") == "none":
         fields["mem_top_k"] = None
@@ -262,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="only these query heads read memory, and their layers are the memory layers (instead "
                              "of --mem-layers): a heads file of eval/retrieval_heads.py, layer.head pairs such as "
                              "18.6,21.8, or all (every head of --mem-layers, the default)")
+    parser.add_argument("--mem-heads-scope", choices=list(MEM_HEADS_SCOPES),
+                        help="where --mem-heads applies: all (every forward; memory stores only their KV heads) or "
+                             "prefill (while the prompt's windows go to memory; every head reads it in the last "
+                             "window)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the saved weights (--gguf only)")
     parser.add_argument("--out", required=True, help="output directory (may equal --from)")
@@ -292,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
                                               f"{c.num_key_value_heads}"),
         ("memory layers", _layers_text(c.mem_layers, c.num_hidden_layers)),
         ("query heads that read memory", "all" if c.mem_heads is None else
-         f"{sum(map(len, c.mem_heads.values()))} of {len(c.mem_layers) * c.num_attention_heads} (mem_heads)"),
+         f"{sum(map(len, c.mem_heads.values()))} of {len(c.mem_layers) * c.num_attention_heads} (mem_heads, scope "
+         f"{c.mem_heads_scope})"),
         ("memory top-k / index / nprobe / dtype", f"{c.mem_top_k or 'dense'} / {c.mem_index} / {c.mem_nprobe} / "
                                                  f"{c.mem_dtype}"),
         ("window / last context / overlap", f"{c.max_position_embeddings} / {c.last_context_length} / "

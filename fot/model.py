@@ -89,13 +89,18 @@ class LongLlamaAttention(nn.Module):
         self.o_proj = nn.Linear(N * H, D, bias=bias)
         # config.mem_heads: the query heads that read memory (None: all). Memory then stores, per listed head, the
         # KV head it reads (config.memory_kv_heads), so it is read as N' heads with one query head each.
+        # Under mem_heads_scope="prefill" memory keeps every KV head: the listed heads alone read it only in
+        # windows bound for memory (the others' memory attention is replaced by their local attention there).
         heads = config.memory_heads(layer_idx) if self.is_memory_layer else None
         self.mem_heads = None if heads is None else tuple(heads)
-        self.mem_kv_heads = None if heads is None else tuple(config.memory_kv_heads(layer_idx))
+        self.mem_heads_scope = config.mem_heads_scope
+        kv_heads = config.memory_kv_heads(layer_idx) if self.is_memory_layer else None
+        self.mem_kv_heads = None if kv_heads is None else tuple(kv_heads)
 
     def memory_queries(self, q_BNTH: torch.Tensor) -> torch.Tensor:
-        """The queries that read memory: all heads, or the ``mem_heads`` ones [B, N', T, H]."""
-        return q_BNTH if self.mem_heads is None else q_BNTH[:, list(self.mem_heads)]
+        """The queries that search memory: all heads, or the ``mem_heads`` ones [B, N', T, H] where memory stores
+        only theirs (``mem_heads_scope="all"``)."""
+        return q_BNTH if self.mem_kv_heads is None else q_BNTH[:, list(self.mem_heads)]
 
     def project(self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None):
         """Queries, keys and values of a chunk, rotated at the positions of ``rope_cos_sin`` unless the layer uses
@@ -131,6 +136,7 @@ class LongLlamaAttention(nn.Module):
         blocks: BlockChoice | None = None,
         q_mem_BNTH: torch.Tensor | None = None,
         s_mem_BNTK: torch.Tensor | None = None,
+        memory_bound: bool = False,
     ) -> torch.Tensor:
         """Attend a chunk's queries.
 
@@ -142,7 +148,8 @@ class LongLlamaAttention(nn.Module):
         mode, ``blocks`` are the memory blocks each chunk of queries reads (``fot.blocks``). ``q_mem_BNTH``, when
         given (``config.mem_rope_distance``), are the queries that score memory; the local window is scored by
         ``q_BNTH``. ``s_mem_BNTK``, when given, are the search's own fp32 scores of ``idx_BNTK`` by the memory
-        queries (``MemoryReader.retrieve_scored``).
+        queries (``MemoryReader.retrieve_scored``). ``memory_bound``: the chunk is a window bound for memory
+        (``config.mem_heads_scope="prefill"`` restricts memory to ``mem_heads`` there only).
 
         Returns:
             the output [B, T, D].
@@ -163,11 +170,16 @@ class LongLlamaAttention(nn.Module):
             extra = {} if q_mem_BNTH is None else {"q_mem_BNTH": q_mem_BNTH}  # only the paths that take it
             if s_mem_BNTK is not None and plan.impl == "torch":  # the search scored the slots (ivf-scan)
                 extra["s_mem_BNTK"] = s_mem_BNTK
-            if self.mem_heads is not None and mem_kv is not None:
+            if self.mem_kv_heads is not None and mem_kv is not None:
                 out_BNTH = self._attend_memory_heads(attend, q_BNTH, local_kv, mem_kv, idx_BNTK, plan, scratch, extra)
             else:
                 out_BNTH = attend(q_BNTH, local_kv, mem_kv, idx_BNTK=idx_BNTK, grouping=plan.grouping,
                                   scratch=scratch, **extra)  # fmt: skip
+                if self.mem_heads is not None and mem_kv is not None and memory_bound:  # scope "prefill"
+                    others = [h for h in range(self.num_heads) if h not in self.mem_heads]
+                    local_only = attend(q_BNTH, local_kv, None, grouping=plan.grouping, scratch=scratch)
+                    out_BNTH = out_BNTH.clone()
+                    out_BNTH[:, others] = local_only[:, others].to(out_BNTH.dtype)
         out_BTD = out_BNTH.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out_BTD)
 
@@ -201,7 +213,7 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x_BTD, *, rope_cos_sin, local, memory, valid_BT, plan: ForwardPlan, crossbatch=None,
-                windows: int = 1, mem_rope_cos_sin=None):  # fmt: skip
+                windows: int = 1, mem_rope_cos_sin=None, memory_bound: bool = False):  # fmt: skip
         """Run the block on a chunk.
 
         ``x_BTD`` is positional (a checkpointed layer passes only positional arguments through the checkpoint
@@ -221,7 +233,7 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         idx_BNTK = blocks = q_mem_BNTH = s_mem_BNTK = None
         if memory is not None and mem_rope_cos_sin is not None and self.self_attn.use_rope:
             q_mem_BNTH = apply_rope(q_BNTH, *(t.to(q_BNTH.dtype) for t in mem_rope_cos_sin))
-        if memory is not None and self.self_attn.mem_heads is not None and q_mem_BNTH is not None:
+        if memory is not None and q_mem_BNTH is not None:
             q_mem_BNTH = self.self_attn.memory_queries(q_mem_BNTH)  # mem_heads: only the listed heads read memory
         if memory is not None and plan.memory_mode == "top-k" and memory.view() is not None:
             q_search = self.self_attn.memory_queries(q_BNTH) if q_mem_BNTH is None else q_mem_BNTH
@@ -231,7 +243,7 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         attn_BTD = self.self_attn(
             q_BNTH, local_kv=local_kv, k_raw_BGTH=k_raw_BGTH, v_BGTH=v_BGTH, memory=memory, idx_BNTK=idx_BNTK,
             valid_BT=valid_BT, plan=plan, crossbatch=crossbatch, windows=windows, blocks=blocks, q_mem_BNTH=q_mem_BNTH,
-            s_mem_BNTK=s_mem_BNTK,
+            s_mem_BNTK=s_mem_BNTK, memory_bound=memory_bound,
         )  # fmt: skip
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
@@ -308,7 +320,7 @@ def run_chunk(layers: nn.ModuleList, x_BTD, cache: LongLlamaCache, valid_BT, *, 
         x_BTD, kv = layer(
             x_BTD, rope_cos_sin=rope, local=cache.local_for_attention(idx, training=plan.training),
             memory=cache.memory_reader(idx), valid_BT=valid_BT, plan=plan, crossbatch=crossbatch,
-            mem_rope_cos_sin=mem_rope,
+            mem_rope_cos_sin=mem_rope, memory_bound=to_memory,
         )  # fmt: skip
         if crossbatch is None:  # a crossbatch step keeps no state
             if context:

@@ -53,6 +53,8 @@ class Spec:
         self.mem_rope_distance = overrides.get("mem_rope_distance", getattr(config, "mem_rope_distance", None))
         # per memory layer, the query heads that read memory (None: all of them)
         self.mem_heads = overrides.get("mem_heads", getattr(config, "mem_heads", None))
+        # "all": those heads alone read memory everywhere; "prefill": only in chunks bound for memory
+        self.mem_heads_scope = overrides.get("mem_heads_scope", getattr(config, "mem_heads_scope", "all"))
         # top-k memory by exact search, only when asked for (a model's own mem_top_k is not read)
         self.top_k = overrides.get("top_k")
         # block retrieval: (blocks read per chunk, slots per block, queries per chunk), or None
@@ -116,7 +118,7 @@ class NaiveLongLlama:
         return twin
 
     # ------------------------------------------------------------------ one layer's attention
-    def _attention(self, idx, x_BTD, valid_BT):
+    def _attention(self, idx, x_BTD, valid_BT, memory_bound: bool = False):
         s, w, st = self.s, self.w, self.layers[idx]
         p = f"model.layers.{idx}.self_attn."
         B, T, _ = x_BTD.shape
@@ -149,7 +151,9 @@ class NaiveLongLlama:
                 scores = (q[b, n] @ keys[b, g].T) / math.sqrt(H)
                 scores = torch.where(visible_TS, scores, torch.full_like(scores, MASKED))
                 vals = values[b, g]
-                reads_memory = s.mem_heads is None or idx not in s.mem_heads or n in s.mem_heads[idx]
+                restricted = s.mem_heads is not None and idx in s.mem_heads and (
+                    s.mem_heads_scope == "all" or memory_bound)
+                reads_memory = not restricted or n in s.mem_heads[idx]
                 if is_mem and st.mk.shape[2] and reads_memory:
                     mscores = (q_mem[b, n] @ st.mk[b, g].T) / math.sqrt(H) - s.mem_score_bias
                     mscores = torch.where(st.mvalid[b][None, :], mscores, torch.full_like(mscores, MASKED))
@@ -176,7 +180,8 @@ class NaiveLongLlama:
         x = w["model.embed_tokens.weight"][ids_BT]
         for idx in range(s.num_layers):
             p = f"model.layers.{idx}."
-            attn, k, v = self._attention(idx, rms_norm(x, w[p + "input_layernorm.weight"], s.eps), valid_BT)
+            attn, k, v = self._attention(idx, rms_norm(x, w[p + "input_layernorm.weight"], s.eps), valid_BT,
+                                         memory_bound=not keep_local)
             x = x + attn
             h = rms_norm(x, w[p + "post_attention_layernorm.weight"], s.eps)
             gate = linear(h, w[p + "mlp.gate_proj.weight"])

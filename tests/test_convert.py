@@ -64,11 +64,12 @@ def test_mem_heads_from_a_heads_file_set_the_memory_layers_and_all_undoes_them(c
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"mem_heads": {"2": [1], "0": [3, 0]}, "key_mass": {}}))  # retrieval_heads.py's file
     main(["--from", str(checkpoint), "--mem-layers", "all", "--mem-heads", str(heads), "--out", str(checkpoint)])
-    assert "3 of 8 (mem_heads)" in capsys.readouterr().out
+    assert "3 of 8 (mem_heads, scope all)" in capsys.readouterr().out
     cfg = saved(checkpoint)
     assert (cfg["mem_layers"], cfg["mem_heads"]) == ([0, 2], {"0": [0, 3], "2": [1]})  # the heads' layers only
-    main(["--from", str(checkpoint), "--mem-heads", "1.2", "--out", str(checkpoint)])
+    main(["--from", str(checkpoint), "--mem-heads", "1.2", "--mem-heads-scope", "prefill", "--out", str(checkpoint)])
     assert (saved(checkpoint)["mem_layers"], saved(checkpoint)["mem_heads"]) == ([1], {"1": [2]})
+    assert saved(checkpoint)["mem_heads_scope"] == "prefill"
     main(["--from", str(checkpoint), "--mem-layers", "all", "--mem-heads", "all", "--out", str(checkpoint)])
     assert (saved(checkpoint)["mem_layers"], saved(checkpoint).get("mem_heads")) == ([0, 1, 2], None)
 

@@ -210,6 +210,10 @@ def test_heads_modifier_reads_pairs_a_file_or_all_and_layers_reset_saved_heads(t
     assert parse_setting("memory+heads=21.8,18.6").overrides == {"mem_heads": "18.6,21.8", "mem_layers": "18,21"}
     assert parse_setting("memory+layers=all+heads=21.8").overrides == {"mem_heads": "21.8", "mem_layers": "all"}
     assert parse_setting("memory+heads=all").overrides == {"mem_heads": None}
+    assert parse_setting("memory+heads=1.2+hscope=prefill").overrides == {"mem_heads": "1.2", "mem_layers": "1",
+                                                                          "mem_heads_scope": "prefill"}
+    with pytest.raises(ValueError, match="hscope='last' is unknown; use one of all, prefill"):
+        parse_setting("memory+hscope=last")
     chosen = tmp_path / "heads.json"
     chosen.write_text(json.dumps({"mem_heads": {"7": [7], "18": [6, 7]}, "scores": [[0.0]]}))  # retrieval_heads.py's
     assert parse_setting(f"memory+heads={chosen}").overrides == {"mem_heads": "7.7,18.6,18.7", "mem_layers": "7,18"}

@@ -26,7 +26,11 @@ HEADS = {1: [0, 3]}
     {"num_key_value_heads": 2, "mem_top_k": 4, "mem_index": "exact"},  # GQA: heads 0 and 3 read KV heads 0 and 1
     {"num_key_value_heads": 2, "mem_heads": {1: [2, 3]}},  # GQA: both listed heads read KV head 1
     {"mem_layers": [0, 2], "mem_heads": {2: [1]}},  # layer 0 reads memory with every head, layer 2 with one
-], ids=["dense", "overlap", "topk-4", "distance", "bias", "gqa-topk", "gqa-shared", "two-layers"])
+    {"mem_heads_scope": "prefill"},  # the listed heads alone only in windows bound for memory
+    {"mem_heads_scope": "prefill", "num_key_value_heads": 2, "mem_top_k": 4, "mem_index": "exact",
+     "mem_rope_distance": 100},
+], ids=["dense", "overlap", "topk-4", "distance", "bias", "gqa-topk", "gqa-shared", "two-layers", "prefill",
+        "prefill-gqa-topk"])
 def test_memory_read_by_some_heads_equals_spec(impl, extra):
     extra = {"mem_heads": HEADS, **extra}
     model = tiny_model(attn_impl=impl, **extra)
@@ -41,7 +45,8 @@ def test_memory_read_by_some_heads_equals_spec(impl, extra):
     assert max_err(naive_logits(model, model.config, ids, mem_layers=[], **top_k), expected) > 1e-3
 
 
-@pytest.mark.parametrize("extra", [{}, {"mem_top_k": 512, "mem_index": "exact"}], ids=["dense", "topk-all"])
+@pytest.mark.parametrize("extra", [{}, {"mem_top_k": 512, "mem_index": "exact"}, {"mem_heads_scope": "prefill"}],
+                         ids=["dense", "topk-all", "prefill"])
 def test_memory_read_by_some_heads_in_decoding_equals_spec(extra):
     model = tiny_model(attn_impl="torch", mem_heads=HEADS, num_key_value_heads=2, **extra)
     assert decoding_error(model, tokens(1, 200, seed=52), tokens(1, 10, seed=53)) < TOL64
@@ -75,6 +80,23 @@ def test_memory_stores_one_kv_head_per_listed_head_and_the_budget_counts_them():
     est = budget.estimate_memory(model.config, 300 + model.config.last_context_length)
     slot = lambda g: fot.memory.per_slot_bytes(model.config.mem_torch_dtype, g, model.config.head_dim)  # noqa: E731
     assert est.memory == 300 * (slot(2) + slot(3))
+
+
+def test_scope_prefill_keeps_every_kv_head_and_reads_with_every_head_in_the_last_window():
+    ids = tokens(1, 300, seed=57)
+    prefill = tiny_model(mem_heads=HEADS, mem_heads_scope="prefill", num_key_value_heads=2)
+    with torch.no_grad():
+        cache = prefill(ids, use_cache=True).past_key_values
+    assert cache.memories[1].view().k_BGMH.shape[1] == 2  # every KV head: the last window reads with every head
+    from fot import budget
+
+    assert budget.memory_kv_heads(prefill.config, 1) == 2
+    # the last window differs from scope "all" (every head reads there), the prefilled memory from every head's
+    spec = naive_logits(prefill, prefill.config, ids)
+    assert max_err(naive_logits(prefill, prefill.config, ids, mem_heads_scope="all"), spec) > 1e-3
+    assert max_err(naive_logits(prefill, prefill.config, ids, mem_heads=None), spec) > 1e-3
+    with pytest.raises(ValueError, match="mem_heads_scope='everywhere' is unknown; use one of all, prefill"):
+        tiny_model(mem_heads=HEADS, mem_heads_scope="everywhere")
 
 
 @pytest.mark.parametrize("spec, expected", [
