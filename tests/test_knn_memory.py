@@ -157,9 +157,10 @@ class TopKNaive(NaiveLongLlama):
         for idx in self.s.mem_layers:
             self.layers[idx].mvalid[rows] = False
 
-    def _attention(self, idx, x_BTD, valid_BT):
+    def _attention(self, idx, x_BTD, valid_BT, memory_bound: bool = False):
         if self.top_k is None or idx not in self.s.mem_layers:
-            return super()._attention(idx, x_BTD, valid_BT)
+            return super()._attention(idx, x_BTD, valid_BT, memory_bound)
+        assert self.s.mem_heads is None, "this top-k spec reads memory with every head"
         s, w, st = self.s, self.w, self.layers[idx]
         p = f"model.layers.{idx}.self_attn."
         B, T, _ = x_BTD.shape
