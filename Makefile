@@ -170,32 +170,23 @@ bench: $(STAMP)
 # the git-ignored assets/, skipping what is already complete.
 # smollm2: the recommended long-context checkpoint, models/smollm2-fot (git-ignored, 538 MB fp32): memory in every
 # layer with kNN retrieval, its settings in config.json, so from_pretrained("models/smollm2-fot") with no overrides
-# runs them. The values are the SMOLLM2_* variables below, in this one place (issue 31's sweep chooses them; see
-# docs/results.md). When the checkpoint exists, make smollm2 only rewrites its config.json (python -m fot.convert
-# --from, seconds: memory layers have no weights of their own); otherwise it converts the GGUF. Each variable can be
-# set on the command line: make smollm2 SMOLLM2_LAYERS=15: puts memory in the upper half only. The index, ivf-scan,
-# is compiled on first use with the system's C++ compiler (g++, or CXX); without one, SMOLLM2_INDEX=faiss-ivf.
+# runs them. The settings are fot's recipe "every-layer" (fot/config.py RECIPES, chosen by issue 31's sweep; see
+# docs/results.md), which fot.convert --recipe applies to any Llama checkpoint. When the checkpoint exists, make
+# smollm2 only rewrites its config.json (python -m fot.convert --from, seconds: memory layers have no weights of their
+# own); otherwise it converts the GGUF. A SMOLLM2_* variable set on the command line overrides one field: make
+# smollm2 SMOLLM2_LAYERS=15: puts memory in the upper half only. The index, ivf-scan, is compiled on first use with
+# the system's C++ compiler (g++, or CXX); without one, SMOLLM2_INDEX=faiss-ivf.
 # smollm2-3layers: that earlier layout in a directory of its own, models/smollm2-fot-3layers (memory layers 7, 15,
 # 22, dense memory attention, memory in fp32), the base of the LoRA adapters in models/ and of configs/smollm2_135m*.
 SMOLLM2_GGUF := assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2 := models/smollm2-fot
-SMOLLM2_LAYERS ?= all
-SMOLLM2_TOP_K ?= 32
-SMOLLM2_INDEX ?= ivf-scan
-SMOLLM2_NPROBE ?= 16
-SMOLLM2_WINDOW ?= 512
-SMOLLM2_LCL ?= 256
-SMOLLM2_MEM_DTYPE ?= bfloat16
-SMOLLM2_OVERLAP ?= 32
-SMOLLM2_SCORE_BIAS ?= 0
-SMOLLM2_ROPE_DISTANCE ?= 512
-SMOLLM2_HEADS ?= all
-SMOLLM2_HEADS_SCOPE ?= all
-SMOLLM2_SETTINGS = --mem-layers $(SMOLLM2_LAYERS) --mem-top-k $(SMOLLM2_TOP_K) --mem-index $(SMOLLM2_INDEX) \
-	--mem-nprobe $(SMOLLM2_NPROBE) --window $(SMOLLM2_WINDOW) --last-context-length $(SMOLLM2_LCL) \
-	--mem-dtype $(SMOLLM2_MEM_DTYPE) --window-overlap $(SMOLLM2_OVERLAP) --mem-score-bias $(SMOLLM2_SCORE_BIAS) \
-	--mem-rope-distance $(SMOLLM2_ROPE_DISTANCE) --mem-heads $(SMOLLM2_HEADS) \
-	--mem-heads-scope $(SMOLLM2_HEADS_SCOPE)
+SMOLLM2_RECIPE ?= every-layer
+# variable=flag: each variable, empty unless set, passes its fot.convert flag
+SMOLLM2_FLAGS := LAYERS=--mem-layers TOP_K=--mem-top-k INDEX=--mem-index NPROBE=--mem-nprobe WINDOW=--window \
+	LCL=--last-context-length MEM_DTYPE=--mem-dtype OVERLAP=--window-overlap SCORE_BIAS=--mem-score-bias \
+	ROPE_DISTANCE=--mem-rope-distance HEADS=--mem-heads HEADS_SCOPE=--mem-heads-scope
+smollm2_flag = $(if $(SMOLLM2_$(word 1,$(1))),$(word 2,$(1)) $(SMOLLM2_$(word 1,$(1))))
+SMOLLM2_SETTINGS = $(strip --recipe $(SMOLLM2_RECIPE) $(foreach f,$(SMOLLM2_FLAGS),$(call smollm2_flag,$(subst =, ,$(f)))))
 SMOLLM2_3LAYERS := models/smollm2-fot-3layers
 .PHONY: assets smollm2 smollm2-3layers
 assets: $(STAMP)

@@ -5,7 +5,7 @@
 """
 
 from .cache import LongLlamaCache
-from .config import LongLlamaConfig
+from .config import LongLlamaConfig, recipe
 from .modeling import LongLlamaForCausalLM, LongLlamaModel, LongLlamaPreTrainedModel, register_auto_classes
 
 register_auto_classes()
@@ -16,5 +16,6 @@ __all__ = [
     "LongLlamaForCausalLM",
     "LongLlamaModel",
     "LongLlamaPreTrainedModel",
+    "recipe",
 ]
 __version__ = "0.1.0"

@@ -33,6 +33,20 @@ VALIDATED_FIELDS = frozenset({
 
 
 DEFAULT_NPROBE = 16  # IVF lists per query; chosen in docs/benchmarks.md, "Choosing nprobe"
+
+# Named memory settings for a pretrained Llama, every memory field spelled out, so that applying one to a checkpoint
+# that had other settings leaves nothing of them behind. "every-layer" is the long-context setting measured on
+# SmolLM2-135M with no training (docs/results.md, "SmolLM2-135M, long-context setting"): memory in every layer, a
+# window of 512, top-32 retrieval through ivf-scan (a CPU index; on CUDA pass mem_index="ivf-gemm"), a 32-token
+# window overlap and memory scored at a RoPE distance of 512. `make smollm2` applies it; fot.recipe and
+# `fot.convert --recipe` apply it to any Llama checkpoint.
+RECIPES = {
+    "every-layer": {
+        "mem_layers": "all", "max_position_embeddings": 512, "last_context_length": 256, "mem_top_k": 32,
+        "mem_index": "ivf-scan", "mem_nprobe": DEFAULT_NPROBE, "mem_dtype": "bfloat16", "window_overlap": 32,
+        "mem_score_bias": 0.0, "mem_rope_distance": 512, "mem_heads": None, "mem_heads_scope": "all",
+    },
+}
 MEM_LAYERS_HELP = ("'all', 'none', 'every:N' (layers 0, N, 2N, ...), 'every:N:OFFSET', a Python slice 'A:B' or "
                    "'A:B:STEP' ('15:' the layers from 15 on, '2:' all but the first two, '-8:' the last eight), "
                    "layer indices '7,15,22', or a comma-separated mix ('0,15:')")
@@ -545,3 +559,23 @@ def validate_cache_policy(cache_policy: Any) -> None:
     """Raise ``ValueError`` unless ``cache_policy`` is one of ``CACHE_POLICIES``."""
     if cache_policy not in CACHE_POLICIES:
         raise ValueError(f"cache_policy={cache_policy!r} is unknown; use one of {CACHE_POLICIES}.")
+
+
+def recipe(name: str, **overrides) -> dict[str, Any]:
+    """The config fields of the named memory setting (``RECIPES``), with ``overrides`` on top: keyword arguments for
+    ``LongLlamaForCausalLM.from_pretrained`` or ``LongLlamaConfig``.
+
+        model = LongLlamaForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M", **fot.recipe("every-layer"))
+
+    Raises:
+        ValueError: an unknown name, or an override that is not a config field the recipe sets.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    fields = dict(RECIPES[name])
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"recipe {name!r} sets no field {', '.join(unknown)}; it sets {', '.join(fields)} (pass "
+                         "other fields to from_pretrained directly)")
+    fields.update(overrides)
+    return fields

@@ -1,8 +1,9 @@
 """Turn a LLaMA-architecture GGUF file (e.g. SmolLM2-135M-Instruct Q4_1) into a plain fot checkpoint, or rewrite
-the memory settings of a converted checkpoint.
+the memory settings of a checkpoint (a fot one, or any Hugging Face Llama checkpoint directory).
 
-    python -m fot.convert --gguf assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --mem-layers all \\
-        --window 512 --last-context-length 256 --mem-top-k 32 --mem-index faiss-ivf --out models/smollm2-fot
+    python -m fot.convert --gguf assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --recipe every-layer \\
+        --out models/smollm2-fot
+    python -m fot.convert --from path/to/any-hf-llama --recipe every-layer --out my-llama-fot
     python -m fot.convert --from models/smollm2-fot --mem-layers 7 15 22 --mem-top-k none --mem-index exact \\
         --out models/smollm2-fot-3layers
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MEM_DTYPES, MEM_HEADS_SCOPES, MEM_INDEXES, LongLlamaConfig
+from .config import MEM_DTYPES, MEM_HEADS_SCOPES, MEM_INDEXES, RECIPES, LongLlamaConfig, recipe
 from .modeling import LongLlamaForCausalLM
 
 # Keys of the GGUF-derived config that describe the file, not the model we build.
@@ -163,8 +164,8 @@ def rewrite_config(source_dir: str | Path, out_dir: str | Path, **fields) -> Lon
     """
     source, out = Path(source_dir), Path(out_dir)
     if not (source / "config.json").is_file():
-        raise ValueError(f"--from {str(source)!r} holds no config.json; pass a converted checkpoint directory "
-                         "(e.g. models/smollm2-fot, made by make smollm2).")
+        raise ValueError(f"--from {str(source)!r} holds no config.json; pass a checkpoint directory (a fot one "
+                         "such as models/smollm2-fot, or a Hugging Face Llama one).")
     config = LongLlamaConfig.from_pretrained(source, **fields)
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() != source.resolve():
@@ -207,13 +208,14 @@ def _config_fields(args) -> dict:
              "mem_nprobe": "mem_nprobe", "mem_dtype": "mem_dtype", "window_overlap": "window_overlap",
              "mem_score_bias": "mem_score_bias", "mem_rope_distance": "mem_rope_distance",
              "mem_heads_scope": "mem_heads_scope"}
-    fields = {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
+    fields = {} if args.recipe is None else recipe(args.recipe)  # the flags below override the recipe's fields
+    fields.update({field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None})
     if fields.get("mem_top_k") == "none":
         fields["mem_top_k"] = None
     if fields.get("mem_rope_distance") == "none":
         fields["mem_rope_distance"] = None
-    if "mem_layers" in fields:
-        fields["mem_layers"] = _mem_layers_arg(fields["mem_layers"])
+    if args.mem_layers is not None:
+        fields["mem_layers"] = _mem_layers_arg(args.mem_layers)
     if args.mem_heads is not None:
         fields["mem_heads"] = _mem_heads_arg(args.mem_heads)
         if fields["mem_heads"] is not None:  # the heads decide the memory layers
@@ -240,7 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--gguf", help="the .gguf file (python -m train.assets --model fetches SmolLM2)")
     source.add_argument("--from", dest="source", metavar="DIR",
-                        help="a converted checkpoint whose config alone to rewrite (the weights are not loaded)")
+                        help="a fot checkpoint, or any Hugging Face Llama checkpoint directory, whose config alone "
+                             "to rewrite (the weights are not loaded, only copied to --out)")
+    parser.add_argument("--recipe", choices=list(RECIPES),
+                        help="a named memory setting (fot.config.RECIPES): every memory field at once, the flags "
+                             "below overriding single fields. every-layer: the long-context setting measured on "
+                             "SmolLM2 (docs/results.md)")
     parser.add_argument("--mem-layers", nargs="+", metavar="LAYERS",
                         help="memory layer indices (7 15 22) or a compact form: all, 15:, every:2, ... (required "
                              "with --gguf)")
@@ -283,8 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                       ("--last-context-length", "last_context_length"))
             missing = [flag for flag, field in needed if field not in fields]
             if missing:
-                raise ValueError(f"--gguf needs {', '.join(missing)} (e.g. --mem-layers all --window 512 "
-                                 "--last-context-length 256).")
+                raise ValueError(f"--gguf needs {', '.join(missing)} (or --recipe every-layer, which sets them).")
             fields.setdefault("mem_dtype", "float32")
             model = convert(args.gguf, args.out, fields.pop("mem_layers"), fields.pop("max_position_embeddings"),
                             fields.pop("last_context_length"), getattr(torch, args.dtype), **fields)

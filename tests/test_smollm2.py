@@ -204,36 +204,24 @@ needs_recommended = pytest.mark.skipif(not (RECOMMENDED / "config.json").is_file
                                        reason="no models/smollm2-fot: run make smollm2")
 
 
-def makefile_settings() -> dict:
-    """The SMOLLM2_* values of the Makefile, the one place the recommended checkpoint's settings are written."""
+def makefile_recipe() -> str:
+    """The recipe make smollm2 applies (``SMOLLM2_RECIPE``; fot/config.py RECIPES holds its values)."""
     import re
 
-    text = (ROOT / "Makefile").read_text()
-    return dict(re.findall(r"^SMOLLM2_([A-Z_]+) \?= (.+)$", text, re.M))
+    return re.search(r"^SMOLLM2_RECIPE \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).strip()
 
 
 @needs_recommended
 def test_the_recommended_checkpoint_holds_the_makefiles_settings():
-    """make smollm2 writes its settings into config.json, so from_pretrained with no overrides runs them."""
+    """make smollm2 writes its recipe into config.json, so from_pretrained with no overrides runs it."""
+    import fot
     from fot import LongLlamaConfig
-    from fot.config import resolve_mem_layers
 
-    from fot.convert import _mem_heads_arg
-
-    want, c = makefile_settings(), LongLlamaConfig.from_pretrained(RECOMMENDED)
-    layers = want["LAYERS"]
-    expected = resolve_mem_layers(",".join(layers.split()), c.num_hidden_layers)
-    heads = _mem_heads_arg(str(ROOT / want["HEADS"]) if (ROOT / want["HEADS"]).is_file() else want["HEADS"])
-    assert c.mem_heads == heads, "models/smollm2-fot's mem_heads are not the Makefile's: run make smollm2"
-    if heads is not None:  # the heads decide the memory layers
-        expected = list(heads)
-    top_k = None if want["TOP_K"] == "none" else int(want["TOP_K"])
-    distance = None if want["ROPE_DISTANCE"] == "none" else int(want["ROPE_DISTANCE"])
-    got = (c.mem_layers, c.mem_top_k, c.mem_index, c.mem_nprobe, c.max_position_embeddings, c.last_context_length,
-           c.mem_dtype, c.window_overlap, c.mem_score_bias, c.mem_rope_distance)
-    assert got == (expected, top_k, want["INDEX"], int(want["NPROBE"]), int(want["WINDOW"]), int(want["LCL"]),
-                   want["MEM_DTYPE"], int(want["OVERLAP"]), float(want["SCORE_BIAS"]), distance), \
-        "models/smollm2-fot is not the Makefile's setting: run make smollm2"
+    fields = fot.recipe(makefile_recipe())
+    c = LongLlamaConfig.from_pretrained(RECOMMENDED)
+    want = LongLlamaConfig.from_pretrained(RECOMMENDED, **fields)  # the recipe resolved against this model
+    differ = {f: (getattr(c, f), getattr(want, f)) for f in fields if getattr(c, f) != getattr(want, f)}
+    assert not differ, f"models/smollm2-fot is not the Makefile's setting ({differ}): run make smollm2"
 
 
 @needs_model
