@@ -3,6 +3,7 @@
     fot ask book.txt -q "Who wrote the letter?"              # the SmolLM2 long-context checkpoint, models/smollm2-fot
     fot ask notes/*.txt --model models/fot-tiny -q "..."     # several files, read as one document
     fot ask book.txt < questions.txt                          # one question a line from stdin
+    fot ask book.txt --model path/to/llama --recipe every-layer -q "..."   # any HF Llama checkpoint, untrained
     python -m fot.ask ...                                     # the same without the console script
 
 The files are read as one document (their texts joined by a blank line, in the order given), which the model reads
@@ -10,8 +11,8 @@ once, window by window, with a progress bar in tokens per second. Its memory (th
 values, the last window) is saved to ``--cache-dir`` (default ``.fot-cache`` in the current directory) as
 ``<first file's name>-<key>.safetensors``, the key a hash of the files' contents and the model directory. The next
 run on the same files and model loads that file instead of reading the document again. A cache built with other
-settings (``--memory-layers``, ``--top-k``, ``--index``, ``--last-context-length``, ``--dtype``, a retrained
-model, another prompt format) or a damaged one is rebuilt, with a note saying why. Each question continues its
+settings (``--recipe``, ``--memory-layers``, ``--top-k``, ``--index``, ``--last-context-length``, ``--dtype``, any
+other memory field, a retrained model, another prompt format) or a damaged one is rebuilt, with a note saying why. Each question continues its
 own ``fork()`` of the cache (its own copy of the local window, the memory shared read-only), or a ``copy()`` when
 the question and the answer do not fit in the window's free room, so no question sees another's tokens.
 
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MEM_INDEXES
+from .config import MEM_INDEXES, MEMORY_FIELDS, RECIPES, recipe
 
 DEFAULT_MODEL = "models/smollm2-fot"
 DEFAULT_CACHE_DIR = ".fot-cache"
@@ -262,8 +263,9 @@ class Session:
         return answer
 
 
-def load_model(model_dir: Path, overrides: dict, dtype: str):
-    """The checkpoint and its tokenizer (``AskError`` when the directory is not a fot checkpoint)."""
+def load_model(model_dir: Path, overrides: dict, dtype: str, recipe_name: str | None = None):
+    """The checkpoint and its tokenizer (``AskError`` when the directory is not a fot checkpoint, nor a plain Llama
+    one given with a recipe, whose fields ``overrides`` holds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .modeling import LongLlamaForCausalLM
@@ -272,7 +274,16 @@ def load_model(model_dir: Path, overrides: dict, dtype: str):
         hint = " (build it with make smollm2)" if str(model_dir) == DEFAULT_MODEL else ""
         raise AskError(f"{model_dir} is not a model directory{hint}: pass --model DIR, a checkpoint with "
                        "config.json, its weights and a tokenizer.")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **overrides)
+    if json.loads((model_dir / "config.json").read_text()).get("model_type") == "llama":
+        # A plain Llama checkpoint has no memory settings; its max_position_embeddings is its trained context, not
+        # a window. fot reads it unchanged once a recipe says how.
+        if not recipe_name:
+            raise AskError(f"{model_dir} is a plain Llama checkpoint with no memory settings: add --recipe "
+                           f"every-layer, or convert it once (python -m fot.convert --from {model_dir} --recipe "
+                           "every-layer --out DIR).")
+        model = LongLlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **overrides)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **overrides)
     if not isinstance(model, LongLlamaForCausalLM):
         raise AskError(f"{model_dir} holds a {type(model).__name__}, not a fot model; convert it first "
                        "(python -m fot.convert).")
@@ -306,10 +317,12 @@ def open_session(args) -> Session:
     """Read the files, load the model, then load the document's cache or read the document (and save it)."""
     document = read_documents(args.files)
     model_dir = Path(args.model)
-    overrides = {k: v for k, v in (("mem_top_k", args.top_k), ("mem_index", args.index),
-                                   ("last_context_length", args.last_context_length),
-                                   ("mem_layers", memory_layers(args.memory_layers, model_dir))) if v is not None}
-    model, tokenizer = load_model(model_dir, overrides, args.dtype)
+    overrides = {} if args.recipe is None else recipe(args.recipe)  # the flags below override its fields
+    overrides.update({k: v for k, v in (("mem_top_k", args.top_k), ("mem_index", args.index),
+                                        ("last_context_length", args.last_context_length),
+                                        ("mem_layers", memory_layers(args.memory_layers, model_dir)))
+                      if v is not None})  # fmt: skip
+    model, tokenizer = load_model(model_dir, overrides, args.dtype, args.recipe)
     chat = tokenizer.chat_template is not None and not args.no_chat_template
     from .convert import declared_add_bos
 
@@ -318,9 +331,10 @@ def open_session(args) -> Session:
     n = len(prompt.prefix_ids)
     expected = {
         "format": CACHE_META_FORMAT, "files": document.sha256, "model": model_identity(model_dir),
-        "settings": {"mem_layers": list(model.config.mem_layers), "mem_top_k": model.config.mem_top_k,
-                     "mem_index": model.config.mem_index,
-                     "last_context_length": model.config.last_context_length, "dtype": args.dtype},
+        # every memory field as JSON reads it back (mem_heads' layer keys become strings), so a cache built under
+        # any other memory setting (a recipe's included) is rebuilt
+        "settings": json.loads(json.dumps({**{f: getattr(model.config, f) for f in MEMORY_FIELDS},
+                                           "dtype": args.dtype})),
         "prompt": {"chat_template": chat, "tokens": n,
                    "sha256": hashlib.sha256(json.dumps(prompt.prefix_ids).encode()).hexdigest()},
     }  # fmt: skip
@@ -385,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="neither load nor save the memory")
     p.add_argument("--memory-layers", nargs="+", metavar="L",
                    help="memory in these layers instead of the configured ones: 'all' or indices (mem_layers)")
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="a named memory setting (fot.config.RECIPES) for the model, which may then be a plain Llama "
+                        "checkpoint; the options below override its fields")
     p.add_argument("--top-k", type=int, help="kNN memory: attend to the K best memory keys (mem_top_k)")
     p.add_argument("--index", choices=MEM_INDEXES, help="key search of --top-k (mem_index)")
     p.add_argument("--last-context-length", type=int, help="override the model's last_context_length")

@@ -40,7 +40,9 @@ DEFAULT_NPROBE = 16  # IVF lists per query; chosen in docs/benchmarks.md, "Choos
 # window of 512, top-32 retrieval through ivf-scan (a CPU index; on CUDA pass mem_index="ivf-gemm"), a 32-token
 # window overlap and memory scored at a RoPE distance of 512. `make smollm2` applies it; fot.recipe and
 # `fot.convert --recipe` apply it to any Llama checkpoint.
-RECIPES = {
+MEMORY_FIELDS = ("mem_layers", "max_position_embeddings", "last_context_length", "mem_top_k", "mem_index", "mem_nprobe",
+                 "mem_dtype", "window_overlap", "mem_score_bias", "mem_rope_distance", "mem_heads", "mem_heads_scope")
+RECIPES = {  # each sets every one of MEMORY_FIELDS
     "every-layer": {
         "mem_layers": "all", "max_position_embeddings": 512, "last_context_length": 256, "mem_top_k": 32,
         "mem_index": "ivf-scan", "mem_nprobe": DEFAULT_NPROBE, "mem_dtype": "bfloat16", "window_overlap": 32,

@@ -137,6 +137,65 @@ def test_console_entry_reports_a_missing_model_in_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "is not a model directory" in done.stderr
 
 
+def plain_llama(folder: Path) -> Path:
+    """models/fot-tiny's weights and tokenizer as a plain Hugging Face Llama checkpoint (model_type "llama", whose
+    max_position_embeddings is a trained context, not a window), as a user's own model would be."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fot
+
+    tiny = fot.LongLlamaForCausalLM.from_pretrained(MODEL, dtype="float32")
+    c = tiny.config
+    hf = LlamaForCausalLM(LlamaConfig(
+        **{k: getattr(c, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                                      "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")},
+        rope_parameters=dict(c.rope_parameters), max_position_embeddings=4096))  # fmt: skip
+    hf.load_state_dict(tiny.state_dict(), strict=True)
+    hf.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(MODEL / name, folder / name)
+    return folder
+
+
+def test_a_plain_llama_is_asked_through_a_recipe(tmp_path, capsys):
+    """--recipe reads a plain Llama checkpoint as fot.convert --recipe's checkpoint of it does, and without one
+    the plain checkpoint is a one-line error naming the fix."""
+    from fot.convert import main as convert_main
+
+    plain = plain_llama(tmp_path / "plain")
+    capsys.readouterr()  # the checkpoint's own progress bars
+    doc = tmp_path / "doc.txt"
+    passkey_document(doc, n_garbage=1200, seed=7)
+    run = lambda model, *extra: main(["--model", str(model), "--cache-dir", str(tmp_path / "cache"),  # noqa: E731
+                                      "--max-new-tokens", "6", "--threads", "2", str(doc), "-q", QUESTION, *extra])
+    with pytest.raises(SystemExit) as exit_:
+        run(plain)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "add --recipe every-layer" in err, err
+
+    # the demo model's layout on top of the recipe: its memory layers and last window, the recipe's retrieval
+    flags = ["--memory-layers", "1", "2", "3", "--last-context-length", "64"]
+    direct = run(plain, "--recipe", "every-layer", *flags)
+    c = direct.model.config
+    assert (c.mem_layers, c.last_context_length, c.max_position_embeddings, c.mem_top_k, c.mem_index,
+            c.window_overlap, c.mem_rope_distance) == ([1, 2, 3], 64, 512, 32, "ivf-scan", 32, 512)  # fmt: skip
+    converted = tmp_path / "converted"
+    convert_main(["--from", str(plain), "--recipe", "every-layer", "--mem-layers", "1", "2", "3",
+                  "--last-context-length", "64", "--out", str(converted)])  # fmt: skip
+    again = run(converted)
+    assert again.answers[0].text == direct.answers[0].text and again.answers[0].tokens == 6
+    # another field of the recipe changed: the cache of that document is rebuilt, with the field named
+    capsys.readouterr()
+    run(converted)  # loaded
+    assert "loaded the memory" in capsys.readouterr().err
+    changed = run(converted, "--recipe", "every-layer", "--memory-layers", "1", "2", "3", "--top-k", "8")
+    assert "other settings (last_context_length 64 -> 256, mem_top_k 32 -> 8)" in capsys.readouterr().err
+    assert not changed.loaded
+
+
 def test_chat_template_prompt_is_the_rendered_conversation():
     from transformers import AutoTokenizer
 

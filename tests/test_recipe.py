@@ -37,6 +37,14 @@ def test_every_layer_is_the_measured_setting():
     assert got["mem_top_k"] == 64 and RECIPES["every-layer"]["mem_top_k"] == 32  # a copy, the table untouched
 
 
+def test_every_recipe_sets_every_memory_field():
+    """So applying one leaves nothing of an earlier setting, and fot ask's cache compares all of them."""
+    from fot.config import MEMORY_FIELDS
+
+    assert all(set(fields) == set(MEMORY_FIELDS) for fields in RECIPES.values())
+    assert set(MEMORY_FIELDS) <= set(fot.LongLlamaConfig().to_dict())
+
+
 def test_bad_names_are_one_line_errors():
     with pytest.raises(ValueError, match="unknown recipe 'every'; choose one of every-layer"):
         fot.recipe("every")
