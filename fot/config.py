@@ -156,6 +156,8 @@ class LongLlamaConfig(PreTrainedConfig):
             its last ``last_context_length`` tokens); the last window and generated tokens read memory with every
             head, so memory stores every KV head. On SmolLM2 a pass key whose question the model's prior answers
             otherwise ("The pass key is a small wooden box") needs every head at the question (docs/results.md).
+            Under "prefill" a layer may list no head (``{layer: []}``): it reads no memory, and searches none,
+            while windows go to memory, and reads it with every head in the last window and while generating.
 
     Before a long prefill, the cache checks that its memory fits the RAM that is available (``fot.budget``) and
     raises ``fot.budget.MemoryBudgetError`` if not; ``FOT_MEMORY_CHECK=0`` in the environment turns that off.
@@ -305,6 +307,10 @@ class LongLlamaConfig(PreTrainedConfig):
             if layer not in self.mem_layers:
                 raise ValueError(f"mem_heads lists layer {layer}, which is not a memory layer (mem_layers="
                                  f"{self.mem_layers}); add it to mem_layers or drop it from mem_heads.")
+            if not heads and self.mem_heads_scope == "all":
+                raise ValueError(f"mem_heads gives memory layer {layer} no head, so it would never read memory; drop "
+                                 "it from mem_layers, or use mem_heads_scope='prefill' (it then reads memory in the "
+                                 "last window and while generating only).")
             bad = [h for h in heads if not 0 <= h < self.num_attention_heads]
             if bad:
                 raise ValueError(f"mem_heads gives layer {layer} head {bad[0]}, but the model has "
@@ -515,19 +521,21 @@ def parse_mem_heads(spec: Any) -> dict[int, list[int]] | None:
                 raise ValueError(f"mem_heads={spec!r}: layer {layer!r} maps to {heads!r}, not a list of heads; "
                                  f"use {form}.")
             heads = list(heads)
-            if not heads:
-                raise ValueError(f"mem_heads={spec!r}: layer {layer!r} lists no head; drop the layer from mem_layers "
-                                 "and mem_heads instead.")
+            if not heads:  # no head reads memory while windows go to memory (mem_heads_scope "prefill" only)
+                pairs.append((layer, None))
             pairs.extend((layer, h) for h in heads)
     else:
         raise ValueError(f"mem_heads={spec!r} must be None, {form}.")
     out: dict[int, list[int]] = {}
     for layer, head in pairs:
         try:
-            layer_i, head_i = _index(layer), _index(head)
+            layer_i, head_i = _index(layer), None if head is None else _index(head)
         except ValueError:
             raise ValueError(f"mem_heads={spec!r}: layer {layer!r}, head {head!r} are not both indices (ints >= "
                              f"0); use {form}.") from None
+        if head_i is None:
+            out.setdefault(layer_i, [])
+            continue
         if head_i in out.setdefault(layer_i, []):
             raise ValueError(f"mem_heads={spec!r} lists head {head_i} of layer {layer_i} twice; list it once.")
         out[layer_i].append(head_i)

@@ -165,7 +165,7 @@ class LongLlamaAttention(nn.Module):
         elif self.is_memory_layer and plan.memory_mode == "block":
             out_BNTH = attend(q_BNTH, local_kv, memory.view(), blocks=blocks, scratch=memory.scratch)
         else:
-            mem_kv = memory.view() if self.is_memory_layer else None
+            mem_kv = memory.view() if self.is_memory_layer and memory is not None else None
             scratch = None if memory is None else memory.scratch
             extra = {} if q_mem_BNTH is None else {"q_mem_BNTH": q_mem_BNTH}  # only the paths that take it
             if s_mem_BNTK is not None and plan.impl == "torch":  # the search scored the slots (ivf-scan)
@@ -230,6 +230,8 @@ class LongLlamaDecoderLayer(GradientCheckpointingLayer):
         # What attention reads is gathered here, outside it: the chunk joins the local window (the cache's window
         # stages it in its free slots, a training snapshot concatenates it) and top-k memory is searched.
         local_kv = local.extend(k_rot_BGTH, v_BGTH, valid_BT)
+        if memory is not None and memory_bound and self.self_attn.mem_heads == ():
+            memory = None  # mem_heads {layer: []} under scope "prefill": no memory read, nor searched, in this window
         idx_BNTK = blocks = q_mem_BNTH = s_mem_BNTK = None
         if memory is not None and mem_rope_cos_sin is not None and self.self_attn.use_rope:
             q_mem_BNTH = apply_rope(q_BNTH, *(t.to(q_BNTH.dtype) for t in mem_rope_cos_sin))

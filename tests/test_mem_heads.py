@@ -29,8 +29,11 @@ HEADS = {1: [0, 3]}
     {"mem_heads_scope": "prefill"},  # the listed heads alone only in windows bound for memory
     {"mem_heads_scope": "prefill", "num_key_value_heads": 2, "mem_top_k": 4, "mem_index": "exact",
      "mem_rope_distance": 100},
+    # a layer with no head: memory only in the last window there, beside a layer with two heads
+    {"mem_heads_scope": "prefill", "mem_layers": [1, 2], "mem_heads": {1: [], 2: [0, 3]}, "mem_top_k": 4,
+     "mem_index": "exact"},
 ], ids=["dense", "overlap", "topk-4", "distance", "bias", "gqa-topk", "gqa-shared", "two-layers", "prefill",
-        "prefill-gqa-topk"])
+        "prefill-gqa-topk", "prefill-no-head"])
 def test_memory_read_by_some_heads_equals_spec(impl, extra):
     extra = {"mem_heads": HEADS, **extra}
     model = tiny_model(attn_impl=impl, **extra)
@@ -99,9 +102,28 @@ def test_scope_prefill_keeps_every_kv_head_and_reads_with_every_head_in_the_last
         tiny_model(mem_heads=HEADS, mem_heads_scope="everywhere")
 
 
+def test_a_layer_with_no_head_searches_memory_only_in_the_last_window(monkeypatch):
+    """Under scope "prefill", {layer: []} skips that layer's search in every window bound for memory."""
+    from fot.cache import MemoryReader
+
+    calls = []
+    search = MemoryReader.retrieve_scored
+    monkeypatch.setattr(MemoryReader, "retrieve_scored", lambda self, q: calls.append(q.shape[1]) or search(self, q))
+    both = dict(mem_layers=[1, 2], mem_top_k=4, mem_index="exact", mem_heads_scope="prefill")
+    ids = tokens(1, 300, seed=58)  # windows of 64 over the first 268 tokens, then the last 32
+    with torch.no_grad():
+        tiny_model(mem_heads={1: [], 2: [0, 3]}, **both)(ids)
+        skipped = len(calls)
+        calls.clear()
+        tiny_model(mem_heads={1: [1], 2: [0, 3]}, **both)(ids)
+    # layer 2 searches in windows 2-5 and the last window, layer 1 in the last window only (4 heads each time)
+    assert skipped == 5 + 1 and len(calls) == 5 + 5 and set(calls) == {4}
+
+
 @pytest.mark.parametrize("spec, expected", [
     ("18.6,18.7, 21.8", {18: [6, 7], 21: [8]}),
     ({"21": [8, 2], 3: (1,)}, {3: [1], 21: [2, 8]}),
+    ({"4": [], "2": [1]}, {2: [1], 4: []}),  # a layer with no head is kept
     (None, None),
 ])
 def test_mem_heads_forms(spec, expected):
@@ -113,7 +135,8 @@ def test_mem_heads_forms(spec, expected):
     ({1: [4]}, "has num_attention_heads=4"),
     ("1.x", "are not both indices"),
     ("1", "'1' is not layer.head"),
-    ({1: []}, "lists no head"),
+    ({1: []}, "gives memory layer 1 no head, so it would never read memory; drop it from mem_layers, or use "
+              "mem_heads_scope='prefill'"),
     ("1.1,1.1", "lists head 1 of layer 1 twice"),
     ({1: 3}, "not a list of heads"),
     ([1, 2], "must be None"),
