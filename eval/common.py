@@ -223,7 +223,7 @@ def _heads_modifier(text: str, value: str) -> str | None:
     except (ValueError, OSError) as err:
         raise ValueError(f"setting {text!r}: heads={value!r} is neither 'all', a heads JSON file nor layer.head "
                          f"pairs such as 18.6,21.8 ({err}).") from None
-    return ",".join(f"{layer}.{h}" for layer, hs in heads.items() for h in hs)
+    return ",".join(f"{layer}.{h}" for layer, hs in heads.items() for h in (hs or [""]))  # "3.": no head
 
 
 def parse_setting(text: str) -> Setting:

@@ -503,7 +503,7 @@ def check_mem_layers(spec: Any) -> None:
 
 def parse_mem_heads(spec: Any) -> dict[int, list[int]] | None:
     """``mem_heads`` as the config holds it: None, or {layer: sorted heads} from a mapping (JSON's string keys
-    included) or a string "18.6,18.7,21.8" of layer.head pairs. Raises ``ValueError`` naming the form on a
+    included) or a string "18.6,18.7,21.8" of layer.head pairs ("3." for a layer with no head). Raises ``ValueError`` naming the form on a
     malformed one; whether the layers and heads exist is ``LongLlamaConfig``'s check."""
     if spec is None:
         return None
@@ -514,7 +514,7 @@ def parse_mem_heads(spec: Any) -> dict[int, list[int]] | None:
             layer, dot, head = part.strip().partition(".")
             if not dot:
                 raise ValueError(f"mem_heads={spec!r}: {part.strip()!r} is not layer.head; use {form}.")
-            pairs.append((layer, head))
+            pairs.append((layer, head or None))  # "3." : layer 3 lists no head
     elif isinstance(spec, dict):
         for layer, heads in spec.items():
             if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):

@@ -217,6 +217,9 @@ def test_heads_modifier_reads_pairs_a_file_or_all_and_layers_reset_saved_heads(t
     chosen = tmp_path / "heads.json"
     chosen.write_text(json.dumps({"mem_heads": {"7": [7], "18": [6, 7]}, "scores": [[0.0]]}))  # retrieval_heads.py's
     assert parse_setting(f"memory+heads={chosen}").overrides == {"mem_heads": "7.7,18.6,18.7", "mem_layers": "7,18"}
+    chosen.write_text(json.dumps({"2": [], "7": [7]}))  # layer 2 with no head (scope "prefill"), kept as "2."
+    assert parse_setting(f"memory+heads={chosen}+hscope=prefill").overrides == {
+        "mem_heads": "2.,7.7", "mem_layers": "2,7", "mem_heads_scope": "prefill"}
     for bad in ("18", "x.1", str(tmp_path / "missing.json")):
         with pytest.raises(ValueError, match="neither 'all', a heads JSON file nor layer.head pairs"):
             parse_setting(f"memory+heads={bad}")

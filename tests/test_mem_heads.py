@@ -124,6 +124,7 @@ def test_a_layer_with_no_head_searches_memory_only_in_the_last_window(monkeypatc
     ("18.6,18.7, 21.8", {18: [6, 7], 21: [8]}),
     ({"21": [8, 2], 3: (1,)}, {3: [1], 21: [2, 8]}),
     ({"4": [], "2": [1]}, {2: [1], 4: []}),  # a layer with no head is kept
+    ("4.,2.1", {2: [1], 4: []}),
     (None, None),
 ])
 def test_mem_heads_forms(spec, expected):
