@@ -12,8 +12,8 @@ values, the last window) is saved to ``--cache-dir`` (default ``.fot-cache`` in 
 ``<first file's name>-<key>.safetensors``, the key a hash of the files' contents and the model directory. The next
 run on the same files and model loads that file instead of reading the document again. A cache built with other
 settings (``--recipe``, ``--memory-layers``, ``--top-k``, ``--index``, ``--last-context-length``, ``--dtype``, any
-other memory field, a retrained model, another prompt format) or a damaged one is rebuilt, with a note saying why. Each question continues its
-own ``fork()`` of the cache (its own copy of the local window, the memory shared read-only), or a ``copy()`` when
+other memory field, a retrained model, another prompt format) or a damaged one is rebuilt, with a note saying why.
+Each question continues its own ``fork()`` of the cache (its own copy of the local window, the memory shared read-only), or a ``copy()`` when
 the question and the answer do not fit in the window's free room, so no question sees another's tokens.
 
 The prompt is the document, then the question. With a tokenizer that has a chat template (SmolLM2-Instruct does),

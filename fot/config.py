@@ -40,8 +40,6 @@ DEFAULT_NPROBE = 16  # IVF lists per query; chosen in docs/benchmarks.md, "Choos
 # window of 512, top-32 retrieval through ivf-scan (a CPU index; on CUDA pass mem_index="ivf-gemm"), a 32-token
 # window overlap and memory scored at a RoPE distance of 512. `make smollm2` applies it; fot.recipe and
 # `fot.convert --recipe` apply it to any Llama checkpoint.
-MEMORY_FIELDS = ("mem_layers", "max_position_embeddings", "last_context_length", "mem_top_k", "mem_index", "mem_nprobe",
-                 "mem_dtype", "window_overlap", "mem_score_bias", "mem_rope_distance", "mem_heads", "mem_heads_scope")
 RECIPES = {  # each sets every one of MEMORY_FIELDS
     "every-layer": {
         "mem_layers": "all", "max_position_embeddings": 512, "last_context_length": 256, "mem_top_k": 32,
@@ -49,6 +47,9 @@ RECIPES = {  # each sets every one of MEMORY_FIELDS
         "mem_score_bias": 0.0, "mem_rope_distance": 512, "mem_heads": None, "mem_heads_scope": "all",
     },
 }
+# The config fields that make a memory setting (a recipe's, and what fot ask's cache compares).
+MEMORY_FIELDS = ("mem_layers", "max_position_embeddings", "last_context_length", "mem_top_k", "mem_index", "mem_nprobe",
+                 "mem_dtype", "window_overlap", "mem_score_bias", "mem_rope_distance", "mem_heads", "mem_heads_scope")
 MEM_LAYERS_HELP = ("'all', 'none', 'every:N' (layers 0, N, 2N, ...), 'every:N:OFFSET', a Python slice 'A:B' or "
                    "'A:B:STEP' ('15:' the layers from 15 on, '2:' all but the first two, '-8:' the last eight), "
                    "layer indices '7,15,22', or a comma-separated mix ('0,15:')")
@@ -503,8 +504,9 @@ def check_mem_layers(spec: Any) -> None:
 
 def parse_mem_heads(spec: Any) -> dict[int, list[int]] | None:
     """``mem_heads`` as the config holds it: None, or {layer: sorted heads} from a mapping (JSON's string keys
-    included) or a string "18.6,18.7,21.8" of layer.head pairs ("3." for a layer with no head). Raises ``ValueError`` naming the form on a
-    malformed one; whether the layers and heads exist is ``LongLlamaConfig``'s check."""
+    included) or a string "18.6,18.7,21.8" of layer.head pairs ("3." for a layer with no head). Raises
+    ``ValueError`` naming the form on a malformed one; whether the layers and heads exist is ``LongLlamaConfig``'s
+    check."""
     if spec is None:
         return None
     form = "a mapping {layer: [heads]} or a string of layer.head pairs such as '18.6,18.7,21.8'"
