@@ -19,6 +19,10 @@ contained in the answer, case-insensitively, with partial credit; ``string_match
 *read*: the share of answers whose answer line (the first that names an item of the answers' kind, e.g. a number)
 names exactly the references and nothing else of their kind.
 
+Very long prompts (``--prefill-segment``, ``--offload-dir``), as in eval/passkey.py: each prompt's memory is filled in
+segments before ``generate``, with a progress bar in tokens (``fot.prefill``; the answer is that of one call), and
+with ``--offload-dir`` it lives in files on disk, so ``--resume`` continues a killed prompt from its last segment.
+
 Outputs (``--out DIR``): trials.jsonl (each answer as it arrives; ``--resume`` continues a killed run), then
 results.json (configuration; per setting, task and length: both scores, n, tokens, seconds and every sample's
 answer) and ruler.png (one panel per task and the mean over tasks: score against length, RULER's solid, read
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import time
@@ -40,9 +45,11 @@ import torch
 
 from eval.common import (
     LINE_STYLES,
+    PromptPrefill,
     Setting,
     TrialLog,
     add_model_arguments,
+    add_prefill_arguments,
     add_run_arguments,
     add_settings_argument,
     check_full_attention_lengths,
@@ -132,11 +139,13 @@ def trial_key(setting: str, s: Sample) -> tuple:
     return setting, s.task, s.length, s.index
 
 
-def score_sample(model, encoder: RulerEncoder, s: Sample, device, **generate_kwargs) -> dict:
-    """One sample's record: the answer, RULER's score (0-1, partial credit), the read score, and the seconds."""
-    start = time.perf_counter()
+def score_sample(model, encoder: RulerEncoder, s: Sample, device, prefill: PromptPrefill | None = None, job: str = "",
+                 **generate_kwargs) -> dict:
+    """One sample's record: the answer, RULER's score (0-1, partial credit), the read score, and the seconds (with
+    ``prefill`` from disk, those of the earlier processes that prefilled it too)."""
+    start = time.perf_counter() - (0.0 if prefill is None else prefill.earlier_seconds(job))
     ids = encoder.ids(s.input, s.answer_prefix)
-    new = greedy_answer(model, ids, s.max_new_tokens, device, **generate_kwargs)
+    new = greedy_answer(model, ids, s.max_new_tokens, device, prefill, job, **generate_kwargs)
     answer = encoder.tokenizer.decode(new, skip_special_tokens=True)
     return {"task": s.task, "index": s.index, "length": s.length, "tokens": len(ids), "outputs": s.outputs,
             "answer": answer, "new_tokens": len(new), "metric": s.metric, "kind": s.kind,
@@ -155,9 +164,11 @@ def summarize(task: str, length: int, records: list[dict], seconds: float) -> di
 
 
 def evaluate(model, encoder: RulerEncoder, samples: list[Sample], device="cpu", desc: str = "ruler",
-             log: TrialLog | None = None, setting: str = "", show: bool = False, **generate_kwargs) -> list[dict]:
+             log: TrialLog | None = None, setting: str = "", show: bool = False, prefill: PromptPrefill | None = None,
+             **generate_kwargs) -> list[dict]:
     """Score every sample; one row per (task, length) in the samples' order. Samples that ``log`` holds for
-    ``setting`` are taken from it; each new one is appended to it as soon as it is scored."""
+    ``setting`` are taken from it; each new one is appended to it as soon as it is scored. ``prefill`` fills each
+    prompt's memory in segments first (``--prefill-segment``, ``--offload-dir``), its job named by the trial key."""
     from tqdm.auto import tqdm
 
     groups: dict[tuple[str, int], list[Sample]] = {}
@@ -170,10 +181,13 @@ def evaluate(model, encoder: RulerEncoder, samples: list[Sample], device="cpu", 
             for s in group:
                 record = None if log is None else log.get(trial_key(setting, s), outputs=s.outputs, units=s.units)
                 if record is None:
-                    record = with_peak_rss(score_sample, model, encoder, s, device, **generate_kwargs)
+                    job = json.dumps(trial_key(setting, s))
+                    record = with_peak_rss(score_sample, model, encoder, s, device, prefill, job, **generate_kwargs)
                     release_memory()
                     if log is not None:
                         log.put(trial_key(setting, s), record)
+                    if prefill is not None:
+                        prefill.finish(job)
                 if show:
                     tqdm.write(f"{setting} {task} {length} #{s.index}: {'right' if record['read'] else 'wrong'} "
                                f"(score {record['score']:.2f}); expected {s.outputs}, answered "
@@ -299,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed; each (task, length, sample) is seeded from it")
     p.add_argument("--no-bos", action="store_true",
                    help="do not prepend BOS to prompts (default: as the tokenizer_config.json declares, else BOS)")
+    add_prefill_arguments(p)
     add_run_arguments(p, "output directory for trials.jsonl, results.json and ruler.png; checked before any model "
                          "is loaded")
     return p
@@ -355,7 +370,8 @@ def validate_args(args) -> tuple[Path, Path, list[Setting], TrialLog | None]:
         args.books_data = BookHaystack.from_parquet(args.books)
         books = Path(args.books)
         args.book_info = {"path": str(books.resolve()), "digest": file_digest(books)}
-    settings, model_dir, tokenizer_dir, _ = check_model_args(args, full_attention_baseline=True)
+    settings, model_dir, tokenizer_dir, config = check_model_args(args, full_attention_baseline=True)
+    PromptPrefill.check_args(args, settings, config.get("max_position_embeddings"))
     check_full_attention_lengths(settings, {s.name: args.lengths for s in settings})
     if args.chat_template and getattr(load_tokenizer(tokenizer_dir), "chat_template", None) is None:
         raise ValueError(f"--chat-template: the tokenizer in {str(tokenizer_dir)!r} has no chat template; drop "
@@ -402,6 +418,7 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
         for s in firsts.values():
             show_prompt(encoder, s)
     gen_kwargs = generation_kwargs(args, encoder.tokenizer)
+    prefill = PromptPrefill.from_args(args)
 
     results, configs = {}, {}
     for setting in settings:
@@ -409,9 +426,11 @@ def run(args, validated: tuple[Path, Path, list[Setting], TrialLog | None] | Non
         model, configs[setting.name] = setting_model(
             log, setting, pending, lambda: load_model(model_dir, setting, args.device, args.dtype),
             lambda cfg: describe_setting(setting, cfg, args))
+        if prefill is not None and model is not None:
+            prefill.configure(model)
         start = time.perf_counter()
         results[setting.name] = evaluate(model, encoder, samples, args.device, desc=setting.name, log=log,
-                                         setting=setting.name, show=args.show, **gen_kwargs)
+                                         setting=setting.name, show=args.show, prefill=prefill, **gen_kwargs)
         logger.info("%s: %.1f s", setting.name, time.perf_counter() - start)
         del model
     window = configs[settings[-1].name]["window"]

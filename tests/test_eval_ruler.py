@@ -1,10 +1,11 @@
 """The RULER-style suite (tasks/ruler*.py, eval/ruler.py): RULER's prompt text, written out here from RULER's
 constants; every generator's prompt fitted to its length, its answers recomputed by brute-force solvers that read
 only the prompt text, its needles at the stated depths, and determinism; RULER's scoring and the read score on
-hand-written cases; the CLI with scripted models (all right, all wrong), on a RULER jsonl written by hand, --resume
-and bad arguments."""
+hand-written cases; the CLI with scripted models (all right, all wrong), on a RULER jsonl written by hand, --resume,
+a prompt killed mid-prefill and resumed from disk, and bad arguments."""
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -360,6 +361,13 @@ def test_cli_scores_a_knowing_model_100_and_a_wrong_one_0(model_dir, encoder, mo
     assert all(r["score"] == 0.0 and r["read"] == 0.0 for r in report["results"]["memory"])
 
 
+def without_timings(report: dict) -> dict:
+    """A report's results without the seconds and peak RSS, which belong to the process that scored each prompt."""
+    timings = ("seconds", "peak_rss_bytes")
+    return {n: [{k: [{f: x for f, x in t.items() if f not in timings} for t in v] if k == "samples" else v
+                 for k, v in r.items() if k not in timings} for r in rows] for n, rows in report["results"].items()}
+
+
 def test_cli_resume_scores_only_the_missing_samples(model_dir, encoder, monkeypatch, tmp_path):
     samples = generated(encoder)
     knows = knowing(encoder, samples, model_dir)
@@ -376,13 +384,7 @@ def test_cli_resume_scores_only_the_missing_samples(model_dir, encoder, monkeypa
     assert exc.value.code == 2
     resumed = ruler.main([*args, "--resume"])
     assert len(knows.calls) == 16 - 5  # five answers were logged whole
-    timings = ("seconds", "peak_rss_bytes")  # of the process that scored each prompt
-
-    def strip(rep):
-        return {n: [{k: [{f: x for f, x in t.items() if f not in timings} for t in v] if k == "samples" else v
-                     for k, v in r.items() if k not in timings} for r in rows] for n, rows in rep["results"].items()}
-
-    assert strip(resumed) == strip(full)
+    assert without_timings(resumed) == without_timings(full)
     with pytest.raises(SystemExit):  # other arguments: refused
         ruler.main([*args[:-2], "--seed", "4", "--resume"])
 
@@ -422,8 +424,52 @@ def test_cli_end_to_end_on_a_random_model(model_dir, tmp_path, capsys):
     assert report["settings"]["no-memory"]["mem_layers"] == [] and report["window"] == 64
 
 
+def test_a_prompt_killed_mid_prefill_resumes_from_disk_with_the_answers_of_one_call(model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """--offload-dir with --prefill-segment: each prompt's memory is filled in segments into files; a run killed
+    inside the second prompt's prefill resumes that prompt from its files (its first segment is not run again) and
+    scores every sample as the run without segments does; each prompt's files are deleted once it is scored."""
+    import fot.prefill
+
+    args = ["--model", str(model_dir), "--tasks", "niah_single_1", "--lengths", "256", "--samples", "2",
+            "--max-new-tokens", "6", "--haystack", "noise", "--settings", "memory", "--device", "cpu", "--threads",
+            "1"]
+    whole = ruler.main([*args, "--out", str(tmp_path / "whole")])
+    out, offload = tmp_path / "out", tmp_path / "offload"
+    extra = ["--out", str(out), "--offload-dir", str(offload), "--prefill-segment", "64"]
+    real = fot.prefill.prefill
+    firsts = []
+
+    def killed_in_second_prompt(model, ids, cache=None, **kwargs):
+        def on_segment(c):
+            kwargs["on_segment"](c)  # the job's checkpoint
+            if c.seen_tokens == 64:
+                firsts.append(c)
+                if len(firsts) == 2:  # the second prompt's first segment is on disk
+                    raise KeyboardInterrupt
+        return real(model, ids, cache, **{**kwargs, "on_segment": on_segment})
+
+    with monkeypatch.context() as m:
+        m.setattr(fot.prefill, "prefill", killed_in_second_prompt)
+        with pytest.raises(KeyboardInterrupt):
+            ruler.main([*args, *extra])
+    jobs = json.loads((offload / "jobs.json").read_text())
+    assert [job["tokens"] for job in jobs.values()] == [64]
+    assert len((out / "trials.jsonl").read_text().splitlines()) == 1 + 1 + 1  # the run, the setting, one answer
+    starts = []
+    with monkeypatch.context() as m:
+        m.setattr(fot.prefill, "prefill", lambda *a, **k: starts.append(a[2].seen_tokens) or real(*a, **k))
+        resumed = ruler.main([*args, *extra, "--resume"])
+    assert starts == [64]  # only the killed prompt ran, from its files
+    assert without_timings(resumed) == without_timings(whole)
+    assert json.loads((offload / "jobs.json").read_text()) == {} and os.listdir(offload / "memory") == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "bogus"], "--tasks ['bogus']: unknown"),
+    (["--tasks", "vt", "--prefill-segment", "100"], "a positive multiple of the model's window (64 tokens)"),
+    (["--tasks", "vt", "--offload-dir", "{missing}", "--settings", "memory", "hf:2048"],
+     "has no fot memory to prefill"),
     (["--tasks", "all", "vt"], "--tasks all already includes every task"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--tasks", "cwe", "--lengths", "150"], "--lengths 150: cwe generates 120 tokens"),
